@@ -1,0 +1,142 @@
+"""GPT-2 configuration: one dataclass, the public presets, and Hugging Face config.json I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+EOS_TOKEN_ID = 50256  # `<|endoftext|>` in the original GPT-2 vocabulary
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Shape of a GPT-2 model. Defaults are GPT-2 124M."""
+
+    vocab_size: int = 50257  # byte-level BPE: 256 bytes + 50,000 merges + <|endoftext|>
+    n_positions: int = 1024  # context length; positions are learned, so it is fixed at training
+    n_embd: int = 768  # residual stream width
+    n_layer: int = 12
+    n_head: int = 12  # head size = n_embd / n_head (64 in every public GPT-2)
+    layer_norm_epsilon: float = 1e-5  # the value the public checkpoints were trained with
+    dropout: float = 0.0  # resid/attn/embd dropout; only used while training
+    bos_token_id: int = EOS_TOKEN_ID  # GPT-2 uses <|endoftext|> for both ends
+    eos_token_id: int = EOS_TOKEN_ID
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    def replace(self, **changes: Any) -> GPTConfig:
+        return dataclasses.replace(self, **changes)
+
+    # Hugging Face config.json -------------------------------------------------
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json that `transformers.GPT2LMHeadModel` reads."""
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": self.vocab_size,
+            "n_positions": self.n_positions,
+            "n_ctx": self.n_positions,
+            "n_embd": self.n_embd,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_inner": None,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "resid_pdrop": self.dropout,
+            "embd_pdrop": self.dropout,
+            "attn_pdrop": self.dropout,
+            "initializer_range": 0.02,
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "tie_word_embeddings": True,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": "float32",
+        }
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        """Read a Hugging Face GPT-2 config.json; refuses what this model cannot represent."""
+        model_type = d.get("model_type", "gpt2")
+        if model_type != "gpt2":
+            raise ValueError(f"config.json has model_type {model_type!r}; only 'gpt2' is supported")
+        n_embd = d.get("n_embd", d.get("hidden_size"))
+        if n_embd is None:
+            raise ValueError("config.json has no 'n_embd'")
+        n_inner = d.get("n_inner")
+        if n_inner not in (None, 4 * n_embd):
+            raise ValueError(f"config.json has n_inner={n_inner}; only 4*n_embd is supported")
+        act = d.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(
+                f"config.json has activation_function={act!r}; GPT-2 uses the tanh GELU (gelu_new)"
+            )
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if d.get(flag):
+                raise ValueError(f"config.json sets {flag}=true, which this model does not implement")
+        if d.get("scale_attn_weights") is False:
+            raise ValueError("config.json sets scale_attn_weights=false, which this model does not implement")
+        if d.get("tie_word_embeddings") is False:
+            raise ValueError("config.json has an untied LM head; GPT-2 ties it to wte")
+        eos = d.get("eos_token_id")
+        eos = EOS_TOKEN_ID if eos is None else int(eos)
+        bos = d.get("bos_token_id")
+        bos = eos if bos is None else int(bos)
+        return cls(
+            vocab_size=int(d["vocab_size"]),
+            n_positions=int(d.get("n_positions", d.get("n_ctx", 1024))),
+            n_embd=int(n_embd),
+            n_layer=int(d.get("n_layer", d.get("num_hidden_layers", 12))),
+            n_head=int(d.get("n_head", d.get("num_attention_heads", 12))),
+            layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
+            bos_token_id=bos,
+            eos_token_id=eos,
+        )
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, "config.json").write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> GPTConfig:
+        path = Path(directory, "config.json")
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} not found: a checkpoint directory needs config.json") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e})") from None
+        return cls.from_hf_dict(d)
+
+
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2": GPTConfig(),
+    "gpt2-medium": GPTConfig(n_embd=1024, n_layer=24, n_head=16),
+    "gpt2-large": GPTConfig(n_embd=1280, n_layer=36, n_head=20),
+    "gpt2-xl": GPTConfig(n_embd=1600, n_layer=48, n_head=25),
+    "distilgpt2": GPTConfig(n_layer=6),
+}
+
+
+def preset(name: str) -> GPTConfig:
+    """One of the public GPT-2 shapes by its Hugging Face name."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
