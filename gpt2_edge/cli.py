@@ -25,8 +25,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     defaults = TrainConfig()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        p.add_argument(flag, type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name),
-                       help=f"(default: {getattr(defaults, f.name)})")
+        p.add_argument(
+            flag,
+            type=type(getattr(defaults, f.name)),
+            default=getattr(defaults, f.name),
+            help=f"(default: {getattr(defaults, f.name)})",
+        )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
@@ -43,13 +47,242 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     tok = Tokenizer.from_dir(args.tokenizer) if args.tokenizer else None
     res = train(args.text, args.output, cfg, tokenizer=tok, progress=not args.quiet)
-    print(f"best val loss {res.best_val_loss:.4f} (ppl {res.best_val_ppl:.2f}) at step {res.best_step} "
-          f"of {res.steps}; {res.seconds:.0f} s; checkpoint: {res.out_dir}")
+    print(
+        f"best val loss {res.best_val_loss:.4f} (ppl {res.best_val_ppl:.2f}) at step {res.best_step} "
+        f"of {res.steps}; {res.seconds:.0f} s; checkpoint: {res.out_dir}"
+    )
+    return 0
+
+
+# shared options ---------------------------------------------------------------------------
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    g.add_argument("--prompt-file", help="read one prompt from a file ('-' = stdin)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--min-new-tokens", type=int, default=0)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy")
+    g.add_argument("--temperature", type=float, help="sampling temperature (implies --sample; 0 = greedy)")
+    g.add_argument("--top-k", type=int, help="keep the k most likely tokens (implies --sample)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass (implies --sample)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, help="seed of the sampler (reproducible output)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--truncate", action="store_true", help="left-truncate a prompt that does not fit")
+    g.add_argument("--json", action="store_true", help="print results as JSON")
+
+
+def _generation_config(args: argparse.Namespace):  # -> GenerationConfig
+    from .runtime.sampling import GenerationConfig
+
+    sample = args.sample or any(v is not None for v in (args.temperature, args.top_k, args.top_p))
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        do_sample=sample,
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_k=args.top_k or 0,
+        top_p=1.0 if args.top_p is None else args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        truncate=args.truncate,
+    )
+
+
+def _prompts(args: argparse.Namespace, default: str | None = None) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        if args.prompt_file == "-":
+            prompts.append(sys.stdin.read())
+        else:
+            from pathlib import Path
+
+            try:
+                prompts.append(Path(args.prompt_file).read_text(encoding="utf-8"))
+            except UnicodeDecodeError:
+                raise UserError(f"{args.prompt_file} is not UTF-8 text") from None
+    if not prompts and not sys.stdin.isatty() and default is None:
+        prompts.append(sys.stdin.read())
+    if not prompts and default is not None:
+        prompts.append(default)
+    if not prompts or any(p == "" for p in prompts):
+        raise UserError("no prompt: pass --prompt TEXT, --prompt-file FILE, or text on stdin")
+    return prompts
+
+
+def _print_results(prompts: list[str], results: list, as_json: bool, load_s: float) -> None:
+    import json
+
+    if as_json:
+        out = [
+            {
+                "prompt": p,
+                "text": r.text,
+                "token_ids": r.token_ids,
+                "finish_reason": r.finish_reason,
+                "prompt_tokens": r.prompt_tokens,
+                "timings": {"load_s": load_s, **r.timings},
+            }
+            for p, r in zip(prompts, results, strict=True)
+        ]
+        print(json.dumps(out if len(out) > 1 else out[0], indent=2, ensure_ascii=False))
+        return
+    for p, r in zip(prompts, results, strict=True):
+        if len(prompts) > 1:
+            print(f"--- {p!r} [{r.finish_reason}]")
+        print(r.text)
+    t = results[0].timings
+    n = sum(len(r.token_ids) for r in results)
+    print(
+        f"\nload {1000 * load_s:.0f} ms | prompt {max(r.prompt_tokens for r in results)} tokens x "
+        f"{len(results)} in {1000 * t['prefill_s']:.1f} ms | {n} new tokens, "
+        f"{t['ms_per_token']:.2f} ms/step",
+        file=sys.stderr,
+    )
+
+
+# generate -----------------------------------------------------------------------------------
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt (greedy by default)")
+    p.add_argument("model", nargs="?", help="checkpoint dir or hub id (default: the shipped model)")
+    p.add_argument(
+        "--backend", choices=["torch"], default="torch", help="torch = the PyTorch reference model"
+    )
+    p.add_argument("--threads", type=int, help="CPU threads")
+    _add_generation_args(p)
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .model.checkpoint import load_checkpoint, load_tokenizer
+    from .model.generate import generate
+
+    cfg = _generation_config(args)
+    prompts = _prompts(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model, tok = load_checkpoint(args.model), load_tokenizer(args.model)
+    load_s = time.perf_counter() - t0
+    results = generate(model, tok, prompts, cfg)
+    _print_results(prompts, results, args.json, load_s)
+    return 0
+
+
+# eval ---------------------------------------------------------------------------------------
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="sliding-window perplexity on a text file")
+    p.add_argument("model", nargs="?", help="checkpoint dir or hub id (default: the shipped model)")
+    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument(
+        "--tail",
+        type=float,
+        default=1.0,
+        help="evaluate only the last fraction of the file (0.1 = the training split's held-out part)",
+    )
+    p.add_argument("--max-length", type=int, help="window length (default: the model's context)")
+    p.add_argument("--stride", type=int, help="window stride (default: max-length / 2)")
+    p.add_argument("--threads", type=int, help="CPU threads")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_eval)
+
+
+def evaluate_text(
+    model_spec: str | None,
+    text_path: str,
+    tail: float = 1.0,
+    max_length: int | None = None,
+    stride: int | None = None,
+    progress: bool = False,
+):  # -> PerplexityReport
+    """Perplexity of a checkpoint on (the last ``tail`` fraction of) a text file."""
+    from .model.checkpoint import load_checkpoint, load_tokenizer
+    from .model.evaluate import perplexity, torch_logits_fn
+    from .model.train import read_text
+
+    if not 0 < tail <= 1:
+        raise UserError(f"--tail must be in (0, 1], got {tail}")
+    text = read_text(text_path)
+    text = text[int(len(text) * (1 - tail)) :]
+    model, tok = load_checkpoint(model_spec), load_tokenizer(model_spec)
+    max_length = max_length or model.config.n_positions
+    if max_length > model.config.n_positions:
+        raise UserError(f"--max-length {max_length} exceeds the model's context {model.config.n_positions}")
+    return perplexity(torch_logits_fn(model), tok.encode(text), max_length, stride, progress=progress)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rep = evaluate_text(args.model, args.text, args.tail, args.max_length, args.stride, not args.quiet)
+    if args.json:
+        print(json.dumps(rep.as_dict(), indent=2))
+    else:
+        print(
+            f"perplexity {rep.perplexity:.3f} over {rep.tokens} tokens "
+            f"({rep.tokens_per_s:.0f} tokens/s, {rep.seconds:.1f} s)"
+        )
+    return 0
+
+
+# demo ---------------------------------------------------------------------------------------
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole job on the shipped default model")
+    p.add_argument(
+        "--text",
+        default="../shared/data/tinyshakespeare.txt",
+        help="text whose last 10%% is the validation split",
+    )
+    p.add_argument("--prompt", default="ROMEO:")
+    p.add_argument("--max-new-tokens", type=int, default=60)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from .model.checkpoint import DEFAULT_MODEL_DIR, load_checkpoint, load_tokenizer
+    from .model.generate import generate
+    from .runtime.sampling import GenerationConfig
+
+    t0 = time.perf_counter()
+    model, tok = load_checkpoint(None), load_tokenizer(None)
+    print(
+        f"default model: {DEFAULT_MODEL_DIR} ({model.num_parameters() / 1e6:.2f} M parameters, "
+        f"{model.config.n_layer} layers x {model.config.n_embd}, vocab {model.config.vocab_size}), "
+        f"loaded in {1000 * (time.perf_counter() - t0):.0f} ms"
+    )
+    res = generate(model, tok, args.prompt, GenerationConfig(max_new_tokens=args.max_new_tokens))[0]
+    print(f"\n[greedy, torch] {args.prompt}{res.text}\n")
+    if Path(args.text).is_file():
+        rep = evaluate_text(None, args.text, tail=0.1)
+        print(
+            f"validation perplexity (last 10% of {args.text}): {rep.perplexity:.2f} "
+            f"over {rep.tokens} tokens, {rep.tokens_per_s:.0f} tokens/s"
+        )
+    else:
+        print(f"({args.text} not found: skipping the validation perplexity)")
     return 0
 
 
 # entry point ------------------------------------------------------------------------------
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_train,
+    _add_generate,
+    _add_eval,
+    _add_demo,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,8 +25,15 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 # Buffers old transformers versions saved with the weights; they hold no parameters.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
-HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model.bin",
-             "tokenizer.json", "vocab.json", "merges.txt"]
+HUB_FILES = [
+    "config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model.bin",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+]
 
 
 class CheckpointError(ValueError):
@@ -156,9 +163,7 @@ def hf_to_reference(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str,
     if problems:
         raise CheckpointError("checkpoint does not match config.json: " + " | ".join(problems))
     wte = out["transformer.wte.weight"]
-    if lm_head is not None and (
-        lm_head.shape != wte.shape or not torch.equal(lm_head.to(wte.dtype), wte)
-    ):
+    if lm_head is not None and (lm_head.shape != wte.shape or not torch.equal(lm_head.to(wte.dtype), wte)):
         raise CheckpointError("lm_head.weight differs from transformer.wte.weight; GPT-2 ties them")
     return out
 

@@ -29,9 +29,7 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, past: KV | None
-    ) -> tuple[torch.Tensor, KV]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, past: KV | None) -> tuple[torch.Tensor, KV]:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
@@ -75,9 +73,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, past: KV | None
-    ) -> tuple[torch.Tensor, KV]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, past: KV | None) -> tuple[torch.Tensor, KV]:
         a, present = self.attn(self.ln_1(x), mask, past)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
@@ -141,9 +137,7 @@ class GPT(nn.Module):
         B, T = input_ids.shape
         P = 0 if not past_key_values else past_key_values[0][0].shape[2]
         if P + T > self.config.n_positions:
-            raise ValueError(
-                f"{P + T} tokens exceed the model's context of {self.config.n_positions}"
-            )
+            raise ValueError(f"{P + T} tokens exceed the model's context of {self.config.n_positions}")
         device = input_ids.device
         if position_ids is None:
             if attention_mask is not None:

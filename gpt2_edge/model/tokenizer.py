@@ -76,9 +76,7 @@ class Tokenizer:
             return cls.from_file(d / "tokenizer.json")
         if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
             return cls.from_vocab_merges(d / "vocab.json", d / "merges.txt")
-        raise TokenizerError(
-            f"{d} has no tokenizer: expected tokenizer.json, or vocab.json + merges.txt"
-        )
+        raise TokenizerError(f"{d} has no tokenizer: expected tokenizer.json, or vocab.json + merges.txt")
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:

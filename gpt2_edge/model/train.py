@@ -99,7 +99,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _batch(data: torch.Tensor, block: int, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(
+    data: torch.Tensor, block: int, batch: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     ix = torch.randint(len(data) - block - 1, (batch,), generator=gen)
     x = torch.stack([data[i : i + block] for i in ix])  # (B, T)
     y = torch.stack([data[i + 1 : i + 1 + block] for i in ix])  # (B, T)
@@ -183,15 +185,33 @@ def train(
         last = step == cfg.max_steps - 1
         if (step + 1) % cfg.eval_interval == 0 or last:
             vl = _val_loss(model, val_ids, cfg.block_size, cfg.eval_batches, cfg.batch_size)
-            history.append({"step": step + 1, "train_loss": loss.item(), "val_loss": vl,
-                            "seconds": time.perf_counter() - t0})
-            bar.write(f"step {step + 1}: train loss {loss.item():.4f}  val loss {vl:.4f}  "
-                      f"val ppl {math.exp(vl):.2f}")
+            history.append(
+                {
+                    "step": step + 1,
+                    "train_loss": loss.item(),
+                    "val_loss": vl,
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+            bar.write(
+                f"step {step + 1}: train loss {loss.item():.4f}  val loss {vl:.4f}  "
+                f"val ppl {math.exp(vl):.2f}"
+            )
             if vl < best:
                 best, best_step = vl, step + 1
-                meta = {"train_config": asdict(cfg), "step": best_step, "val_loss": best,
-                        "history": history, "text": str(text_path)}
-                save_checkpoint(model.eval(), out_dir, tokenizer, dtype=getattr(torch, cfg.save_dtype),
-                                extra_files={"training.json": json.dumps(meta, indent=2) + "\n"})
+                meta = {
+                    "train_config": asdict(cfg),
+                    "step": best_step,
+                    "val_loss": best,
+                    "history": history,
+                    "text": str(text_path),
+                }
+                save_checkpoint(
+                    model.eval(),
+                    out_dir,
+                    tokenizer,
+                    dtype=getattr(torch, cfg.save_dtype),
+                    extra_files={"training.json": json.dumps(meta, indent=2) + "\n"},
+                )
                 model.train()
     return TrainResult(out_dir, best, best_step, cfg.max_steps, time.perf_counter() - t0, history)

@@ -1,0 +1,106 @@
+"""Perplexity with a sliding window over long text; backend-agnostic (numpy in, numpy out).
+
+Each window holds up to ``max_length`` tokens and advances by ``stride``; only the tokens not
+scored by an earlier window count, so every token after the first is scored exactly once with
+at least ``max_length - stride`` tokens of left context (the method of the Hugging Face
+perplexity guide, without its gap of one unscored token per window when stride = max_length).
+Quantized bundles are judged by this same function.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..runtime.sampling import log_softmax
+
+LogitsFn = Callable[[np.ndarray], np.ndarray]  # (1, T) int64 -> (1, T, V) float
+
+
+@dataclass
+class PerplexityReport:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    tokens: int  # scored tokens
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "perplexity": self.perplexity,
+            "nll": self.nll,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "tokens_per_s": self.tokens_per_s,
+        }
+
+
+def sliding_windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(begin, end, n_target)`` windows: the last ``n_target`` tokens of ``[begin, end)`` are scored.
+
+    The first window scores all of its tokens but the first (which has no context); each later
+    window scores the next ``stride`` tokens (at most ``max_length - 1``, so that every scored
+    token keeps at least one token of context inside its window).
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    if not 0 < stride <= max_length:
+        raise ValueError(f"stride must be in [1, max_length={max_length}], got {stride}")
+    step = min(stride, max_length - 1)
+    end = min(max_length, n_tokens)
+    out = [(0, end, end - 1)] if end > 1 else []
+    while end < n_tokens:
+        new_end = min(end + step, n_tokens)
+        out.append((max(0, new_end - max_length), new_end, new_end - end))
+        end = new_end
+    return out
+
+
+def perplexity(
+    logits_fn: LogitsFn,
+    ids: Sequence[int],
+    max_length: int,
+    stride: int | None = None,
+    progress: bool = False,
+) -> PerplexityReport:
+    """Sliding-window perplexity of ``ids`` under ``logits_fn``."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) < 2:
+        raise ValueError(f"need at least 2 tokens to measure perplexity, got {len(ids)}")
+    stride = stride or max_length // 2
+    windows = sliding_windows(len(ids), max_length, stride)
+    total, count = 0.0, 0
+    t0 = time.perf_counter()
+    it = windows
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(windows, desc="eval", unit="window", dynamic_ncols=True)
+    for begin, end, n_target in it:
+        window = ids[begin:end][None, :]
+        logp = log_softmax(np.asarray(logits_fn(window)[0], dtype=np.float64))  # (T, V)
+        targets = window[0, -n_target:]
+        preds = logp[-n_target - 1 : -1]  # position t predicts token t+1
+        total -= float(preds[np.arange(n_target), targets].sum())
+        count += n_target
+    nll = total / count
+    return PerplexityReport(math.exp(nll), nll, count, time.perf_counter() - t0)
+
+
+def torch_logits_fn(model: object) -> LogitsFn:
+    """Adapter: the reference PyTorch model as a ``LogitsFn``."""
+    import torch
+
+    @torch.no_grad()
+    def fn(window: np.ndarray) -> np.ndarray:
+        logits, _ = model(torch.from_numpy(window))  # type: ignore[operator]
+        return logits.float().numpy()
+
+    return fn

@@ -1,0 +1,1 @@
+"""Torch-free runtime: numpy + onnxruntime (or tensorrt) + tokenizers only."""

@@ -1,0 +1,151 @@
+"""The decode loop shared by every backend: padding, context limits, eos / stop strings, timings.
+
+A backend is anything with ``start(batch_size)`` and
+``step(input_ids, attention_mask, position_ids) -> last-position logits (B, V)`` that keeps
+its own KV cache between calls. The PyTorch reference (``gpt2_edge.model.generate``) and the
+ONNX Runtime session are two such backends, so both run exactly this loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from .sampling import GenerationConfig, TokenChooser
+
+
+class Backend(Protocol):
+    def start(self, batch_size: int) -> None: ...
+
+    def step(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray
+    ) -> np.ndarray: ...
+
+
+class ContextOverflowError(ValueError):
+    """Prompt + new tokens do not fit the model's context."""
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated ids (an eos that ended the sequence included)
+    finish_reason: str  # "eos", "stop" (a stop string) or "length"
+    prompt_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def fit_context(prompts: Sequence[Sequence[int]], config: GenerationConfig, n_ctx: int) -> list[list[int]]:
+    """Refuse (or, with ``truncate``, left-truncate) prompts whose continuation would not fit."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    room = n_ctx - config.max_new_tokens
+    out = []
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty (0 tokens)")
+        if len(p) > room:
+            if not config.truncate or room < 1:
+                raise ContextOverflowError(
+                    f"prompt {i} has {len(p)} tokens and max_new_tokens is {config.max_new_tokens}: "
+                    f"{len(p) + config.max_new_tokens} > the model's context of {n_ctx}; shorten the "
+                    "prompt, lower max_new_tokens, or ask for left truncation"
+                    + ("" if room >= 1 else " (max_new_tokens alone fills the context)")
+                )
+            p = p[len(p) - room :]
+        out.append(list(p))
+    return out
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``input_ids``, ``attention_mask`` and ``position_ids`` of a left-padded batch (int64)."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :] = p
+        mask[b, width - len(p) :] = 1
+    return ids, mask, positions_from_mask(mask)
+
+
+def positions_from_mask(mask: np.ndarray) -> np.ndarray:
+    """Each real token's index among the real tokens of its row; pads get 0."""
+    return np.maximum(np.cumsum(mask, axis=-1) - 1, 0).astype(np.int64)
+
+
+def decode(
+    backend: Backend,
+    prompts: Sequence[Sequence[int]],
+    config: GenerationConfig,
+    *,
+    eos_token_id: int | None,
+    n_ctx: int,
+    detokenize: Callable[[Sequence[int]], str],
+    on_tokens: Callable[[np.ndarray, list[bool]], None] | None = None,
+) -> list[GenerationResult]:
+    """Continue every prompt; each row stops on its own (eos, a stop string, or the length)."""
+    if config.num_beams != 1:
+        raise ValueError("beam search is not available in this decode loop; use num_beams=1")
+    prompts = fit_context(prompts, config, n_ctx)
+    B = len(prompts)
+    pad_id = eos_token_id if eos_token_id is not None else 0
+    ids, mask, pos = left_pad(prompts, pad_id)
+    chooser = TokenChooser(config, eos_token_id)
+    generated: list[list[int]] = [[] for _ in range(B)]
+    seen: list[list[int]] = [list(p) for p in prompts]
+    texts: list[str] = ["" for _ in range(B)]
+    finish: list[str | None] = [None] * B
+
+    t0 = time.perf_counter()
+    backend.start(B)
+    logits = backend.step(ids, mask, pos)
+    t_first = time.perf_counter()
+    steps = 0
+    for step in range(config.max_new_tokens):
+        nxt = chooser(logits, seen, step)
+        for b in range(B):
+            if finish[b] is not None:
+                continue
+            tok = int(nxt[b])
+            generated[b].append(tok)
+            seen[b].append(tok)
+            if tok == eos_token_id:
+                finish[b] = "eos"
+                continue
+            if config.stop:
+                text = detokenize(generated[b])
+                hits = [text.find(s) for s in config.stop if s in text]
+                if hits:
+                    texts[b] = text[: min(hits)]
+                    finish[b] = "stop"
+        if on_tokens is not None:
+            on_tokens(nxt, [f is not None for f in finish])
+        steps += 1
+        if all(f is not None for f in finish) or step == config.max_new_tokens - 1:
+            break
+        feed = np.where([f is None for f in finish], nxt, pad_id).astype(np.int64)[:, None]
+        mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
+        pos = pos[:, -1:] + 1
+        logits = backend.step(feed, mask, pos)
+    t_end = time.perf_counter()
+
+    prefill_s = t_first - t0
+    decode_steps = max(steps - 1, 0)
+    timings = {
+        "prefill_s": prefill_s,
+        "decode_s": t_end - t_first,
+        "ms_per_token": 1000 * (t_end - t_first) / decode_steps if decode_steps else 0.0,
+        "steps": float(steps),
+    }
+    results = []
+    for b in range(B):
+        reason = finish[b] or "length"
+        if reason != "stop":
+            body = generated[b][:-1] if reason == "eos" else generated[b]
+            texts[b] = detokenize(body)
+        results.append(GenerationResult(texts[b], generated[b], reason, len(prompts[b]), dict(timings)))
+    return results

@@ -1,0 +1,142 @@
+"""Token selection in pure numpy, with Hugging Face ``generate`` semantics.
+
+Order as in transformers: logits processors (repetition penalty, min-new-tokens) apply in greedy
+and sampling alike; then the sampling warpers temperature -> top-k -> top-p; then a draw from a
+seeded ``numpy.random.Generator``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+NEG_INF = -np.inf
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to continue a prompt. Greedy unless ``do_sample`` (temperature 0 also means greedy)."""
+
+    max_new_tokens: int = 32
+    min_new_tokens: int = 0  # eos is suppressed until this many tokens exist
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # HF rule: divide positive / multiply negative logits of seen tokens
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings (not included in the text)
+    truncate: bool = False  # left-truncate a prompt that does not fit instead of refusing it
+    num_beams: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
+                f"got {self.min_new_tokens}"
+            )
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    @property
+    def sampling(self) -> bool:
+        return self.do_sample and self.temperature > 0
+
+
+# processors (logits -> logits), each on a (B, V) float array --------------------------------
+def apply_repetition_penalty(logits: np.ndarray, seen: Sequence[Sequence[int]], penalty: float) -> np.ndarray:
+    """HF ``RepetitionPenaltyLogitsProcessor``: every token already in the row is penalised once."""
+    if penalty == 1.0:
+        return logits
+    out = logits.copy()
+    for b, ids in enumerate(seen):
+        if len(ids) == 0:
+            continue
+        idx = np.unique(np.asarray(ids, dtype=np.int64))
+        s = out[b, idx]
+        out[b, idx] = np.where(s < 0, s * penalty, s / penalty)
+    return out
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """HF ``TemperatureLogitsWarper``."""
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def apply_top_k(logits: np.ndarray, top_k: int) -> np.ndarray:
+    """HF ``TopKLogitsWarper``: keep logits >= the k-th largest (ties kept), others -inf."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = np.partition(logits, -top_k, axis=-1)[..., -top_k][..., None]
+    return np.where(logits < kth, NEG_INF, logits)
+
+
+def apply_top_p(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """HF ``TopPLogitsWarper``: drop the low tail whose total probability is <= 1 - top_p."""
+    if top_p >= 1.0:
+        return logits
+    order = np.argsort(logits, axis=-1, kind="stable")  # ascending, as HF sorts
+    sorted_logits = np.take_along_axis(logits, order, axis=-1)
+    cum = np.cumsum(softmax(sorted_logits), axis=-1)
+    remove_sorted = cum <= (1 - top_p)
+    remove_sorted[..., -1] = False  # min_tokens_to_keep = 1
+    remove = np.zeros_like(remove_sorted)
+    np.put_along_axis(remove, order, remove_sorted, axis=-1)
+    return np.where(remove, NEG_INF, logits)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    m = np.max(x, axis=-1, keepdims=True)
+    e = np.exp(x - m)
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    m = np.max(x, axis=-1, keepdims=True)
+    z = x - m
+    return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
+
+
+class TokenChooser:
+    """Picks the next token of every row from last-position logits ``(B, V)``."""
+
+    def __init__(self, config: GenerationConfig, eos_token_id: int | None) -> None:
+        self.config = config
+        self.eos_token_id = eos_token_id
+        self.rng = np.random.default_rng(config.seed)
+
+    def process(self, logits: np.ndarray, seen: Sequence[Sequence[int]], n_generated: int) -> np.ndarray:
+        """Logits after processors and (when sampling) warpers, as float64."""
+        c = self.config
+        x = np.asarray(logits, dtype=np.float64)
+        x = apply_repetition_penalty(x, seen, c.repetition_penalty)
+        if n_generated < c.min_new_tokens and self.eos_token_id is not None:
+            x = x.copy()
+            x[:, self.eos_token_id] = NEG_INF
+        if c.sampling:
+            x = apply_top_p(apply_top_k(apply_temperature(x, c.temperature), c.top_k), c.top_p)
+        return x
+
+    def __call__(self, logits: np.ndarray, seen: Sequence[Sequence[int]], n_generated: int) -> np.ndarray:
+        x = self.process(logits, seen, n_generated)
+        if not self.config.sampling:
+            return np.argmax(x, axis=-1)
+        probs = softmax(x)
+        cdf = np.cumsum(probs, axis=-1)
+        u = self.rng.random(len(x))[:, None] * cdf[:, -1:]
+        return np.minimum((cdf <= u).sum(axis=-1), x.shape[-1] - 1)
