@@ -143,11 +143,29 @@ def _print_results(prompts: list[str], results: list, as_json: bool, load_s: flo
 
 
 # generate -----------------------------------------------------------------------------------
+def _is_bundle(spec: str | None) -> bool:
+    from pathlib import Path
+
+    return spec is not None and (Path(spec) / "bundle.json").is_file()
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt (greedy by default)")
-    p.add_argument("model", nargs="?", help="checkpoint dir or hub id (default: the shipped model)")
     p.add_argument(
-        "--backend", choices=["torch"], default="torch", help="torch = the PyTorch reference model"
+        "model", nargs="?", help="bundle dir, checkpoint dir or hub id (default: the shipped model)"
+    )
+    p.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnx"],
+        default="auto",
+        help="onnx = the torch-free runtime on a bundle; torch = the PyTorch reference "
+        "(default: onnx for a bundle, torch for a checkpoint)",
+    )
+    p.add_argument(
+        "--provider",
+        default="cpu",
+        choices=["cpu", "cuda", "tensorrt", "auto"],
+        help="ONNX Runtime execution provider (onnx backend)",
     )
     p.add_argument("--threads", type=int, help="CPU threads")
     _add_generation_args(p)
@@ -157,19 +175,36 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import time
 
-    import torch
-
-    from .model.checkpoint import load_checkpoint, load_tokenizer
-    from .model.generate import generate
-
     cfg = _generation_config(args)
     prompts = _prompts(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    model, tok = load_checkpoint(args.model), load_tokenizer(args.model)
-    load_s = time.perf_counter() - t0
-    results = generate(model, tok, prompts, cfg)
+    backend = args.backend
+    if backend == "auto":
+        backend = "onnx" if _is_bundle(args.model) else "torch"
+    if backend == "onnx":
+        from .runtime.generator import Generator
+
+        if not _is_bundle(args.model):
+            raise UserError(
+                f"{args.model or 'the default model'} is not a bundle; make one with "
+                "`gpt2-edge export MODEL -o DIR`, or use --backend torch"
+            )
+        gen = Generator.from_bundle(args.model, provider=args.provider, threads=args.threads)
+        if args.provider == "auto":
+            print(f"provider: {gen.provider}", file=sys.stderr)
+        results = gen.generate(prompts, cfg)
+        load_s = gen.load_s
+    else:
+        import torch
+
+        from .model.checkpoint import load_checkpoint, load_tokenizer
+        from .model.generate import generate
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        t0 = time.perf_counter()
+        model, tok = load_checkpoint(args.model), load_tokenizer(args.model)
+        load_s = time.perf_counter() - t0
+        results = generate(model, tok, prompts, cfg)
     _print_results(prompts, results, args.json, load_s)
     return 0
 
@@ -177,7 +212,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 # eval ---------------------------------------------------------------------------------------
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="sliding-window perplexity on a text file")
-    p.add_argument("model", nargs="?", help="checkpoint dir or hub id (default: the shipped model)")
+    p.add_argument(
+        "model", nargs="?", help="bundle dir, checkpoint dir or hub id (default: the shipped model)"
+    )
     p.add_argument("--text", required=True, help="UTF-8 text file")
     p.add_argument(
         "--tail",
@@ -200,31 +237,44 @@ def evaluate_text(
     max_length: int | None = None,
     stride: int | None = None,
     progress: bool = False,
-):  # -> PerplexityReport
-    """Perplexity of a checkpoint on (the last ``tail`` fraction of) a text file."""
-    from .model.checkpoint import load_checkpoint, load_tokenizer
-    from .model.evaluate import perplexity, torch_logits_fn
+    threads: int | None = None,
+):
+    """Perplexity of a bundle or checkpoint on (the last ``tail`` fraction of) a text file."""
+    from .model.evaluate import perplexity
     from .model.train import read_text
 
     if not 0 < tail <= 1:
         raise UserError(f"--tail must be in (0, 1], got {tail}")
     text = read_text(text_path)
     text = text[int(len(text) * (1 - tail)) :]
-    model, tok = load_checkpoint(model_spec), load_tokenizer(model_spec)
-    max_length = max_length or model.config.n_positions
-    if max_length > model.config.n_positions:
-        raise UserError(f"--max-length {max_length} exceeds the model's context {model.config.n_positions}")
-    return perplexity(torch_logits_fn(model), tok.encode(text), max_length, stride, progress=progress)
+    if _is_bundle(model_spec):
+        from .runtime.bundle import Bundle
+        from .runtime.session import OrtBackend
+
+        bundle = Bundle.load(model_spec)
+        fn, tok, n_ctx = OrtBackend(bundle, threads=threads).logits, bundle.tokenizer(), bundle.context_length
+    else:
+        from .model.checkpoint import load_checkpoint, load_tokenizer
+        from .model.evaluate import torch_logits_fn
+
+        model, tok = load_checkpoint(model_spec), load_tokenizer(model_spec)
+        fn, n_ctx = torch_logits_fn(model), model.config.n_positions
+    max_length = max_length or n_ctx
+    if max_length > n_ctx:
+        raise UserError(f"--max-length {max_length} exceeds the model's context {n_ctx}")
+    return perplexity(fn, tok.encode(text), max_length, stride, progress=progress)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    import torch
+    if args.threads and not _is_bundle(args.model):
+        import torch
 
-    if args.threads:
         torch.set_num_threads(args.threads)
-    rep = evaluate_text(args.model, args.text, args.tail, args.max_length, args.stride, not args.quiet)
+    rep = evaluate_text(
+        args.model, args.text, args.tail, args.max_length, args.stride, not args.quiet, args.threads
+    )
     if args.json:
         print(json.dumps(rep.as_dict(), indent=2))
     else:
@@ -233,6 +283,139 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"({rep.tokens_per_s:.0f} tokens/s, {rep.seconds:.1f} s)"
         )
     return 0
+
+
+# export / inspect / validate ------------------------------------------------------------------
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from .export.bundle import EXTERNAL_DATA_THRESHOLD, TARGETS
+
+    p = sub.add_parser("export", help="checkpoint -> ONNX bundle (validated against PyTorch)")
+    p.add_argument("model", nargs="?", help="checkpoint dir or hub id (default: the shipped model)")
+    p.add_argument("-o", "--output", required=True, help="bundle directory to write")
+    p.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="ort",
+        help="ort = ONNX Runtime fusions; tensorrt = standard ONNX ops only",
+    )
+    p.add_argument("--opset", type=int, help="ONNX opset (default 18, at least 17)")
+    p.add_argument(
+        "--external-data-threshold",
+        type=int,
+        default=EXTERNAL_DATA_THRESHOLD,
+        help="weights above this many bytes go to model.onnx.data (default: 1.8e9)",
+    )
+    p.add_argument("--no-validate", action="store_true", help="skip the parity check (not recommended)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export.bundle import export_bundle
+
+    out = export_bundle(
+        args.model,
+        args.output,
+        target=args.target,
+        opset=args.opset,
+        external_data_threshold=args.external_data_threshold,
+        overwrite=args.overwrite,
+        validate=not args.no_validate,
+    )
+    print(f"bundle written: {out}")
+    return 0
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="summarise a bundle")
+    p.add_argument("bundle")
+    p.add_argument("--json", action="store_true", help="print bundle.json")
+    p.set_defaults(func=_cmd_inspect)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .runtime.bundle import Bundle
+
+    b = Bundle.load(args.bundle)
+    m = b.manifest
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    d = b.dims
+    print(f"bundle {b.path}  (schema {m['schema_version']}, target {b.target}, precision {b.precision})")
+    print(
+        f"model  {d['n_layer']} layers, {d['n_embd']} wide, {d['n_head']} heads x {d['head_size']}, "
+        f"vocab {d['vocab_size']}, context {d['n_positions']}"
+    )
+    total = sum(f["bytes"] for f in m["files"].values())
+    print(f"files  ({total / 2**20:.1f} MiB)")
+    for name, f in m["files"].items():
+        print(f"  {name:<22} {f['bytes'] / 2**20:>9.2f} MiB  sha256 {f['sha256'][:16]}")
+    print("inputs")
+    for s in b.inputs[:5]:
+        print(f"  {s.name:<28} {s.dtype:<8} {list(s.shape)}")
+    if len(b.inputs) > 5:
+        print(f"  ... {len(b.inputs) - 5} more past_key_values.*")
+    print("outputs")
+    for s in b.outputs[:3]:
+        print(f"  {s.name:<28} {s.dtype:<8} {list(s.shape)}")
+    if len(b.outputs) > 3:
+        print(f"  ... {len(b.outputs) - 3} more present.*")
+    g = m.get("graph", {})
+    if g:
+        census = ", ".join(f"{k} {v}" for k, v in list(g["op_census"].items())[:12])
+        print(f"ops    {census}{' ...' if len(g['op_census']) > 12 else ''}")
+        print(f"fused  {g.get('fused_ops') or 'none'}")
+    v = m.get("validation")
+    if v:
+        print(
+            f"parity ({v['tolerance']}): max |dlogits| {v['max_abs_logits']:.2e}, max |dpresent| "
+            f"{v['max_abs_present']:.2e}, top-1 {100 * v['top1_agreement']:.2f}%, greedy identical "
+            f"{v['greedy_identical']}, {v['positions_compared']} positions, passed {v['passed']}"
+        )
+    if m.get("accuracy"):
+        print(f"accuracy {m['accuracy']}")
+    made = m.get("made_by", {})
+    print(f"made   {made.get('exporter', '')} opset {made.get('opset', '')}; {made.get('graph', '')}")
+    print("with   " + ", ".join(f"{k} {v}" for k, v in m.get("producers", {}).items()))
+    print(f"gen    eos {m['generation']['eos_token_id']}, context {m['generation']['context_length']}")
+    return 0
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="re-check a bundle's parity against its PyTorch checkpoint")
+    p.add_argument("bundle")
+    p.add_argument("model", nargs="?", help="checkpoint (default: the one the bundle was made from)")
+    p.set_defaults(func=_cmd_validate)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .export.validate import validate_onnx
+    from .model.checkpoint import load_checkpoint
+    from .runtime.bundle import Bundle
+
+    b = Bundle.load(args.bundle)
+    source = args.model or b.manifest.get("made_by", {}).get("source")
+    if args.model is None and (source is None or not Path(source).is_dir()):
+        raise UserError(f"the bundle's source checkpoint {source!r} is not here; pass MODEL")
+    tol = {"fp32": "fp32"}.get(b.precision, b.precision.split("-")[0])
+    rep = validate_onnx(
+        b.model_file,
+        load_checkpoint(source),
+        tolerance=tol,
+        raise_on_failure=False,
+        kv_dtype=b.inputs[3].dtype,
+    )
+    print(
+        f"{b.path} vs {source} ({tol} tolerance): max |dlogits| {rep.max_abs_logits:.2e}, "
+        f"top-1 {100 * rep.top1_agreement:.2f}%, greedy identical {rep.greedy_identical}: "
+        f"{'PASS' if rep.passed else 'FAIL'}"
+    )
+    return 0 if rep.passed else 1
 
 
 # demo ---------------------------------------------------------------------------------------
@@ -279,6 +462,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # entry point ------------------------------------------------------------------------------
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
+    _add_export,
+    _add_inspect,
+    _add_validate,
     _add_generate,
     _add_eval,
     _add_demo,

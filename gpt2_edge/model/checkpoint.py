@@ -227,6 +227,9 @@ def save_checkpoint(
             tokenizer.save(tmp, model_max_length=model.config.n_positions)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        tmp.chmod(0o755)  # mkdtemp's 0700 would make the checkpoint private
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

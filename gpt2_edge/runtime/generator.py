@@ -149,3 +149,55 @@ def decode(
             texts[b] = detokenize(body)
         results.append(GenerationResult(texts[b], generated[b], reason, len(prompts[b]), dict(timings)))
     return results
+
+
+class Generator:
+    """Text generation from a bundle, torch-free.
+
+    >>> gen = Generator.from_bundle("out/bundle", provider="cpu", threads=2)
+    >>> gen.generate("ROMEO:", GenerationConfig(max_new_tokens=20))[0].text
+    """
+
+    def __init__(
+        self, backend: Backend, tokenizer, eos_token_id: int | None, n_ctx: int, load_s: float = 0.0
+    ) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.eos_token_id = eos_token_id
+        self.n_ctx = n_ctx
+        self.load_s = load_s
+
+    @classmethod
+    def from_bundle(
+        cls, path: str, provider: str = "cpu", threads: int | None = None, verify: bool = True
+    ) -> Generator:
+        """Load and verify a bundle; ``provider`` is cpu, cuda, tensorrt or auto."""
+        from .bundle import Bundle
+        from .session import OrtBackend
+
+        t0 = time.perf_counter()
+        bundle = Bundle.load(path, verify=verify)
+        backend = OrtBackend(bundle, provider=provider, threads=threads)
+        return cls(
+            backend, bundle.tokenizer(), bundle.eos_token_id, bundle.context_length, time.perf_counter() - t0
+        )
+
+    @property
+    def provider(self) -> str:
+        return getattr(self.backend, "provider", "torch")
+
+    def generate(
+        self, prompts: str | Sequence[str], config: GenerationConfig | None = None
+    ) -> list[GenerationResult]:
+        """Continue one prompt or a batch; one result per prompt."""
+        batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not batch:
+            raise ValueError("no prompts given")
+        return decode(
+            self.backend,
+            self.tokenizer.encode_batch(batch),
+            config or GenerationConfig(),
+            eos_token_id=self.eos_token_id,
+            n_ctx=self.n_ctx,
+            detokenize=self.tokenizer.decode,
+        )

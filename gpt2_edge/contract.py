@@ -1,0 +1,56 @@
+"""The ONNX IO contract (names as in optimum and onnxruntime-genai), in one place.
+
+The exporter builds graphs to it and writes it into ``bundle.json``; the runtime reads names
+and dims from the bundle, never from these constants. Torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+BATCH = "batch_size"
+SEQ = "sequence_length"
+PAST = "past_sequence_length"
+TOTAL = "total_sequence_length"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "int64", "float32", "float16"
+    shape: tuple[str | int, ...]  # symbolic names or fixed sizes
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TensorSpec:
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+
+def past_names(n_layer: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+def present_names(n_layer: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+def inputs(n_layer: int, n_head: int, head_size: int, kv_dtype: str = "float32") -> list[TensorSpec]:
+    specs = [
+        TensorSpec("input_ids", "int64", (BATCH, SEQ)),
+        TensorSpec("attention_mask", "int64", (BATCH, TOTAL)),
+        TensorSpec("position_ids", "int64", (BATCH, SEQ)),
+    ]
+    specs += [TensorSpec(n, kv_dtype, (BATCH, n_head, PAST, head_size)) for n in past_names(n_layer)]
+    return specs
+
+
+def outputs(
+    n_layer: int, n_head: int, head_size: int, vocab_size: int, kv_dtype: str = "float32"
+) -> list[TensorSpec]:
+    specs = [TensorSpec("logits", "float32", (BATCH, SEQ, vocab_size))]
+    specs += [TensorSpec(n, kv_dtype, (BATCH, n_head, TOTAL, head_size)) for n in present_names(n_layer)]
+    return specs

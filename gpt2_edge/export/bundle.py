@@ -1,0 +1,210 @@
+"""Write a bundle atomically: fill a temporary directory, hash it, then rename it into place."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
+
+
+def producer_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("gpt2-edge", "torch", "onnx", "onnxruntime", "onnxscript", "tokenizers", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+@contextmanager
+def staging_dir(target: Path) -> Iterator[Path]:
+    """A temp directory beside ``target``; removed on any error, so no half bundle is left."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _make_readable(directory: Path) -> None:
+    """mkdtemp makes 0700/0600 entries; a bundle is shared, so use the usual 0755/0644."""
+    directory.chmod(0o755)
+    for f in directory.rglob("*"):
+        f.chmod(0o755 if f.is_dir() else 0o644)
+
+
+def finalize(tmp: Path, target: Path, manifest: dict[str, Any], overwrite: bool = False) -> Path:
+    """Hash every file in ``tmp``, write ``bundle.json``, and move ``tmp`` to ``target``."""
+    files = {}
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file() and f.name != MANIFEST:
+            files[f.relative_to(tmp).as_posix()] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+    manifest = {"schema_version": SCHEMA_VERSION, **manifest, "files": files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    _make_readable(tmp)
+    if target.exists():
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    return target
+
+
+# the export pipeline ----------------------------------------------------------------------------
+TARGETS = ("ort", "tensorrt")
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; below protobuf's 2 GiB hard limit with margin
+
+
+def export_bundle(
+    model_spec: str | Path | None,
+    out_dir: str | Path,
+    target: str = "ort",
+    opset: int | None = None,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    overwrite: bool = False,
+    validate: bool = True,
+    log: Callable[[str], object] = print,
+) -> Path:
+    """Checkpoint -> ONNX -> target graph -> parity check -> bundle directory (atomic)."""
+    import time
+
+    import onnx
+
+    from .. import contract
+    from ..model.checkpoint import load_checkpoint, load_tokenizer, resolve_model_dir
+    from .graph import (
+        check_contract,
+        check_no_if,
+        check_tensorrt_ops,
+        op_census,
+        optimize_for_ort,
+    )
+    from .onnx import DEFAULT_OPSET, export_onnx, weight_bytes
+    from .validate import validate_onnx
+
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    target_dir = Path(out_dir)
+    if target_dir.exists() and not overwrite:
+        raise FileExistsError(f"{target_dir} exists; pass --overwrite to replace it")
+    opset = opset or DEFAULT_OPSET
+    src = resolve_model_dir(model_spec)
+    model, tok = load_checkpoint(src), load_tokenizer(src)
+    c = model.config
+    external = weight_bytes(model) > external_data_threshold
+    timings: dict[str, float] = {}
+    with staging_dir(target_dir) as tmp:
+        t0 = time.perf_counter()
+        raw = tmp / "raw" / "model.onnx"
+        raw.parent.mkdir()
+        export_onnx(model, raw, opset=opset, external_data=external)
+        timings["export_s"] = time.perf_counter() - t0
+        log(
+            f"exported {c.n_layer} layers x {c.n_embd} to ONNX opset {opset} in {timings['export_s']:.1f} s"
+            + (" (external data)" if external else "")
+        )
+        specs_in = contract.inputs(c.n_layer, c.n_head, c.head_size)
+        specs_out = contract.outputs(c.n_layer, c.n_head, c.head_size, c.vocab_size)
+        final = tmp / "model.onnx"
+        fused: dict[str, int] = {}
+        t1 = time.perf_counter()
+        if target == "ort":
+            fused = optimize_for_ort(raw, final, c.n_head, c.n_embd, external)
+            log(f"ONNX Runtime optimizer (opt_level=2): fused {fused or 'nothing'}")
+        else:
+            _prepare_tensorrt(raw, final, external)
+        timings["graph_s"] = time.perf_counter() - t1
+        proto = onnx.load(str(final), load_external_data=False)
+        check_contract(proto, specs_in, specs_out)
+        check_no_if(proto)
+        if target == "tensorrt":
+            check_tensorrt_ops(proto)
+        census = op_census(proto)
+        del proto
+        import shutil
+
+        shutil.rmtree(raw.parent)
+        report = None
+        if validate:
+            t2 = time.perf_counter()
+            report = validate_onnx(final, model, "fp32")
+            timings["validate_s"] = time.perf_counter() - t2
+            log(
+                f"parity vs PyTorch: max |Δlogits| {report.max_abs_logits:.2e}, top-1 "
+                f"{100 * report.top1_agreement:.1f}%, greedy identical: {report.greedy_identical} "
+                f"({report.positions_compared} positions, {report.decode_steps} decode steps)"
+            )
+        tok.save(tmp)
+        (tmp / "tokenizer_config.json").unlink(missing_ok=True)
+        manifest = {
+            "model_file": "model.onnx",
+            "model": {
+                "n_layer": c.n_layer,
+                "n_head": c.n_head,
+                "n_embd": c.n_embd,
+                "head_size": c.head_size,
+                "vocab_size": c.vocab_size,
+                "n_positions": c.n_positions,
+            },
+            "io": {"inputs": [s.as_dict() for s in specs_in], "outputs": [s.as_dict() for s in specs_out]},
+            "kv_dtype": "float32",
+            "target": target,
+            "precision": "fp32",
+            "made_by": {
+                "source": str(src),
+                "exporter": "torch.onnx.export(dynamo=True)",
+                "opset": opset,
+                "external_data": external,
+                "graph": "onnxruntime.transformers optimizer, gpt2, opt_level=2"
+                if target == "ort"
+                else "standard ONNX ops, constants folded, shapes inferred",
+                "timings": timings,
+            },
+            "producers": producer_versions(),
+            "graph": {"op_census": census, "fused_ops": fused},
+            "validation": report.as_dict() if report else None,
+            "generation": {
+                "eos_token_id": c.eos_token_id,
+                "bos_token_id": c.bos_token_id,
+                "context_length": c.n_positions,
+            },
+        }
+        return finalize(tmp, target_dir, manifest, overwrite=overwrite)
+
+
+def _prepare_tensorrt(src: Path, dst: Path, external: bool) -> None:
+    """Constant-fold and infer shapes, keeping standard ONNX ops only (no contrib fusions)."""
+    import onnx
+    import onnxscript.optimizer
+
+    proto = onnx.load(str(src))
+    proto = onnxscript.optimizer.optimize(proto)  # constant folding + dead code removal
+    if external:  # shape inference on a file: an in-memory proto cannot pass 2 GB
+        onnx.save_model(
+            proto,
+            str(dst),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=dst.name + ".data",
+            size_threshold=1024,
+        )
+        onnx.shape_inference.infer_shapes_path(str(dst), str(dst), data_prop=True)
+    else:
+        onnx.save_model(onnx.shape_inference.infer_shapes(proto, data_prop=True), str(dst))

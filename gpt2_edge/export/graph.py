@@ -1,0 +1,138 @@
+"""Graph clean-up and the two targets: ``ort`` (ONNX Runtime fusions) and ``tensorrt`` (plain ONNX).
+
+Everything here works on ``onnx.ModelProto`` or files; no torch.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from pathlib import Path
+
+import onnx
+
+from .. import contract
+
+# Ops the TensorRT 10 ONNX parser supports (onnx-tensorrt docs/operators.md), restricted to
+# the standard domain; anything else in a ``tensorrt``-target graph is an export error.
+TENSORRT_OPS = frozenset(
+    """Abs Add And ArgMax ArgMin Cast Ceil Clip Concat Constant ConstantOfShape CumSum
+    DequantizeLinear Div Equal Erf Exp Expand Flatten Floor Gather GatherElements GatherND Gelu Gemm
+    Greater GreaterOrEqual Identity LayerNormalization Less LessOrEqual Log LogSoftmax MatMul Max Min
+    Mul Neg Not Or Pad Pow QuantizeLinear Range Reciprocal ReduceMax ReduceMean ReduceMin ReduceSum
+    Relu Reshape ScatterElements ScatterND Shape Sigmoid Sign Sin Cos Slice Softmax Split Sqrt
+    Squeeze Sub Sum Tanh Tile TopK Transpose Trilu Unsqueeze Where Xor""".split()
+)
+ORT_FUSED_OPS = (
+    "SkipLayerNormalization",
+    "FastGelu",
+    "BiasGelu",
+    "Gelu",
+    "Attention",
+    "MultiHeadAttention",
+    "EmbedLayerNormalization",
+    "LayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+)
+
+
+class GraphError(ValueError):
+    """A graph breaks the contract or its target's rules."""
+
+
+def op_census(model: onnx.ModelProto) -> dict[str, int]:
+    """``{"Op" or "domain:Op": count}`` over the main graph, most frequent first."""
+    c = collections.Counter(
+        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}" for n in model.graph.node
+    )
+    return dict(c.most_common())
+
+
+def _dims(vi: onnx.ValueInfoProto) -> tuple[str | int, ...]:
+    return tuple(d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim)
+
+
+def _dtype(vi: onnx.ValueInfoProto) -> str:
+    return onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name
+
+
+def name_dims(model: onnx.ModelProto, specs_out: list[contract.TensorSpec]) -> None:
+    """Give outputs the contract's symbolic dim names (the exporter writes e.g. ``past + seq``)."""
+    by_name = {s.name: s for s in specs_out}
+    for vi in model.graph.output:
+        spec = by_name.get(vi.name)
+        if spec is None:
+            continue
+        for d, want in zip(vi.type.tensor_type.shape.dim, spec.shape, strict=False):
+            if isinstance(want, str):
+                d.dim_param = want
+
+
+def check_contract(
+    model: onnx.ModelProto, specs_in: list[contract.TensorSpec], specs_out: list[contract.TensorSpec]
+) -> None:
+    """Names, then dtypes, then shapes of every input and output; raises with expected vs got."""
+    for kind, got, want in (
+        ("input", model.graph.input, specs_in),
+        ("output", model.graph.output, specs_out),
+    ):
+        got_names = [v.name for v in got]
+        want_names = [s.name for s in want]
+        if got_names != want_names:
+            raise GraphError(f"{kind} names: expected {want_names}, got {got_names}")
+        for v, s in zip(got, want, strict=True):
+            if _dtype(v) != s.dtype:
+                raise GraphError(f"{kind} {v.name}: expected dtype {s.dtype}, got {_dtype(v)}")
+            if _dims(v) != tuple(s.shape):
+                raise GraphError(f"{kind} {v.name}: expected shape {list(s.shape)}, got {list(_dims(v))}")
+
+
+def check_no_if(model: onnx.ModelProto) -> None:
+    ifs = [n.name for n in model.graph.node if n.op_type in ("If", "Loop", "Scan")]
+    if ifs:
+        raise GraphError(f"the graph has control-flow nodes TensorRT rejects: {ifs[:5]}")
+
+
+def check_tensorrt_ops(model: onnx.ModelProto) -> None:
+    """Standard-domain ops only, all on the TensorRT parser's list."""
+    bad = {op: n for op, n in op_census(model).items() if ":" in op or op not in TENSORRT_OPS}
+    if bad:
+        raise GraphError(f"ops TensorRT's ONNX parser does not take: {bad}")
+
+
+_SEGMENT = re.compile(r"^model\.(?P<path>[\w.]+):")
+
+
+def name_nodes_by_module(model: onnx.ModelProto) -> None:
+    """Rename nodes after the module that produced them: ``/transformer/h.3/attn/c_attn/MatMul``.
+
+    The dynamo exporter records the module stack in each node's ``namespace`` metadata.
+    """
+    used: collections.Counter[str] = collections.Counter()
+    for node in model.graph.node:
+        ns = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
+        path = ""
+        for seg in ns.split("/"):
+            m = _SEGMENT.match(seg)
+            if m:
+                path = m.group("path")
+        parts = re.sub(r"\.(\d+)(?=\.|$)", r"#\1", path).split(".") if path else []
+        base = "/" + "/".join([p.replace("#", ".") for p in parts] + [node.op_type])
+        used[base] += 1
+        node.name = base if used[base] == 1 else f"{base}_{used[base] - 1}"
+
+
+def optimize_for_ort(src: Path, dst: Path, n_head: int, n_embd: int, external_data: bool) -> dict[str, int]:
+    """ONNX Runtime's GPT-2 transformer optimizer at ``opt_level=2``; returns the fused-op census.
+
+    ``opt_level`` 0/1 (the gpt2 default) replaces the tanh GELU with the erf one (BiasGelu): a
+    silent accuracy change. Level 2 makes FastGelu, which keeps tanh.
+    """
+    from onnxruntime.transformers import optimizer
+
+    opt = optimizer.optimize_model(
+        str(src), model_type="gpt2", num_heads=n_head, hidden_size=n_embd, opt_level=2, use_gpu=False
+    )
+    opt.save_model_to_file(str(dst), use_external_data_format=external_data)
+    census = op_census(onnx.load(str(dst), load_external_data=False))
+    return {op: n for op, n in census.items() if op.split(":")[-1] in ORT_FUSED_OPS}

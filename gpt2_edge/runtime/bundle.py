@@ -1,0 +1,120 @@
+"""Read and verify a bundle: ``bundle.json`` + ``model.onnx`` (+ data) + ``tokenizer.json``. No torch.
+
+Loading checks the schema version, that every listed file exists with its recorded size and
+sha256, and refuses anything else with a message naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..contract import TensorSpec
+
+SCHEMA_VERSION = 1
+MANIFEST = "bundle.json"
+
+
+class BundleError(ValueError):
+    """A bundle is missing, incomplete, corrupt, or from an unknown schema."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk; everything the runtime needs is read from its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    # model dims and contract ---------------------------------------------------------------
+    @property
+    def model_file(self) -> Path:
+        return self.path / self.manifest["model_file"]
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return self.manifest["model"]
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return [TensorSpec.from_dict(d) for d in self.manifest["io"]["inputs"]]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [TensorSpec.from_dict(d) for d in self.manifest["io"]["outputs"]]
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+    @property
+    def target(self) -> str:
+        return self.manifest["target"]
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.manifest["generation"]["eos_token_id"]
+
+    @property
+    def context_length(self) -> int:
+        return int(self.manifest["generation"]["context_length"])
+
+    def tokenizer(self):  # -> gpt2_edge.model.tokenizer.Tokenizer (torch-free module)
+        from ..model.tokenizer import Tokenizer
+
+        return Tokenizer.from_file(self.path / "tokenizer.json")
+
+    # loading ------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True) -> Bundle:
+        """Open a bundle; ``verify`` re-hashes every file (sizes are always checked)."""
+        root = Path(path)
+        if not root.is_dir():
+            raise BundleError(f"bundle {root} does not exist (make one with `gpt2-edge export -o {root}`)")
+        mf = root / MANIFEST
+        if not mf.is_file():
+            raise BundleError(f"{root} is not a bundle: {MANIFEST} is missing (re-run `gpt2-edge export`)")
+        try:
+            manifest = json.loads(mf.read_text())
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{mf} is not valid JSON ({e}); re-export the bundle") from None
+        version = manifest.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise BundleError(
+                f"{mf} has schema version {version!r}; this gpt2-edge reads version {SCHEMA_VERSION}. "
+                "Re-export the bundle with this version, or install the gpt2-edge that made it"
+            )
+        for key in ("model_file", "model", "io", "files", "generation", "precision", "target"):
+            if key not in manifest:
+                raise BundleError(f"{mf} lacks {key!r}; re-export the bundle")
+        for name, meta in manifest["files"].items():
+            f = root / name
+            if not f.is_file():
+                raise BundleError(f"{f} is missing from the bundle; re-export or copy the whole directory")
+            size = f.stat().st_size
+            if size != meta["bytes"]:
+                raise BundleError(
+                    f"{f} is {size} bytes, the manifest says {meta['bytes']}: truncated or replaced; "
+                    "re-export or copy the bundle again"
+                )
+            if verify and sha256_file(f) != meta["sha256"]:
+                raise BundleError(
+                    f"{f} does not match its sha256 in {MANIFEST}: the file is corrupt or was changed; "
+                    "re-export or copy the bundle again"
+                )
+        if manifest["model_file"] not in manifest["files"]:
+            raise BundleError(f"{mf} does not list its model file; re-export the bundle")
+        if "tokenizer.json" not in manifest["files"]:
+            raise BundleError(f"{mf} does not list tokenizer.json; re-export the bundle")
+        return cls(root, manifest)
