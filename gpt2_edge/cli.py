@@ -68,7 +68,16 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, help="seed of the sampler (reproducible output)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="beam score / length**penalty")
+    g.add_argument(
+        "--early-stopping",
+        choices=["true", "false", "never"],
+        default="false",
+        help="beam search stopping rule (as in transformers)",
+    )
     g.add_argument("--truncate", action="store_true", help="left-truncate a prompt that does not fit")
+    g.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     g.add_argument("--json", action="store_true", help="print results as JSON")
 
 
@@ -87,6 +96,9 @@ def _generation_config(args: argparse.Namespace):  # -> GenerationConfig
         seed=args.seed,
         stop=tuple(args.stop),
         truncate=args.truncate,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        early_stopping={"true": True, "false": False, "never": "never"}[args.early_stopping],
     )
 
 
@@ -132,12 +144,19 @@ def _print_results(prompts: list[str], results: list, as_json: bool, load_s: flo
         if len(prompts) > 1:
             print(f"--- {p!r} [{r.finish_reason}]")
         print(r.text)
+    _print_timings(results, load_s)
+
+
+def _print_timings(results: list, load_s: float) -> None:
+    """llama.cpp-style summary on stderr: load, prompt (time to first token), per-step decode."""
     t = results[0].timings
     n = sum(len(r.token_ids) for r in results)
+    ms = t["ms_per_token"]
+    rate = f" ({1000 / ms:.1f} steps/s)" if ms else ""
     print(
-        f"\nload {1000 * load_s:.0f} ms | prompt {max(r.prompt_tokens for r in results)} tokens x "
-        f"{len(results)} in {1000 * t['prefill_s']:.1f} ms | {n} new tokens, "
-        f"{t['ms_per_token']:.2f} ms/step",
+        f"\nload {1000 * load_s:.0f} ms | time to first token {1000 * t['prefill_s']:.1f} ms "
+        f"({max(r.prompt_tokens for r in results)} prompt tokens x {len(results)}) | "
+        f"{n} new tokens, {ms:.2f} ms per step{rate}",
         file=sys.stderr,
     )
 
@@ -191,6 +210,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         gen = Generator.from_bundle(args.model, provider=args.provider, threads=args.threads)
         if args.provider == "auto":
             print(f"provider: {gen.provider}", file=sys.stderr)
+        if args.stream:
+            if len(prompts) != 1 or args.json:
+                raise UserError("--stream takes exactly one prompt and no --json")
+            for piece in gen.stream(prompts[0], cfg):
+                print(piece, end="", flush=True)
+            print()
+            _print_timings([gen.last_result], gen.load_s)
+            return 0
         results = gen.generate(prompts, cfg)
         load_s = gen.load_s
     else:

@@ -18,8 +18,9 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory, tiny_checkpoint):
-    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("bb") / "bundle", target="tensorrt",
-                         log=lambda _: None)
+    return export_bundle(
+        tiny_checkpoint, tmp_path_factory.mktemp("bb") / "bundle", target="tensorrt", log=lambda _: None
+    )
 
 
 @pytest.fixture

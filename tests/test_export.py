@@ -100,8 +100,9 @@ def test_parity_on_more_configs(tmp_path, dims_):
 
 
 def test_external_data_round_trip(tmp_path, tiny_checkpoint):
-    out = export_bundle(tiny_checkpoint, tmp_path / "b", target="tensorrt", external_data_threshold=0,
-                        log=lambda _: None)
+    out = export_bundle(
+        tiny_checkpoint, tmp_path / "b", target="tensorrt", external_data_threshold=0, log=lambda _: None
+    )
     files = json.loads((out / "bundle.json").read_text())["files"]
     assert "model.onnx.data" in files and files["model.onnx.data"]["bytes"] > files["model.onnx"]["bytes"]
     from gpt2_edge.model.generate import generate
@@ -111,7 +112,9 @@ def test_external_data_round_trip(tmp_path, tiny_checkpoint):
 
     cfg = GenerationConfig(max_new_tokens=12)
     ours = Generator.from_bundle(str(out)).generate("First Citizen:", cfg)[0]
-    ref = generate(load_checkpoint(tiny_checkpoint), Tokenizer.from_dir(tiny_checkpoint), "First Citizen:", cfg)[0]
+    ref = generate(
+        load_checkpoint(tiny_checkpoint), Tokenizer.from_dir(tiny_checkpoint), "First Citizen:", cfg
+    )[0]
     assert ours.token_ids == ref.token_ids
 
 

@@ -213,3 +213,50 @@ def test_empty_prompts_refused(model_and_hf, tiny_tokenizer):
         run(model, [], GenerationConfig())
     with pytest.raises(ValueError, match="prompt 0 is empty"):
         generate(model, tiny_tokenizer, "", GenerationConfig())
+
+
+# beam search -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(num_beams=4),
+        dict(num_beams=4, length_penalty=0.5),
+        dict(num_beams=3, early_stopping=True),
+        dict(num_beams=4, early_stopping="never", length_penalty=0.0),
+        dict(num_beams=2, repetition_penalty=1.3),
+    ],
+    ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()),
+)
+@pytest.mark.parametrize("eos_rank", [None, 1])
+def test_beam_search_equals_transformers(model_and_hf, kw, eos_rank):
+    model, hf = model_and_hf
+    prompt = [7, 100, 3, 3, 41]
+    eos = model.config.eos_token_id
+    if eos_rank is not None:  # make eos a likely token so hypotheses finish early
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt]))[0][0, -1]
+        eos = int(torch.argsort(logits, descending=True)[eos_rank])
+    cfg = GenerationConfig(max_new_tokens=10, **kw)
+    ours = run(model, [prompt], cfg, eos=eos)[0]
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, 5, dtype=torch.long),
+            max_new_tokens=10,
+            do_sample=False,
+            pad_token_id=eos,
+            eos_token_id=eos,
+            **kw,
+        )
+    theirs = out[0, 5:].tolist()
+    if eos in theirs:
+        theirs = theirs[: theirs.index(eos) + 1]
+    assert ours.token_ids == theirs
+
+
+def test_beam_search_one_beam_per_prompt_in_a_batch(model_and_hf):
+    model, _ = model_and_hf
+    prompts = [[1, 2, 3], [50, 60]]
+    cfg = GenerationConfig(max_new_tokens=6, num_beams=3)
+    both = run(model, prompts, cfg)
+    assert [r.token_ids for r in both] == [run(model, [p], cfg)[0].token_ids for p in prompts]

@@ -27,11 +27,17 @@ def _feeds(sess, ids, mask, pos, past):
 def test_logits_match_optimum_export(tmp_path, tiny_checkpoint):
     from optimum.exporters.onnx import main_export
 
-    main_export(str(tiny_checkpoint), output=tmp_path / "optimum", task="text-generation-with-past",
-                no_post_process=True)
+    main_export(
+        str(tiny_checkpoint),
+        output=tmp_path / "optimum",
+        task="text-generation-with-past",
+        no_post_process=True,
+    )
     ours_dir = export_bundle(tiny_checkpoint, tmp_path / "ours", target="tensorrt", log=lambda _: None)
     so = ort.SessionOptions()
-    theirs = ort.InferenceSession(str(tmp_path / "optimum" / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    theirs = ort.InferenceSession(
+        str(tmp_path / "optimum" / "model.onnx"), so, providers=["CPUExecutionProvider"]
+    )
     ours = ort.InferenceSession(str(ours_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
     assert {o.name for o in ours.get_outputs()} == {o.name for o in theirs.get_outputs()}
 
@@ -44,7 +50,7 @@ def test_logits_match_optimum_export(tmp_path, tiny_checkpoint):
     for _step in range(8):
         a = ours.run(out_names, _feeds(ours, ids, mask, pos, past))
         b = theirs.run(out_names, _feeds(theirs, ids, mask, pos, past))
-        real = mask[:, -ids.shape[1]:].astype(bool)
+        real = mask[:, -ids.shape[1] :].astype(bool)
         worst = max(worst, float(np.abs(a[0][real] - b[0][real]).max()))
         # Keys/values of pad positions differ after layer 0 (a fully masked pad query row is
         # handled differently); they are never attended to, so compare real positions only.

@@ -23,6 +23,10 @@ class TorchBackend:
     def start(self, batch_size: int) -> None:
         self.past = None
 
+    def reorder(self, rows: np.ndarray) -> None:
+        idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        self.past = [(k[idx], v[idx]) for k, v in self.past or []]
+
     @torch.no_grad()
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         logits, self.past = self.model(

@@ -9,7 +9,8 @@ ONNX Runtime session are two such backends, so both run exactly this loop.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Generator as Generator_
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -24,6 +25,10 @@ class Backend(Protocol):
     def step(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray
     ) -> np.ndarray: ...
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Keep only (and repeat) the given batch rows of the KV cache (beam search)."""
+        ...
 
 
 class ContextOverflowError(ValueError):
@@ -77,7 +82,7 @@ def positions_from_mask(mask: np.ndarray) -> np.ndarray:
     return np.maximum(np.cumsum(mask, axis=-1) - 1, 0).astype(np.int64)
 
 
-def decode(
+def iter_decode(
     backend: Backend,
     prompts: Sequence[Sequence[int]],
     config: GenerationConfig,
@@ -85,11 +90,11 @@ def decode(
     eos_token_id: int | None,
     n_ctx: int,
     detokenize: Callable[[Sequence[int]], str],
-    on_tokens: Callable[[np.ndarray, list[bool]], None] | None = None,
-) -> list[GenerationResult]:
-    """Continue every prompt; each row stops on its own (eos, a stop string, or the length)."""
+) -> Generator_[list[list[int]], None, list[GenerationResult]]:
+    """The decode loop as a generator: yields every row's generated ids after each step and
+    returns the results. Each row stops on its own (eos, a stop string, or the length)."""
     if config.num_beams != 1:
-        raise ValueError("beam search is not available in this decode loop; use num_beams=1")
+        raise ValueError("iter_decode is the num_beams=1 loop; beam search lives in runtime.beam")
     prompts = fit_context(prompts, config, n_ctx)
     B = len(prompts)
     pad_id = eos_token_id if eos_token_id is not None else 0
@@ -122,9 +127,8 @@ def decode(
                 if hits:
                     texts[b] = text[: min(hits)]
                     finish[b] = "stop"
-        if on_tokens is not None:
-            on_tokens(nxt, [f is not None for f in finish])
         steps += 1
+        yield generated
         if all(f is not None for f in finish) or step == config.max_new_tokens - 1:
             break
         feed = np.where([f is None for f in finish], nxt, pad_id).astype(np.int64)[:, None]
@@ -133,14 +137,7 @@ def decode(
         logits = backend.step(feed, mask, pos)
     t_end = time.perf_counter()
 
-    prefill_s = t_first - t0
-    decode_steps = max(steps - 1, 0)
-    timings = {
-        "prefill_s": prefill_s,
-        "decode_s": t_end - t_first,
-        "ms_per_token": 1000 * (t_end - t_first) / decode_steps if decode_steps else 0.0,
-        "steps": float(steps),
-    }
+    timings = step_timings(t_first - t0, t_end - t_first, steps)
     results = []
     for b in range(B):
         reason = finish[b] or "length"
@@ -149,6 +146,79 @@ def decode(
             texts[b] = detokenize(body)
         results.append(GenerationResult(texts[b], generated[b], reason, len(prompts[b]), dict(timings)))
     return results
+
+
+def step_timings(prefill_s: float, decode_s: float, steps: int) -> dict[str, float]:
+    """Prefill (= time to first token) and per-step decode time; the first token comes from prefill."""
+    decode_steps = max(steps - 1, 0)
+    return {
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "ms_per_token": 1000 * decode_s / decode_steps if decode_steps else 0.0,
+        "steps": float(steps),
+    }
+
+
+def decode(
+    backend: Backend,
+    prompts: Sequence[Sequence[int]],
+    config: GenerationConfig,
+    *,
+    eos_token_id: int | None,
+    n_ctx: int,
+    detokenize: Callable[[Sequence[int]], str],
+) -> list[GenerationResult]:
+    """Continue every prompt: greedy / sampled (``num_beams=1``) or beam search."""
+    if config.num_beams > 1:
+        from .beam import beam_search
+
+        fitted = fit_context(prompts, config, n_ctx)  # refuses empty and overflowing prompts first
+        return [
+            beam_search(backend, p, config, eos_token_id=eos_token_id, n_ctx=n_ctx, detokenize=detokenize)
+            for p in fitted
+        ]
+    it = iter_decode(backend, prompts, config, eos_token_id=eos_token_id, n_ctx=n_ctx, detokenize=detokenize)
+    while True:
+        try:
+            next(it)
+        except StopIteration as done:
+            return done.value
+
+
+def stream_text(
+    steps: Iterator[list[list[int]]],
+    detokenize: Callable[[Sequence[int]], str],
+    stop: Sequence[str] = (),
+) -> Iterator[str]:
+    """Turn row 0's growing ids into text pieces, never splitting a UTF-8 character.
+
+    A piece is held back while the text ends in an incomplete byte sequence (decoded as U+FFFD)
+    or in what could still become a stop string, so the pieces always join to the final text.
+    """
+    emitted = 0
+    text = ""
+    it = iter(steps)
+    while True:
+        try:
+            generated = next(it)[0]
+        except StopIteration as done:
+            results = done.value
+            final = results[0].text
+            if len(final) > emitted:
+                yield final[emitted:]
+            return
+        text = detokenize(generated)
+        safe = len(text)
+        if text.endswith("\ufffd"):
+            safe = len(text.rstrip("\ufffd"))
+        for s in stop:  # hold back a suffix that is a prefix of a stop string
+            for k in range(min(len(s), safe), 0, -1):
+                if text[:safe].endswith(s[:k]):
+                    safe -= k
+                    break
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
 
 
 class Generator:
@@ -166,6 +236,7 @@ class Generator:
         self.eos_token_id = eos_token_id
         self.n_ctx = n_ctx
         self.load_s = load_s
+        self.last_result: GenerationResult | None = None
 
     @classmethod
     def from_bundle(
@@ -201,3 +272,30 @@ class Generator:
             n_ctx=self.n_ctx,
             detokenize=self.tokenizer.decode,
         )
+
+    def stream(self, prompt: str, config: GenerationConfig | None = None) -> Iterator[str]:
+        """Yield the continuation of one prompt as text pieces while it is decoded.
+
+        The pieces join to exactly ``generate(prompt, config)[0].text``; a multi-byte character
+        is never split across pieces. ``self.last_result`` holds the full result afterwards.
+        """
+        config = config or GenerationConfig()
+        if config.num_beams != 1:
+            raise ValueError("streaming needs num_beams=1 (beam search only knows its text at the end)")
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError("stream takes one non-empty prompt string")
+        it = iter_decode(
+            self.backend,
+            [self.tokenizer.encode(prompt)],
+            config,
+            eos_token_id=self.eos_token_id,
+            n_ctx=self.n_ctx,
+            detokenize=self.tokenizer.decode,
+        )
+
+        def capture() -> Generator_[list[list[int]], None, list[GenerationResult]]:
+            results = yield from it
+            self.last_result = results[0]
+            return results
+
+        yield from stream_text(capture(), self.tokenizer.decode, config.stop)

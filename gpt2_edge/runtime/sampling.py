@@ -30,7 +30,9 @@ class GenerationConfig:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings (not included in the text)
     truncate: bool = False  # left-truncate a prompt that does not fit instead of refusing it
-    num_beams: int = 1
+    num_beams: int = 1  # > 1: beam search (HF semantics), greedy beams only
+    length_penalty: float = 1.0  # beam score = sum logprob / generated_length ** length_penalty
+    early_stopping: bool | str = False  # True, False or "never", as in transformers
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -50,6 +52,8 @@ class GenerationConfig:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
 

@@ -106,6 +106,15 @@ class OrtBackend:
         empty = np.zeros((batch_size, self.n_head, 0, self.head_size), dtype=self.kv_dtype)
         self.past = [ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0) for _ in self.past_names]
 
+    def reorder(self, rows: np.ndarray) -> None:
+        """Gather batch rows of the cache (beam search). Goes through host memory on a GPU."""
+        import onnxruntime as ort
+
+        self.past = [
+            ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows]), self.device, 0)
+            for v in self.past
+        ]
+
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Last-position logits ``(B, V)``; the presents become the next step's past."""
         return self.run(input_ids, attention_mask, position_ids)[:, -1]

@@ -1,0 +1,224 @@
+"""The torch-free runtime: parity with the reference and transformers, streaming, providers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2_edge.cli import main
+from gpt2_edge.export.bundle import export_bundle
+from gpt2_edge.model.checkpoint import load_checkpoint
+from gpt2_edge.model.generate import generate as torch_generate
+from gpt2_edge.model.tokenizer import Tokenizer
+from gpt2_edge.runtime.generator import Generator, decode
+from gpt2_edge.runtime.sampling import GenerationConfig
+from gpt2_edge.runtime.session import ProviderError, resolve_provider
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+PROMPTS = ["First Citizen:", "All:\nSpeak", "We are accounted poor citizens, the patricians good."]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, tiny_checkpoint):
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("rt") / "b", log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def gen(bundle):
+    return Generator.from_bundle(str(bundle), threads=1)
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_checkpoint):
+    return load_checkpoint(tiny_checkpoint), Tokenizer.from_dir(tiny_checkpoint)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_equals_reference_and_transformers(gen, ref, tiny_checkpoint, prompt):
+    transformers = pytest.importorskip("transformers")
+    cfg = GenerationConfig(max_new_tokens=24)
+    ours = gen.generate(prompt, cfg)[0]
+    assert ours.token_ids == torch_generate(*ref, prompt, cfg)[0].token_ids
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()
+    ids = torch.tensor([ref[1].encode(prompt)])
+    with torch.no_grad():
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=24,
+            do_sample=False,
+            pad_token_id=ref[1].eos_token_id,
+        )
+    assert ours.token_ids == out[0, ids.shape[1] :].tolist()
+
+
+def test_padded_batch_equals_each_prompt_alone(gen):
+    cfg = GenerationConfig(max_new_tokens=16)
+    batch = gen.generate(PROMPTS, cfg)
+    assert [r.token_ids for r in batch] == [gen.generate(p, cfg)[0].token_ids for p in PROMPTS]
+    assert batch[0].prompt_tokens != batch[2].prompt_tokens  # really a padded batch
+
+
+def test_sampling_and_beams_match_the_reference(gen, ref):
+    for cfg in (
+        GenerationConfig(
+            max_new_tokens=16,
+            do_sample=True,
+            temperature=0.9,
+            top_k=50,
+            top_p=0.95,
+            repetition_penalty=1.2,
+            seed=123,
+        ),
+        GenerationConfig(max_new_tokens=10, num_beams=4),
+    ):
+        assert (
+            gen.generate(PROMPTS[0], cfg)[0].token_ids == torch_generate(*ref, PROMPTS[0], cfg)[0].token_ids
+        )
+
+
+def test_seeded_sampling_reproducible(gen):
+    cfg = GenerationConfig(max_new_tokens=20, do_sample=True, seed=5)
+    assert gen.generate(PROMPTS[1], cfg)[0].token_ids == gen.generate(PROMPTS[1], cfg)[0].token_ids
+
+
+def test_stream_joins_to_generated_text(gen):
+    for cfg in (
+        GenerationConfig(max_new_tokens=30),
+        GenerationConfig(max_new_tokens=30, do_sample=True, seed=3),
+    ):
+        pieces = list(gen.stream(PROMPTS[0], cfg))
+        assert "".join(pieces) == gen.generate(PROMPTS[0], cfg)[0].text
+        assert gen.last_result is not None and len(gen.last_result.token_ids) == 30
+
+
+class Scripted:
+    """A backend that 'predicts' a fixed token sequence (one-hot logits)."""
+
+    def __init__(self, script: list[int], vocab: int) -> None:
+        self.script, self.vocab, self.i = script, vocab, 0
+
+    def start(self, batch_size: int) -> None:
+        self.i = 0
+
+    def step(self, input_ids, attention_mask, position_ids):
+        logits = np.zeros((input_ids.shape[0], self.vocab), np.float32)
+        logits[:, self.script[min(self.i, len(self.script) - 1)]] = 10
+        self.i += 1
+        return logits
+
+    def reorder(self, rows) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "text", ["héllo wörld", "emoji 😀🎉 and 👨‍👩‍👧", "東京は日本の首都です", "mixed é東😀x"]
+)
+def test_stream_never_splits_a_character(tiny_tokenizer, text):
+    tok = tiny_tokenizer
+    script = tok.encode(text)
+    assert len(script) > len(text.split())  # multi-byte characters span several byte tokens
+    gen = Generator(Scripted(script, tok.vocab_size), tok, eos_token_id=None, n_ctx=512)
+    pieces = list(gen.stream("x", GenerationConfig(max_new_tokens=len(script))))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stream_holds_back_a_stop_string(tiny_tokenizer):
+    tok = tiny_tokenizer
+    script = tok.encode("Speak, speak.\n\nAll:\nmore")
+    gen = Generator(Scripted(script, tok.vocab_size), tok, eos_token_id=None, n_ctx=512)
+    cfg = GenerationConfig(max_new_tokens=len(script), stop=("\n\nAll:",))
+    pieces = list(gen.stream("x", cfg))
+    assert "".join(pieces) == "Speak, speak." == gen.last_result.text
+    assert gen.last_result.finish_reason == "stop"
+
+
+def test_decode_with_scripted_eos(tiny_tokenizer):
+    tok = tiny_tokenizer
+    script = [*tok.encode("All:"), tok.eos_token_id]
+    res = decode(
+        Scripted(script, tok.vocab_size),
+        [[1]],
+        GenerationConfig(max_new_tokens=20),
+        eos_token_id=tok.eos_token_id,
+        n_ctx=64,
+        detokenize=tok.decode,
+    )[0]
+    assert res.text == "All:" and res.finish_reason == "eos" and res.token_ids[-1] == tok.eos_token_id
+
+
+def test_providers():
+    assert resolve_provider("cpu") == "cpu"
+    assert resolve_provider("auto") in ("cpu", "cuda", "tensorrt")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ProviderError, match="CUDAExecutionProvider is not available"):
+            resolve_provider("cuda")
+    with pytest.raises(ProviderError, match="provider must be one of"):
+        resolve_provider("tpu")
+
+
+def test_context_overflow_and_truncation(gen):
+    long = "Speak, speak. " * 40
+    with pytest.raises(ValueError, match="> the model's context of 64"):
+        gen.generate(long, GenerationConfig(max_new_tokens=8))
+    r = gen.generate(long, GenerationConfig(max_new_tokens=8, truncate=True))[0]
+    assert r.prompt_tokens == 56 and len(r.token_ids) == 8
+
+
+def test_cli_generate_json_and_stream(bundle, capsys):
+    assert (
+        main(
+            [
+                "generate",
+                str(bundle),
+                "--prompt",
+                "All:",
+                "--prompt",
+                "First Citizen:",
+                "--max-new-tokens",
+                "5",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert (
+        len(out) == 2 and all(len(r["token_ids"]) == 5 for r in out) and out[0]["finish_reason"] == "length"
+    )
+    assert main(["generate", str(bundle), "--prompt", "All:", "--max-new-tokens", "5", "--stream"]) == 0
+    cap = capsys.readouterr()
+    assert "ms per step" in cap.err and "time to first token" in cap.err
+    assert main(["generate", str(bundle), "--prompt", "All:", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out == cap.out
+
+
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--top-p", "0"], "top_p must be in"),
+        (["--top-k", "-1"], "top_k must be >= 0"),
+        (["--num-beams", "0"], "num_beams must be >= 1"),
+        (["--provider", "cuda"], "CUDAExecutionProvider is not available"),
+    ],
+)
+def test_cli_bad_input_is_one_line(bundle, capsys, args, msg):
+    import onnxruntime as ort
+
+    if "cuda" in args and "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA")
+    assert main(["generate", str(bundle), "--prompt", "All:", *args]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
+
+
+def test_cli_missing_bundle(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "nope"), "--prompt", "x", "--backend", "onnx"]) == 2
+    assert "is not a bundle" in capsys.readouterr().err
