@@ -455,6 +455,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--prompt", default="ROMEO:")
     p.add_argument("--max-new-tokens", type=int, default=60)
+    p.add_argument("-o", "--output", default="out/demo-bundle", help="where the demo writes its bundle")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -462,27 +463,51 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
+    from .export.bundle import export_bundle
     from .model.checkpoint import DEFAULT_MODEL_DIR, load_checkpoint, load_tokenizer
     from .model.generate import generate
+    from .runtime.generator import Generator
     from .runtime.sampling import GenerationConfig
 
     t0 = time.perf_counter()
     model, tok = load_checkpoint(None), load_tokenizer(None)
+    c = model.config
     print(
-        f"default model: {DEFAULT_MODEL_DIR} ({model.num_parameters() / 1e6:.2f} M parameters, "
-        f"{model.config.n_layer} layers x {model.config.n_embd}, vocab {model.config.vocab_size}), "
-        f"loaded in {1000 * (time.perf_counter() - t0):.0f} ms"
+        f"1. default model {DEFAULT_MODEL_DIR.name}/: {model.num_parameters() / 1e6:.2f} M parameters, "
+        f"{c.n_layer} layers x {c.n_embd}, {c.n_head} heads, vocab {c.vocab_size}, context {c.n_positions} "
+        f"(loaded in {1000 * (time.perf_counter() - t0):.0f} ms)"
     )
-    res = generate(model, tok, args.prompt, GenerationConfig(max_new_tokens=args.max_new_tokens))[0]
-    print(f"\n[greedy, torch] {args.prompt}{res.text}\n")
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    ref = generate(model, tok, args.prompt, cfg)[0]
+    print(f"\n2. PyTorch reference, greedy:\n{args.prompt}{ref.text}\n")
+
+    print(f"3. export to ONNX + parity check -> {args.output}")
+    bundle = export_bundle(None, args.output, target="ort", overwrite=True, log=lambda m: print("   " + m))
+
+    gen = Generator.from_bundle(str(bundle), threads=2)
+    res = gen.generate(args.prompt, cfg)[0]
+    t = res.timings
+    same = "identical to" if res.token_ids == ref.token_ids else "DIFFERENT from"
+    print(
+        f"\n4. torch-free runtime (onnxruntime CPU), greedy: tokens {same} the reference; "
+        f"{t['ms_per_token']:.2f} ms per step, first token after {1000 * t['prefill_s']:.1f} ms"
+    )
+    sample = gen.generate(
+        args.prompt,
+        GenerationConfig(
+            max_new_tokens=args.max_new_tokens, do_sample=True, temperature=0.8, top_k=50, seed=0
+        ),
+    )[0]
+    print(f"   sampled (temperature 0.8, top-k 50, seed 0):\n{args.prompt}{sample.text}\n")
     if Path(args.text).is_file():
-        rep = evaluate_text(None, args.text, tail=0.1)
-        print(
-            f"validation perplexity (last 10% of {args.text}): {rep.perplexity:.2f} "
-            f"over {rep.tokens} tokens, {rep.tokens_per_s:.0f} tokens/s"
-        )
+        for label, spec in (("PyTorch", None), ("ONNX bundle", str(bundle))):
+            rep = evaluate_text(spec, args.text, tail=0.1, threads=2)
+            print(
+                f"5. validation perplexity, {label} (last 10% of {args.text}): {rep.perplexity:.2f} "
+                f"over {rep.tokens} tokens, {rep.tokens_per_s:.0f} tokens/s"
+            )
     else:
-        print(f"({args.text} not found: skipping the validation perplexity)")
+        print(f"5. ({args.text} not found: skipping the validation perplexity)")
     return 0
 
 

@@ -45,14 +45,20 @@ def _make_readable(directory: Path) -> None:
         f.chmod(0o755 if f.is_dir() else 0o644)
 
 
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Hash every file in ``directory`` and write its ``bundle.json``; returns the full manifest."""
+    files = {}
+    for f in sorted(directory.rglob("*")):
+        if f.is_file() and f.name != MANIFEST:
+            files[f.relative_to(directory).as_posix()] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+    manifest = {"schema_version": SCHEMA_VERSION, **manifest, "files": files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
 def finalize(tmp: Path, target: Path, manifest: dict[str, Any], overwrite: bool = False) -> Path:
     """Hash every file in ``tmp``, write ``bundle.json``, and move ``tmp`` to ``target``."""
-    files = {}
-    for f in sorted(tmp.rglob("*")):
-        if f.is_file() and f.name != MANIFEST:
-            files[f.relative_to(tmp).as_posix()] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-    manifest = {"schema_version": SCHEMA_VERSION, **manifest, "files": files}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(tmp, manifest)
     _make_readable(tmp)
     if target.exists():
         if not overwrite:

