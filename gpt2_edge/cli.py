@@ -252,6 +252,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, help="window length (default: the model's context)")
     p.add_argument("--stride", type=int, help="window stride (default: max-length / 2)")
     p.add_argument("--threads", type=int, help="CPU threads")
+    p.add_argument(
+        "--reference",
+        help="fp32 bundle to compare a quantized bundle with (default: the one "
+        "it was made from, when present): adds KL, top-1 and greedy agreement",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
@@ -299,6 +304,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    reference = args.reference
+    if reference is None and _is_bundle(args.model):
+        from .runtime.bundle import Bundle
+
+        made_from = (Bundle.load(args.model, verify=False).manifest.get("quantization") or {}).get("from")
+        reference = made_from if made_from and _is_bundle(made_from) else None
+    if reference is not None:
+        return _eval_against(args, reference)
     rep = evaluate_text(
         args.model, args.text, args.tail, args.max_length, args.stride, not args.quiet, args.threads
     )
@@ -309,6 +322,38 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"perplexity {rep.perplexity:.3f} over {rep.tokens} tokens "
             f"({rep.tokens_per_s:.0f} tokens/s, {rep.seconds:.1f} s)"
         )
+    return 0
+
+
+def _eval_against(args: argparse.Namespace, reference: str) -> int:
+    """A bundle against its fp32 reference: the accuracy gate's numbers."""
+    import json
+
+    from .quantize.accuracy import compare
+    from .quantize.calibrate import read_tokens
+    from .runtime.bundle import Bundle
+    from .runtime.session import OrtBackend
+
+    if not _is_bundle(args.model):
+        raise UserError("--reference compares two bundles; MODEL must be a bundle")
+    b, ref = Bundle.load(args.model), Bundle.load(reference)
+    tok = b.tokenizer()
+    ids = read_tokens(args.text, tok, min_tokens=64, what="evaluation")
+    ids = ids[int(len(ids) * (1 - args.tail)) :]
+    n = len(ids)
+    prompts = [ids[i : i + 16] for i in range(0, max(1, n - 16), max(1, n // 8))][:8]
+    rep = compare(
+        OrtBackend(ref, threads=args.threads),
+        OrtBackend(b, threads=args.threads),
+        ids,
+        b.precision,
+        args.max_length or min(256, b.context_length),
+        args.stride,
+        prompts=prompts,
+        n_ctx=b.context_length,
+        progress=not args.quiet,
+    )
+    print(json.dumps(rep.as_dict(), indent=2) if args.json else rep.summary())
     return 0
 
 
@@ -445,6 +490,52 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0 if rep.passed else 1
 
 
+# quantize -----------------------------------------------------------------------------------
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    from .quantize.pipeline import PRECISIONS
+
+    p = sub.add_parser("quantize", help="fp32 bundle -> fp16 / int8 / int4 bundle, behind an accuracy gate")
+    p.add_argument("bundle", help="an fp32 bundle (from gpt2-edge export)")
+    p.add_argument("--precision", required=True, choices=PRECISIONS)
+    p.add_argument("-o", "--output", required=True, help="bundle directory to write")
+    p.add_argument("--calib", help="UTF-8 calibration text (needed by int8-qdq)")
+    p.add_argument("--eval", help="held-out UTF-8 text for the accuracy gate")
+    p.add_argument("--force", action="store_true", help="write the variant even if it misses its gate")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--smooth-alpha", type=float, default=0.5, help="int8-qdq: SmoothQuant migration strength")
+    p.add_argument("--no-smooth", action="store_true", help="int8-qdq: no SmoothQuant (naive static int8)")
+    p.add_argument("--per-tensor", action="store_true", help="int8-qdq: per-tensor weight scales")
+    p.add_argument("--exclude", action="append", default=[], help="int8-qdq: MatMul node to keep in float")
+    p.add_argument("--threads", type=int, help="CPU threads for calibration and the gate")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_quantize)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize.int8 import QdqOptions
+    from .quantize.pipeline import quantize_bundle
+
+    qdq = QdqOptions(
+        smooth_alpha=None if args.no_smooth else args.smooth_alpha,
+        per_channel=not args.per_tensor,
+        exclude=tuple(args.exclude),
+    )
+    out, _ = quantize_bundle(
+        args.bundle,
+        args.precision,
+        args.output,
+        calib_text=args.calib,
+        eval_text=args.eval,
+        force=args.force,
+        overwrite=args.overwrite,
+        qdq=qdq,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    print(f"bundle written: {out}")
+    return 0
+
+
 # demo ---------------------------------------------------------------------------------------
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole job on the shipped default model")
@@ -517,6 +608,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_export,
     _add_inspect,
     _add_validate,
+    _add_quantize,
     _add_generate,
     _add_eval,
     _add_demo,

@@ -17,6 +17,10 @@ from torch import nn
 from .config import GPTConfig
 
 KV = tuple[torch.Tensor, torch.Tensor]
+# Score of a masked key. Finite, so a fully masked row (a pad query) softmaxes to uniform rather
+# than NaN; and fp16's lowest value, so an fp16 export still holds it (fp32's finfo.min becomes
+# -inf in fp16, and the NaN rows it makes leak into real rows through 0 * NaN in att @ v).
+MASK_VALUE = -65504.0
 
 
 class CausalSelfAttention(nn.Module):
@@ -45,8 +49,7 @@ class CausalSelfAttention(nn.Module):
             )
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_size))  # (B, nh, T, P+T)
-            # finfo.min, not -inf: a fully masked row (a pad query) stays finite.
-            att = att.masked_fill(~mask, torch.finfo(att.dtype).min)
+            att = att.masked_fill(~mask, MASK_VALUE)
             att = self.attn_dropout(F.softmax(att, dim=-1))
             y = att @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)

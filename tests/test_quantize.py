@@ -1,0 +1,172 @@
+"""Quantized variants: each precision loads, keeps the contract, generates, shrinks; the gate judges."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from gpt2_edge.cli import main
+from gpt2_edge.export.bundle import export_bundle
+from gpt2_edge.model.checkpoint import save_checkpoint
+from gpt2_edge.quantize.calibrate import CalibrationError
+from gpt2_edge.quantize.pipeline import PRECISIONS, GateError, quantize_bundle
+from gpt2_edge.runtime.bundle import Bundle
+from gpt2_edge.runtime.generator import Generator
+from gpt2_edge.runtime.sampling import GenerationConfig
+
+from .conftest import SAMPLE_TEXT, random_gpt, tiny_config
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+quiet = dict(log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("txt")
+    (d / "calib.txt").write_text(SAMPLE_TEXT * 2)
+    (d / "eval.txt").write_text(SAMPLE_TEXT[::-1][:3000][::-1])
+    return d / "calib.txt", d / "eval.txt"
+
+
+@pytest.fixture(scope="module")
+def wide_bundles(tmp_path_factory, tiny_tokenizer):
+    """A 2-layer, 256-wide model: big enough that weights dominate the file sizes."""
+    d = tmp_path_factory.mktemp("wide")
+    ckpt = save_checkpoint(
+        random_gpt(tiny_config(n_embd=256, n_head=4, vocab_size=tiny_tokenizer.vocab_size)),
+        d / "ckpt",
+        tiny_tokenizer,
+    )
+    return {t: export_bundle(ckpt, d / t, target=t, **quiet) for t in ("ort", "tensorrt")}
+
+
+def model_bytes(bundle) -> int:
+    files = json.loads((bundle / "bundle.json").read_text())["files"]
+    return sum(f["bytes"] for name, f in files.items() if name.startswith("model.onnx"))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_each_precision_loads_keeps_contract_and_generates(wide_bundles, texts, tmp_path, precision):
+    src = wide_bundles["tensorrt" if precision in ("int8-qdq", "fp16") else "ort"]
+    out, rep = quantize_bundle(
+        src, precision, tmp_path / precision, calib_text=texts[0], eval_text=texts[1], force=True, **quiet
+    )
+    b = Bundle.load(out)
+    assert b.precision == precision and b.manifest["accuracy"]["precision"] == precision
+    names = [s.name for s in b.inputs] + [s.name for s in b.outputs]
+    fp32 = Bundle.load(src)
+    assert names == [s.name for s in fp32.inputs] + [s.name for s in fp32.outputs]
+    kv = "float16" if precision == "fp16" else "float32"
+    assert b.inputs[3].dtype == kv and b.outputs[1].dtype == kv and b.outputs[0].dtype == "float32"
+    res = Generator.from_bundle(str(out)).generate(
+        ["First Citizen:", "All:"], GenerationConfig(max_new_tokens=8)
+    )
+    assert all(len(r.token_ids) == 8 for r in res)
+    assert rep is not None and np.isfinite(rep.perplexity) and rep.top1_agreement > 0.5
+    ratio = model_bytes(out) / model_bytes(src)
+    # The head is untied for int8/int4 (a second copy of wte, quantized), so compare to the
+    # fp32 weights plus that copy; scales add ~3% (int8) and ~25% (int4, blocks of 32).
+    expected = {
+        "fp16": (0.45, 0.6),
+        "int8-dynamic": (0.2, 0.36),
+        "int8-weight": (0.2, 0.36),
+        "int8-qdq": (0.2, 0.36),
+        "int4": (0.1, 0.22),
+    }[precision]
+    assert expected[0] <= ratio <= expected[1], ratio
+    if precision in ("int8-qdq", "fp16"):
+        assert b.target == "tensorrt"  # standard Q/DQ and Cast ops only
+    else:
+        assert b.target == "ort"
+
+
+def test_fp16_stays_finite_with_large_activations(tmp_path, tiny_tokenizer, texts):
+    import torch
+
+    model = random_gpt(tiny_config(vocab_size=tiny_tokenizer.vocab_size))
+    with torch.no_grad():  # residual stream in the thousands, as in real GPT-2 outlier channels
+        model.transformer.wte.weight[:, :3] *= 3000.0
+        model.transformer.h[0].mlp.c_proj.bias[5] = 5000.0
+    ckpt = save_checkpoint(model, tmp_path / "c", tiny_tokenizer)
+    fp32 = export_bundle(ckpt, tmp_path / "fp32", target="tensorrt", **quiet)
+    out, rep = quantize_bundle(fp32, "fp16", tmp_path / "fp16", eval_text=texts[1], force=True, **quiet)
+    from gpt2_edge.runtime.session import OrtBackend
+
+    backend = OrtBackend(Bundle.load(out))
+    ids = np.array([tiny_tokenizer.encode(SAMPLE_TEXT[:200])], dtype=np.int64)[:, :60]
+    logits = backend.logits(ids)
+    assert np.isfinite(logits).all()
+    # a left-padded batch too (fully masked pad rows are where NaN would come from)
+    backend.start(2)
+    mask = np.ones((2, 10), np.int64)
+    mask[1, :6] = 0
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    out_logits = backend.run(ids[:, :10].repeat(2, 0), mask, pos)
+    assert np.isfinite(out_logits[0]).all() and np.isfinite(out_logits[1, 6:]).all()
+    assert rep.top1_agreement > 0.9
+
+
+def test_gate_refuses_and_names_the_numbers(wide_bundles, texts, tmp_path, monkeypatch):
+    from gpt2_edge import tolerances
+
+    monkeypatch.setitem(tolerances.TOLERANCES, "int4", tolerances.Tolerance(None, None, False, -0.5))
+    with pytest.raises(GateError, match=r"int4 misses its gate: perplexity .* vs fp32 .*--force"):
+        quantize_bundle(wide_bundles["ort"], "int4", tmp_path / "q", eval_text=texts[1], **quiet)
+    assert not (tmp_path / "q").exists()
+    out, rep = quantize_bundle(
+        wide_bundles["ort"], "int4", tmp_path / "q", eval_text=texts[1], force=True, **quiet
+    )
+    assert not rep.passed and Bundle.load(out).manifest["accuracy"]["forced"]
+
+
+@pytest.mark.parametrize(
+    "content,msg",
+    [
+        (b"", "is empty"),
+        (b"\xff\xfe\xfa" * 100, "not UTF-8"),
+        (b"too short", r"has \d+ tokens; at least \d+ are needed"),
+    ],
+)
+def test_bad_calibration_text(wide_bundles, tmp_path, content, msg):
+    f = tmp_path / "calib.txt"
+    f.write_bytes(content)
+    with pytest.raises(CalibrationError, match=msg):
+        quantize_bundle(
+            wide_bundles["tensorrt"], "int8-qdq", tmp_path / "q", calib_text=f, force=True, **quiet
+        )
+
+
+def test_refusals(wide_bundles, texts, tmp_path):
+    with pytest.raises(ValueError, match="needs held-out text"):
+        quantize_bundle(wide_bundles["ort"], "int4", tmp_path / "q", **quiet)
+    with pytest.raises(ValueError, match="needs calibration text"):
+        quantize_bundle(wide_bundles["tensorrt"], "int8-qdq", tmp_path / "q", eval_text=texts[1], **quiet)
+    out, _ = quantize_bundle(wide_bundles["ort"], "int4", tmp_path / "q", force=True, **quiet)
+    with pytest.raises(ValueError, match="is a int4 bundle; quantize from the fp32"):
+        quantize_bundle(out, "int4", tmp_path / "q2", force=True, **quiet)
+
+
+def test_cli_quantize_and_eval(wide_bundles, texts, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert (
+        main(
+            [
+                "quantize",
+                str(wide_bundles["ort"]),
+                "--precision",
+                "int8-dynamic",
+                "-o",
+                str(out),
+                "--eval",
+                str(texts[1]),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert "bundle written" in capsys.readouterr().out
+    assert main(["eval", str(out), "--text", str(texts[1]), "--quiet", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["precision"] == "int8-dynamic" and 0 <= rep["mean_kl"] < 0.1 and rep["top1_agreement"] > 0.5
