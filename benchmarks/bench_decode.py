@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bundle_of, random_checkpoint  # noqa: E402
+from common import bundle_of, random_checkpoint
 
 
 def bench_ours(bundle: Path, prompt: list[int], new: int, threads: int, repeats: int) -> tuple[float, float]:
@@ -32,7 +32,7 @@ def bench_ours(bundle: Path, prompt: list[int], new: int, threads: int, repeats:
     inner = []
     real_run = session.run_with_iobinding
 
-    def timed_run(io, *a):  # noqa: ANN001
+    def timed_run(io, *a):
         t = time.perf_counter()
         real_run(io, *a)
         inner.append(time.perf_counter() - t)
@@ -44,7 +44,9 @@ def bench_ours(bundle: Path, prompt: list[int], new: int, threads: int, repeats:
 
     for _ in range(repeats + 1):
         inner.clear()
-        res = decode(gen.backend, [prompt], cfg, eos_token_id=None, n_ctx=gen.n_ctx, detokenize=gen.tokenizer.decode)
+        res = decode(
+            gen.backend, [prompt], cfg, eos_token_id=None, n_ctx=gen.n_ctx, detokenize=gen.tokenizer.decode
+        )
         t = res[0].timings
         steps = int(t["steps"]) - 1
         rates.append(steps / t["decode_s"])
@@ -61,8 +63,9 @@ def bench_optimum(checkpoint: Path, prompt: list[int], new: int, threads: int, r
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    model = ORTModelForCausalLM.from_pretrained(checkpoint, export=True, use_cache=True, session_options=so,
-                                                provider="CPUExecutionProvider")
+    model = ORTModelForCausalLM.from_pretrained(
+        checkpoint, export=True, use_cache=True, session_options=so, provider="CPUExecutionProvider"
+    )
     return _hf_generate_rate(model, torch.tensor([prompt]), new, repeats)
 
 
@@ -76,7 +79,7 @@ def bench_torch(checkpoint: Path, prompt: list[int], new: int, threads: int, rep
         return _hf_generate_rate(model, torch.tensor([prompt]), new, repeats)
 
 
-def _hf_generate_rate(model, ids, new: int, repeats: int) -> float:  # noqa: ANN001
+def _hf_generate_rate(model, ids, new: int, repeats: int) -> float:
     import torch
 
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -110,13 +113,23 @@ def main() -> None:
     ours, overhead = bench_ours(bundle, prompt, args.new_tokens, args.threads, args.repeats)
     rows.append(("gpt2-edge runtime (ORT, IO binding)", ours))
     if "optimum" not in args.skip:
-        rows.append(("optimum ORTModelForCausalLM", bench_optimum(ckpt, prompt, args.new_tokens, args.threads,
-                                                                  args.repeats)))
+        rows.append(
+            (
+                "optimum ORTModelForCausalLM",
+                bench_optimum(ckpt, prompt, args.new_tokens, args.threads, args.repeats),
+            )
+        )
     if "torch" not in args.skip:
-        rows.append(("transformers generate (PyTorch)", bench_torch(ckpt, prompt, args.new_tokens, args.threads,
-                                                                    args.repeats)))
-    print(f"\n{args.preset} random weights, batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new "
-          f"tokens, {args.threads} threads, median of {args.repeats}")
+        rows.append(
+            (
+                "transformers generate (PyTorch)",
+                bench_torch(ckpt, prompt, args.new_tokens, args.threads, args.repeats),
+            )
+        )
+    print(
+        f"\n{args.preset} random weights, batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new "
+        f"tokens, {args.threads} threads, median of {args.repeats}"
+    )
     print(f"{'engine':<40} {'decode tok/s':>12} {'ms/token':>9} {'ours is':>8}")
     for name, rate in rows:
         print(f"{name:<40} {rate:>12.1f} {1000 / rate:>9.2f} {ours / rate:>7.2f}x")

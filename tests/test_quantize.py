@@ -170,3 +170,46 @@ def test_cli_quantize_and_eval(wide_bundles, texts, tmp_path, capsys):
     assert main(["eval", str(out), "--text", str(texts[1]), "--quiet", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["precision"] == "int8-dynamic" and 0 <= rep["mean_kl"] < 0.1 and rep["top1_agreement"] > 0.5
+
+
+@pytest.fixture(scope="module")
+def shakespeare_texts(tmp_path_factory):
+    from .conftest import SHAKESPEARE
+
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} not present")
+    text = SHAKESPEARE.read_text()
+    d = tmp_path_factory.mktemp("shk")
+    (d / "calib.txt").write_text(text[:60_000])  # from the training split
+    (d / "eval.txt").write_text(text[-25_000:])  # from the held-out split
+    return d / "calib.txt", d / "eval.txt"
+
+
+@pytest.mark.slow
+def test_gate_rejects_naive_static_int8_and_accepts_smoothquant(tmp_path, shakespeare_texts):
+    """On the trained default model with planted activation outliers (an exact fp32 rewrite:
+    LayerNorm gain x40 on a few channels, the matching weight rows /40), naive per-tensor static
+    int8 misses the +2% gate and SmoothQuant with per-channel weights passes it."""
+    import torch
+
+    from gpt2_edge.model.checkpoint import load_checkpoint, load_tokenizer
+    from gpt2_edge.quantize.int8 import QdqOptions
+
+    model = load_checkpoint(None)
+    channels = [3, 50, 77, 200]
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for ln, lin in ((block.ln_1, block.attn.c_attn), (block.ln_2, block.mlp.c_fc)):
+                ln.weight[channels] *= 40
+                ln.bias[channels] *= 40
+                lin.weight[:, channels] /= 40
+    ckpt = save_checkpoint(model, tmp_path / "c", load_tokenizer(None))
+    fp32 = export_bundle(ckpt, tmp_path / "fp32", target="tensorrt", **quiet)
+    calib, held_out = shakespeare_texts
+    naive = QdqOptions(smooth_alpha=None, per_channel=False)
+    with pytest.raises(GateError, match="int8-qdq misses its gate"):
+        quantize_bundle(fp32, "int8-qdq", tmp_path / "naive", calib_text=calib, eval_text=held_out, qdq=naive,
+                        **quiet)
+    out, rep = quantize_bundle(fp32, "int8-qdq", tmp_path / "smooth", calib_text=calib, eval_text=held_out, **quiet)
+    assert rep.passed and rep.ppl_increase < 0.02, rep.summary()
+    assert Bundle.load(out).manifest["quantization"]["smoothquant_layers"] >= 2 * model.config.n_layer
