@@ -69,6 +69,8 @@ def test_target_specific_ops(bundle):
     else:
         assert census["com.microsoft:SkipLayerNormalization"] >= 4
         assert census["com.microsoft:FastGelu"] == 2  # tanh GELU kept (not BiasGelu's erf)
+        assert census["com.microsoft:MultiHeadAttention"] == 2  # one per layer, past in / present out
+        assert "Softmax" not in census
         assert manifest["graph"]["fused_ops"]
 
 

@@ -200,17 +200,12 @@ def _prepare_tensorrt(src: Path, dst: Path, external: bool) -> None:
     import onnx
     import onnxscript.optimizer
 
+    from .graph import save_model
+
     proto = onnx.load(str(src))
     proto = onnxscript.optimizer.optimize(proto)  # constant folding + dead code removal
     if external:  # shape inference on a file: an in-memory proto cannot pass 2 GB
-        onnx.save_model(
-            proto,
-            str(dst),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=dst.name + ".data",
-            size_threshold=1024,
-        )
+        save_model(proto, dst, external_data=True)
         onnx.shape_inference.infer_shapes_path(str(dst), str(dst), data_prop=True)
     else:
-        onnx.save_model(onnx.shape_inference.infer_shapes(proto, data_prop=True), str(dst))
+        save_model(onnx.shape_inference.infer_shapes(proto, data_prop=True), dst, external_data=False)

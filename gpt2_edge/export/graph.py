@@ -123,20 +123,44 @@ def name_nodes_by_module(model: onnx.ModelProto) -> None:
         node.name = base if used[base] == 1 else f"{base}_{used[base] - 1}"
 
 
-def optimize_for_ort(src: Path, dst: Path, n_head: int, n_embd: int, external_data: bool) -> dict[str, int]:
-    """ONNX Runtime's GPT-2 transformer optimizer at ``opt_level=2``; returns the fused-op census.
+def optimize_for_ort(
+    src: Path, dst: Path, n_head: int, n_embd: int, external_data: bool, fuse_mha: bool = True
+) -> dict[str, int]:
+    """ONNX Runtime's GPT-2 transformer optimizer at ``opt_level=2`` (+ our MultiHeadAttention
+    fusion first, when ``fuse_mha``); returns the fused-op census.
 
     ``opt_level`` 0/1 (the gpt2 default) replaces the tanh GELU with the erf one (BiasGelu): a
     silent accuracy change. Level 2 makes FastGelu, which keeps tanh.
     """
     from onnxruntime.transformers import optimizer
 
+    if fuse_mha:
+        model = onnx.load(str(src))
+        if fuse_attention(model, n_head):
+            src = src.with_name("fused_" + src.name)
+            save_model(model, src, external_data)
+        del model
     opt = optimizer.optimize_model(
         str(src), model_type="gpt2", num_heads=n_head, hidden_size=n_embd, opt_level=2, use_gpu=False
     )
     opt.save_model_to_file(str(dst), use_external_data_format=external_data)
     census = op_census(onnx.load(str(dst), load_external_data=False))
     return {op: n for op, n in census.items() if op.split(":")[-1] in ORT_FUSED_OPS}
+
+
+def save_model(model: onnx.ModelProto, dst: Path, external_data: bool) -> None:
+    """Save, with all weights in ``<name>.data`` when ``external_data`` (past protobuf's 2 GB)."""
+    if external_data:
+        onnx.save_model(
+            model,
+            str(dst),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=dst.name + ".data",
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(dst))
 
 
 def untie_head(model: onnx.ModelProto) -> bool:
@@ -166,3 +190,109 @@ def untie_head(model: onnx.ModelProto) -> bool:
     if not any(tr.output[0] in n.input for n in model.graph.node):
         model.graph.node.remove(tr)
     return True
+
+
+def fuse_attention(model: onnx.ModelProto, n_head: int) -> int:
+    """Replace each layer's attention subgraph with ONNX Runtime's ``MultiHeadAttention``.
+
+    ORT's GPT-2 fusion only matches the legacy stacked-past graph, so it is built here::
+
+        c_attn -> Split -> q, k, v (B, S, E)            attention_mask -> Cast(int32)
+                     \\      |  |                               |
+                      MultiHeadAttention(q, k, v, key_padding_mask, past_key, past_value,
+                                         num_heads, unidirectional=1)
+                     /              |                  \\
+        output (B, S, E) -> c_proj   present.i.key      present.i.value
+
+    Returns the number of layers fused. Leaves the graph unchanged where a layer does not match.
+    """
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
+    for n in model.graph.node:
+        for i in n.input:
+            consumers[i].append(n)
+
+    def src_3d(t: str) -> str | None:
+        """The (B, S, E) tensor behind Transpose(Reshape(x)) -> (B, H, S, D)."""
+        tr = producers.get(t)
+        rs = producers.get(tr.input[0]) if tr is not None and tr.op_type == "Transpose" else None
+        return rs.input[0] if rs is not None and rs.op_type == "Reshape" else None
+
+    mask_i32 = "attention_mask_int32"
+    fused, new_nodes = 0, []
+    i = 0
+    while f"present.{i}.key" in producers:
+        cat_k, cat_v = producers[f"present.{i}.key"], producers.get(f"present.{i}.value")
+        i += 1
+        if cat_k.op_type != "Concat" or cat_v is None or cat_v.op_type != "Concat":
+            continue
+        k3, v3 = src_3d(cat_k.input[1]), src_3d(cat_v.input[1])
+        # present.key -> Transpose -> MatMul(q, .) ; present.value -> MatMul(softmax, .)
+        kt = next((c for c in consumers[cat_k.output[0]] if c.op_type == "Transpose"), None)
+        qk = next((c for c in consumers[kt.output[0]] if c.op_type == "MatMul"), None) if kt else None
+        av = next((c for c in consumers[cat_v.output[0]] if c.op_type == "MatMul"), None)
+        q3 = src_3d(qk.input[0]) if qk is not None else None
+        out_tr = consumers[av.output[0]][0] if av is not None and len(consumers[av.output[0]]) == 1 else None
+        out_rs = (
+            consumers[out_tr.output[0]][0] if out_tr is not None and out_tr.op_type == "Transpose" else None
+        )
+        if None in (k3, v3, q3, out_rs) or out_rs.op_type != "Reshape":
+            continue
+        layer = cat_k.name.rsplit("/", 1)[0]
+        new_nodes.append(
+            onnx.helper.make_node(
+                "MultiHeadAttention",
+                [q3, k3, v3, "", mask_i32, "", cat_k.input[0], cat_v.input[0]],
+                [out_rs.output[0], cat_k.output[0], cat_v.output[0]],
+                name=f"{layer}/MultiHeadAttention",
+                domain="com.microsoft",
+                num_heads=n_head,
+                unidirectional=1,
+            )
+        )
+        for old in (cat_k, cat_v, out_rs):  # their outputs now come from the fused node
+            model.graph.node.remove(old)
+        fused += 1
+    if not fused:
+        return 0
+    cast = onnx.helper.make_node(
+        "Cast", ["attention_mask"], [mask_i32], name="/attention_mask/Cast", to=onnx.TensorProto.INT32
+    )
+    model.graph.node.insert(0, cast)
+    model.graph.node.extend(new_nodes)
+    _remove_dead_nodes(model)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    _topological_sort(model)
+    return fused
+
+
+def _remove_dead_nodes(model: onnx.ModelProto) -> None:
+    needed = {o.name for o in model.graph.output}
+    keep = []
+    for n in reversed(model.graph.node):
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(i for i in n.input if i)
+    used_inits = {i for n in keep for i in n.input}
+    dead_inits = [t for t in model.graph.initializer if t.name not in used_inits]
+    for t in dead_inits:
+        model.graph.initializer.remove(t)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(keep))
+
+
+def _topological_sort(model: onnx.ModelProto) -> None:
+    ready = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    pending = list(model.graph.node)
+    ordered = []
+    while pending:
+        progress = [n for n in pending if all(i in ready for i in n.input)]
+        if not progress:
+            raise GraphError(f"graph has a cycle or dangling inputs near {pending[0].name}")
+        for n in progress:
+            ready.update(n.output)
+        ordered.extend(progress)
+        pending = [n for n in pending if n not in progress]
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import onnx
 
+from ..export.graph import save_model
+
 # Op types kept in fp32 wherever they occur.
 FP32_OPS = [
     "LayerNormalization",
@@ -71,24 +73,10 @@ def to_fp16(src: Path, dst: Path, external_data: bool) -> dict:
         node_block_list=blocked,
         disable_shape_infer=external_data,  # shape inference serializes the proto (2 GB limit)
     )
-    _save(model, dst, external_data)
+    save_model(model, dst, external_data)
     return {
         "converter": "onnxruntime.transformers.float16",
         "fp32_op_types": FP32_OPS,
         "fp32_nodes": len(blocked),
         "kv_dtype": "float16",
     }
-
-
-def _save(model: onnx.ModelProto, dst: Path, external_data: bool) -> None:
-    if external_data:
-        onnx.save_model(
-            model,
-            str(dst),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=dst.name + ".data",
-            size_threshold=1024,
-        )
-    else:
-        onnx.save_model(model, str(dst))

@@ -21,23 +21,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..export.graph import untie_head
+from ..export.graph import save_model, untie_head
 
 LN_OPS = {"LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3)}  # (gamma, beta) input index
-
-
-def _save(model: onnx.ModelProto, dst: Path, external_data: bool) -> None:
-    if external_data:
-        onnx.save_model(
-            model,
-            str(dst),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=dst.name + ".data",
-            size_threshold=1024,
-        )
-    else:
-        onnx.save_model(model, str(dst))
 
 
 def weight_matmuls(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
@@ -177,7 +163,7 @@ def to_int8_qdq(
     smoothed = smooth(model, calib, options.smooth_alpha) if options.smooth_alpha is not None else 0
     weight_mm, act_mm = weight_matmuls(model)
     tmp = dst.with_name(dst.name + ".smoothed.onnx")
-    _save(model, tmp, external_data)
+    save_model(model, tmp, external_data)
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}[
         options.calibrate_method
     ]
