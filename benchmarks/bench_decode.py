@@ -107,11 +107,15 @@ def main() -> None:
     args = ap.parse_args()
 
     ckpt = random_checkpoint(args.preset)
-    bundle = bundle_of(ckpt, "ort")
     prompt = np.random.default_rng(0).integers(0, 50000, args.prompt_tokens).tolist()
     rows = []
-    ours, overhead = bench_ours(bundle, prompt, args.new_tokens, args.threads, args.repeats)
-    rows.append(("gpt2-edge runtime (ORT, IO binding)", ours))
+    ours, overhead = bench_ours(bundle_of(ckpt, "ort"), prompt, args.new_tokens, args.threads, args.repeats)
+    rows.append(("gpt2-edge, ort target (MHA fused)", ours))
+    for label, b in (
+        ("gpt2-edge, ort target, attention unfused", bundle_of(ckpt, "ort", fuse_attention=False)),
+        ("gpt2-edge, tensorrt target (plain ONNX)", bundle_of(ckpt, "tensorrt")),
+    ):
+        rows.append((label, bench_ours(b, prompt, args.new_tokens, args.threads, args.repeats)[0]))
     if "optimum" not in args.skip:
         rows.append(
             (

@@ -34,10 +34,10 @@ def random_checkpoint(preset: str = "gpt2", seed: int = 0) -> Path:
     return out
 
 
-def bundle_of(checkpoint: Path, target: str = "ort") -> Path:
+def bundle_of(checkpoint: Path, target: str = "ort", fuse_attention: bool = True) -> Path:
     from gpt2_edge.export.bundle import export_bundle
 
-    out = CACHE / f"{checkpoint.name}-{target}-bundle"
+    out = CACHE / f"{checkpoint.name}-{target}{'' if fuse_attention else '-nomha'}-bundle"
     if (out / "bundle.json").is_file():
         return out
-    return export_bundle(checkpoint, out, target=target, overwrite=True)
+    return export_bundle(checkpoint, out, target=target, overwrite=True, fuse_attention=fuse_attention)

@@ -377,6 +377,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         default=EXTERNAL_DATA_THRESHOLD,
         help="weights above this many bytes go to model.onnx.data (default: 1.8e9)",
     )
+    p.add_argument(
+        "--no-fuse-attention",
+        action="store_true",
+        help="ort target: keep attention as plain ops (no MultiHeadAttention)",
+    )
     p.add_argument("--no-validate", action="store_true", help="skip the parity check (not recommended)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_cmd_export)
@@ -393,6 +398,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         external_data_threshold=args.external_data_threshold,
         overwrite=args.overwrite,
         validate=not args.no_validate,
+        fuse_attention=not args.no_fuse_attention,
     )
     print(f"bundle written: {out}")
     return 0

@@ -86,6 +86,7 @@ def export_bundle(
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     overwrite: bool = False,
     validate: bool = True,
+    fuse_attention: bool = True,
     log: Callable[[str], object] = print,
 ) -> Path:
     """Checkpoint -> ONNX -> target graph -> parity check -> bundle directory (atomic)."""
@@ -132,7 +133,7 @@ def export_bundle(
         fused: dict[str, int] = {}
         t1 = time.perf_counter()
         if target == "ort":
-            fused = optimize_for_ort(raw, final, c.n_head, c.n_embd, external)
+            fused = optimize_for_ort(raw, final, c.n_head, c.n_embd, external, fuse_mha=fuse_attention)
             log(f"ONNX Runtime optimizer (opt_level=2): fused {fused or 'nothing'}")
         else:
             _prepare_tensorrt(raw, final, external)
@@ -178,7 +179,8 @@ def export_bundle(
                 "exporter": "torch.onnx.export(dynamo=True)",
                 "opset": opset,
                 "external_data": external,
-                "graph": "onnxruntime.transformers optimizer, gpt2, opt_level=2"
+                "graph": ("MultiHeadAttention fusion + " if fuse_attention else "")
+                + "onnxruntime.transformers optimizer, gpt2, opt_level=2"
                 if target == "ort"
                 else "standard ONNX ops, constants folded, shapes inferred",
                 "timings": timings,
