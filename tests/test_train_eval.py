@@ -19,7 +19,6 @@ SMALL = dict(
     n_layer=1,
     n_embd=32,
     n_head=2,
-    n_positions=64,
     block_size=32,
     batch_size=8,
     warmup_steps=5,
@@ -53,6 +52,7 @@ def test_training_lowers_validation_loss_and_writes_checkpoint(text_file, tmp_pa
     assert meta["step"] == res.best_step and meta["val_loss"] == pytest.approx(best)
     model = load_checkpoint(tmp_path / "ckpt")  # a loadable Hugging Face checkpoint
     assert model.config.n_layer == 1
+    assert model.config.n_positions == 32  # the context is the training window
 
 
 def test_training_is_reproducible(text_file, tmp_path, tiny_tokenizer):

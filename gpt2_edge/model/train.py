@@ -28,10 +28,11 @@ class TrainConfig:
     n_layer: int = 4
     n_embd: int = 256
     n_head: int = 8
-    n_positions: int = 512
     vocab_size: int = 8192  # only used when a new tokenizer is trained
     dropout: float = 0.2  # the corpus is small (~280k tokens): regularise
-    block_size: int = 128  # training window; <= n_positions
+    # Training window, and so the model's context (n_positions): position embeddings past the
+    # window would never receive a gradient.
+    block_size: int = 128
     batch_size: int = 32
     max_steps: int = 1200
     lr: float = 1e-3
@@ -46,8 +47,8 @@ class TrainConfig:
     save_dtype: str = "float16"  # storage dtype of the written checkpoint
 
     def __post_init__(self) -> None:
-        if self.block_size > self.n_positions:
-            raise ValueError(f"block_size {self.block_size} exceeds n_positions {self.n_positions}")
+        if self.block_size < 2:
+            raise ValueError(f"block_size must be >= 2, got {self.block_size}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         for name in ("batch_size", "max_steps", "eval_interval", "eval_batches"):
@@ -150,7 +151,7 @@ def train(
             )
     config = GPTConfig(
         vocab_size=tokenizer.vocab_size,
-        n_positions=cfg.n_positions,
+        n_positions=cfg.block_size,
         n_embd=cfg.n_embd,
         n_layer=cfg.n_layer,
         n_head=cfg.n_head,
