@@ -128,6 +128,7 @@ def test_pickle_that_is_not_a_state_dict(tmp_path):
         load_checkpoint(tmp_path / "c")
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickle_with_arbitrary_objects_is_refused(tmp_path):
     save_checkpoint(random_gpt(tiny_config()), tmp_path / "c")
     (tmp_path / "c" / "model.safetensors").unlink()
