@@ -84,7 +84,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 def _generation_config(args: argparse.Namespace):  # -> GenerationConfig
     from .runtime.sampling import GenerationConfig
 
-    sample = args.sample or any(v is not None for v in (args.temperature, args.top_k, args.top_p))
+    # OpenAI's convention: a bare temperature of 0 means greedy; with --sample/top-k/top-p it is an error.
+    sample = args.sample or args.top_k is not None or args.top_p is not None or bool(args.temperature)
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         min_new_tokens=args.min_new_tokens,

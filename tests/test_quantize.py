@@ -208,8 +208,11 @@ def test_gate_rejects_naive_static_int8_and_accepts_smoothquant(tmp_path, shakes
     calib, held_out = shakespeare_texts
     naive = QdqOptions(smooth_alpha=None, per_channel=False)
     with pytest.raises(GateError, match="int8-qdq misses its gate"):
-        quantize_bundle(fp32, "int8-qdq", tmp_path / "naive", calib_text=calib, eval_text=held_out, qdq=naive,
-                        **quiet)
-    out, rep = quantize_bundle(fp32, "int8-qdq", tmp_path / "smooth", calib_text=calib, eval_text=held_out, **quiet)
+        quantize_bundle(
+            fp32, "int8-qdq", tmp_path / "naive", calib_text=calib, eval_text=held_out, qdq=naive, **quiet
+        )
+    out, rep = quantize_bundle(
+        fp32, "int8-qdq", tmp_path / "smooth", calib_text=calib, eval_text=held_out, **quiet
+    )
     assert rep.passed and rep.ppl_increase < 0.02, rep.summary()
     assert Bundle.load(out).manifest["quantization"]["smoothquant_layers"] >= 2 * model.config.n_layer

@@ -219,6 +219,16 @@ def test_cli_bad_input_is_one_line(bundle, capsys, args, msg):
     assert msg in err and err.count("\n") == 1
 
 
+def test_cli_bare_temperature_zero_is_greedy(bundle, capsys):
+    assert (
+        main(["generate", str(bundle), "--prompt", "All:", "--max-new-tokens", "6", "--temperature", "0"])
+        == 0
+    )
+    zero = capsys.readouterr().out
+    assert main(["generate", str(bundle), "--prompt", "All:", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == zero
+
+
 def test_cli_missing_bundle(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nope"), "--prompt", "x", "--backend", "onnx"]) == 2
     assert "is not a bundle" in capsys.readouterr().err

@@ -143,7 +143,9 @@ def optimize_for_ort(
     opt = optimizer.optimize_model(
         str(src), model_type="gpt2", num_heads=n_head, hidden_size=n_embd, opt_level=2, use_gpu=False
     )
-    opt.save_model_to_file(str(dst), use_external_data_format=external_data)
+    model = opt.model
+    retie_head(model)
+    save_model(model, dst, external_data)
     census = op_census(onnx.load(str(dst), load_external_data=False))
     return {op: n for op, n in census.items() if op.split(":")[-1] in ORT_FUSED_OPS}
 
@@ -161,6 +163,37 @@ def save_model(model: onnx.ModelProto, dst: Path, external_data: bool) -> None:
         )
     else:
         onnx.save_model(model, str(dst))
+
+
+def retie_head(model: onnx.ModelProto) -> bool:
+    """Undo constant folding of ``Transpose(wte)`` into a second ``[n_embd, vocab]`` copy.
+
+    ORT's optimizer folds it (124M: +148 MiB on disk); the runtime folds it again in memory
+    at load, so a file with the Transpose is smaller and runs the same. Returns whether it changed.
+    """
+    from onnx import numpy_helper
+
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    head = producers.get("logits")
+    if head is None or head.op_type != "MatMul" or head.input[1] not in inits:
+        return False
+    b = inits[head.input[1]]
+    for n in model.graph.node:
+        if n.op_type == "Gather" and n.input[0] in inits and n.input[0] != b.name:
+            w = inits[n.input[0]]
+            if list(w.dims) == list(b.dims)[::-1] and np.array_equal(
+                numpy_helper.to_array(w).T, numpy_helper.to_array(b)
+            ):
+                out = f"{w.name}_transposed"
+                tr = onnx.helper.make_node(
+                    "Transpose", [w.name], [out], name="/lm_head/Transpose", perm=[1, 0]
+                )
+                model.graph.node.insert(list(model.graph.node).index(head), tr)
+                head.input[1] = out
+                model.graph.initializer.remove(b)
+                return True
+    return False
 
 
 def untie_head(model: onnx.ModelProto) -> bool:

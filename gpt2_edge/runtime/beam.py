@@ -31,7 +31,7 @@ def beam_search(
     detokenize: Callable[[Sequence[int]], str],
 ) -> GenerationResult:
     """The best beam's continuation of ``prompt``."""
-    if config.do_sample and config.temperature > 0:
+    if config.do_sample:
         raise ValueError("beam sampling is not supported: use num_beams=1 to sample, or greedy beams")
     (prompt,) = fit_context([prompt], config, n_ctx)
     nb = config.num_beams

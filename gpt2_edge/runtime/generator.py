@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Generator as Generator_
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -240,15 +240,24 @@ class Generator:
 
     @classmethod
     def from_bundle(
-        cls, path: str, provider: str = "cpu", threads: int | None = None, verify: bool = True
+        cls,
+        path: str,
+        provider: str = "cpu",
+        threads: int | None = None,
+        verify: bool = True,
+        **provider_options: Any,
     ) -> Generator:
-        """Load and verify a bundle; ``provider`` is cpu, cuda, tensorrt or auto."""
+        """Load and verify a bundle; ``provider`` is cpu, cuda, tensorrt or auto.
+
+        ``provider_options`` go to ``OrtBackend`` (``trt_fp16``, ``trt_cache_dir``,
+        ``trt_workspace_mib``).
+        """
         from .bundle import Bundle
         from .session import OrtBackend
 
         t0 = time.perf_counter()
         bundle = Bundle.load(path, verify=verify)
-        backend = OrtBackend(bundle, provider=provider, threads=threads)
+        backend = OrtBackend(bundle, provider=provider, threads=threads, **provider_options)
         return cls(
             backend, bundle.tokenizer(), bundle.eos_token_id, bundle.context_length, time.perf_counter() - t0
         )

@@ -44,6 +44,10 @@ class GenerationConfig:
             )
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.do_sample and self.temperature == 0:
+            raise ValueError(
+                "temperature must be > 0 when sampling (temperature 0 without sampling is greedy)"
+            )
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not (0 < self.top_p <= 1):
@@ -56,10 +60,6 @@ class GenerationConfig:
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
-
-    @property
-    def sampling(self) -> bool:
-        return self.do_sample and self.temperature > 0
 
 
 # processors (logits -> logits), each on a (B, V) float array --------------------------------
@@ -132,13 +132,13 @@ class TokenChooser:
         if n_generated < c.min_new_tokens and self.eos_token_id is not None:
             x = x.copy()
             x[:, self.eos_token_id] = NEG_INF
-        if c.sampling:
+        if c.do_sample:
             x = apply_top_p(apply_top_k(apply_temperature(x, c.temperature), c.top_k), c.top_p)
         return x
 
     def __call__(self, logits: np.ndarray, seen: Sequence[Sequence[int]], n_generated: int) -> np.ndarray:
         x = self.process(logits, seen, n_generated)
-        if not self.config.sampling:
+        if not self.config.do_sample:
             return np.argmax(x, axis=-1)
         probs = softmax(x)
         cdf = np.cumsum(probs, axis=-1)

@@ -58,7 +58,12 @@ class OrtBackend:
         threads: int | None = None,
         trt_cache_dir: str | Path | None = None,
         trt_fp16: bool = False,
+        trt_workspace_mib: int | None = None,
     ) -> None:
+        """``provider``: cpu | cuda | tensorrt | auto. TensorRT engines are cached under
+        ``trt_cache_dir`` (default ``BUNDLE/engines/ort-trt-cache``) because they are built for
+        the GPU they run on; ``trt_workspace_mib`` caps the builder's scratch memory (use a
+        few hundred MiB on Jetsons with 8 GB or less)."""
         import onnxruntime as ort
 
         self.bundle = bundle
