@@ -330,19 +330,18 @@ def _eval_against(args: argparse.Namespace, reference: str) -> int:
     """A bundle against its fp32 reference: the accuracy gate's numbers."""
     import json
 
-    from .quantize.accuracy import compare
-    from .quantize.calibrate import read_tokens
+    from .model.train import read_text
+    from .quantize.accuracy import compare, eval_prompts
     from .runtime.bundle import Bundle
     from .runtime.session import OrtBackend
 
     if not _is_bundle(args.model):
         raise UserError("--reference compares two bundles; MODEL must be a bundle")
     b, ref = Bundle.load(args.model), Bundle.load(reference)
-    tok = b.tokenizer()
-    ids = read_tokens(args.text, tok, min_tokens=64, what="evaluation")
-    ids = ids[int(len(ids) * (1 - args.tail)) :]
-    n = len(ids)
-    prompts = [ids[i : i + 16] for i in range(0, max(1, n - 16), max(1, n // 8))][:8]
+    text = read_text(args.text)
+    ids = b.tokenizer().encode(text[int(len(text) * (1 - args.tail)) :])  # the same split as plain eval
+    if len(ids) < 64:
+        raise UserError(f"{args.text} (last {args.tail:.0%}) has {len(ids)} tokens; at least 64 are needed")
     rep = compare(
         OrtBackend(ref, threads=args.threads),
         OrtBackend(b, threads=args.threads),
@@ -350,7 +349,7 @@ def _eval_against(args: argparse.Namespace, reference: str) -> int:
         b.precision,
         args.max_length or min(256, b.context_length),
         args.stride,
-        prompts=prompts,
+        prompts=eval_prompts(ids),
         n_ctx=b.context_length,
         progress=not args.quiet,
     )

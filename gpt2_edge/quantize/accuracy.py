@@ -46,6 +46,12 @@ class AccuracyReport:
         )
 
 
+def eval_prompts(ids: list[int], count: int = 8, length: int = 16) -> list[list[int]]:
+    """``count`` prompts of ``length`` tokens spread evenly over the evaluation text."""
+    n = len(ids)
+    return [ids[i : i + length] for i in range(0, max(1, n - length), max(1, n // count))][:count]
+
+
 def gate_for(precision: str) -> float | None:
     family = precision.split("-")[0]
     tol = TOLERANCES.get(family)

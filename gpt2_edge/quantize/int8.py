@@ -13,7 +13,9 @@ MatMuls stay float.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +26,18 @@ from onnx import numpy_helper
 from ..export.graph import save_model, untie_head
 
 LN_OPS = {"LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3)}  # (gamma, beta) input index
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """ORT's quantizers log "Please consider to run pre-processing" on the root logger."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def weight_matmuls(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
@@ -44,14 +58,15 @@ def to_int8_dynamic(src: Path, dst: Path, external_data: bool, quantize_embeddin
     model = onnx.load(str(src))
     untied = untie_head(model)
     ops = ["MatMul", "Gather"] if quantize_embeddings else ["MatMul"]
-    quantize_dynamic(
-        model,
-        str(dst),
-        op_types_to_quantize=ops,
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-        use_external_data_format=external_data,
-    )
+    with _quiet_root_logger():
+        quantize_dynamic(
+            model,
+            str(dst),
+            op_types_to_quantize=ops,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            use_external_data_format=external_data,
+        )
     return {
         "method": "onnxruntime quantize_dynamic",
         "weights": "int8 symmetric per-channel",
@@ -168,20 +183,21 @@ def to_int8_qdq(
         options.calibrate_method
     ]
     try:
-        quantize_static(
-            str(tmp),
-            str(dst),
-            _Reader(model, calib),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["MatMul"],
-            per_channel=options.per_channel,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=act_mm + list(options.exclude),
-            use_external_data_format=external_data,
-            calibrate_method=method,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
-        )
+        with _quiet_root_logger():
+            quantize_static(
+                str(tmp),
+                str(dst),
+                _Reader(model, calib),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["MatMul"],
+                per_channel=options.per_channel,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=act_mm + list(options.exclude),
+                use_external_data_format=external_data,
+                calibrate_method=method,
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+            )
     finally:
         tmp.unlink(missing_ok=True)
         Path(str(tmp) + ".data").unlink(missing_ok=True)

@@ -12,14 +12,13 @@ from ..export.bundle import finalize, producer_versions, staging_dir, write_mani
 from ..export.graph import check_contract, check_no_if, check_tensorrt_ops, op_census
 from ..runtime.bundle import MANIFEST, Bundle
 from ..runtime.session import OrtBackend
-from .accuracy import AccuracyReport, compare
+from .accuracy import AccuracyReport, compare, eval_prompts
 from .calibrate import read_tokens, windows
 from .int8 import QdqOptions
 
 PRECISIONS = ("fp16", "int8-dynamic", "int8-weight", "int8-qdq", "int4")
 CALIB_WINDOWS = 32
 CALIB_LENGTH = 128
-EVAL_PROMPTS = 8
 
 
 class GateError(ValueError):
@@ -125,17 +124,13 @@ def quantize_bundle(
             write_manifest(tmp, manifest)
             variant = Bundle.load(tmp, verify=False)
             ref_b, var_b = OrtBackend(base, threads=threads), OrtBackend(variant, threads=threads)
-            n = len(eval_ids)
-            prompts = [eval_ids[i : i + 16] for i in range(0, max(1, n - 16), max(1, n // EVAL_PROMPTS))][
-                :EVAL_PROMPTS
-            ]
             report = compare(
                 ref_b,
                 var_b,
                 eval_ids,
                 precision,
                 eval_max_length or min(256, base.context_length),
-                prompts=prompts,
+                prompts=eval_prompts(eval_ids),
                 n_ctx=base.context_length,
                 progress=progress,
             )
