@@ -101,8 +101,10 @@ def main() -> None:
             len(rows) - len(PRECISIONS),
             ("124M random", "fp32", size_mib(fp32["ort"]), decode_rate(fp32["ort"], args.threads), {}),
         )
-    print(f"\nbatch 1, 32-token prompt, 128 new tokens (96 for the 128-context default model), greedy, "
-          f"{args.threads} threads (ONNX Runtime CPU)")
+    print(
+        f"\nbatch 1, 32-token prompt, 128 new tokens (96 for the 128-context default model), greedy, "
+        f"{args.threads} threads (ONNX Runtime CPU)"
+    )
     print(
         f"{'model':<12} {'precision':<13} {'MiB':>7} {'tok/s':>7} {'ppl':>8} {'Δppl':>7} {'KL':>7} "
         f"{'top-1':>7} {'greedy':>7}"
