@@ -216,3 +216,15 @@ def test_gate_rejects_naive_static_int8_and_accepts_smoothquant(tmp_path, shakes
     )
     assert rep.passed and rep.ppl_increase < 0.02, rep.summary()
     assert Bundle.load(out).manifest["quantization"]["smoothquant_layers"] >= 2 * model.config.n_layer
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8-dynamic", "int8-qdq", "int4"])
+def test_external_data_bundles_quantize(tmp_path, tiny_checkpoint, texts, precision):
+    target = "tensorrt" if precision in ("fp16", "int8-qdq") else "ort"
+    fp32 = export_bundle(tiny_checkpoint, tmp_path / "fp32", target=target, external_data_threshold=0, **quiet)
+    assert (fp32 / "model.onnx.data").is_file()
+    out, rep = quantize_bundle(fp32, precision, tmp_path / "q", calib_text=texts[0], eval_text=texts[1],
+                               force=True, **quiet)
+    assert (out / "model.onnx.data").is_file() and rep.top1_agreement > 0.5
+    res = Generator.from_bundle(str(out)).generate("All:", GenerationConfig(max_new_tokens=4))[0]
+    assert len(res.token_ids) == 4
