@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -11,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..fsutil import publish_dir
 from ..runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
 
 
@@ -38,13 +38,6 @@ def staging_dir(target: Path) -> Iterator[Path]:
         raise
 
 
-def _make_readable(directory: Path) -> None:
-    """mkdtemp makes 0700/0600 entries; a bundle is shared, so use the usual 0755/0644."""
-    directory.chmod(0o755)
-    for f in directory.rglob("*"):
-        f.chmod(0o755 if f.is_dir() else 0o644)
-
-
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Hash every file in ``directory`` and write its ``bundle.json``; returns the full manifest."""
     files = {}
@@ -59,18 +52,7 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 def finalize(tmp: Path, target: Path, manifest: dict[str, Any], overwrite: bool = False) -> Path:
     """Hash every file in ``tmp``, write ``bundle.json``, and move ``tmp`` to ``target``."""
     write_manifest(tmp, manifest)
-    _make_readable(tmp)
-    if target.exists():
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-    return target
+    return publish_dir(tmp, target, overwrite)
 
 
 # the export pipeline ----------------------------------------------------------------------------

@@ -10,13 +10,13 @@ so exactly these are transposed:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
+from ..fsutil import publish_dir
 from .config import GPTConfig
 from .gpt import GPT
 from .tokenizer import Tokenizer
@@ -227,22 +227,8 @@ def save_checkpoint(
             tokenizer.save(tmp, model_max_length=model.config.n_positions)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        tmp.chmod(0o755)  # mkdtemp's 0700 would make the checkpoint private
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        _replace_dir(tmp, target)
+        publish_dir(tmp, target, overwrite=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; an existing ``dst`` is swapped out only once ``src`` is complete."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)

@@ -7,13 +7,13 @@ carry ``tokenizer.json``. Small models can train their own vocabulary on a text 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from ..fsutil import atomic_write_text
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -115,7 +115,7 @@ class Tokenizer:
     def save(self, directory: str | Path, model_max_length: int | None = None) -> None:
         """Write ``tokenizer.json`` (and a ``tokenizer_config.json`` transformers understands)."""
         d = Path(directory)
-        _atomic_write_text(d / "tokenizer.json", self.to_json())
+        atomic_write_text(d / "tokenizer.json", self.to_json())
         cfg = {
             "tokenizer_class": "GPT2TokenizerFast",
             "bos_token": self.eos_token,
@@ -125,15 +125,4 @@ class Tokenizer:
         }
         if model_max_length is not None:
             cfg["model_max_length"] = model_max_length
-        _atomic_write_text(d / "tokenizer_config.json", json.dumps(cfg, indent=2) + "\n")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write_text(d / "tokenizer_config.json", json.dumps(cfg, indent=2) + "\n")
