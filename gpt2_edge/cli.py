@@ -6,8 +6,12 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .runtime.sampling import GenerationConfig
 
 
 class UserError(Exception):
@@ -81,7 +85,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json", action="store_true", help="print results as JSON")
 
 
-def _generation_config(args: argparse.Namespace):  # -> GenerationConfig
+def _generation_config(args: argparse.Namespace) -> GenerationConfig:
     from .runtime.sampling import GenerationConfig
 
     # OpenAI's convention: a bare temperature of 0 means greedy; with --sample/top-k/top-p it is an error.

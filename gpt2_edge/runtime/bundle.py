@@ -10,9 +10,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..contract import TensorSpec
+
+if TYPE_CHECKING:
+    from ..model.tokenizer import Tokenizer
 
 SCHEMA_VERSION = 1
 MANIFEST = "bundle.json"
@@ -70,7 +73,8 @@ class Bundle:
     def context_length(self) -> int:
         return int(self.manifest["generation"]["context_length"])
 
-    def tokenizer(self):  # -> gpt2_edge.model.tokenizer.Tokenizer (torch-free module)
+    def tokenizer(self) -> Tokenizer:
+        """The bundle's ``tokenizer.json`` (the tokenizer module is torch-free)."""
         from ..model.tokenizer import Tokenizer
 
         return Tokenizer.from_file(self.path / "tokenizer.json")
