@@ -103,7 +103,9 @@ def export_bundle(
         t0 = time.perf_counter()
         raw = tmp / "raw" / "model.onnx"
         raw.parent.mkdir()
-        export_onnx(model, raw, opset=opset, external_data=external)
+        # The intermediate file always keeps its weights apart, so graph passes load structure only
+        # (peak memory); the final model.onnx is inline or external by the threshold.
+        export_onnx(model, raw, opset=opset, external_data=True)
         timings["export_s"] = time.perf_counter() - t0
         log(
             f"exported {c.n_layer} layers x {c.n_embd} to ONNX opset {opset} in {timings['export_s']:.1f} s"

@@ -135,10 +135,15 @@ def optimize_for_ort(
     from onnxruntime.transformers import optimizer
 
     if fuse_mha:
-        model = onnx.load(str(src))
+        # Structure only: with external weights the rewrite never touches tensor data, and the
+        # fused graph saved beside ``src`` still points at the same ``.data`` file.
+        model = onnx.load(str(src), load_external_data=False)
         if fuse_attention(model, n_head):
             src = src.with_name("fused_" + src.name)
-            save_model(model, src, external_data)
+            if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+                onnx.save(model, str(src))
+            else:
+                save_model(model, src, external_data)
         del model
     opt = optimizer.optimize_model(
         str(src), model_type="gpt2", num_heads=n_head, hidden_size=n_embd, opt_level=2, use_gpu=False
