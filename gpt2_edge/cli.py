@@ -107,7 +107,8 @@ def _generation_config(args: argparse.Namespace) -> GenerationConfig:
     )
 
 
-def _prompts(args: argparse.Namespace, default: str | None = None) -> list[str]:
+def _prompts(args: argparse.Namespace) -> list[str]:
+    """``--prompt`` (repeatable), ``--prompt-file`` (``-`` = stdin), or piped standard input."""
     prompts = list(args.prompt or [])
     if args.prompt_file:
         if args.prompt_file == "-":
@@ -119,10 +120,8 @@ def _prompts(args: argparse.Namespace, default: str | None = None) -> list[str]:
                 prompts.append(Path(args.prompt_file).read_text(encoding="utf-8"))
             except UnicodeDecodeError:
                 raise UserError(f"{args.prompt_file} is not UTF-8 text") from None
-    if not prompts and not sys.stdin.isatty() and default is None:
+    if not prompts and not sys.stdin.isatty():
         prompts.append(sys.stdin.read())
-    if not prompts and default is not None:
-        prompts.append(default)
     if not prompts or any(p == "" for p in prompts):
         raise UserError("no prompt: pass --prompt TEXT, --prompt-file FILE, or text on stdin")
     return prompts
