@@ -514,6 +514,17 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--smooth-alpha", type=float, default=0.5, help="int8-qdq: SmoothQuant migration strength")
     p.add_argument("--no-smooth", action="store_true", help="int8-qdq: no SmoothQuant (naive static int8)")
     p.add_argument("--per-tensor", action="store_true", help="int8-qdq: per-tensor weight scales")
+    p.add_argument(
+        "--calibration",
+        choices=["percentile", "minmax"],
+        default="percentile",
+        help="int8-qdq: activation range estimator",
+    )
+    p.add_argument(
+        "--quantize-head",
+        action="store_true",
+        help="int8-qdq: quantize the LM head too (its most sensitive MatMul)",
+    )
     p.add_argument("--exclude", action="append", default=[], help="int8-qdq: MatMul node to keep in float")
     p.add_argument("--threads", type=int, help="CPU threads for calibration and the gate")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -528,6 +539,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         smooth_alpha=None if args.no_smooth else args.smooth_alpha,
         per_channel=not args.per_tensor,
         exclude=tuple(args.exclude),
+        quantize_head=args.quantize_head,
+        calibrate_method=args.calibration,
     )
     out, _ = quantize_bundle(
         args.bundle,

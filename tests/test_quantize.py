@@ -206,7 +206,7 @@ def test_gate_rejects_naive_static_int8_and_accepts_smoothquant(tmp_path, shakes
     ckpt = save_checkpoint(model, tmp_path / "c", load_tokenizer(None))
     fp32 = export_bundle(ckpt, tmp_path / "fp32", target="tensorrt", **quiet)
     calib, held_out = shakespeare_texts
-    naive = QdqOptions(smooth_alpha=None, per_channel=False)
+    naive = QdqOptions(smooth_alpha=None, per_channel=False, calibrate_method="minmax", quantize_head=True)
     with pytest.raises(GateError, match="int8-qdq misses its gate"):
         quantize_bundle(
             fp32, "int8-qdq", tmp_path / "naive", calib_text=calib, eval_text=held_out, qdq=naive, **quiet
@@ -221,10 +221,13 @@ def test_gate_rejects_naive_static_int8_and_accepts_smoothquant(tmp_path, shakes
 @pytest.mark.parametrize("precision", ["fp16", "int8-dynamic", "int8-qdq", "int4"])
 def test_external_data_bundles_quantize(tmp_path, tiny_checkpoint, texts, precision):
     target = "tensorrt" if precision in ("fp16", "int8-qdq") else "ort"
-    fp32 = export_bundle(tiny_checkpoint, tmp_path / "fp32", target=target, external_data_threshold=0, **quiet)
+    fp32 = export_bundle(
+        tiny_checkpoint, tmp_path / "fp32", target=target, external_data_threshold=0, **quiet
+    )
     assert (fp32 / "model.onnx.data").is_file()
-    out, rep = quantize_bundle(fp32, precision, tmp_path / "q", calib_text=texts[0], eval_text=texts[1],
-                               force=True, **quiet)
+    out, rep = quantize_bundle(
+        fp32, precision, tmp_path / "q", calib_text=texts[0], eval_text=texts[1], force=True, **quiet
+    )
     assert (out / "model.onnx.data").is_file() and rep.top1_agreement > 0.5
     res = Generator.from_bundle(str(out)).generate("All:", GenerationConfig(max_new_tokens=4))[0]
     assert len(res.token_ids) == 4

@@ -241,10 +241,12 @@ def test_cli_prompt_from_stdin_and_file(bundle, tmp_path):
     cmd = [sys.executable, "-m", "gpt2_edge", "generate", str(bundle), "--max-new-tokens", "4"]
     piped = subprocess.run(cmd, input="All:", capture_output=True, text=True, timeout=120)
     (tmp_path / "p.txt").write_text("All:")
-    from_file = subprocess.run([*cmd, "--prompt-file", str(tmp_path / "p.txt")], capture_output=True, text=True,
-                               timeout=120)
+    from_file = subprocess.run(
+        [*cmd, "--prompt-file", str(tmp_path / "p.txt")], capture_output=True, text=True, timeout=120
+    )
     assert piped.returncode == from_file.returncode == 0, piped.stderr
     assert piped.stdout == from_file.stdout and piped.stdout.strip()
-    missing = subprocess.run([*cmd, "--prompt-file", str(tmp_path / "nope.txt")], capture_output=True, text=True,
-                             timeout=120)
+    missing = subprocess.run(
+        [*cmd, "--prompt-file", str(tmp_path / "nope.txt")], capture_output=True, text=True, timeout=120
+    )
     assert missing.returncode == 2 and "No such file" in missing.stderr and "Traceback" not in missing.stderr

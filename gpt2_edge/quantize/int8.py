@@ -82,7 +82,11 @@ class QdqOptions:
     smooth_alpha: float | None = 0.5  # None: no SmoothQuant (the naive baseline)
     per_channel: bool = True
     exclude: tuple[str, ...] = ()  # node names kept in float (sensitive MatMuls)
-    calibrate_method: str = "minmax"  # or "percentile"
+    # Measured on the default model (one MatMul left in float at a time): the LM head is by far
+    # the most sensitive (top-1 94.7% -> 98.4%, KL 0.0017 -> 0.0004), so it stays float (and tied).
+    quantize_head: bool = False
+    # percentile (99.999%) beat minmax: +0.10% vs +0.58% perplexity on the default model.
+    calibrate_method: str = "percentile"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -173,8 +177,11 @@ def to_int8_qdq(
     """Static symmetric int8 QDQ (TensorRT explicit quantization) calibrated on ``calib`` windows."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    if options.calibrate_method not in ("minmax", "percentile"):
+        raise ValueError(f"calibrate_method must be minmax or percentile, got {options.calibrate_method!r}")
     model = onnx.load(str(src))
-    untied = untie_head(model)
+    # A tied head is MatMul(x, Transpose(wte)): without a constant weight it stays float.
+    untied = untie_head(model) if options.quantize_head else False
     smoothed = smooth(model, calib, options.smooth_alpha) if options.smooth_alpha is not None else 0
     weight_mm, act_mm = weight_matmuls(model)
     tmp = dst.with_name(dst.name + ".smoothed.onnx")
