@@ -13,6 +13,8 @@ MatMuls stay float.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -190,7 +192,8 @@ def to_int8_qdq(
         options.calibrate_method
     ]
     try:
-        with _quiet_root_logger():
+        # The percentile calibrator print()s its progress; keep stdout for our own output.
+        with _quiet_root_logger(), contextlib.redirect_stdout(io.StringIO()):
             quantize_static(
                 str(tmp),
                 str(dst),
