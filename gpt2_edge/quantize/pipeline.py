@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,7 +124,9 @@ def quantize_bundle(
         if eval_ids is not None:
             write_manifest(tmp, manifest)
             variant = Bundle.load(tmp, verify=False)
-            ref_b, var_b = OrtBackend(base, threads=threads), OrtBackend(variant, threads=threads)
+            with warnings.catch_warnings():  # the fp16-on-CPU warning: said above already
+                warnings.simplefilter("ignore")
+                ref_b, var_b = OrtBackend(base, threads=threads), OrtBackend(variant, threads=threads)
             report = compare(
                 ref_b,
                 var_b,
