@@ -250,3 +250,12 @@ def test_cli_prompt_from_stdin_and_file(bundle, tmp_path):
         [*cmd, "--prompt-file", str(tmp_path / "nope.txt")], capture_output=True, text=True, timeout=120
     )
     assert missing.returncode == 2 and "No such file" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_tensorrt_provider_options(tmp_path):
+    from gpt2_edge.runtime.session import tensorrt_options
+
+    opts = tensorrt_options(tmp_path, fp16=True, workspace_mib=512)
+    assert opts["trt_engine_cache_enable"] and opts["trt_engine_cache_path"] == str(tmp_path)
+    assert opts["trt_fp16_enable"] is True and opts["trt_max_workspace_size"] == 512 * 2**20
+    assert "trt_max_workspace_size" not in tensorrt_options(tmp_path, fp16=False, workspace_mib=None)

@@ -49,6 +49,20 @@ def resolve_provider(provider: str) -> str:
     return provider
 
 
+def tensorrt_options(cache_dir: Path, fp16: bool, workspace_mib: int | None) -> dict[str, object]:
+    """TensorRT execution-provider options: engine and timing caches (an engine is built for the
+    GPU and TensorRT version it runs on), fp16, and an optional cap on the builder's workspace."""
+    options: dict[str, object] = {
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": True,
+        "trt_fp16_enable": fp16,
+    }
+    if workspace_mib:
+        options["trt_max_workspace_size"] = workspace_mib * 2**20
+    return options
+
+
 class OrtBackend:
     """Runs a bundle's ``model.onnx`` step by step; implements the decode loop's Backend protocol."""
 
@@ -77,17 +91,7 @@ class OrtBackend:
         providers: list = []
         if self.provider == "tensorrt":
             cache = Path(trt_cache_dir or bundle.path / "engines" / "ort-trt-cache")
-            providers.append(
-                (
-                    PROVIDERS["tensorrt"],
-                    {
-                        "trt_engine_cache_enable": True,
-                        "trt_engine_cache_path": str(cache),
-                        "trt_timing_cache_enable": True,
-                        "trt_fp16_enable": trt_fp16,
-                    },
-                )
-            )
+            providers.append((PROVIDERS["tensorrt"], tensorrt_options(cache, trt_fp16, trt_workspace_mib)))
         if self.provider in ("tensorrt", "cuda"):
             providers.append(PROVIDERS["cuda"])
         providers.append(PROVIDERS["cpu"])
@@ -107,7 +111,7 @@ class OrtBackend:
         ins = bundle.inputs
         self.past_names = [s.name for s in ins if s.name.startswith("past_key_values.")]
         self.present_names = [s.name for s in bundle.outputs if s.name.startswith("present.")]
-        self.kv_dtype = np.dtype(ins[3].dtype) if len(ins) > 3 else np.dtype(np.float32)
+        self.kv_dtype = np.dtype(next(s.dtype for s in ins if s.name in self.past_names))
         self.n_head = bundle.dims["n_head"]
         self.head_size = bundle.dims["head_size"]
         self.past: list = []
