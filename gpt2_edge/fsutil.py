@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -40,3 +42,16 @@ def publish_dir(src: Path, dst: Path, overwrite: bool) -> Path:
     else:
         os.replace(src, dst)
     return dst
+
+
+@contextmanager
+def staging_dir(target: Path) -> Iterator[Path]:
+    """A temp directory beside ``target`` (same filesystem, so ``publish_dir`` is a rename);
+    removed on any error, so no half-written output is left."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

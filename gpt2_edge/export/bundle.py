@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..fsutil import publish_dir
+from ..fsutil import publish_dir, staging_dir
 from ..runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
 
 
@@ -24,18 +22,6 @@ def producer_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return out
-
-
-@contextmanager
-def staging_dir(target: Path) -> Iterator[Path]:
-    """A temp directory beside ``target``; removed on any error, so no half bundle is left."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -129,8 +115,6 @@ def export_bundle(
             check_tensorrt_ops(proto)
         census = op_census(proto)
         del proto
-        import shutil
-
         shutil.rmtree(raw.parent)
         report = None
         if validate:

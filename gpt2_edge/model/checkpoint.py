@@ -10,13 +10,11 @@ so exactly these are transposed:
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ..fsutil import publish_dir
+from ..fsutil import publish_dir, staging_dir
 from .config import GPTConfig
 from .gpt import GPT
 from .tokenizer import Tokenizer
@@ -218,9 +216,7 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    with staging_dir(target) as tmp:
         model.config.save(tmp)
         save_file(reference_to_hf(model, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
@@ -228,7 +224,4 @@ def save_checkpoint(
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         publish_dir(tmp, target, overwrite=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

@@ -9,8 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import contract
-from ..export.bundle import finalize, producer_versions, staging_dir, write_manifest
+from ..export.bundle import finalize, producer_versions, write_manifest
 from ..export.graph import check_contract, check_no_if, check_tensorrt_ops, op_census
+from ..fsutil import staging_dir
 from ..runtime.bundle import MANIFEST, Bundle
 from ..runtime.session import OrtBackend
 from .accuracy import AccuracyReport, compare, eval_prompts

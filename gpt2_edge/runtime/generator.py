@@ -196,7 +196,6 @@ def stream_text(
     or in what could still become a stop string, so the pieces always join to the final text.
     """
     emitted = 0
-    text = ""
     it = iter(steps)
     while True:
         try:
