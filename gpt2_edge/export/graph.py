@@ -41,6 +41,18 @@ class GraphError(ValueError):
     """A graph breaks the contract or its target's rules."""
 
 
+def producers_consumers(
+    model: onnx.ModelProto,
+) -> tuple[dict[str, onnx.NodeProto], collections.defaultdict[str, list[onnx.NodeProto]]]:
+    """``{tensor: node that makes it}`` and ``{tensor: nodes that read it}`` of the main graph."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consumers: collections.defaultdict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
+    for n in model.graph.node:
+        for i in n.input:
+            consumers[i].append(n)
+    return producers, consumers
+
+
 def op_census(model: onnx.ModelProto) -> dict[str, int]:
     """``{"Op" or "domain:Op": count}`` over the main graph, most frequent first."""
     c = collections.Counter(
@@ -178,7 +190,7 @@ def retie_head(model: onnx.ModelProto) -> bool:
     """
     from onnx import numpy_helper
 
-    producers = {o: n for n in model.graph.node for o in n.output}
+    producers, _ = producers_consumers(model)
     inits = {t.name: t for t in model.graph.initializer}
     head = producers.get("logits")
     if head is None or head.op_type != "MatMul" or head.input[1] not in inits:
@@ -210,7 +222,7 @@ def untie_head(model: onnx.ModelProto) -> bool:
     """
     from onnx import numpy_helper
 
-    producers = {o: n for n in model.graph.node for o in n.output}
+    producers, _ = producers_consumers(model)
     inits = {t.name: t for t in model.graph.initializer}
     head = producers.get("logits")
     while head is not None and head.op_type != "MatMul":  # e.g. a Cast after the head
@@ -244,11 +256,7 @@ def fuse_attention(model: onnx.ModelProto, n_head: int) -> int:
 
     Returns the number of layers fused. Leaves the graph unchanged where a layer does not match.
     """
-    producers = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
-    for n in model.graph.node:
-        for i in n.input:
-            consumers[i].append(n)
+    producers, consumers = producers_consumers(model)
 
     def src_3d(t: str) -> str | None:
         """The (B, S, E) tensor behind Transpose(Reshape(x)) -> (B, H, S, D)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from ..export.graph import save_model
+from ..export.graph import producers_consumers, save_model
 
 # Op types kept in fp32 wherever they occur.
 FP32_OPS = [
@@ -32,11 +32,7 @@ FP32_OPS = [
 def fp32_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes that must stay fp32 beyond ``FP32_OPS``: residual adds, QK^T and its
     scale, and the LM head."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producers, consumers = producers_consumers(model)
     keep: set[str] = set()
     inits = {t.name for t in model.graph.initializer}
     for n in model.graph.node:

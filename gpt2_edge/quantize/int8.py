@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..export.graph import save_model, untie_head
+from ..export.graph import producers_consumers, save_model, untie_head
 
 LN_OPS = {"LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3)}  # (gamma, beta) input index
 
@@ -115,10 +115,7 @@ def smooth(model: onnx.ModelProto, calib: list[np.ndarray], alpha: float) -> int
     import onnxruntime as ort
 
     inits = {t.name: t for t in model.graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    _, consumers = producers_consumers(model)
     targets = []
     for n in model.graph.node:
         if n.op_type not in LN_OPS:
