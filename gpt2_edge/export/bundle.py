@@ -60,17 +60,9 @@ def export_bundle(
     """Checkpoint -> ONNX -> target graph -> parity check -> bundle directory (atomic)."""
     import time
 
-    import onnx
-
     from .. import contract
     from ..model.checkpoint import load_checkpoint, load_tokenizer, resolve_model_dir
-    from .graph import (
-        check_contract,
-        check_no_if,
-        check_tensorrt_ops,
-        op_census,
-        optimize_for_ort,
-    )
+    from .graph import checked_census, optimize_for_ort
     from .onnx import DEFAULT_OPSET, export_onnx, weight_bytes
     from .validate import validate_onnx
 
@@ -108,13 +100,7 @@ def export_bundle(
         else:
             _prepare_tensorrt(raw, final, external)
         timings["graph_s"] = time.perf_counter() - t1
-        proto = onnx.load(str(final), load_external_data=False)
-        check_contract(proto, specs_in, specs_out)
-        check_no_if(proto)
-        if target == "tensorrt":
-            check_tensorrt_ops(proto)
-        census = op_census(proto)
-        del proto
+        census = checked_census(final, specs_in, specs_out, tensorrt=target == "tensorrt")
         shutil.rmtree(raw.parent)
         report = None
         if validate:

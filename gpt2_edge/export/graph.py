@@ -106,11 +106,27 @@ def check_no_if(model: onnx.ModelProto) -> None:
         raise GraphError(f"the graph has control-flow nodes TensorRT rejects: {ifs[:5]}")
 
 
-def check_tensorrt_ops(model: onnx.ModelProto) -> None:
-    """Standard-domain ops only, all on the TensorRT parser's list."""
-    bad = {op: n for op, n in op_census(model).items() if ":" in op or op not in TENSORRT_OPS}
-    if bad:
+def unsupported_by_tensorrt(census: dict[str, int]) -> dict[str, int]:
+    """Ops of an ``op_census`` that TensorRT's ONNX parser does not take (contrib ops included)."""
+    return {op: n for op, n in census.items() if ":" in op or op not in TENSORRT_OPS}
+
+
+def checked_census(
+    path: Path,
+    specs_in: list[contract.TensorSpec],
+    specs_out: list[contract.TensorSpec],
+    tensorrt: bool = False,
+) -> dict[str, int]:
+    """Check a saved model's contract, control flow (and, for ``tensorrt``, its ops); return its
+    op census. Loads the graph structure only."""
+    model = onnx.load(str(path), load_external_data=False)
+    check_contract(model, specs_in, specs_out)
+    check_no_if(model)
+    census = op_census(model)
+    bad = unsupported_by_tensorrt(census)
+    if tensorrt and bad:
         raise GraphError(f"ops TensorRT's ONNX parser does not take: {bad}")
+    return census
 
 
 _SEGMENT = re.compile(r"^model\.(?P<path>[\w.]+):")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import contract
 from ..export.bundle import finalize, producer_versions, write_manifest
-from ..export.graph import check_contract, check_no_if, check_tensorrt_ops, op_census
+from ..export.graph import checked_census, unsupported_by_tensorrt
 from ..fsutil import staging_dir
 from ..runtime.bundle import MANIFEST, Bundle
 from ..runtime.session import OrtBackend
@@ -82,21 +82,12 @@ def quantize_bundle(
         seconds = time.perf_counter() - t0
         log(f"{precision}: converted in {seconds:.1f} s")
         kv = "float16" if precision == "fp16" else "float32"
-        import onnx
-
-        proto = onnx.load(str(dst), load_external_data=False)
         specs_in = contract.inputs(d["n_layer"], d["n_head"], d["head_size"], kv)
         specs_out = contract.outputs(d["n_layer"], d["n_head"], d["head_size"], d["vocab_size"], kv)
-        check_contract(proto, specs_in, specs_out)
-        check_no_if(proto)
+        census = checked_census(dst, specs_in, specs_out)
         target = base.target
-        if target == "tensorrt":
-            try:
-                check_tensorrt_ops(proto)
-            except ValueError:
-                target = "ort"  # contrib ops (MatMulNBits, DynamicQuantizeLinear...): ONNX Runtime only
-        census = op_census(proto)
-        del proto
+        if target == "tensorrt" and unsupported_by_tensorrt(census):
+            target = "ort"  # contrib ops (MatMulNBits, DynamicQuantizeLinear...): ONNX Runtime only
         shutil.copy2(base.path / "tokenizer.json", tmp / "tokenizer.json")
         manifest = {k: v for k, v in base.manifest.items() if k not in ("files", "schema_version")}
         manifest.update(
@@ -110,7 +101,7 @@ def quantize_bundle(
                 "precision": precision,
                 "quantization": {
                     "from": str(base.path),
-                    "from_sha256": base.manifest["files"]["model.onnx"]["sha256"],
+                    "from_sha256": base.manifest["files"][base.manifest["model_file"]]["sha256"],
                     "seconds": seconds,
                     **info,
                 },
