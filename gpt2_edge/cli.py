@@ -43,8 +43,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from .model.tokenizer import Tokenizer
     from .model.train import TrainConfig, train
+    from .runtime.tokenizer import Tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -490,6 +490,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         tolerance=tol,
         raise_on_failure=False,
         kv_dtype=b.inputs[3].dtype,
+        kv_cache=b.kv_form,
     )
     print(
         f"{b.path} vs {source} ({tol} tolerance): max |dlogits| {rep.max_abs_logits:.2e}, "

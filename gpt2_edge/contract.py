@@ -12,6 +12,8 @@ BATCH = "batch_size"
 SEQ = "sequence_length"
 PAST = "past_sequence_length"
 TOTAL = "total_sequence_length"
+CACHE = "cache_sequence_length"  # in-place form: a slot's capacity (past and present are one buffer)
+KEPT = "kept_sequence_length"  # positions whose logits are computed (``logits_to_keep``)
 
 
 @dataclass(frozen=True)
@@ -38,19 +40,38 @@ def present_names(n_layer: int) -> list[str]:
     return [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
 
 
-def inputs(n_layer: int, n_head: int, head_size: int, kv_dtype: str = "float32") -> list[TensorSpec]:
+def inputs(
+    n_layer: int,
+    n_head: int,
+    head_size: int,
+    kv_dtype: str = "float32",
+    kv_cache: str = "concat",
+    logits_to_keep: bool = False,
+) -> list[TensorSpec]:
+    """The graph's inputs. ``kv_cache``: ``concat`` (past of any length) or ``inplace`` (past
+    and present are the same ``[batch, heads, capacity, head_size]`` buffer)."""
+    past = CACHE if kv_cache == "inplace" else PAST
     specs = [
         TensorSpec("input_ids", "int64", (BATCH, SEQ)),
         TensorSpec("attention_mask", "int64", (BATCH, TOTAL)),
         TensorSpec("position_ids", "int64", (BATCH, SEQ)),
     ]
-    specs += [TensorSpec(n, kv_dtype, (BATCH, n_head, PAST, head_size)) for n in past_names(n_layer)]
+    specs += [TensorSpec(n, kv_dtype, (BATCH, n_head, past, head_size)) for n in past_names(n_layer)]
+    if logits_to_keep:
+        specs.append(TensorSpec("logits_to_keep", "int64", ()))
     return specs
 
 
 def outputs(
-    n_layer: int, n_head: int, head_size: int, vocab_size: int, kv_dtype: str = "float32"
+    n_layer: int,
+    n_head: int,
+    head_size: int,
+    vocab_size: int,
+    kv_dtype: str = "float32",
+    kv_cache: str = "concat",
+    logits_to_keep: bool = False,
 ) -> list[TensorSpec]:
-    specs = [TensorSpec("logits", "float32", (BATCH, SEQ, vocab_size))]
-    specs += [TensorSpec(n, kv_dtype, (BATCH, n_head, TOTAL, head_size)) for n in present_names(n_layer)]
+    present = CACHE if kv_cache == "inplace" else TOTAL
+    specs = [TensorSpec("logits", "float32", (BATCH, KEPT if logits_to_keep else SEQ, vocab_size))]
+    specs += [TensorSpec(n, kv_dtype, (BATCH, n_head, present, head_size)) for n in present_names(n_layer)]
     return specs

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from gpt2_edge.model.checkpoint import save_checkpoint  # noqa: E402
 from gpt2_edge.model.config import GPTConfig  # noqa: E402
 from gpt2_edge.model.gpt import GPT  # noqa: E402
-from gpt2_edge.model.tokenizer import Tokenizer  # noqa: E402
+from gpt2_edge.runtime.tokenizer import Tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"

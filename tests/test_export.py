@@ -19,10 +19,15 @@ from .conftest import TINY_CONFIGS, random_gpt, tiny_config
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.fixture(scope="session", params=["ort", "tensorrt"])
+@pytest.fixture(
+    scope="session",
+    params=[("ort", "inplace"), ("ort", "concat"), ("tensorrt", "concat")],
+    ids=["ort-inplace", "ort-concat", "tensorrt"],
+)
 def bundle(request, tmp_path_factory, tiny_checkpoint):
-    out = tmp_path_factory.mktemp(f"b_{request.param}") / "bundle"
-    return export_bundle(tiny_checkpoint, out, target=request.param, log=lambda _: None)
+    target, kv = request.param
+    out = tmp_path_factory.mktemp(f"b_{target}_{kv}") / "bundle"
+    return export_bundle(tiny_checkpoint, out, target=target, kv_cache=kv, log=lambda _: None)
 
 
 def graph(bundle_dir):
@@ -35,21 +40,31 @@ def dims(vi):
 
 def test_contract_names_dtypes_and_symbolic_dims(bundle):
     g = graph(bundle).graph
-    c = load_checkpoint(json.loads((bundle / "bundle.json").read_text())["made_by"]["source"]).config
-    want_in = contract.inputs(c.n_layer, c.n_head, c.head_size)
-    want_out = contract.outputs(c.n_layer, c.n_head, c.head_size, c.vocab_size)
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    c = load_checkpoint(manifest["made_by"]["source"]).config
+    kv, keep = manifest["kv_cache"], manifest["target"] == "ort"
+    want_in = contract.inputs(c.n_layer, c.n_head, c.head_size, kv_cache=kv, logits_to_keep=keep)
+    want_out = contract.outputs(
+        c.n_layer, c.n_head, c.head_size, c.vocab_size, kv_cache=kv, logits_to_keep=keep
+    )
     assert [v.name for v in g.input] == [s.name for s in want_in]
     assert [v.name for v in g.output] == [s.name for s in want_out]
+    assert (g.input[-1].name == "logits_to_keep") == keep
+    past = "cache_sequence_length" if kv == "inplace" else "past_sequence_length"
+    present = "cache_sequence_length" if kv == "inplace" else "total_sequence_length"
     assert dims(g.input[0]) == ["batch_size", "sequence_length"]
     assert dims(g.input[1]) == ["batch_size", "total_sequence_length"]
     assert dims(g.input[2]) == ["batch_size", "sequence_length"]
-    assert dims(g.input[3]) == ["batch_size", c.n_head, "past_sequence_length", c.head_size]
-    assert dims(g.output[0]) == ["batch_size", "sequence_length", c.vocab_size]
-    assert dims(g.output[1]) == ["batch_size", c.n_head, "total_sequence_length", c.head_size]
+    assert dims(g.input[3]) == ["batch_size", c.n_head, past, c.head_size]
+    assert dims(g.output[0]) == [
+        "batch_size",
+        "kept_sequence_length" if keep else "sequence_length",
+        c.vocab_size,
+    ]
+    assert dims(g.output[1]) == ["batch_size", c.n_head, present, c.head_size]
     types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.output]}
     assert types["input_ids"] == types["attention_mask"] == types["position_ids"] == onnx.TensorProto.INT64
     assert types["logits"] == types["present.0.key"] == onnx.TensorProto.FLOAT
-    manifest = json.loads((bundle / "bundle.json").read_text())
     assert manifest["io"]["inputs"] == [s.as_dict() for s in want_in]
 
 
@@ -69,7 +84,8 @@ def test_target_specific_ops(bundle):
     else:
         assert census["com.microsoft:SkipLayerNormalization"] >= 4
         assert census["com.microsoft:FastGelu"] == 2  # tanh GELU kept (not BiasGelu's erf)
-        assert census["com.microsoft:MultiHeadAttention"] == 2  # one per layer, past in / present out
+        attention = "GroupQueryAttention" if manifest["kv_cache"] == "inplace" else "MultiHeadAttention"
+        assert census[f"com.microsoft:{attention}"] == 2  # one per layer
         assert "Softmax" not in census
         assert manifest["graph"]["fused_ops"]
 
@@ -108,9 +124,9 @@ def test_external_data_round_trip(tmp_path, tiny_checkpoint):
     files = json.loads((out / "bundle.json").read_text())["files"]
     assert "model.onnx.data" in files and files["model.onnx.data"]["bytes"] > files["model.onnx"]["bytes"]
     from gpt2_edge.model.generate import generate
-    from gpt2_edge.model.tokenizer import Tokenizer
     from gpt2_edge.runtime.generator import Generator
     from gpt2_edge.runtime.sampling import GenerationConfig
+    from gpt2_edge.runtime.tokenizer import Tokenizer
 
     cfg = GenerationConfig(max_new_tokens=12)
     ours = Generator.from_bundle(str(out)).generate("First Citizen:", cfg)[0]

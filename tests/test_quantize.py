@@ -99,12 +99,11 @@ def test_fp16_stays_finite_with_large_activations(tmp_path, tiny_tokenizer, text
     logits = backend.logits(ids)
     assert np.isfinite(logits).all()
     # a left-padded batch too (fully masked pad rows are where NaN would come from)
-    backend.start(2)
-    mask = np.ones((2, 10), np.int64)
-    mask[1, :6] = 0
-    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-    out_logits = backend.run(ids[:, :10].repeat(2, 0), mask, pos)
-    assert np.isfinite(out_logits[0]).all() and np.isfinite(out_logits[1, 6:]).all()
+    cache = backend.new_cache(2, 20)
+    prompts = [ids[0, :10].tolist(), ids[0, :4].tolist()]
+    out_logits = cache.prefill([0, 1], prompts)  # left-padded: row 1 has 6 fully masked pad rows
+    assert np.isfinite(out_logits).all()
+    assert np.isfinite(cache.decode([0, 1], [1, 2])).all()
     assert rep.top1_agreement > 0.9
 
 

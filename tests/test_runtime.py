@@ -12,10 +12,10 @@ from gpt2_edge.cli import main
 from gpt2_edge.export.bundle import export_bundle
 from gpt2_edge.model.checkpoint import load_checkpoint
 from gpt2_edge.model.generate import generate as torch_generate
-from gpt2_edge.model.tokenizer import Tokenizer
 from gpt2_edge.runtime.generator import Generator, decode
 from gpt2_edge.runtime.sampling import GenerationConfig
 from gpt2_edge.runtime.session import ProviderError, resolve_provider
+from gpt2_edge.runtime.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 PROMPTS = ["First Citizen:", "All:\nSpeak", "We are accounted poor citizens, the patricians good."]
@@ -96,22 +96,30 @@ def test_stream_joins_to_generated_text(gen):
 
 
 class Scripted:
-    """A backend that 'predicts' a fixed token sequence (one-hot logits)."""
+    """A backend that 'predicts' a fixed token sequence (one-hot logits), one script per cache."""
 
     def __init__(self, script: list[int], vocab: int) -> None:
-        self.script, self.vocab, self.i = script, vocab, 0
+        self.script, self.vocab = script, vocab
 
-    def start(self, batch_size: int) -> None:
-        self.i = 0
+    def new_cache(self, n_slots: int, capacity: int) -> ScriptedCache:
+        return ScriptedCache(self, n_slots, capacity)
 
-    def step(self, input_ids, attention_mask, position_ids):
-        logits = np.zeros((input_ids.shape[0], self.vocab), np.float32)
-        logits[:, self.script[min(self.i, len(self.script) - 1)]] = 10
+
+class ScriptedCache:
+    def __init__(self, backend: Scripted, n_slots: int, capacity: int) -> None:
+        self.b, self.n_slots, self.capacity, self.i = backend, n_slots, capacity, 0
+
+    def _logits(self, rows: int) -> np.ndarray:
+        logits = np.zeros((rows, self.b.vocab), np.float32)
+        logits[:, self.b.script[min(self.i, len(self.b.script) - 1)]] = 10
         self.i += 1
         return logits
 
-    def reorder(self, rows) -> None:
-        pass
+    def prefill(self, slots, prompts):
+        return self._logits(len(slots))
+
+    def decode(self, slots, tokens):
+        return self._logits(len(slots))
 
 
 @pytest.mark.parametrize(

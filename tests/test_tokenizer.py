@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpt2_edge.model.tokenizer import Tokenizer, TokenizerError
+from gpt2_edge.runtime.tokenizer import Tokenizer, TokenizerError
 
 transformers = pytest.importorskip("transformers")
 

@@ -55,6 +55,7 @@ def export_bundle(
     overwrite: bool = False,
     validate: bool = True,
     fuse_attention: bool = True,
+    kv_cache: str | None = None,
     log: Callable[[str], object] = print,
 ) -> Path:
     """Checkpoint -> ONNX -> target graph -> parity check -> bundle directory (atomic)."""
@@ -62,12 +63,17 @@ def export_bundle(
 
     from .. import contract
     from ..model.checkpoint import load_checkpoint, load_tokenizer, resolve_model_dir
-    from .graph import checked_census, optimize_for_ort
+    from .graph import KV_FORMS, checked_census, optimize_for_ort
     from .onnx import DEFAULT_OPSET, export_onnx, weight_bytes
     from .validate import validate_onnx
 
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    kv_cache = kv_cache or ("inplace" if target == "ort" else "concat")
+    if kv_cache not in KV_FORMS:
+        raise ValueError(f"kv_cache must be one of {', '.join(KV_FORMS)}, got {kv_cache!r}")
+    if target == "tensorrt" and kv_cache != "concat":
+        raise ValueError("the tensorrt target has the concatenating KV cache only (--kv-cache concat)")
     target_dir = Path(out_dir)
     if target_dir.exists() and not overwrite:
         raise FileExistsError(f"{target_dir} exists; pass --overwrite to replace it")
@@ -89,13 +95,26 @@ def export_bundle(
             f"exported {c.n_layer} layers x {c.n_embd} to ONNX opset {opset} in {timings['export_s']:.1f} s"
             + (" (external data)" if external else "")
         )
-        specs_in = contract.inputs(c.n_layer, c.n_head, c.head_size)
-        specs_out = contract.outputs(c.n_layer, c.n_head, c.head_size, c.vocab_size)
+        keep = target == "ort"  # the interchange (tensorrt) graph keeps the plain contract
+        specs_in = contract.inputs(c.n_layer, c.n_head, c.head_size, kv_cache=kv_cache, logits_to_keep=keep)
+        specs_out = contract.outputs(
+            c.n_layer, c.n_head, c.head_size, c.vocab_size, kv_cache=kv_cache, logits_to_keep=keep
+        )
         final = tmp / "model.onnx"
         fused: dict[str, int] = {}
         t1 = time.perf_counter()
         if target == "ort":
-            fused = optimize_for_ort(raw, final, c.n_head, c.n_embd, external, fuse_mha=fuse_attention)
+            fused = optimize_for_ort(
+                raw,
+                final,
+                c.n_head,
+                c.n_embd,
+                c.n_layer,
+                external,
+                kv_cache=kv_cache,
+                fuse_mha=fuse_attention,
+                specs=specs_in + specs_out,
+            )
             log(f"ONNX Runtime optimizer (opt_level=2): fused {fused or 'nothing'}")
         else:
             _prepare_tensorrt(raw, final, external)
@@ -105,7 +124,7 @@ def export_bundle(
         report = None
         if validate:
             t2 = time.perf_counter()
-            report = validate_onnx(final, model, "fp32")
+            report = validate_onnx(final, model, "fp32", kv_cache=kv_cache)
             timings["validate_s"] = time.perf_counter() - t2
             log(
                 f"parity vs PyTorch: max |Δlogits| {report.max_abs_logits:.2e}, top-1 "
@@ -126,6 +145,7 @@ def export_bundle(
             },
             "io": {"inputs": [s.as_dict() for s in specs_in], "outputs": [s.as_dict() for s in specs_out]},
             "kv_dtype": "float32",
+            "kv_cache": kv_cache,
             "target": target,
             "precision": "fp32",
             "made_by": {
@@ -133,8 +153,11 @@ def export_bundle(
                 "exporter": "torch.onnx.export(dynamo=True)",
                 "opset": opset,
                 "external_data": external,
-                "graph": ("MultiHeadAttention fusion + " if fuse_attention else "")
-                + "onnxruntime.transformers optimizer, gpt2, opt_level=2"
+                "graph": {
+                    "inplace": "GroupQueryAttention (in-place KV) + ",
+                    "concat": ("MultiHeadAttention fusion + " if fuse_attention else ""),
+                }[kv_cache]
+                + "onnxruntime.transformers optimizer, gpt2, opt_level=2, logits_to_keep"
                 if target == "ort"
                 else "standard ONNX ops, constants folded, shapes inferred",
                 "timings": timings,

@@ -24,7 +24,9 @@ TENSORRT_OPS = frozenset(
     Relu Reshape ScatterElements ScatterND Shape Sigmoid Sign Sin Cos Slice Softmax Split Sqrt
     Squeeze Sub Sum Tanh Tile TopK Transpose Trilu Unsqueeze Where Xor""".split()
 )
+KV_FORMS = ("inplace", "concat")
 ORT_FUSED_OPS = (
+    "GroupQueryAttention",
     "SkipLayerNormalization",
     "FastGelu",
     "BiasGelu",
@@ -69,10 +71,10 @@ def _dtype(vi: onnx.ValueInfoProto) -> str:
     return onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name
 
 
-def name_dims(model: onnx.ModelProto, specs_out: list[contract.TensorSpec]) -> None:
-    """Give outputs the contract's symbolic dim names (the exporter writes e.g. ``past + seq``)."""
-    by_name = {s.name: s for s in specs_out}
-    for vi in model.graph.output:
+def name_dims(model: onnx.ModelProto, specs: list[contract.TensorSpec]) -> None:
+    """Give inputs/outputs the contract's symbolic dim names (the exporter writes e.g. ``past + seq``)."""
+    by_name = {s.name: s for s in specs}
+    for vi in [*model.graph.input, *model.graph.output]:
         spec = by_name.get(vi.name)
         if spec is None:
             continue
@@ -152,21 +154,38 @@ def name_nodes_by_module(model: onnx.ModelProto) -> None:
 
 
 def optimize_for_ort(
-    src: Path, dst: Path, n_head: int, n_embd: int, external_data: bool, fuse_mha: bool = True
+    src: Path,
+    dst: Path,
+    n_head: int,
+    n_embd: int,
+    n_layer: int,
+    external_data: bool,
+    kv_cache: str = "inplace",
+    fuse_mha: bool = True,
+    specs: list[contract.TensorSpec] = (),
 ) -> dict[str, int]:
-    """ONNX Runtime's GPT-2 transformer optimizer at ``opt_level=2`` (+ our MultiHeadAttention
-    fusion first, when ``fuse_mha``); returns the fused-op census.
+    """The ``ort`` target: attention fusion, ONNX Runtime's GPT-2 transformer optimizer at
+    ``opt_level=2``, the re-tied LM head and ``logits_to_keep``; returns the fused-op census.
 
+    ``kv_cache="inplace"`` fuses every layer into ``GroupQueryAttention`` over a shared KV
+    buffer; ``"concat"`` into ``MultiHeadAttention`` (or, without ``fuse_mha``, keeps plain ops).
     ``opt_level`` 0/1 (the gpt2 default) replaces the tanh GELU with the erf one (BiasGelu): a
     silent accuracy change. Level 2 makes FastGelu, which keeps tanh.
     """
     from onnxruntime.transformers import optimizer
 
-    if fuse_mha:
+    if kv_cache not in KV_FORMS:
+        raise ValueError(f"kv_cache must be one of {KV_FORMS}, got {kv_cache!r}")
+    if kv_cache == "inplace" or fuse_mha:
         # Structure only: with external weights the rewrite never touches tensor data, and the
         # fused graph saved beside ``src`` still points at the same ``.data`` file.
         model = onnx.load(str(src), load_external_data=False)
-        if fuse_attention(model, n_head):
+        done = (
+            fuse_attention_inplace(model, n_head, n_layer)
+            if kv_cache == "inplace"
+            else fuse_attention(model, n_head)
+        )
+        if done:
             src = src.with_name("fused_" + src.name)
             if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
                 onnx.save(model, str(src))
@@ -178,6 +197,8 @@ def optimize_for_ort(
     )
     model = opt.model
     retie_head(model)
+    add_logits_to_keep(model, inplace=kv_cache == "inplace")
+    name_dims(model, list(specs))
     save_model(model, dst, external_data)
     census = op_census(onnx.load(str(dst), load_external_data=False))
     return {op: n for op, n in census.items() if op.split(":")[-1] in ORT_FUSED_OPS}
@@ -258,19 +279,13 @@ def untie_head(model: onnx.ModelProto) -> bool:
     return True
 
 
-def fuse_attention(model: onnx.ModelProto, n_head: int) -> int:
-    """Replace each layer's attention subgraph with ONNX Runtime's ``MultiHeadAttention``.
+def _attention_sites(model: onnx.ModelProto) -> list[dict]:
+    """Each layer's attention subgraph of the exported graph, where it matches::
 
-    ORT's GPT-2 fusion only matches the legacy stacked-past graph, so it is built here::
-
-        c_attn -> Split -> q, k, v (B, S, E)            attention_mask -> Cast(int32)
-                     \\      |  |                               |
-                      MultiHeadAttention(q, k, v, key_padding_mask, past_key, past_value,
-                                         num_heads, unidirectional=1)
-                     /              |                  \\
-        output (B, S, E) -> c_proj   present.i.key      present.i.value
-
-    Returns the number of layers fused. Leaves the graph unchanged where a layer does not match.
+    c_attn -> Split -> q, k, v (B, S, E) -> Reshape -> Transpose -> (B, H, S, D)
+    past_key_values.i.key -> Concat(past, k) = present.i.key -> Transpose -> MatMul(q, .)
+    past_key_values.i.value -> Concat(past, v) = present.i.value -> MatMul(softmax, .)
+    -> Transpose -> Reshape = output (B, S, E) -> c_proj
     """
     producers, consumers = producers_consumers(model)
 
@@ -280,8 +295,7 @@ def fuse_attention(model: onnx.ModelProto, n_head: int) -> int:
         rs = producers.get(tr.input[0]) if tr is not None and tr.op_type == "Transpose" else None
         return rs.input[0] if rs is not None and rs.op_type == "Reshape" else None
 
-    mask_i32 = "attention_mask_int32"
-    fused, new_nodes = 0, []
+    sites = []
     i = 0
     while f"present.{i}.key" in producers:
         cat_k, cat_v = producers[f"present.{i}.key"], producers.get(f"present.{i}.value")
@@ -289,7 +303,6 @@ def fuse_attention(model: onnx.ModelProto, n_head: int) -> int:
         if cat_k.op_type != "Concat" or cat_v is None or cat_v.op_type != "Concat":
             continue
         k3, v3 = src_3d(cat_k.input[1]), src_3d(cat_v.input[1])
-        # present.key -> Transpose -> MatMul(q, .) ; present.value -> MatMul(softmax, .)
         kt = next((c for c in consumers[cat_k.output[0]] if c.op_type == "Transpose"), None)
         qk = next((c for c in consumers[kt.output[0]] if c.op_type == "MatMul"), None) if kt else None
         av = next((c for c in consumers[cat_v.output[0]] if c.op_type == "MatMul"), None)
@@ -300,33 +313,195 @@ def fuse_attention(model: onnx.ModelProto, n_head: int) -> int:
         )
         if None in (k3, v3, q3, out_rs) or out_rs.op_type != "Reshape":
             continue
-        layer = cat_k.name.rsplit("/", 1)[0]
-        new_nodes.append(
-            onnx.helper.make_node(
-                "MultiHeadAttention",
-                [q3, k3, v3, "", mask_i32, "", cat_k.input[0], cat_v.input[0]],
-                [out_rs.output[0], cat_k.output[0], cat_v.output[0]],
-                name=f"{layer}/MultiHeadAttention",
-                domain="com.microsoft",
-                num_heads=n_head,
-                unidirectional=1,
+        sites.append(
+            dict(
+                layer=cat_k.name.rsplit("/", 1)[0],
+                q=q3,
+                k=k3,
+                v=v3,
+                past_key=cat_k.input[0],
+                past_value=cat_v.input[0],
+                output=out_rs.output[0],
+                present_key=cat_k.output[0],
+                present_value=cat_v.output[0],
+                replaced=(cat_k, cat_v, out_rs),  # their outputs now come from the fused node
             )
         )
-        for old in (cat_k, cat_v, out_rs):  # their outputs now come from the fused node
+    return sites
+
+
+def _replace_attention(
+    model: onnx.ModelProto, sites: list[dict], fused: list[onnx.NodeProto], prologue: list[onnx.NodeProto]
+) -> None:
+    for site in sites:
+        for old in site["replaced"]:
             model.graph.node.remove(old)
-        fused += 1
-    if not fused:
-        return 0
-    cast = onnx.helper.make_node(
-        "Cast", ["attention_mask"], [mask_i32], name="/attention_mask/Cast", to=onnx.TensorProto.INT32
-    )
-    model.graph.node.insert(0, cast)
-    model.graph.node.extend(new_nodes)
+    for i, n in enumerate(prologue):
+        model.graph.node.insert(i, n)
+    model.graph.node.extend(fused)
     _remove_dead_nodes(model)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     _topological_sort(model)
-    return fused
+
+
+def fuse_attention(model: onnx.ModelProto, n_head: int) -> int:
+    r"""Replace each layer's attention subgraph with ONNX Runtime's ``MultiHeadAttention``
+    (the concatenating KV form: past in, past + new out).
+
+    ORT's GPT-2 fusion only matches the legacy stacked-past graph, so it is built here::
+
+        q, k, v (B, S, E)   attention_mask -> Cast(int32)   past_key, past_value
+                \  |  /             |                            |
+          MultiHeadAttention(num_heads, unidirectional=1, key_padding_mask)
+                /              |                  \
+        output (B, S, E)   present.i.key      present.i.value
+
+    Returns the number of layers fused. Leaves the graph unchanged where a layer does not match.
+    """
+    sites = _attention_sites(model)
+    if not sites:
+        return 0
+    mask_i32 = "attention_mask_int32"
+    fused = [
+        onnx.helper.make_node(
+            "MultiHeadAttention",
+            [s["q"], s["k"], s["v"], "", mask_i32, "", s["past_key"], s["past_value"]],
+            [s["output"], s["present_key"], s["present_value"]],
+            name=f"{s['layer']}/MultiHeadAttention",
+            domain="com.microsoft",
+            num_heads=n_head,
+            unidirectional=1,
+        )
+        for s in sites
+    ]
+    cast = onnx.helper.make_node(
+        "Cast", ["attention_mask"], [mask_i32], name="/attention_mask/Cast", to=onnx.TensorProto.INT32
+    )
+    _replace_attention(model, sites, fused, [cast])
+    return len(sites)
+
+
+def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
+    from onnx import numpy_helper
+
+    return onnx.helper.make_node(
+        "Constant", [], [name], name=f"/{name}", value=numpy_helper.from_array(value)
+    )
+
+
+def fuse_attention_inplace(model: onnx.ModelProto, n_head: int, n_layer: int) -> int:
+    """Replace every layer's attention with ``GroupQueryAttention`` (kv heads = heads) over a KV
+    buffer that is both past and present: the in-place form (``runtime/kv_cache.py``)::
+
+        attention_mask (B, T) -> ReduceSum = T_b ----------> seqlens_k = T_b - 1 (int32)
+        position_ids[:, 0] = P_b (first new position) ---> query_seqlens = T_b - P_b (int32)
+        Shape(attention_mask)[1] -------------------------> total_sequence_length (int32)
+        q, k, v (B, S, E), past_key_values.i.* (B, H, C, D) -> GroupQueryAttention
+            -> output (B, S, E), present.i.* (the same buffers when bound as such)
+
+    Rows of a step are right-padded chunks; a row with ``T_b == P_b`` is idle. All layers must
+    match (a half-fused graph has no consistent cache); raises ``GraphError`` otherwise.
+    """
+    sites = _attention_sites(model)
+    if len(sites) != n_layer:
+        raise GraphError(f"in-place KV: matched the attention of {len(sites)} of {n_layer} layers")
+    i64, i32 = onnx.TensorProto.INT64, onnx.TensorProto.INT32
+    mk = onnx.helper.make_node
+    prologue = [
+        _const("kv/one", np.array(1, np.int64)),
+        _const("kv/axis1", np.array([1], np.int64)),
+        _const("kv/zero", np.array(0, np.int64)),
+        mk("ReduceSum", ["attention_mask", "kv/axis1"], ["kv/total_len"], name="/kv/ReduceSum", keepdims=0),
+        mk("Sub", ["kv/total_len", "kv/one"], ["kv/seqlens_k64"], name="/kv/Sub"),
+        mk("Cast", ["kv/seqlens_k64"], ["kv/seqlens_k"], name="/kv/Cast", to=i32),
+        mk("Gather", ["position_ids", "kv/zero"], ["kv/first_pos"], name="/kv/Gather", axis=1),
+        mk("Sub", ["kv/total_len", "kv/first_pos"], ["kv/query_len"], name="/kv/Sub_1"),
+        mk("Cast", ["kv/query_len"], ["kv/query_seqlens"], name="/kv/Cast_1", to=i32),
+        mk("Shape", ["attention_mask"], ["kv/mask_width"], name="/kv/Shape", start=1, end=2),
+        mk("Squeeze", ["kv/mask_width"], ["kv/mask_width0"], name="/kv/Squeeze"),
+        mk("Cast", ["kv/mask_width0"], ["kv/total_sequence_length"], name="/kv/Cast_2", to=i32),
+    ]
+    del i64
+    fused = [
+        mk(
+            "GroupQueryAttention",
+            [
+                s["q"],
+                s["k"],
+                s["v"],
+                s["past_key"],
+                s["past_value"],
+                "kv/seqlens_k",
+                "kv/total_sequence_length",
+                *[""] * 9,
+                "kv/query_seqlens",
+            ],
+            [s["output"], s["present_key"], s["present_value"]],
+            name=f"{s['layer']}/GroupQueryAttention",
+            domain="com.microsoft",
+            num_heads=n_head,
+            kv_num_heads=n_head,
+        )
+        for s in sites
+    ]
+    _replace_attention(model, sites, fused, prologue)
+    return len(sites)
+
+
+def add_logits_to_keep(model: onnx.ModelProto, inplace: bool) -> None:
+    """A ``logits_to_keep`` input (int64 scalar) in the style of transformers: the LM head runs
+    only on the last ``N`` positions of each row (0 = every position, for perplexity and parity).
+
+    Concatenating form: rows are left-padded, so their last positions are the chunk's last ones.
+    In-place form: rows are right-padded chunks of ``query_seqlens`` tokens, so each row keeps
+    its own last ``N`` (a per-row GatherElements)::
+
+        hidden (B, S, E) -> Gather(axis 1, idx) -> LM head MatMul -> logits (B, N, V)
+    """
+    producers, _ = producers_consumers(model)
+    head = producers["logits"]
+    while head.op_type != "MatMul":  # e.g. a Cast after the head
+        head = producers[head.input[0]]
+    hidden = head.input[0]
+    mk = onnx.helper.make_node
+    nodes = [
+        _const("keep/zero", np.array(0, np.int64)),
+        _const("keep/one", np.array(1, np.int64)),
+        mk("Shape", ["input_ids"], ["keep/S1"], name="/keep/Shape", start=1, end=2),
+        mk("Squeeze", ["keep/S1"], ["keep/S"], name="/keep/Squeeze"),
+        mk("Equal", ["logits_to_keep", "keep/zero"], ["keep/all"], name="/keep/Equal"),
+        mk("Where", ["keep/all", "keep/S", "logits_to_keep"], ["keep/N"], name="/keep/Where"),
+        mk("Range", ["keep/zero", "keep/N", "keep/one"], ["keep/range"], name="/keep/Range"),
+        mk("Sub", ["keep/range", "keep/N"], ["keep/offsets"], name="/keep/Sub"),  # -N .. -1
+    ]
+    if inplace:
+        nodes += [
+            _const("keep/axis1", np.array([1], np.int64)),
+            _const("keep/axis2", np.array([2], np.int64)),
+            mk("Where", ["keep/all", "keep/S", "kv/query_len"], ["keep/end"], name="/keep/Where_1"),
+            mk("Unsqueeze", ["keep/end", "keep/axis1"], ["keep/end2"], name="/keep/Unsqueeze"),
+            mk("Add", ["keep/end2", "keep/offsets"], ["keep/idx_raw"], name="/keep/Add"),  # (B, N)
+            mk("Max", ["keep/idx_raw", "keep/zero"], ["keep/idx"], name="/keep/Max"),
+            mk("Unsqueeze", ["keep/idx", "keep/axis2"], ["keep/idx3"], name="/keep/Unsqueeze_1"),
+            mk("Shape", [hidden], ["keep/hshape"], name="/keep/Shape_1", start=2, end=3),
+            mk("Shape", ["keep/idx"], ["keep/ishape"], name="/keep/Shape_2"),
+            mk("Concat", ["keep/ishape", "keep/hshape"], ["keep/eshape"], name="/keep/Concat", axis=0),
+            mk("Expand", ["keep/idx3", "keep/eshape"], ["keep/index"], name="/keep/Expand"),
+            mk(
+                "GatherElements", [hidden, "keep/index"], ["keep/hidden"], name="/keep/GatherElements", axis=1
+            ),
+        ]
+    else:
+        nodes += [
+            mk("Add", ["keep/S", "keep/offsets"], ["keep/idx"], name="/keep/Add"),
+            mk("Gather", [hidden, "keep/idx"], ["keep/hidden"], name="/keep/Gather", axis=1),
+        ]
+    at = list(model.graph.node).index(head)
+    for i, n in enumerate(nodes):
+        model.graph.node.insert(at + i, n)
+    head.input[0] = "keep/hidden"
+    model.graph.input.append(onnx.helper.make_tensor_value_info("logits_to_keep", onnx.TensorProto.INT64, []))
 
 
 def _remove_dead_nodes(model: onnx.ModelProto) -> None:

@@ -1,6 +1,9 @@
 """Parity of an ONNX model against the PyTorch reference, judged by the tolerance table.
 
-Cases: prefills of several lengths, a left-padded batch, and 16+ greedy decode steps that feed
+Cases, for both KV-cache forms: prefills of several lengths, then slots of different lengths
+decoding together through the runtime's own cache (``runtime/kv_cache.py``), a slot leaving and
+a new one joining mid-run, idle slots, and a slot filled to its last position. The
+concatenating form also runs a left-padded batch and 16+ greedy decode steps that feed
 ``present`` back as ``past`` on both sides. Names are checked first, then shapes, then values.
 """
 
@@ -12,8 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import contract
 from ..model.gpt import GPT
-from ..runtime.generator import left_pad
+from ..runtime.bundle import Bundle
+from ..runtime.session import OrtBackend
+from ..runtime.types import left_pad
 from ..tolerances import TOLERANCES
 
 
@@ -63,6 +69,8 @@ def _session(path: Path, threads: int = 0):
 
 def _ort_run(sess, n_layer: int, ids, mask, pos, past) -> tuple[np.ndarray, list[np.ndarray]]:
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+    if any(i.name == "logits_to_keep" for i in sess.get_inputs()):
+        feeds["logits_to_keep"] = np.array(0, np.int64)
     for i in range(n_layer):
         feeds[f"past_key_values.{i}.key"] = past[2 * i]
         feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
@@ -88,34 +96,155 @@ def validate_onnx(
     seed: int = 0,
     kv_dtype: str = "float32",
     raise_on_failure: bool = True,
+    kv_cache: str = "concat",
 ) -> ParityReport:
-    """Compare ``onnx_path`` (ONNX Runtime, CPU) with ``model``; ``ParityError`` when out of tolerance."""
-    c = model.config
+    """Compare ``onnx_path`` (ONNX Runtime, CPU) with ``model``; ``ParityError`` when out of tolerance.
+
+    ``kv_cache``: the graph's KV form (``concat`` or ``inplace``); the graph's inputs and outputs
+    are first checked against the contract of that form (names, dtypes, ranks, dims).
+    """
     model = model.float().eval()
     tol = TOLERANCES[tolerance]
-    sess = _session(Path(onnx_path))
     rng = np.random.default_rng(seed)
-    kvd = np.dtype(kv_dtype)
     tally = _Tally()
     rep = ParityReport(tolerance=tolerance)
-    empty = [np.zeros((1, c.n_head, 0, c.head_size), kvd) for _ in range(2 * c.n_layer)]
+    backend = _backend(Path(onnx_path), model, kv_dtype, kv_cache)
+    greedy_same = _slot_cases(backend, model, rng, tally, rep)
+    if kv_cache == "concat":
+        greedy_same &= _concat_cases(backend.session, model, rng, tally, rep, decode_steps, kv_dtype)
+    return _verdict(rep, tally, tol, greedy_same, onnx_path, tolerance, raise_on_failure)
 
-    # 1. prefill of several lengths, batch 1, empty past
+
+def _backend(path: Path, model: GPT, kv_dtype: str, kv_cache: str) -> OrtBackend:
+    """The runtime's own backend over a bare graph: a manifest in memory with the contract."""
+    import onnx
+
+    c = model.config
+    keep = any(i.name == "logits_to_keep" for i in onnx.load(str(path), load_external_data=False).graph.input)
+    dims = dict(
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        n_embd=c.n_embd,
+        head_size=c.head_size,
+        vocab_size=c.vocab_size,
+        n_positions=c.n_positions,
+    )
+    io = {
+        "inputs": [
+            s.as_dict() for s in contract.inputs(c.n_layer, c.n_head, c.head_size, kv_dtype, kv_cache, keep)
+        ],
+        "outputs": [
+            s.as_dict()
+            for s in contract.outputs(
+                c.n_layer, c.n_head, c.head_size, c.vocab_size, kv_dtype, kv_cache, keep
+            )
+        ],
+    }
+    manifest = {
+        "model_file": path.name,
+        "model": dims,
+        "io": io,
+        "kv_cache": kv_cache,
+        "kv_dtype": kv_dtype,
+        "precision": "fp32" if kv_dtype == "float32" else "fp16",
+        "target": "ort",
+        "generation": {"eos_token_id": c.eos_token_id, "context_length": c.n_positions},
+    }
+    import warnings
+
+    with warnings.catch_warnings():  # the fp16-on-CPU speed warning
+        warnings.simplefilter("ignore")
+        return OrtBackend(Bundle(path.parent, manifest), threads=None)
+
+
+@torch.no_grad()
+def _torch_next(model: GPT, ids: list[int]) -> np.ndarray:
+    t = torch.tensor([ids], dtype=torch.long)
+    return model(t)[0][0, -1].float().numpy()
+
+
+def _slot_cases(
+    backend: OrtBackend, model: GPT, rng: np.random.Generator, tally: _Tally, rep: ParityReport
+) -> bool:
+    """Whole-sequence logits, then slots through the runtime cache against each sequence alone."""
+    c = model.config
     for n in sorted({1, 2, 7, min(33, c.n_positions // 2)}):
         ids = rng.integers(0, c.vocab_size, (1, n), dtype=np.int64)
-        mask = np.ones((1, n), np.int64)
-        pos = np.arange(n, dtype=np.int64)[None]
-        o, o_present = _ort_run(sess, c.n_layer, ids, mask, pos, empty)
-        r, r_present = _torch_run(model, ids, mask, pos, [e.astype(np.float32) for e in empty])
+        o = backend.logits(ids)
+        r, _ = _torch_run(
+            model,
+            ids,
+            np.ones_like(ids),
+            np.arange(n, dtype=np.int64)[None],
+            [np.zeros((1, c.n_head, 0, c.head_size), np.float32)] * (2 * c.n_layer),
+        )
         if o.shape != r.shape:
             raise ParityError(f"prefill {n}: logits shape {o.shape}, reference {r.shape}")
         tally.logits(o[0], r[0])
-        for a, b in zip(o_present, r_present, strict=True):
-            if a.shape != b.shape:
-                raise ParityError(f"prefill {n}: present shape {a.shape}, reference {b.shape}")
-            tally.max_present = max(tally.max_present, float(np.abs(a.astype(np.float32) - b).max()))
         rep.cases.append(f"prefill len {n}")
 
+    capacity = min(c.n_positions, 40)
+    cache = backend.new_cache(4, capacity)
+    seqs = {s: rng.integers(0, c.vocab_size, n).tolist() for s, n in zip((0, 1, 2), (5, 9, 2), strict=True)}
+    greedy_same = True
+
+    def check(slots: list[int], logits: np.ndarray) -> None:
+        nonlocal greedy_same
+        ref = np.stack([_torch_next(model, seqs[s]) for s in slots])
+        tally.logits(logits, ref)
+        greedy_same &= bool((logits.argmax(-1) == ref.argmax(-1)).all())
+        for s, tok in zip(slots, ref.argmax(-1), strict=True):
+            seqs[s].append(int(tok))
+
+    check([0, 1, 2], cache.prefill([0, 1, 2], [seqs[0], seqs[1], seqs[2]]))
+    steps = 0
+    for step in range(6):
+        steps += 1
+        slots = [0, 2] if step % 2 else [0, 1, 2]  # slot 1 idles every other step
+        check(slots, cache.decode(slots, [seqs[s][-1] for s in slots]))
+    cache.release(1)  # leaves; a new sequence joins in its place, then one in slot 3
+    seqs[1] = rng.integers(0, c.vocab_size, 4).tolist()
+    check([1], cache.prefill([1], [seqs[1]]))
+    seqs[3] = rng.integers(0, c.vocab_size, 3).tolist()
+    check([3], cache.prefill([3], [seqs[3]]))
+    for _ in range(4):
+        steps += 1
+        check([0, 1, 2, 3], cache.decode([0, 1, 2, 3], [seqs[s][-1] for s in range(4)]))
+    # fill slot 2 to its last position
+    while cache.length(2) < capacity:
+        steps += 1
+        check([2], cache.decode([2], [seqs[2][-1]]))
+    rep.cases.append(f"4 slots of capacity {capacity}: join, leave, idle rows, one filled to capacity")
+    rep.decode_steps = steps
+    if hasattr(cache, "buffers"):  # in place: the cache holds exactly the reference's keys/values
+        for s in range(4):
+            n = cache.length(s)
+            ids = np.array([seqs[s][:n]], np.int64)
+            _, pres = _torch_run(
+                model,
+                ids,
+                np.ones_like(ids),
+                np.arange(n, dtype=np.int64)[None],
+                [np.zeros((1, c.n_head, 0, c.head_size), np.float32)] * (2 * c.n_layer),
+            )
+            for buf, ref in zip(cache.buffers, pres, strict=True):
+                d = np.abs(buf[s, :, :n].astype(np.float32) - ref[0])
+                tally.max_present = max(tally.max_present, float(d.max()))
+    return greedy_same
+
+
+def _concat_cases(
+    sess,
+    model: GPT,
+    rng: np.random.Generator,
+    tally: _Tally,
+    rep: ParityReport,
+    decode_steps: int,
+    kv_dtype: str,
+) -> bool:
+    """The raw graph: present tensors compared, a left-padded batch, present -> past decoding."""
+    c = model.config
+    kvd = np.dtype(kv_dtype)
     # 2. left-padded batch, then greedy decode with present -> past on each side
     lengths = [5, 9, 2]
     prompts = [rng.integers(0, c.vocab_size, n).tolist() for n in lengths]
@@ -148,13 +277,24 @@ def validate_onnx(
             d = np.abs(a[row][:, real_kv[row]].astype(np.float32) - b[row][:, real_kv[row]])
             tally.max_present = max(tally.max_present, float(d.max()))
     rep.cases.append(f"{steps} decode steps with past")
+    rep.decode_steps += steps
+    return greedy_same
 
+
+def _verdict(
+    rep: ParityReport,
+    tally: _Tally,
+    tol,
+    greedy_same: bool,
+    onnx_path,
+    tolerance: str,
+    raise_on_failure: bool,
+) -> ParityReport:
     rep.max_abs_logits = tally.max_logits
     rep.max_abs_present = tally.max_present
     rep.top1_agreement = tally.agree / tally.total
     rep.greedy_identical = greedy_same
     rep.positions_compared = tally.total
-    rep.decode_steps = steps
     failures = []
     if tol.max_abs_logits is not None and rep.max_abs_logits > tol.max_abs_logits:
         failures.append(f"max |Δlogits| {rep.max_abs_logits:.3g} > {tol.max_abs_logits}")

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from ..fsutil import publish_dir, staging_dir
+from ..runtime.tokenizer import Tokenizer
 from .config import GPTConfig
 from .gpt import GPT
-from .tokenizer import Tokenizer
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Buffers old transformers versions saved with the weights; they hold no parameters.

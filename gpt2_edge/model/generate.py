@@ -8,34 +8,39 @@ import numpy as np
 import torch
 
 from ..runtime.generator import GenerationResult, decode
+from ..runtime.kv_cache import ConcatCache
 from ..runtime.sampling import GenerationConfig
-from .gpt import GPT, KV
-from .tokenizer import Tokenizer
+from ..runtime.tokenizer import Tokenizer
+from .gpt import GPT
 
 
 class TorchBackend:
-    """Runs ``GPT`` one step at a time, keeping the present KV as the next past."""
+    """The reference model as a backend: concatenating KV cache, tensors kept in torch."""
 
     def __init__(self, model: GPT) -> None:
         self.model = model.eval()
-        self.past: list[KV] | None = None
+        c = model.config
+        self.pad_id = c.eos_token_id if c.eos_token_id < c.vocab_size else 0
+        self.n_head, self.head_size = c.n_head, c.head_size
 
-    def start(self, batch_size: int) -> None:
-        self.past = None
-
-    def reorder(self, rows: np.ndarray) -> None:
-        idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-        self.past = [(k[idx], v[idx]) for k, v in self.past or []]
+    def new_cache(self, n_slots: int, capacity: int) -> ConcatCache:
+        return ConcatCache(self, n_slots, capacity)
 
     @torch.no_grad()
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        logits, self.past = self.model(
-            torch.from_numpy(input_ids),
-            torch.from_numpy(attention_mask),
-            torch.from_numpy(position_ids),
-            self.past,
+    def run(
+        self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[torch.Tensor] | None
+    ) -> tuple[np.ndarray, list[torch.Tensor]]:
+        pairs = None if past is None else [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits, presents = self.model(
+            torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pos), pairs
         )
-        return logits[:, -1].float().numpy()
+        return logits[:, -1].float().numpy(), [t for kv in presents for t in kv]
+
+    def to_numpy(self, value: torch.Tensor) -> np.ndarray:
+        return value.numpy()
+
+    def from_numpy(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def generate(

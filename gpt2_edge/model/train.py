@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..runtime.tokenizer import Tokenizer
 from .checkpoint import save_checkpoint
 from .config import GPTConfig
 from .gpt import GPT
-from .tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

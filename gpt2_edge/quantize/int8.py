@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .. import contract
 from ..export.graph import producers_consumers, save_model, untie_head
 
 LN_OPS = {"LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3)}  # (gamma, beta) input index
@@ -103,7 +104,11 @@ def _inputs_for(model: onnx.ModelProto, window: np.ndarray) -> dict[str, np.ndar
     for vi in model.graph.input:
         if vi.name.startswith("past_key_values."):
             dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
-            feeds[vi.name] = np.zeros((1, dims[1], 0, dims[3]), np.float32)
+            # in place, the past is a buffer with room for the window; concatenating, it is empty
+            inplace = vi.type.tensor_type.shape.dim[2].dim_param == contract.CACHE
+            feeds[vi.name] = np.zeros((1, dims[1], window.shape[1] if inplace else 0, dims[3]), np.float32)
+        elif vi.name == "logits_to_keep":
+            feeds[vi.name] = np.array(0, np.int64)
     return feeds
 
 

@@ -49,6 +49,12 @@ def quantize_bundle(
         raise ValueError(
             f"{src} is a {base.precision} bundle; quantize from the fp32 bundle of the checkpoint"
         )
+    if precision == "fp16" and base.kv_form == "inplace":
+        raise ValueError(
+            f"{src} has the in-place KV cache, which runs on the CPU provider, where fp16 is slower than "
+            "fp32; fp16 bundles are for CUDA / TensorRT: export with `--kv-cache concat` or "
+            "`--target tensorrt` first"
+        )
     target_dir = Path(out)
     if target_dir.exists() and not overwrite:
         raise FileExistsError(f"{target_dir} exists; pass --overwrite to replace it")
@@ -82,8 +88,12 @@ def quantize_bundle(
         seconds = time.perf_counter() - t0
         log(f"{precision}: converted in {seconds:.1f} s")
         kv = "float16" if precision == "fp16" else "float32"
-        specs_in = contract.inputs(d["n_layer"], d["n_head"], d["head_size"], kv)
-        specs_out = contract.outputs(d["n_layer"], d["n_head"], d["head_size"], d["vocab_size"], kv)
+        form = {
+            "kv_cache": base.kv_form,
+            "logits_to_keep": any(s.name == "logits_to_keep" for s in base.inputs),
+        }
+        specs_in = contract.inputs(d["n_layer"], d["n_head"], d["head_size"], kv, **form)
+        specs_out = contract.outputs(d["n_layer"], d["n_head"], d["head_size"], d["vocab_size"], kv, **form)
         census = checked_census(dst, specs_in, specs_out)
         target = base.target
         if target == "tensorrt" and unsupported_by_tensorrt(census):

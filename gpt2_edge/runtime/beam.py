@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .generator import Backend, GenerationResult, fit_context, left_pad, step_timings
 from .sampling import GenerationConfig, TokenChooser, log_softmax
+from .types import Backend, GenerationResult, fit_context, step_timings
 
 DROPPED = -1.0e9  # the score HF gives a candidate that must not be chosen
 
@@ -41,7 +41,6 @@ def beam_search(
     early = config.early_stopping
     processors = TokenChooser(config, eos_token_id)
 
-    ids, mask, pos = left_pad([prompt] * nb, 0)
     running = np.array([list(prompt)] * nb, dtype=np.int64)  # (nb, cur_len)
     running_scores = np.full(nb, DROPPED)
     running_scores[0] = 0.0  # all beams start identical: only the first may expand at step 1
@@ -52,8 +51,9 @@ def beam_search(
     top_nb = np.arange(2 * nb) < nb
 
     t0 = time.perf_counter()
-    backend.start(nb)
-    logits = backend.step(ids, mask, pos)
+    cache = backend.new_cache(nb, min(n_ctx, max_len))
+    logits = np.repeat(cache.prefill([0], [prompt]), nb, axis=0)  # the prompt runs once
+    cache.reorder([0] * nb)
     t_first = time.perf_counter()
     cur_len, steps = P, 0
     while True:
@@ -98,10 +98,8 @@ def beam_search(
         open_beams = not (finished_flags.all() and early is True)
         if not (can_improve and open_beams and not hits.all()):
             break
-        backend.reorder(parents)
-        mask = np.concatenate([mask[parents], np.ones((nb, 1), np.int64)], axis=1)
-        pos = pos[parents][:, -1:] + 1
-        logits = backend.step(running[:, -1:], mask, pos)
+        cache.reorder(parents.tolist())
+        logits = cache.decode(list(range(nb)), running[:, -1].tolist())
     t_end = time.perf_counter()
 
     tokens = finished[0]

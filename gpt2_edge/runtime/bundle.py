@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..contract import TensorSpec
 
 if TYPE_CHECKING:
-    from ..model.tokenizer import Tokenizer
+    from .tokenizer import Tokenizer
 
 SCHEMA_VERSION = 1
 MANIFEST = "bundle.json"
@@ -66,6 +66,11 @@ class Bundle:
         return self.manifest["target"]
 
     @property
+    def kv_form(self) -> str:
+        """``concat`` (present = past + new, fresh tensors) or ``inplace`` (one buffer per slot)."""
+        return self.manifest.get("kv_cache", "concat")
+
+    @property
     def eos_token_id(self) -> int | None:
         return self.manifest["generation"]["eos_token_id"]
 
@@ -75,9 +80,48 @@ class Bundle:
 
     def tokenizer(self) -> Tokenizer:
         """The bundle's ``tokenizer.json`` (the tokenizer module is torch-free)."""
-        from ..model.tokenizer import Tokenizer
+        from .tokenizer import Tokenizer
 
         return Tokenizer.from_file(self.path / "tokenizer.json")
+
+    def check_session(self, session: Any) -> None:
+        """Refuse a graph whose inputs/outputs (names, element types, ranks) differ from ``io``:
+        a ``model.onnx`` from another model or export would otherwise fail on its first step."""
+        onnx_types = {
+            "tensor(int64)": "int64",
+            "tensor(float)": "float32",
+            "tensor(float16)": "float16",
+            "tensor(int32)": "int32",
+            "tensor(bfloat16)": "bfloat16",
+        }
+        for kind, got, want in (
+            ("inputs", session.get_inputs(), self.inputs),
+            ("outputs", session.get_outputs(), self.outputs),
+        ):
+            got_names, want_names = [g.name for g in got], [w.name for w in want]
+            if got_names != want_names:
+                missing = [n for n in want_names if n not in got_names]
+                extra = [n for n in got_names if n not in want_names]
+                raise BundleError(
+                    f"{self.model_file} does not match {MANIFEST}: the graph's {kind} differ (missing "
+                    f"{missing[:4] or 'none'}, unexpected {extra[:4] or 'none'}); the file is from another "
+                    "export: re-export the bundle"
+                )
+            for g, w in zip(got, want, strict=True):
+                gtype = onnx_types.get(g.type, g.type)
+                if gtype != w.dtype or len(g.shape) != len(w.shape):
+                    raise BundleError(
+                        f"{self.model_file} does not match {MANIFEST}: {g.name} is {gtype} of rank "
+                        f"{len(g.shape)}, the manifest says {w.dtype} of rank {len(w.shape)}; "
+                        "re-export the bundle"
+                    )
+                for gd, wd in zip(g.shape, w.shape, strict=True):
+                    if isinstance(wd, int) and isinstance(gd, int) and gd != wd:
+                        raise BundleError(
+                            f"{self.model_file} does not match {MANIFEST}: {g.name} has shape "
+                            f"{list(g.shape)}, the manifest says {list(w.shape)} (another model's dims); "
+                            "re-export the bundle"
+                        )
 
     # loading ------------------------------------------------------------------------------
     @classmethod

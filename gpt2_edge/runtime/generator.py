@@ -1,85 +1,42 @@
-"""The decode loop shared by every backend: padding, context limits, eos / stop strings, timings.
+"""The decode loop shared by every backend: context limits, eos / stop strings, timings.
 
-A backend is anything with ``start(batch_size)`` and
-``step(input_ids, attention_mask, position_ids) -> last-position logits (B, V)`` that keeps
-its own KV cache between calls. The PyTorch reference (``gpt2_edge.model.generate``) and the
-ONNX Runtime session are two such backends, so both run exactly this loop.
+A backend (``types.Backend``) makes KV caches; the loop owns one cache per call, so one backend
+(one ONNX Runtime session, or the PyTorch reference) serves concurrent calls. The PyTorch
+reference (``gpt2_edge.model.generate``) and the ONNX Runtime session both run exactly this loop.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Generator as Generator_
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from .sampling import GenerationConfig, TokenChooser
+from .types import (
+    Backend,
+    ContextOverflowError,
+    GenerationResult,
+    fit_context,
+    left_pad,
+    positions_from_mask,
+    step_timings,
+)
 
-
-class Backend(Protocol):
-    def start(self, batch_size: int) -> None: ...
-
-    def step(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray
-    ) -> np.ndarray: ...
-
-    def reorder(self, rows: np.ndarray) -> None:
-        """Keep only (and repeat) the given batch rows of the KV cache (beam search)."""
-        ...
-
-
-class ContextOverflowError(ValueError):
-    """Prompt + new tokens do not fit the model's context."""
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]  # generated ids (an eos that ended the sequence included)
-    finish_reason: str  # "eos", "stop" (a stop string) or "length"
-    prompt_tokens: int
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def fit_context(prompts: Sequence[Sequence[int]], config: GenerationConfig, n_ctx: int) -> list[list[int]]:
-    """Refuse (or, with ``truncate``, left-truncate) prompts whose continuation would not fit."""
-    if not prompts:
-        raise ValueError("no prompts given")
-    room = n_ctx - config.max_new_tokens
-    out = []
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty (0 tokens)")
-        if len(p) > room:
-            if not config.truncate or room < 1:
-                raise ContextOverflowError(
-                    f"prompt {i} has {len(p)} tokens and max_new_tokens is {config.max_new_tokens}: "
-                    f"{len(p) + config.max_new_tokens} > the model's context of {n_ctx}; shorten the "
-                    "prompt, lower max_new_tokens, or ask for left truncation"
-                    + ("" if room >= 1 else " (max_new_tokens alone fills the context)")
-                )
-            p = p[len(p) - room :]
-        out.append(list(p))
-    return out
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``input_ids``, ``attention_mask`` and ``position_ids`` of a left-padded batch (int64)."""
-    width = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(prompts), width), dtype=np.int64)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p) :] = p
-        mask[b, width - len(p) :] = 1
-    return ids, mask, positions_from_mask(mask)
-
-
-def positions_from_mask(mask: np.ndarray) -> np.ndarray:
-    """Each real token's index among the real tokens of its row; pads get 0."""
-    return np.maximum(np.cumsum(mask, axis=-1) - 1, 0).astype(np.int64)
+__all__ = [
+    "ContextOverflowError",
+    "GenerationResult",
+    "Generator",
+    "decode",
+    "fit_context",
+    "iter_decode",
+    "left_pad",
+    "positions_from_mask",
+    "stream_text",
+]
 
 
 def iter_decode(
@@ -97,8 +54,6 @@ def iter_decode(
         raise ValueError("iter_decode is the num_beams=1 loop; beam search lives in runtime.beam")
     prompts = fit_context(prompts, config, n_ctx)
     B = len(prompts)
-    pad_id = eos_token_id if eos_token_id is not None else 0
-    ids, mask, pos = left_pad(prompts, pad_id)
     chooser = TokenChooser(config, eos_token_id)
     generated: list[list[int]] = [[] for _ in range(B)]
     seen: list[list[int]] = [list(p) for p in prompts]
@@ -106,16 +61,16 @@ def iter_decode(
     finish: list[str | None] = [None] * B
 
     t0 = time.perf_counter()
-    backend.start(B)
-    logits = backend.step(ids, mask, pos)
+    # One cache per call, sized once for the longest continuation: never reallocated.
+    cache = backend.new_cache(B, min(n_ctx, max(len(p) for p in prompts) + config.max_new_tokens))
+    slots = list(range(B))
+    logits = cache.prefill(slots, prompts)
     t_first = time.perf_counter()
     steps = 0
     for step in range(config.max_new_tokens):
-        nxt = chooser(logits, seen, step)
-        for b in range(B):
-            if finish[b] is not None:
-                continue
-            tok = int(nxt[b])
+        nxt = chooser(logits, [seen[s] for s in slots], step)
+        for i, b in enumerate(slots):
+            tok = int(nxt[i])
             generated[b].append(tok)
             seen[b].append(tok)
             if tok == eos_token_id:
@@ -129,12 +84,11 @@ def iter_decode(
                     finish[b] = "stop"
         steps += 1
         yield generated
-        if all(f is not None for f in finish) or step == config.max_new_tokens - 1:
+        live = [b for b in slots if finish[b] is None]
+        if not live or step == config.max_new_tokens - 1:
             break
-        feed = np.where([f is None for f in finish], nxt, pad_id).astype(np.int64)[:, None]
-        mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
-        pos = pos[:, -1:] + 1
-        logits = backend.step(feed, mask, pos)
+        slots = live  # finished rows leave the batch
+        logits = cache.decode(slots, [generated[b][-1] for b in slots])
     t_end = time.perf_counter()
 
     timings = step_timings(t_first - t0, t_end - t_first, steps)
@@ -146,17 +100,6 @@ def iter_decode(
             texts[b] = detokenize(body)
         results.append(GenerationResult(texts[b], generated[b], reason, len(prompts[b]), dict(timings)))
     return results
-
-
-def step_timings(prefill_s: float, decode_s: float, steps: int) -> dict[str, float]:
-    """Prefill (= time to first token) and per-step decode time; the first token comes from prefill."""
-    decode_steps = max(steps - 1, 0)
-    return {
-        "prefill_s": prefill_s,
-        "decode_s": decode_s,
-        "ms_per_token": 1000 * decode_s / decode_steps if decode_steps else 0.0,
-        "steps": float(steps),
-    }
 
 
 def decode(
@@ -220,15 +163,20 @@ def stream_text(
             emitted = safe
 
 
-class Generator:
-    """Text generation from a bundle, torch-free.
+Prompt = str | Sequence[int]
 
+
+class Generator:
+    """Text generation from a bundle, torch-free. One Generator serves many threads at once:
+    every call owns its KV cache, and the model (one ONNX Runtime session) is shared.
+
+    >>> from gpt2_edge import Generator, GenerationConfig
     >>> gen = Generator.from_bundle("out/bundle", provider="cpu", threads=2)
     >>> gen.generate("ROMEO:", GenerationConfig(max_new_tokens=20))[0].text
     """
 
     def __init__(
-        self, backend: Backend, tokenizer, eos_token_id: int | None, n_ctx: int, load_s: float = 0.0
+        self, backend: Backend, tokenizer: Any, eos_token_id: int | None, n_ctx: int, load_s: float = 0.0
     ) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
@@ -236,6 +184,7 @@ class Generator:
         self.n_ctx = n_ctx
         self.load_s = load_s
         self.last_result: GenerationResult | None = None
+        self._lock = threading.Lock()
 
     @classmethod
     def from_bundle(
@@ -265,36 +214,63 @@ class Generator:
     def provider(self) -> str:
         return getattr(self.backend, "provider", "torch")
 
-    def generate(
-        self, prompts: str | Sequence[str], config: GenerationConfig | None = None
-    ) -> list[GenerationResult]:
-        """Continue one prompt or a batch; one result per prompt."""
-        batch = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not batch:
+    def encode(self, prompt: Prompt) -> list[int]:
+        """A prompt's token ids: text is tokenized, a sequence of ints is taken as ids (checked)."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        vocab = self.tokenizer.vocab_size
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise TypeError(f"a prompt is a string or a list of token ids (ints); got an item {t!r}")
+            if not 0 <= t < vocab:
+                raise ValueError(f"token id {t} is outside the vocabulary (0..{vocab - 1})")
+        return [int(t) for t in ids]
+
+    def _batch(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
+        if isinstance(prompts, str):
+            return [self.encode(prompts)]
+        items = list(prompts)
+        if not items:
             raise ValueError("no prompts given")
+        if all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in items):
+            return [self.encode(items)]  # one prompt of token ids
+        return [self.encode(p) for p in items]
+
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], config: GenerationConfig | None = None
+    ) -> list[GenerationResult]:
+        """Continue one prompt or a batch; one result per prompt. A prompt is text or a list of
+        token ids (``[[464, 3290], [40]]`` is a batch of two)."""
         return decode(
             self.backend,
-            self.tokenizer.encode_batch(batch),
+            self._batch(prompts),
             config or GenerationConfig(),
             eos_token_id=self.eos_token_id,
             n_ctx=self.n_ctx,
             detokenize=self.tokenizer.decode,
         )
 
-    def stream(self, prompt: str, config: GenerationConfig | None = None) -> Iterator[str]:
+    def stream(self, prompt: Prompt, config: GenerationConfig | None = None) -> Iterator[str]:
         """Yield the continuation of one prompt as text pieces while it is decoded.
 
         The pieces join to exactly ``generate(prompt, config)[0].text``; a multi-byte character
-        is never split across pieces. ``self.last_result`` holds the full result afterwards.
+        is never split across pieces. ``self.last_result`` holds the full result of the stream
+        that finished last.
         """
         config = config or GenerationConfig()
         if config.num_beams != 1:
             raise ValueError("streaming needs num_beams=1 (beam search only knows its text at the end)")
-        if not isinstance(prompt, str) or not prompt:
-            raise ValueError("stream takes one non-empty prompt string")
+        if not isinstance(prompt, str) and (
+            isinstance(prompt, Sequence) and prompt and not isinstance(prompt[0], (int, np.integer))
+        ):
+            raise ValueError("stream takes one prompt (text or token ids), not a batch")
+        ids = self.encode(prompt)
+        if not ids:
+            raise ValueError("stream takes one non-empty prompt")
         it = iter_decode(
             self.backend,
-            [self.tokenizer.encode(prompt)],
+            [ids],
             config,
             eos_token_id=self.eos_token_id,
             n_ctx=self.n_ctx,
@@ -303,7 +279,8 @@ class Generator:
 
         def capture() -> Generator_[list[list[int]], None, list[GenerationResult]]:
             results = yield from it
-            self.last_result = results[0]
+            with self._lock:
+                self.last_result = results[0]
             return results
 
         yield from stream_text(capture(), self.tokenizer.decode, config.stop)

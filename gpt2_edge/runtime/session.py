@@ -1,18 +1,21 @@
-"""ONNX Runtime backend: one session, execution-provider choice, KV cache kept as bound OrtValues.
+"""ONNX Runtime backend: one session shared by every caller, execution-provider choice.
 
-Each decode step binds the previous step's ``present`` OrtValues directly as the next
-``past`` inputs (IO binding), so the cache never travels through numpy or Python lists; only the
-logits come back to the host. The same code serves the CPU, CUDA and TensorRT providers.
+The backend holds no per-sequence state: each caller gets its own KV cache from
+``new_cache`` (in place or concatenating, as the bundle's graph was built), so one backend
+serves concurrent ``generate`` calls (``InferenceSession.run`` is thread-safe). KV tensors are
+bound with IO binding and never travel through Python lists; only logits come back to the host.
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .bundle import Bundle
+from .kv_cache import ConcatCache, InPlaceCache
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -64,7 +67,7 @@ def tensorrt_options(cache_dir: Path, fp16: bool, workspace_mib: int | None) -> 
 
 
 class OrtBackend:
-    """Runs a bundle's ``model.onnx`` step by step; implements the decode loop's Backend protocol."""
+    """A bundle's ``model.onnx`` in one ONNX Runtime session; makes KV caches for its callers."""
 
     def __init__(
         self,
@@ -83,6 +86,13 @@ class OrtBackend:
 
         self.bundle = bundle
         self.provider = resolve_provider(provider)
+        self.kv_form = bundle.kv_form
+        if self.kv_form == "inplace" and self.provider != "cpu":
+            raise ProviderError(
+                f"{bundle.path} has the in-place KV cache (GroupQueryAttention), which gpt2-edge runs on "
+                "the CPU provider only; for CUDA or TensorRT export with `--kv-cache concat` or "
+                "`--target tensorrt`"
+            )
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if threads:
@@ -101,6 +111,7 @@ class OrtBackend:
             raise ValueError(
                 f"onnxruntime cannot load {bundle.model_file}: {str(e).splitlines()[0]}; re-export the bundle"
             ) from None
+        bundle.check_session(self.session)
         self.device = "cuda" if self.provider in ("cuda", "tensorrt") else "cpu"
         if bundle.precision == "fp16" and self.device == "cpu":
             warnings.warn(
@@ -112,47 +123,86 @@ class OrtBackend:
         self.past_names = [s.name for s in ins if s.name.startswith("past_key_values.")]
         self.present_names = [s.name for s in bundle.outputs if s.name.startswith("present.")]
         self.kv_dtype = np.dtype(next(s.dtype for s in ins if s.name in self.past_names))
+        self.has_logits_to_keep = any(s.name == "logits_to_keep" for s in ins)
         self.n_head = bundle.dims["n_head"]
         self.head_size = bundle.dims["head_size"]
-        self.past: list = []
+        self.n_positions = bundle.context_length
+        self.pad_id = bundle.eos_token_id if bundle.eos_token_id is not None else 0
 
-    def start(self, batch_size: int) -> None:
-        import onnxruntime as ort
+    # caches -----------------------------------------------------------------------------------
+    def new_cache(self, n_slots: int, capacity: int) -> ConcatCache | InPlaceCache:
+        """A KV cache of ``n_slots`` sequences of up to ``capacity`` tokens, owned by the caller."""
+        if self.kv_form == "inplace":
+            return InPlaceCache(self, n_slots, capacity)
+        return ConcatCache(self, n_slots, capacity)
 
-        empty = np.zeros((batch_size, self.n_head, 0, self.head_size), dtype=self.kv_dtype)
-        self.past = [ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0) for _ in self.past_names]
-
-    def reorder(self, rows: np.ndarray) -> None:
-        """Gather batch rows of the cache (beam search). Goes through host memory on a GPU."""
-        import onnxruntime as ort
-
-        self.past = [
-            ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows]), self.device, 0)
-            for v in self.past
-        ]
-
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """Last-position logits ``(B, V)``; the presents become the next step's past."""
-        return self.run(input_ids, attention_mask, position_ids)[:, -1]
-
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """All logits ``(B, T, V)`` of one forward pass over the current past."""
+    def _bind_and_run(
+        self, feeds: dict[str, np.ndarray], past: list[Any], present: list[Any] | None, keep_all: bool
+    ) -> tuple[np.ndarray, list[Any]]:
         io = self.session.io_binding()
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        for name, value in zip(self.past_names, self.past, strict=True):
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
+        if self.has_logits_to_keep:
+            io.bind_cpu_input("logits_to_keep", np.array(0 if keep_all else 1, np.int64))
+        for name, value in zip(self.past_names, past, strict=True):
             io.bind_ortvalue_input(name, value)
         io.bind_output("logits", "cpu")
-        for name in self.present_names:
-            io.bind_output(name, self.device)
+        for i, name in enumerate(self.present_names):
+            if present is None:
+                io.bind_output(name, self.device)
+            else:
+                io.bind_ortvalue_output(name, present[i])
         self.session.run_with_iobinding(io)
         outs = io.get_outputs()
-        self.past = list(outs[1:])
-        return outs[0].numpy()
+        return outs[0].numpy(), list(outs[1:])
 
+    # the concatenating form (kv_cache.ConcatRunner) ----------------------------------------------
+    def run(
+        self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[Any] | None
+    ) -> tuple[np.ndarray, list[Any]]:
+        """Last-position logits ``(B, V)`` and the presents (OrtValues) of one pass."""
+        if past is None:
+            past = [self.from_numpy(self._empty_past(ids.shape[0])) for _ in self.past_names]
+        logits, presents = self._bind_and_run(
+            {"input_ids": ids, "attention_mask": mask, "position_ids": pos}, past, None, keep_all=False
+        )
+        return logits[:, -1], presents
+
+    def _empty_past(self, batch: int) -> np.ndarray:
+        return np.zeros((batch, self.n_head, 0, self.head_size), dtype=self.kv_dtype)
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        return value.numpy()
+
+    def from_numpy(self, array: np.ndarray) -> Any:
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+
+    # the in-place form (kv_cache.InPlaceRunner) --------------------------------------------------
+    def cache_arrays(self, n_slots: int, capacity: int) -> list[np.ndarray]:
+        shape = (n_slots, self.n_head, capacity, self.head_size)
+        return [np.zeros(shape, self.kv_dtype) for _ in self.past_names]
+
+    def run_inplace(
+        self, feeds: dict[str, np.ndarray], cache: list[np.ndarray], keep_all: bool
+    ) -> np.ndarray:
+        import onnxruntime as ort
+
+        # On the CPU an OrtValue made from a numpy array wraps its memory: past and present are
+        # the caller's buffer, which GroupQueryAttention then updates in place.
+        values = [ort.OrtValue.ortvalue_from_numpy(c) for c in cache]
+        logits, _ = self._bind_and_run(feeds, values, values, keep_all)
+        return logits if keep_all else logits[:, -1]
+
+    # whole sequences ----------------------------------------------------------------------------
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
-        """Full-sequence logits ``(B, T, V)`` from an empty past (perplexity's ``LogitsFn``)."""
-        self.start(input_ids.shape[0])
-        pos = np.broadcast_to(np.arange(input_ids.shape[1], dtype=np.int64), input_ids.shape)
-        return self.run(input_ids, np.ones_like(input_ids, dtype=np.int64), pos)
+        """Full-sequence logits ``(B, T, V)`` from an empty cache (perplexity's ``LogitsFn``)."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        B, T = input_ids.shape
+        if self.kv_form == "inplace":
+            return InPlaceCache(self, B, T).full_logits(input_ids)
+        past = [self.from_numpy(self._empty_past(B)) for _ in self.past_names]
+        pos = np.broadcast_to(np.arange(T, dtype=np.int64), input_ids.shape)
+        feeds = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids), "position_ids": pos}
+        return self._bind_and_run(feeds, past, None, keep_all=True)[0]

@@ -1,0 +1,245 @@
+"""The two KV-cache forms behind one slot interface (``types.KVCache``). Torch-free.
+
+**In place** (``InPlaceCache``, the ``ort`` target's default): one buffer per layer and K/V of
+``[n_slots, n_head, capacity, head_size]``, allocated once when the cache is made. The graph's
+attention (ONNX Runtime ``GroupQueryAttention``) gets the same buffer bound as past *and*
+present, so a step writes only its new positions. Each row is a slot with its own length; a
+step runs a contiguous range of rows, rows with nothing to do are idle (no tokens written).
+
+**Concatenating** (``ConcatCache``, the interchange form, the ``tensorrt`` target's): the graph
+returns past + new as fresh ``present`` tensors. The slots live in one left-padded batch whose
+presents are bound as the next step's past; a slot joining or leaving re-pads the batch once.
+
+In-place graph inputs, per row ``b`` of a step (a right-padded chunk of ``S`` tokens):
+``attention_mask[b]`` has ``T_b`` leading ones (``T_b`` = tokens cached after the step),
+``position_ids[b, 0]`` is the first new token's position ``P_b``, so the row brings
+``T_b - P_b`` tokens (0 = idle). ``logits_to_keep = 1`` returns each row's last new position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from .types import left_pad
+
+
+class CacheError(ValueError):
+    """A slot was used out of turn (full, busy, free or out of range)."""
+
+
+def _check_prefill(cache: Any, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> None:
+    if len(slots) != len(prompts) or not slots:
+        raise CacheError(f"prefill needs one prompt per slot, got {len(slots)} slots, {len(prompts)} prompts")
+    if len(set(slots)) != len(slots):
+        raise CacheError(f"slots repeat: {list(slots)}")
+    for s, p in zip(slots, prompts, strict=True):
+        if not 0 <= s < cache.n_slots:
+            raise CacheError(f"slot {s} is out of range (0..{cache.n_slots - 1})")
+        if cache.length(s):
+            raise CacheError(f"slot {s} is busy ({cache.length(s)} tokens); release it first")
+        if not 0 < len(p) <= cache.capacity:
+            raise CacheError(f"a prompt of {len(p)} tokens does not fit a slot of {cache.capacity}")
+
+
+class ConcatRunner(Protocol):
+    """One forward pass of a concatenating-form model, with its tensors kept opaque."""
+
+    pad_id: int
+
+    def run(
+        self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[Any] | None
+    ) -> tuple[np.ndarray, list[Any]]:
+        """Last-position logits ``(B, V)`` and the presents; ``past=None`` is an empty past."""
+        ...
+
+    def to_numpy(self, value: Any) -> np.ndarray: ...
+
+    def from_numpy(self, array: np.ndarray) -> Any: ...
+
+
+class ConcatCache:
+    """Slots over a concatenating-form model: one left-padded batch, presents fed back as past."""
+
+    def __init__(self, runner: ConcatRunner, n_slots: int, capacity: int) -> None:
+        self.runner = runner
+        self.n_slots = n_slots
+        self.capacity = capacity
+        self._rows: list[int] = []  # the slot held by each batch row
+        self._past: list[Any] | None = None
+        self._mask = np.zeros((0, 0), np.int64)
+        self._next = np.zeros(0, np.int64)  # real tokens of each row = its next position
+
+    def length(self, slot: int) -> int:
+        return int(self._next[self._rows.index(slot)]) if slot in self._rows else 0
+
+    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        _check_prefill(self, slots, prompts)
+        ids, mask, pos = left_pad(prompts, self.runner.pad_id)
+        logits, presents = self.runner.run(ids, mask, pos, None)
+        lengths = np.array([len(p) for p in prompts], np.int64)
+        if not self._rows:
+            self._rows, self._past, self._mask, self._next = list(slots), presents, mask, lengths
+        else:
+            self._join(list(slots), presents, mask, lengths)
+        return logits
+
+    def _join(self, slots: list[int], presents: list[Any], mask: np.ndarray, lengths: np.ndarray) -> None:
+        """Left-pad the running batch and the new rows to one width and stack them."""
+        assert self._past is not None
+        width = max(self._mask.shape[1], mask.shape[1])
+
+        def pad(a: np.ndarray, axis: int) -> np.ndarray:
+            widths = [(0, 0)] * a.ndim
+            widths[axis] = (width - a.shape[axis], 0)
+            return np.pad(a, widths)
+
+        self._past = [
+            self.runner.from_numpy(
+                np.concatenate([pad(self.runner.to_numpy(a), 2), pad(self.runner.to_numpy(b), 2)])
+            )
+            for a, b in zip(self._past, presents, strict=True)
+        ]
+        self._mask = np.concatenate([pad(self._mask, 1), pad(mask, 1)])
+        self._rows += slots
+        self._next = np.concatenate([self._next, lengths])
+
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        row_of = {s: r for r, s in enumerate(self._rows)}
+        feed = np.full(len(self._rows), self.runner.pad_id, np.int64)
+        active = np.zeros(len(self._rows), np.int64)
+        for s, t in zip(slots, tokens, strict=True):
+            if s not in row_of:
+                raise CacheError(f"slot {s} is empty; prefill it first")
+            if self._next[row_of[s]] >= self.capacity:
+                raise CacheError(f"slot {s} is full ({self.capacity} tokens)")
+            feed[row_of[s]] = t
+            active[row_of[s]] = 1
+        # Idle rows take a pad token with mask 0: it is never attended to.
+        mask = np.concatenate([self._mask, active[:, None]], axis=1)
+        pos = np.minimum(self._next, self.capacity - 1)[:, None]
+        logits, self._past = self.runner.run(feed[:, None], mask, pos, self._past)
+        self._mask = mask
+        self._next = self._next + active
+        return logits[[row_of[s] for s in slots]]
+
+    def release(self, slot: int) -> None:
+        if slot not in self._rows:
+            return
+        keep = [r for r, s in enumerate(self._rows) if s != slot]
+        self._take(keep, [self._rows[r] for r in keep])
+
+    def reorder(self, sources: Sequence[int]) -> None:
+        row_of = {s: r for r, s in enumerate(self._rows)}
+        self._take([row_of[s] for s in sources], list(range(len(sources))))
+
+    def _take(self, rows: list[int], slots: list[int]) -> None:
+        if not rows:
+            self._rows, self._past = [], None
+            self._mask, self._next = np.zeros((0, 0), np.int64), np.zeros(0, np.int64)
+            return
+        mask = self._mask[rows]
+        first = int(np.argmax(mask.any(axis=0)))  # drop columns no remaining row attends to
+        assert self._past is not None
+        self._past = [self.runner.from_numpy(self.runner.to_numpy(p)[rows][:, :, first:]) for p in self._past]
+        self._mask = mask[:, first:]
+        self._next = self._next[rows]
+        self._rows = slots
+
+
+class InPlaceRunner(Protocol):
+    """One forward pass of an in-place-form model over a range of cache rows."""
+
+    n_positions: int
+
+    def cache_arrays(self, n_slots: int, capacity: int) -> list[np.ndarray]:
+        """Zeroed host buffers, one per past input, ``[n_slots, n_head, capacity, head_size]``."""
+        ...
+
+    def run_inplace(
+        self, feeds: dict[str, np.ndarray], cache: list[np.ndarray], keep_all: bool
+    ) -> np.ndarray:
+        """Run with ``cache`` (views of the buffers) bound as past and present; the logits."""
+        ...
+
+
+class InPlaceCache:
+    """Slots in buffers allocated once; each step writes only the new positions."""
+
+    def __init__(self, runner: InPlaceRunner, n_slots: int, capacity: int) -> None:
+        if not 0 < capacity <= runner.n_positions:
+            raise CacheError(f"capacity must be in 1..{runner.n_positions} (the context), got {capacity}")
+        self.runner = runner
+        self.n_slots = n_slots
+        self.capacity = capacity
+        self.buffers = runner.cache_arrays(n_slots, capacity)
+        self._len = np.zeros(n_slots, np.int64)
+
+    def length(self, slot: int) -> int:
+        return int(self._len[slot])
+
+    def _step(self, chunks: dict[int, Sequence[int]], keep_all: bool = False) -> np.ndarray:
+        """One forward pass over rows ``min(chunks)..max(chunks)``; rows without a chunk idle."""
+        lo, hi = min(chunks), max(chunks) + 1
+        S = max(len(c) for c in chunks.values())
+        rows = np.arange(lo, hi)
+        past = self._len[lo:hi]
+        q = np.array([len(chunks.get(int(r), ())) for r in rows], np.int64)
+        if np.any((q > 0) & (past + S > self.capacity)):
+            raise CacheError(
+                f"a chunk of {S} tokens does not fit after {past.max()} cached (capacity {self.capacity})"
+            )
+        # An idle row states P = T (nothing new) at a length that leaves room for the padded chunk.
+        start = np.where(q > 0, past, np.clip(past, 1, max(self.capacity - S, 1)))
+        total = start + q
+        ids = np.zeros((hi - lo, S), np.int64)
+        for i, r in enumerate(rows):
+            c = chunks.get(int(r))
+            if c:
+                ids[i, : len(c)] = c
+        pos = np.minimum(
+            start[:, None] + np.minimum(np.arange(S)[None], np.maximum(q - 1, 0)[:, None]),
+            self.runner.n_positions - 1,
+        )
+        pos[:, 0] = start  # the graph reads the row's new-token count as T - position_ids[:, 0]
+        mask = (np.arange(int(total.max()))[None] < total[:, None]).astype(np.int64)
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        logits = self.runner.run_inplace(feeds, [b[lo:hi] for b in self.buffers], keep_all)
+        self._len[lo:hi] += q
+        return logits
+
+    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        _check_prefill(self, slots, prompts)
+        order = sorted(range(len(slots)), key=lambda i: slots[i])
+        ranged = [slots[i] for i in order] == list(range(slots[order[0]], slots[order[-1]] + 1))
+        if ranged:  # one pass over a contiguous range (a generate call's batch)
+            out = self._step({slots[i]: prompts[i] for i in range(len(slots))})
+            lo = min(slots)
+            return out[[s - lo for s in slots]]
+        return np.concatenate([self._step({s: p}) for s, p in zip(slots, prompts, strict=True)])
+
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        for s in slots:
+            if not self._len[s]:
+                raise CacheError(f"slot {s} is empty; prefill it first")
+            if self._len[s] >= self.capacity:
+                raise CacheError(f"slot {s} is full ({self.capacity} tokens)")
+        out = self._step({s: [t] for s, t in zip(slots, tokens, strict=True)})
+        lo = min(slots)
+        return out[[s - lo for s in slots]]
+
+    def release(self, slot: int) -> None:
+        self._len[slot] = 0  # rows past a slot's length are never read: nothing to clear
+
+    def reorder(self, sources: Sequence[int]) -> None:
+        n = len(sources)
+        width = int(self._len[list(sources)].max()) if n else 0
+        for b in self.buffers:
+            b[:n, :, :width] = b[list(sources), :, :width]
+        self._len[:n] = self._len[list(sources)]
+
+    def full_logits(self, ids: np.ndarray) -> np.ndarray:
+        """All logits ``(B, T, V)`` of unpadded sequences ``ids`` (perplexity, parity)."""
+        return self._step({b: list(ids[b]) for b in range(ids.shape[0])}, keep_all=True)

@@ -1,0 +1,115 @@
+"""Types the decode loops (``generator``, ``beam``), the KV caches and the backends share.
+
+A **backend** owns the weights (one ONNX Runtime session, one TensorRT engine or the PyTorch
+reference) and is safe to share between threads. A **KV cache** belongs to one caller (a
+``generate`` call, or the server's scheduler): ``backend.new_cache(n_slots, capacity)`` gives one
+with ``n_slots`` independent sequences of up to ``capacity`` tokens each. Every batch row of the
+model is one slot; a slot is prefilled, decoded one token per step together with the other
+active slots, and released, so sequences join and leave a running batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from .sampling import GenerationConfig
+
+
+class KVCache(Protocol):
+    """Per-sequence state of one caller; never shared between threads."""
+
+    n_slots: int
+    capacity: int  # tokens one slot can hold
+
+    def length(self, slot: int) -> int:
+        """Tokens held by ``slot`` (0 = free)."""
+        ...
+
+    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Run each prompt into its empty slot; the next-token logits ``(len(slots), V)``."""
+        ...
+
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        """Append one token to each of ``slots`` (the others wait); logits ``(len(slots), V)``."""
+        ...
+
+    def release(self, slot: int) -> None:
+        """Forget ``slot``'s sequence; the slot can be prefilled again."""
+        ...
+
+    def reorder(self, sources: Sequence[int]) -> None:
+        """Slot ``i`` takes a copy of slot ``sources[i]``'s sequence, for ``i < len(sources)``
+        (beam search)."""
+        ...
+
+
+class Backend(Protocol):
+    """What the decode loops need from a model: shareable, stateless between calls."""
+
+    def new_cache(self, n_slots: int, capacity: int) -> KVCache: ...
+
+
+class ContextOverflowError(ValueError):
+    """Prompt + new tokens do not fit the model's context."""
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated ids (an eos that ended the sequence included)
+    finish_reason: str  # "eos", "stop" (a stop string) or "length"
+    prompt_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def fit_context(prompts: Sequence[Sequence[int]], config: GenerationConfig, n_ctx: int) -> list[list[int]]:
+    """Refuse (or, with ``truncate``, left-truncate) prompts whose continuation would not fit."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    room = n_ctx - config.max_new_tokens
+    out = []
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty (0 tokens)")
+        if len(p) > room:
+            if not config.truncate or room < 1:
+                raise ContextOverflowError(
+                    f"prompt {i} has {len(p)} tokens and max_new_tokens is {config.max_new_tokens}: "
+                    f"{len(p) + config.max_new_tokens} > the model's context of {n_ctx}; shorten the "
+                    "prompt, lower max_new_tokens, or ask for left truncation"
+                    + ("" if room >= 1 else " (max_new_tokens alone fills the context)")
+                )
+            p = p[len(p) - room :]
+        out.append(list(p))
+    return out
+
+
+def step_timings(prefill_s: float, decode_s: float, steps: int) -> dict[str, float]:
+    """Prefill (= time to first token) and per-step decode time; the first token comes from prefill."""
+    decode_steps = max(steps - 1, 0)
+    return {
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "ms_per_token": 1000 * decode_s / decode_steps if decode_steps else 0.0,
+        "steps": float(steps),
+    }
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``input_ids``, ``attention_mask`` and ``position_ids`` of a left-padded batch (int64)."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :] = p
+        mask[b, width - len(p) :] = 1
+    return ids, mask, positions_from_mask(mask)
+
+
+def positions_from_mask(mask: np.ndarray) -> np.ndarray:
+    """Each real token's index among the real tokens of its row; pads get 0."""
+    return np.maximum(np.cumsum(mask, axis=-1) - 1, 0).astype(np.int64)
