@@ -149,19 +149,29 @@ class ConcatCache:
         self._rows = slots
 
 
+class InPlaceBinding(Protocol):
+    """A model's inputs/outputs bound to a fixed range of cache rows (past = present = the rows)."""
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Each row's last-position logits ``(rows, V)``; valid until the next run."""
+        ...
+
+    def run_all(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Logits at every position ``(rows, S, V)``."""
+        ...
+
+
 class InPlaceRunner(Protocol):
-    """One forward pass of an in-place-form model over a range of cache rows."""
+    """An in-place-form model: host buffers for the cache, and bindings over ranges of their rows."""
 
     n_positions: int
 
     def cache_arrays(self, n_slots: int, capacity: int) -> list[np.ndarray]:
-        """Zeroed host buffers, one per past input, ``[n_slots, n_head, capacity, head_size]``."""
+        """Zeroed buffers, one per past input, ``[n_slots, n_head, capacity, head_size]``."""
         ...
 
-    def run_inplace(
-        self, feeds: dict[str, np.ndarray], cache: list[np.ndarray], keep_all: bool
-    ) -> np.ndarray:
-        """Run with ``cache`` (views of the buffers) bound as past and present; the logits."""
+    def inplace_binding(self, cache: list[np.ndarray]) -> InPlaceBinding:
+        """Bind ``cache`` (views of the buffers: rows lo..hi) as both past and present."""
         ...
 
 
@@ -176,9 +186,16 @@ class InPlaceCache:
         self.capacity = capacity
         self.buffers = runner.cache_arrays(n_slots, capacity)
         self._len = np.zeros(n_slots, np.int64)
+        self._bindings: dict[tuple[int, int], InPlaceBinding] = {}  # per row range, made once
 
     def length(self, slot: int) -> int:
         return int(self._len[slot])
+
+    def _binding(self, lo: int, hi: int) -> InPlaceBinding:
+        binding = self._bindings.get((lo, hi))
+        if binding is None:
+            binding = self._bindings[(lo, hi)] = self.runner.inplace_binding([b[lo:hi] for b in self.buffers])
+        return binding
 
     def _step(self, chunks: dict[int, Sequence[int]], keep_all: bool = False) -> np.ndarray:
         """One forward pass over rows ``min(chunks)..max(chunks)``; rows without a chunk idle."""
@@ -206,7 +223,8 @@ class InPlaceCache:
         pos[:, 0] = start  # the graph reads the row's new-token count as T - position_ids[:, 0]
         mask = (np.arange(int(total.max()))[None] < total[:, None]).astype(np.int64)
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-        logits = self.runner.run_inplace(feeds, [b[lo:hi] for b in self.buffers], keep_all)
+        binding = self._binding(lo, hi)
+        logits = binding.run_all(feeds) if keep_all else binding.run(feeds).copy()
         self._len[lo:hi] += q
         return logits
 
@@ -221,14 +239,29 @@ class InPlaceCache:
         return np.concatenate([self._step({s: p}) for s, p in zip(slots, prompts, strict=True)])
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
-        for s in slots:
-            if not self._len[s]:
-                raise CacheError(f"slot {s} is empty; prefill it first")
-            if self._len[s] >= self.capacity:
-                raise CacheError(f"slot {s} is full ({self.capacity} tokens)")
-        out = self._step({s: [t] for s, t in zip(slots, tokens, strict=True)})
-        lo = min(slots)
-        return out[[s - lo for s in slots]]
+        # The per-token path: the same feeds as ``_step`` for one-token chunks, built with numpy.
+        idx = np.asarray(slots, dtype=np.int64)
+        held = self._len[idx]
+        if not held.all() or (held >= self.capacity).any():
+            bad = int(idx[np.argmax((held == 0) | (held >= self.capacity))])
+            why = "is empty; prefill it first" if not self._len[bad] else f"is full ({self.capacity} tokens)"
+            raise CacheError(f"slot {bad} {why}")
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        past = self._len[lo:hi]
+        active = np.zeros(hi - lo, np.int64)
+        active[idx - lo] = 1
+        # idle rows state P = T (nothing new) at a length with room for the one-token chunk
+        start = np.where(active, past, np.minimum(np.maximum(past, 1), self.capacity - 1))
+        total = start + active
+        ids = np.zeros((hi - lo, 1), np.int64)
+        ids[idx - lo, 0] = tokens
+        mask = (np.arange(int(total.max()))[None] < total[:, None]).astype(np.int64)
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": start[:, None]}
+        logits = self._binding(lo, hi).run(feeds)[
+            idx - lo
+        ]  # fancy indexing copies out of the binding's buffer
+        self._len[lo:hi] += active
+        return logits
 
     def release(self, slot: int) -> None:
         self._len[slot] = 0  # rows past a slot's length are never read: nothing to clear

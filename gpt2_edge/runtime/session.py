@@ -184,16 +184,8 @@ class OrtBackend:
         shape = (n_slots, self.n_head, capacity, self.head_size)
         return [np.zeros(shape, self.kv_dtype) for _ in self.past_names]
 
-    def run_inplace(
-        self, feeds: dict[str, np.ndarray], cache: list[np.ndarray], keep_all: bool
-    ) -> np.ndarray:
-        import onnxruntime as ort
-
-        # On the CPU an OrtValue made from a numpy array wraps its memory: past and present are
-        # the caller's buffer, which GroupQueryAttention then updates in place.
-        values = [ort.OrtValue.ortvalue_from_numpy(c) for c in cache]
-        logits, _ = self._bind_and_run(feeds, values, values, keep_all)
-        return logits if keep_all else logits[:, -1]
+    def inplace_binding(self, cache: list[np.ndarray]) -> _InPlaceBinding:
+        return _InPlaceBinding(self, cache)
 
     # whole sequences ----------------------------------------------------------------------------
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
@@ -206,3 +198,50 @@ class OrtBackend:
         pos = np.broadcast_to(np.arange(T, dtype=np.int64), input_ids.shape)
         feeds = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids), "position_ids": pos}
         return self._bind_and_run(feeds, past, None, keep_all=True)[0]
+
+
+class _InPlaceBinding:
+    """IO binding of one range of in-place cache rows, made once and reused every step.
+
+    On the CPU an OrtValue made from a numpy array wraps its memory, so past and present are the
+    caller's buffer (GroupQueryAttention updates it in place), and the last-position logits land
+    in a preallocated array: a step binds only its three small integer inputs.
+    """
+
+    def __init__(self, backend: OrtBackend, cache: list[np.ndarray]) -> None:
+        import onnxruntime as ort
+
+        self.backend = backend
+        self.io = backend.session.io_binding()
+        self.values = [ort.OrtValue.ortvalue_from_numpy(c) for c in cache]  # keeps the views alive
+        for past, present, value in zip(backend.past_names, backend.present_names, self.values, strict=True):
+            self.io.bind_ortvalue_input(past, value)
+            self.io.bind_ortvalue_output(present, value)
+        rows = cache[0].shape[0]
+        self.logits = np.zeros((rows, 1, backend.bundle.dims["vocab_size"]), np.float32)
+        self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+        if backend.has_logits_to_keep:
+            self.io.bind_cpu_input("logits_to_keep", np.array(1, np.int64))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Last-position logits ``(rows, V)`` (a view of the binding's own buffer: copy to keep)."""
+        for name, value in feeds.items():
+            self.io.bind_cpu_input(name, value)
+        self.backend.session.run_with_iobinding(self.io)
+        return self.logits[:, 0]
+
+    def run_all(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Logits at every position ``(rows, S, V)`` (perplexity, parity): a one-off binding."""
+        io = self.backend.session.io_binding()
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, value)
+        if self.backend.has_logits_to_keep:
+            io.bind_cpu_input("logits_to_keep", np.array(0, np.int64))
+        io.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
+        for past, present, value in zip(
+            self.backend.past_names, self.backend.present_names, self.values, strict=True
+        ):
+            io.bind_ortvalue_input(past, value)
+            io.bind_ortvalue_output(present, value)
+        self.backend.session.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()

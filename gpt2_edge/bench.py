@@ -1,0 +1,269 @@
+"""``gpt2-edge bench``: how fast each bundle runs on this device, to pick a precision. Torch-free.
+
+Per bundle: load time, time to first token for a short and a long prompt, decode tokens/s at
+batch 1, at batch 8 and at a long context, and the process's peak RSS. Each bundle is measured
+in its own subprocess (so peak RSS is its own), bundles alternate for ``--rounds`` rounds and
+the table shows medians: absolute numbers drift on a shared machine, alternation keeps the
+comparison fair. Prompts are random token ids (seeded); eos is suppressed so every run decodes
+the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+BATCH = 8
+
+
+@dataclass
+class BenchConfig:
+    short_prompt: int = 32
+    long_prompt: int = 512
+    long_context: int = 896  # prompt length for the long-context decode (capped by the context)
+    new_tokens: int = 64
+    batch: int = BATCH
+    threads: int | None = None
+    provider: str = "cpu"
+
+
+@dataclass
+class BenchResult:
+    bundle: str
+    precision: str
+    kv_cache: str
+    mib: float
+    load_s: float = 0.0
+    ttft_short_ms: float = 0.0
+    ttft_long_ms: float = 0.0
+    decode_b1: float = 0.0  # tokens/s, batch 1, short prompt
+    decode_batch: float = 0.0  # tokens/s summed over the batch
+    decode_long: float = 0.0  # tokens/s, batch 1, long context
+    peak_rss_mib: float = 0.0
+    lengths: dict[str, int] = field(default_factory=dict)
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident set of this process (VmHWM), MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(path: str, cfg: BenchConfig) -> BenchResult:
+    """Measure one bundle in this process."""
+    from .runtime.bundle import Bundle
+    from .runtime.generator import decode
+    from .runtime.session import OrtBackend
+    from .runtime.sampling import GenerationConfig
+
+    t0 = time.perf_counter()
+    bundle = Bundle.load(path, verify=False)
+    backend = OrtBackend(bundle, provider=cfg.provider, threads=cfg.threads)
+    load_s = time.perf_counter() - t0
+    n_ctx, vocab = bundle.context_length, bundle.dims["vocab_size"]
+    new = min(cfg.new_tokens, n_ctx // 2)
+    rng = np.random.default_rng(0)
+    eos = bundle.eos_token_id
+
+    def prompt(n: int) -> list[int]:
+        ids = rng.integers(0, vocab, n)
+        return [int(t) if t != eos else 0 for t in ids]
+
+    def run(prompts: list[list[int]], max_new: int) -> dict[str, float]:
+        gc = GenerationConfig(max_new_tokens=max_new, min_new_tokens=max_new)
+        res = decode(backend, prompts, gc, eos_token_id=eos, n_ctx=n_ctx, detokenize=lambda ids: "")
+        return res[0].timings
+
+    short = min(cfg.short_prompt, n_ctx - new)
+    long = min(cfg.long_prompt, n_ctx - 1)
+    ctx = min(cfg.long_context, n_ctx - new)
+    run([prompt(short)], 4)  # warm-up: first-run allocations and kernel choices
+    ttft_short = statistics.median(run([prompt(short)], 1)["prefill_s"] for _ in range(3))
+    ttft_long = statistics.median(run([prompt(long)], 1)["prefill_s"] for _ in range(2))
+
+    def rate(prompts: list[list[int]]) -> float:
+        t = run(prompts, new)
+        return len(prompts) * (t["steps"] - 1) / t["decode_s"]
+
+    b1 = rate([prompt(short)])
+    bb = rate([prompt(short) for _ in range(cfg.batch)])
+    lc = rate([prompt(ctx)])
+    files = bundle.manifest["files"]
+    mib = sum(f["bytes"] for n, f in files.items() if n.startswith(bundle.manifest["model_file"])) / 2**20
+    return BenchResult(
+        bundle=str(path),
+        precision=bundle.precision,
+        kv_cache=bundle.kv_form,
+        mib=mib,
+        load_s=load_s,
+        ttft_short_ms=1000 * ttft_short,
+        ttft_long_ms=1000 * ttft_long,
+        decode_b1=b1,
+        decode_batch=bb,
+        decode_long=lc,
+        peak_rss_mib=_peak_rss_mib(),
+        lengths={"short": short, "long": long, "context": ctx, "new": new, "batch": cfg.batch},
+    )
+
+
+def _measure_in_subprocess(path: str, cfg: BenchConfig) -> BenchResult:
+    cmd = [sys.executable, "-m", "gpt2_edge.bench", "--worker", path, "--config", json.dumps(asdict(cfg))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"benchmarking {path} failed: {last}")
+    return BenchResult(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def bench(paths: list[str], cfg: BenchConfig, rounds: int = 1, log=print) -> list[BenchResult]:
+    """Alternate the bundles for ``rounds`` rounds (one subprocess each); the per-bundle medians."""
+    from .runtime.bundle import Bundle
+
+    for p in paths:
+        Bundle.load(p, verify=False)  # refuse a bad path before any timing
+    runs: dict[str, list[BenchResult]] = {p: [] for p in paths}
+    for r in range(rounds):
+        for p in paths:
+            log(f"round {r + 1}/{rounds}: {p}")
+            runs[p].append(_measure_in_subprocess(p, cfg))
+    out = []
+    for p in paths:
+        rs = runs[p]
+        med = {
+            k: statistics.median(getattr(x, k) for x in rs)
+            for k in (
+                "load_s",
+                "ttft_short_ms",
+                "ttft_long_ms",
+                "decode_b1",
+                "decode_batch",
+                "decode_long",
+                "peak_rss_mib",
+            )
+        }
+        out.append(BenchResult(**{**asdict(rs[0]), **med}))
+    return out
+
+
+def table(results: list[BenchResult]) -> str:
+    """The results as a markdown table."""
+    r0 = results[0].lengths
+    head = (
+        f"| bundle | precision | KV cache | MiB | load s | TTFT {r0['short']} tok ms | TTFT {r0['long']} tok ms "
+        f"| decode tok/s b1 | decode tok/s b{r0['batch']} | decode tok/s @{r0['context']} | peak RSS MiB |"
+    )
+    lines = [head, "|" + "---|" * 3 + "---:|" * 8]
+    for r in results:
+        lines.append(
+            f"| {Path(r.bundle).name} | {r.precision} | {r.kv_cache} | {r.mib:.1f} | {r.load_s:.2f} | "
+            f"{r.ttft_short_ms:.1f} | {r.ttft_long_ms:.1f} | {r.decode_b1:.1f} | {r.decode_batch:.1f} | "
+            f"{r.decode_long:.1f} | {r.peak_rss_mib:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[BenchResult], path: str) -> None:
+    """A PNG bar chart of the decode rates and time to first token (needs the ``plot`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install 'gpt2-edge[plot]'") from None
+    names = [f"{Path(r.bundle).name}\n{r.precision}" for r in results]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    x = np.arange(len(results))
+    w = 0.27
+    for i, (key, label) in enumerate(
+        (
+            ("decode_b1", "batch 1"),
+            ("decode_batch", f"batch {results[0].lengths['batch']}"),
+            ("decode_long", f"@{results[0].lengths['context']} tokens"),
+        )
+    ):
+        axes[0].bar(x + (i - 1) * w, [getattr(r, key) for r in results], w, label=label)
+    axes[0].set_title("decode tokens/s (higher is better)")
+    axes[0].set_xticks(x, names)
+    axes[0].legend()
+    for i, (key, label) in enumerate((("ttft_short_ms", "short prompt"), ("ttft_long_ms", "long prompt"))):
+        axes[1].bar(x + (i - 0.5) * w, [getattr(r, key) for r in results], w, label=label)
+    axes[1].set_title("time to first token, ms (lower is better)")
+    axes[1].set_xticks(x, names)
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# command line ----------------------------------------------------------------------------------
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time to first token, decode speed and peak memory per bundle, here")
+    p.add_argument("bundles", nargs="+", help="bundle directories to compare")
+    p.add_argument("--threads", type=int, help="CPU threads (default: onnxruntime's choice)")
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt", "auto"])
+    p.add_argument("--rounds", type=int, default=1, help="alternate the bundles this many times; medians")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per measurement")
+    p.add_argument("--short-prompt", type=int, default=32)
+    p.add_argument("--long-prompt", type=int, default=512)
+    p.add_argument("--long-context", type=int, default=896, help="prompt length of the long-context decode")
+    p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--plot", metavar="PNG", help="also draw a chart (needs the plot extra)")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _positive(name: str, value: int) -> int:
+    if value < 1:
+        raise ValueError(f"--{name} must be >= 1, got {value}")
+    return value
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    cfg = BenchConfig(
+        short_prompt=_positive("short-prompt", args.short_prompt),
+        long_prompt=_positive("long-prompt", args.long_prompt),
+        long_context=_positive("long-context", args.long_context),
+        new_tokens=_positive("new-tokens", args.new_tokens),
+        batch=_positive("batch", args.batch),
+        threads=args.threads,
+        provider=args.provider,
+    )
+    results = bench(
+        args.bundles, cfg, _positive("rounds", args.rounds), log=lambda m: print(m, file=sys.stderr)
+    )
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], indent=2))
+    else:
+        print(table(results))
+    if args.plot:
+        plot(results, args.plot)
+        print(f"chart written: {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _worker(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", required=True)
+    p.add_argument("--config", required=True)
+    a = p.parse_args(argv)
+    print(json.dumps(asdict(measure(a.worker, BenchConfig(**json.loads(a.config))))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1:]))
