@@ -68,8 +68,8 @@ def measure(path: str, cfg: BenchConfig) -> BenchResult:
     """Measure one bundle in this process."""
     from .runtime.bundle import Bundle
     from .runtime.generator import decode
-    from .runtime.session import OrtBackend
     from .runtime.sampling import GenerationConfig
+    from .runtime.session import OrtBackend
 
     t0 = time.perf_counter()
     bundle = Bundle.load(path, verify=False)
@@ -164,8 +164,9 @@ def table(results: list[BenchResult]) -> str:
     """The results as a markdown table."""
     r0 = results[0].lengths
     head = (
-        f"| bundle | precision | KV cache | MiB | load s | TTFT {r0['short']} tok ms | TTFT {r0['long']} tok ms "
-        f"| decode tok/s b1 | decode tok/s b{r0['batch']} | decode tok/s @{r0['context']} | peak RSS MiB |"
+        f"| bundle | precision | KV cache | MiB | load s | TTFT {r0['short']} tok ms "
+        f"| TTFT {r0['long']} tok ms | decode tok/s b1 | decode tok/s b{r0['batch']} "
+        f"| decode tok/s @{r0['context']} | peak RSS MiB |"
     )
     lines = [head, "|" + "---|" * 3 + "---:|" * 8]
     for r in results:

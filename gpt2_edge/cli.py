@@ -626,6 +626,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # entry point ------------------------------------------------------------------------------
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from .bench import add_bench
+
+    add_bench(sub)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_export,
@@ -635,6 +641,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_generate,
     _add_eval,
     _add_demo,
+    _add_bench,
 ]
 
 
