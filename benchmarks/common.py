@@ -34,10 +34,26 @@ def random_checkpoint(preset: str = "gpt2", seed: int = 0) -> Path:
     return out
 
 
-def bundle_of(checkpoint: Path, target: str = "ort", fuse_attention: bool = True) -> Path:
+def bundle_of(
+    checkpoint: Path, target: str = "ort", fuse_attention: bool = True, kv_cache: str | None = None
+) -> Path:
+    """Our bundle of ``checkpoint`` (cached): ``ort`` target in place by default."""
     from gpt2_edge.export.bundle import export_bundle
 
-    out = CACHE / f"{checkpoint.name}-{target}{'' if fuse_attention else '-nomha'}-bundle"
+    kv = kv_cache or ("inplace" if target == "ort" else "concat")
+    out = CACHE / f"{checkpoint.name}-{target}-{kv}{'' if fuse_attention else '-nomha'}-bundle"
     if (out / "bundle.json").is_file():
         return out
-    return export_bundle(checkpoint, out, target=target, overwrite=True, fuse_attention=fuse_attention)
+    return export_bundle(
+        checkpoint, out, target=target, overwrite=True, fuse_attention=fuse_attention, kv_cache=kv
+    )
+
+
+def variant_of(bundle: Path, precision: str) -> Path:
+    """A precision variant of ``bundle`` (cached; the gate is skipped: random weights)."""
+    from gpt2_edge.quantize.pipeline import quantize_bundle
+
+    out = bundle.with_name(f"{bundle.name}-{precision}")
+    if (out / "bundle.json").is_file():
+        return out
+    return quantize_bundle(bundle, precision, out, force=True, overwrite=True)[0]

@@ -1,0 +1,437 @@
+"""gpt2-edge against its peers on the same machine, same token ids, interleaved rounds.
+
+Peers (optional, ``pip install -r benchmarks/requirements-peers.txt``; each one missing is
+skipped with the reason): llama.cpp through llama-cpp-python (built from its sdist; the model is
+converted with llama.cpp's own ``convert_hf_to_gguf.py`` and quantized with its own quantizer),
+CTranslate2 (its Transformers converter), ONNX Runtime's GPT-2 tool
+(``onnxruntime.transformers.models.gpt2.convert_to_onnx``, the stacked-past graph, its own
+optimizer and quantizer) and Hugging Face Optimum (``ORTModelForCausalLM``).
+
+The model: random GPT-2 124M-shaped weights (speed does not depend on the values) with the real
+GPT-2 tokenizer. Workloads, greedy, eos never ends a run:
+  b1    batch 1, 32-token prompt, 64 new tokens: decode tokens/s, time to first token
+  b8    batch 8 x 32-token prompts, 64 new tokens: decode tokens/s summed over the batch
+  long  batch 1, 896-token prompt, 64 new tokens: decode tokens/s, time to first token
+  rss   peak RSS of the process after the b1 run
+Each engine runs in its own subprocess per round; rounds alternate engines; the table shows
+medians of each engine's runs and the median over rounds of the per-round ratio ours / peer.
+
+    python benchmarks/bench_peers.py [--rounds 3] [--threads 2] [--only llama,ct2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import CACHE, bundle_of, random_checkpoint, variant_of  # noqa: E402
+
+NEW = 64
+SHORT, LONG, BATCH = 32, 896, 8
+
+# engine -> (family, class). Classes compare like with like: fp32, int8, int4.
+ENGINES: dict[str, tuple[str, str]] = {
+    "gpt2-edge fp32": ("ours", "fp32"),
+    "gpt2-edge int8": ("ours", "int8"),
+    "gpt2-edge int4": ("ours", "int4"),
+    "llama.cpp f32": ("llama", "fp32"),
+    "llama.cpp q8_0": ("llama", "int8"),
+    "llama.cpp q4_0": ("llama", "int4"),
+    "ctranslate2 float32": ("ct2", "fp32"),
+    "ctranslate2 int8": ("ct2", "int8"),
+    "ort-gpt2-tool fp32": ("ortgpt2", "fp32"),
+    "ort-gpt2-tool int8": ("ortgpt2", "int8"),
+    "ort-gpt2-tool int4": ("ortgpt2", "int4"),
+    "optimum fp32": ("optimum", "fp32"),
+}
+
+
+def _peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# -------------------------------------------------------------------------------------------
+# A runner: prefill + greedy decode of a batch of equal-length prompts, timed.
+# Returns (time to first token s, decode seconds for the remaining NEW-1 tokens).
+# -------------------------------------------------------------------------------------------
+Runner = Callable[[list[list[int]], int], tuple[float, float]]
+
+
+def ours(engine: str, threads: int) -> Runner:
+    from gpt2_edge.runtime.bundle import Bundle
+    from gpt2_edge.runtime.generator import decode
+    from gpt2_edge.runtime.sampling import GenerationConfig
+    from gpt2_edge.runtime.session import OrtBackend
+
+    base = bundle_of(random_checkpoint("gpt2"))
+    path = {"fp32": base, "int8": variant_of(base, "int8-dynamic"), "int4": variant_of(base, "int4")}[
+        ENGINES[engine][1]
+    ]
+    b = Bundle.load(path, verify=False)
+    backend = OrtBackend(b, threads=threads)
+
+    def run(prompts: list[list[int]], new: int) -> tuple[float, float]:
+        cfg = GenerationConfig(max_new_tokens=new, min_new_tokens=new)
+        t = decode(backend, prompts, cfg, eos_token_id=None, n_ctx=b.context_length, detokenize=lambda _: "")
+        return t[0].timings["prefill_s"], t[0].timings["decode_s"]
+
+    return run
+
+
+def _gguf(kind: str) -> Path:
+    """The checkpoint in GGUF: f32 by llama.cpp's converter, q8_0 / q4_0 by its quantizer."""
+    import llama_cpp
+
+    ckpt = random_checkpoint("gpt2")
+    f32 = CACHE / "llama" / "model-f32.gguf"
+    if not f32.is_file():
+        script = _llama_source() / "convert_hf_to_gguf.py"
+        f32.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": str(_llama_source() / "gguf-py")}
+        subprocess.run(
+            [sys.executable, str(script), str(ckpt), "--outtype", "f32", "--outfile", str(f32)],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
+    if kind == "f32":
+        return f32
+    out = f32.with_name(f"model-{kind}.gguf")
+    if not out.is_file():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[
+            kind
+        ]
+        params.nthread = 2
+        rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params)
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize returned {rc}")
+    return out
+
+
+def _llama_source() -> Path:
+    """llama.cpp's sources (converter, gguf-py) from the llama-cpp-python sdist, unpacked in the cache."""
+    src = CACHE / "llama-src"
+    found = list(src.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    if found:
+        return found[0]
+    src.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            str(src),
+            "llama-cpp-python",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (tarball,) = src.glob("llama_cpp_python-*.tar.gz")
+    shutil.unpack_archive(tarball, src)
+    return next(src.glob("llama_cpp_python-*/vendor/llama.cpp"))
+
+
+def llama(engine: str, threads: int) -> Runner:
+    import llama_cpp
+
+    kind = engine.split()[-1]
+    llm = llama_cpp.Llama(
+        str(_gguf(kind)),
+        n_ctx=1024,
+        n_batch=1024,
+        n_ubatch=1024,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+
+    def run(prompts: list[list[int]], new: int) -> tuple[float, float]:
+        if len(prompts) != 1:
+            raise NotImplementedError("llama-cpp-python's Llama runs one sequence")
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompts[0])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        first = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for _ in range(new - 1):
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return first, time.perf_counter() - t1
+
+    return run
+
+
+def ct2(engine: str, threads: int) -> Runner:
+    import ctranslate2
+
+    from gpt2_edge.runtime.tokenizer import Tokenizer
+
+    ckpt = random_checkpoint("gpt2")
+    out = CACHE / "ct2" / "model"
+    if not (out / "model.bin").is_file():
+        from ctranslate2.converters import TransformersConverter
+
+        TransformersConverter(str(ckpt)).convert(str(out), force=True)
+    compute = engine.split()[-1]
+    gen = ctranslate2.Generator(str(out), device="cpu", compute_type=compute, intra_threads=threads)
+    tok = Tokenizer.from_dir(ckpt)._tok
+
+    def run(prompts: list[list[int]], new: int) -> tuple[float, float]:
+        batch = [[tok.id_to_token(i) for i in p] for p in prompts]
+        kw = dict(sampling_topk=1, include_prompt_in_result=False, end_token=[])
+        t0 = time.perf_counter()
+        gen.generate_batch(batch, max_length=1, min_length=1, **kw)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        gen.generate_batch(batch, max_length=new, min_length=new, **kw)
+        return first, time.perf_counter() - t0 - first
+
+    return run
+
+
+def ortgpt2(engine: str, threads: int) -> Runner:
+    import onnxruntime as ort
+
+    ckpt = random_checkpoint("gpt2")
+    precision = engine.split()[-1]
+    out = CACHE / "ort-gpt2-tool" / precision
+    model = out / "model.onnx"
+    if not model.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "onnxruntime.transformers.models.gpt2.convert_to_onnx",
+                "-m",
+                str(ckpt),
+                "--output",
+                str(model),
+                "-o",
+                "-p",
+                precision,
+                "--overwrite",
+                "--use_int64_inputs",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        if not model.is_file():  # the tool names its output after the precision
+            found = sorted(out.glob("*.onnx"))
+            found[0].rename(model)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    ins = {i.name: i for i in sess.get_inputs()}
+    past_names = [n for n in ins if n.startswith("past")]
+    itype = np.int64 if ins["input_ids"].type == "tensor(int64)" else np.int32
+    ftype = np.float16 if ins[past_names[0]].type == "tensor(float16)" else np.float32
+    n_head, head = 12, 64
+
+    def run(prompts: list[list[int]], new: int) -> tuple[float, float]:
+        B, P = len(prompts), len(prompts[0])
+        ids = np.array(prompts, itype)
+        past = [np.zeros((2, B, n_head, 0, head), ftype) for _ in past_names]
+        t0 = time.perf_counter()
+        feeds = {
+            "input_ids": ids,
+            "position_ids": np.tile(np.arange(P, dtype=itype), (B, 1)),
+            "attention_mask": np.ones(
+                (B, P), ftype if ins["attention_mask"].type.endswith("float)") else itype
+            ),
+        }
+        outs = sess.run(None, {**feeds, **dict(zip(past_names, past, strict=True))})
+        nxt = outs[0][:, -1].argmax(-1)
+        first = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        total = P
+        for _ in range(new - 1):
+            total += 1
+            feeds = {
+                "input_ids": nxt[:, None].astype(itype),
+                "position_ids": np.full((B, 1), total - 1, itype),
+                "attention_mask": np.ones((B, total), feeds["attention_mask"].dtype),
+            }
+            outs = sess.run(None, {**feeds, **dict(zip(past_names, outs[1:], strict=True))})
+            nxt = outs[0][:, -1].argmax(-1)
+        return first, time.perf_counter() - t1
+
+    return run
+
+
+def optimum(engine: str, threads: int) -> Runner:
+    import onnxruntime as ort
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    ckpt = random_checkpoint("gpt2")
+    out = CACHE / "optimum" / "model"
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    if not (out / "model.onnx").is_file():
+        ORTModelForCausalLM.from_pretrained(ckpt, export=True, use_cache=True).save_pretrained(out)
+    model = ORTModelForCausalLM.from_pretrained(
+        out, use_cache=True, session_options=so, provider="CPUExecutionProvider"
+    )
+    torch.set_num_threads(threads)
+
+    def run(prompts: list[list[int]], new: int) -> tuple[float, float]:
+        ids = torch.tensor(prompts)
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+        return first, time.perf_counter() - t0 - first
+
+    return run
+
+
+FAMILIES = {"ours": ours, "llama": llama, "ct2": ct2, "ortgpt2": ortgpt2, "optimum": optimum}
+
+
+def worker(engine: str, threads: int, prompts: dict[str, list[list[int]]]) -> dict[str, float | None]:
+    run = FAMILIES[ENGINES[engine][0]](engine, threads)
+    run(prompts["short"], 4)  # warm-up
+    res: dict[str, float | None] = {}
+    first, dec = run(prompts["short"], NEW)
+    res["ttft_short_ms"], res["b1"] = 1000 * first, (NEW - 1) / dec
+    res["rss_b1_mib"] = _peak_rss_mib()
+    first, dec = run(prompts["long"], NEW)
+    res["ttft_long_ms"], res["long"] = 1000 * first, (NEW - 1) / dec
+    try:
+        first, dec = run(prompts["batch"], NEW)
+        res["b8"] = BATCH * (NEW - 1) / dec
+    except NotImplementedError:
+        res["b8"] = None
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", help="comma-separated families: ours,llama,ct2,ortgpt2,optimum")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--prompts", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        prompts = json.loads(Path(args.prompts).read_text())
+        print(json.dumps(worker(args.worker, args.threads, prompts)))
+        return
+
+    rng = np.random.default_rng(0)
+    ids = lambda n: rng.integers(0, 50256, n).tolist()  # noqa: E731 - never eos
+    prompts = {"short": [ids(SHORT)], "long": [ids(LONG)], "batch": [ids(SHORT) for _ in range(BATCH)]}
+    CACHE.mkdir(parents=True, exist_ok=True)
+    pfile = CACHE / "peer-prompts.json"
+    pfile.write_text(json.dumps(prompts))
+    families = set(args.only.split(",")) | {"ours"} if args.only else set(FAMILIES)
+    engines = [e for e, (fam, _) in ENGINES.items() if fam in families]
+
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    skipped: dict[str, str] = {}
+    for r in range(args.rounds):
+        for e in engines:
+            if e in skipped:
+                continue
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                e,
+                "--threads",
+                str(args.threads),
+                "--prompts",
+                str(pfile),
+            ]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                skipped[e] = (p.stderr.strip().splitlines() or ["failed"])[-1][:160]
+                print(f"round {r + 1}: {e}: skipped ({skipped[e]})", file=sys.stderr)
+                continue
+            runs[e].append(json.loads(p.stdout.strip().splitlines()[-1]))
+            print(f"round {r + 1}: {e}: {runs[e][-1]}", file=sys.stderr)
+
+    keys = ("b1", "b8", "long", "ttft_short_ms", "ttft_long_ms", "rss_b1_mib")
+    med = {
+        e: {
+            k: statistics.median([x[k] for x in rs if x[k] is not None])
+            if any(x[k] is not None for x in rs)
+            else None
+            for k in keys
+        }
+        for e, rs in runs.items()
+        if rs
+    }
+    print(
+        f"\nGPT-2 124M shape, random weights, {args.threads} threads, {args.rounds} rounds (medians); "
+        f"decode tok/s, TTFT ms, peak RSS MiB"
+    )
+    print("| engine | class | b1 tok/s | b8 tok/s | @896 tok/s | TTFT 32 ms | TTFT 896 ms | RSS b1 MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+    for e, m in med.items():
+        print(
+            f"| {e} | {ENGINES[e][1]} | {fmt(m['b1'], '.1f')} | {fmt(m['b8'], '.1f')} | "
+            f"{fmt(m['long'], '.1f')} | {fmt(m['ttft_short_ms'], '.0f')} | {fmt(m['ttft_long_ms'], '.0f')} | "
+            f"{fmt(m['rss_b1_mib'], '.0f')} |"
+        )
+    print(
+        "\nours / fastest peer of the same class: median over rounds of the per-round ratio "
+        "(decode: >1 = ours faster; TTFT and RSS: <1 = ours lower)"
+    )
+    for cls in ("fp32", "int8", "int4"):
+        mine = f"gpt2-edge {cls}"
+        if mine not in runs or not runs[mine]:
+            continue
+        for k in keys:
+            peers = [e for e in runs if ENGINES[e][1] == cls and ENGINES[e][0] != "ours" and runs[e]]
+            best, best_ratio = None, None
+            for e in peers:
+                ratios = [
+                    a[k] / b[k]
+                    for a, b in zip(runs[mine], runs[e], strict=False)
+                    if a[k] is not None and b[k] is not None
+                ]
+                if not ratios:
+                    continue
+                r = statistics.median(ratios)
+                # the fastest peer: for decode rates the smallest ours/peer, for TTFT and RSS the largest
+                lower_is_better = k.startswith(("ttft", "rss"))
+                if best_ratio is None or (r > best_ratio if lower_is_better else r < best_ratio):
+                    best, best_ratio = e, r
+            if best is not None:
+                print(f"  {cls:5} {k:14} vs {best:22} {best_ratio:.2f}")
+    for e, why in skipped.items():
+        print(f"skipped {e}: {why}")
+
+
+if __name__ == "__main__":
+    main()
