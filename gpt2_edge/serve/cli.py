@@ -1,0 +1,253 @@
+"""``gpt2-edge serve``: the HTTP server on uvicorn, or N replicas on Ray Serve (``--ray``).
+
+Also runnable as ``python -m gpt2_edge.serve`` (same options): that entry never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+API_KEY_ENV = "GPT2_EDGE_API_KEY"
+CACHE_ENV = "GPT2_EDGE_CACHE"
+
+
+class ServeError(ValueError):
+    """A problem whose message is the whole story for the user."""
+
+
+def default_bundle_dir() -> Path:
+    """Where ``serve`` keeps its export of the shipped default model (``$GPT2_EDGE_CACHE``, else
+    ``$XDG_CACHE_HOME/gpt2-edge``, else ``~/.cache/gpt2-edge``)."""
+    root = (
+        os.environ.get(CACHE_ENV)
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2-edge"
+    )
+    return Path(root) / "default-bundle"
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "bundle",
+        nargs="?",
+        help="bundle directory (gpt2-edge export -o DIR). Default: the shipped default model, exported once "
+        "to $GPT2_EDGE_CACHE/default-bundle (~/.cache/gpt2-edge; the export needs the `export` extra)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--provider", default="cpu", help="cpu | cuda | tensorrt | auto (default: cpu)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (per replica)")
+    p.add_argument(
+        "--max-batch", type=int, default=8, help="sequences decoded together (KV slots); 1 = no batching"
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=32, help="sequences waiting for a slot; beyond it requests get 429"
+    )
+    p.add_argument(
+        "--api-key",
+        help=f"require `Authorization: Bearer KEY` on every route but /health (better: set ${API_KEY_ENV}, "
+        "which `ps` does not show)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds a request may take in all (default 300)"
+    )
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="allow browser requests from this origin (repeatable; default: CORS off)",
+    )
+    p.add_argument(
+        "--model-name", help="model id in /v1/models and responses (default: the bundle dir's name)"
+    )
+    p.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to finish in-flight requests"
+    )
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g = p.add_argument_group("Ray Serve (scale-out; needs the `ray` extra)")
+    g.add_argument(
+        "--ray", action="store_true", help="run as a Ray Serve deployment with --replicas replicas"
+    )
+    g.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, each its own model and batch")
+    g.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
+    g.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    """Register ``gpt2-edge serve`` on the main CLI."""
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server with continuous batching (or Ray Serve replicas)",
+        description="Serve a bundle over an OpenAI-style HTTP API: POST /v1/completions (SSE with stream), "
+        "GET /v1/models, /health, /metrics, POST /tokenize, /detokenize. Binds 127.0.0.1 unless --host says "
+        "otherwise. SIGTERM drains in-flight requests (--drain-timeout) and exits 0.",
+    )
+    add_serve_arguments(p)
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    if "torch" in sys.modules:
+        # The main CLI imports every stage to build its parser; a server holding torch would carry
+        # hundreds of MB it never uses. Start over in the torch-free entry point (same pid).
+        _reexec_torch_free(args)
+    return run(args)
+
+
+def _reexec_torch_free(args: argparse.Namespace) -> None:
+    argv = [sys.executable, "-m", "gpt2_edge.serve"]
+    if args.bundle:
+        argv.append(args.bundle)
+    for flag, value in (
+        ("--host", args.host),
+        ("--port", args.port),
+        ("--provider", args.provider),
+        ("--threads", args.threads),
+        ("--max-batch", args.max_batch),
+        ("--max-queue", args.max_queue),
+        ("--timeout", args.timeout),
+        ("--max-body-bytes", args.max_body_bytes),
+        ("--model-name", args.model_name),
+        ("--drain-timeout", args.drain_timeout),
+        ("--log-level", args.log_level),
+        ("--replicas", args.replicas),
+        ("--ray-address", args.ray_address),
+        ("--replica-cpus", args.replica_cpus),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    for origin in args.cors_origin:
+        argv += ["--cors-origin", origin]
+    if args.ray:
+        argv.append("--ray")
+    env = dict(os.environ)
+    if args.api_key:
+        env[API_KEY_ENV] = args.api_key  # through the environment, not the visible command line
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, env)
+
+
+def resolve_bundle(bundle: str | None, log: Any = print) -> Path:
+    """The bundle to serve: the given one, or the shipped default model's (exported on first use)."""
+    if bundle:
+        path = Path(bundle)
+        if not (path / "bundle.json").is_file():
+            raise ServeError(
+                f"{path} is not a bundle (no bundle.json); make one with `gpt2-edge export -o {path}`"
+            )
+        return path
+    path = default_bundle_dir()
+    if (path / "bundle.json").is_file():
+        return path
+    log(f"no BUNDLE given: exporting the shipped default model to {path} (once)")
+    # In a child process: the export needs torch, the server must not carry it.
+    cmd = [sys.executable, "-m", "gpt2_edge", "export", "-o", str(path), "--overwrite"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise ServeError(
+            f"could not export the default model ({tail[0]}); install the export extra "
+            "(pip install 'gpt2-edge[export]') or pass a bundle: gpt2-edge serve BUNDLE"
+        )
+    return path
+
+
+def settings_from_args(args: argparse.Namespace, api_key: str | None) -> Any:
+    from .app import ServeSettings
+
+    for name, value, low in (
+        ("--max-batch", args.max_batch, 1),
+        ("--max-queue", args.max_queue, 0),
+        ("--max-body-bytes", args.max_body_bytes, 1),
+    ):
+        if value < low:
+            raise ServeError(f"{name} must be >= {low}, got {value}")
+    if not args.timeout > 0:
+        raise ServeError(f"--timeout must be > 0, got {args.timeout}")
+    return ServeSettings(
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        api_key=api_key,
+        timeout_s=args.timeout,
+        max_body_bytes=args.max_body_bytes,
+        cors_origins=tuple(args.cors_origin),
+        model_name=args.model_name,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM / SIGINT; 0 after a clean drain."""
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    settings = settings_from_args(args, api_key)
+    bundle = resolve_bundle(args.bundle)
+    if args.ray:
+        from .ray_app import serve_with_ray
+
+        return serve_with_ray(bundle, settings, args)
+    if args.replicas != 1:
+        raise ServeError("--replicas needs --ray (one process serves one model; Ray Serve runs several)")
+    return serve_uvicorn(bundle, settings, args)
+
+
+def serve_uvicorn(bundle: Path, settings: Any, args: argparse.Namespace) -> int:
+    from .app import ServedModel, create_app
+
+    model = ServedModel.from_bundle(
+        bundle, provider=args.provider, threads=args.threads, name=args.model_name
+    )
+    app = create_app(model, settings)
+    print(
+        f"gpt2-edge serve: {model.name} ({bundle}) on http://{args.host}:{args.port} — max batch "
+        f"{settings.max_batch}, queue {settings.max_queue}, auth {'on' if settings.api_key else 'off'}",
+        flush=True,
+    )
+    return run_app(app, args.host, args.port, drain_timeout=args.drain_timeout, log_level=args.log_level)
+
+
+def run_app(
+    app: Any, host: str, port: int, drain_timeout: float = 30.0, log_level: str = "info", sockets: Any = None
+) -> int:
+    """Run ``app`` (from ``create_app``) on uvicorn until SIGTERM / SIGINT. In-flight requests get
+    ``drain_timeout`` seconds to finish while new completions are refused; then 0."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.draining = (
+                True  # /health says so and new completions get 503 while in-flight ones finish
+            )
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout, lifespan="on"
+    )
+    server = DrainingServer(config)
+    # uvicorn re-raises the signal it stopped on once it has drained; the default action of that
+    # second SIGTERM would kill us with status -15. A no-op handler lets a drained server exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run(sockets=sockets)
+    return 0 if server.started else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gpt2_edge.serve``: the same options as ``gpt2-edge serve``."""
+    p = argparse.ArgumentParser(
+        prog="python -m gpt2_edge.serve", description="gpt2-edge serve (torch-free entry)"
+    )
+    add_serve_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except (ServeError, ValueError, OSError) as e:
+        print(f"gpt2-edge serve: error: {e}", file=sys.stderr)
+        return 2
