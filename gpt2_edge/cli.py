@@ -632,6 +632,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     add_bench(sub)
 
 
+def _add_engine(sub: argparse._SubParsersAction) -> None:
+    from .engine.cli import add_build_engine, add_doctor
+
+    add_build_engine(sub)
+    add_doctor(sub)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_export,
@@ -642,6 +649,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_eval,
     _add_demo,
     _add_bench,
+    _add_engine,
 ]
 
 

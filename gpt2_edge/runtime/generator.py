@@ -195,7 +195,8 @@ class Generator:
         verify: bool = True,
         **provider_options: Any,
     ) -> Generator:
-        """Load and verify a bundle; ``provider`` is cpu, cuda, tensorrt or auto.
+        """Load and verify a bundle; ``provider`` is cpu, cuda, tensorrt or auto (ONNX Runtime), or
+        trt-engine (the bundle's TensorRT engine for this GPU, or an engine directory).
 
         ``provider_options`` go to ``OrtBackend`` (``trt_fp16``, ``trt_cache_dir``,
         ``trt_workspace_mib``).
@@ -204,6 +205,12 @@ class Generator:
         from .session import OrtBackend
 
         t0 = time.perf_counter()
+        if provider == "trt-engine":  # a prebuilt TensorRT engine: a bundle or an engine directory
+            from .trt_engine import TrtEngineBackend
+
+            engine = TrtEngineBackend(path, verify=verify, **provider_options)
+            b = engine.bundle
+            return cls(engine, b.tokenizer(), b.eos_token_id, engine.n_ctx, time.perf_counter() - t0)
         bundle = Bundle.load(path, verify=verify)
         backend = OrtBackend(bundle, provider=provider, threads=threads, **provider_options)
         return cls(

@@ -52,18 +52,75 @@ def resolve_provider(provider: str) -> str:
     return provider
 
 
-def tensorrt_options(cache_dir: Path, fp16: bool, workspace_mib: int | None) -> dict[str, object]:
+def tensorrt_options(
+    cache_dir: Path,
+    fp16: bool,
+    workspace_mib: int | None,
+    profile: dict[str, Any] | None = None,
+    timing_cache_dir: Path | None = None,
+) -> dict[str, object]:
     """TensorRT execution-provider options: engine and timing caches (an engine is built for the
-    GPU and TensorRT version it runs on), fp16, and an optional cap on the builder's workspace."""
+    GPU and TensorRT version it runs on), explicit shape ranges for every input (``profile``:
+    name -> ``engine.tensorrt.ShapeRange``; without them the provider rebuilds its engine each time
+    the past outgrows the shapes it has seen, i.e. during generation), fp16 for fp32 graphs
+    (TensorRT 10 only), and an optional cap on the builder's workspace."""
     options: dict[str, object] = {
         "trt_engine_cache_enable": True,
         "trt_engine_cache_path": str(cache_dir),
+        "trt_engine_cache_prefix": "gpt2edge",
         "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(timing_cache_dir or cache_dir),
         "trt_fp16_enable": fp16,
     }
     if workspace_mib:
         options["trt_max_workspace_size"] = workspace_mib * 2**20
+    if profile:
+        from ..engine.tensorrt import ort_profile_options
+
+        options.update(ort_profile_options(profile))
     return options
+
+
+def tensorrt_provider_options(
+    bundle: Bundle,
+    cache_root: Path,
+    fp16: bool = False,
+    workspace_mib: int | None = None,
+    max_batch: int = 8,
+    max_context: int | None = None,
+) -> dict[str, object]:
+    """The TensorRT provider's options for ``bundle`` on this machine: one shape range (batch
+    1..max_batch, past 0..context-1) and caches under ``cache_root/<gpu>-sm<cc>-trt<version>-ort
+    <version>-<hash of ranges, graph and fp16>``, so a change of GPU, TensorRT, ONNX Runtime,
+    limits or model never loads a stale engine."""
+    import onnxruntime as ort
+
+    from ..engine import system
+    from ..engine.tensorrt import Limits, digest, gpu_key, shape_ranges
+    from ..engine.trt_api import major
+
+    trt_version = system.tensorrt_version()
+    if fp16 and bundle.precision != "fp32":
+        raise ProviderError(
+            f"trt_fp16 converts an fp32 graph; {bundle.path} is already {bundle.precision}: drop trt_fp16"
+        )
+    if fp16 and trt_version and major(trt_version) >= 11:
+        raise ProviderError(
+            f"TensorRT {trt_version} builds strongly typed networks only (no fp16 flag): run an fp16 bundle "
+            f"instead (`gpt2-edge quantize {bundle.path} --precision fp16 -o DIR`) without trt_fp16"
+        )
+    limits = Limits(max_batch=max_batch, max_context=max_context).resolve(bundle.context_length)
+    ranges = shape_ranges(bundle.inputs, limits)
+    files = bundle.manifest["files"]
+    model = {n: meta["sha256"] for n, meta in files.items() if n.startswith(bundle.manifest["model_file"])}
+    key = gpu_key(system.current_gpu(), trt_version)
+    shapes = {n: r.as_dict() for n, r in ranges.items()}
+    fingerprint = digest({"ranges": shapes, "model": model, "fp16": fp16})
+    cache_dir = cache_root / f"{key}-ort{ort.__version__}-{fingerprint}"
+    timing_dir = cache_root / f"timing-{key}"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    timing_dir.mkdir(parents=True, exist_ok=True)
+    return tensorrt_options(cache_dir, fp16, workspace_mib, ranges, timing_dir)
 
 
 class OrtBackend:
@@ -77,11 +134,16 @@ class OrtBackend:
         trt_cache_dir: str | Path | None = None,
         trt_fp16: bool = False,
         trt_workspace_mib: int | None = None,
+        trt_max_batch: int = 8,
+        trt_max_context: int | None = None,
     ) -> None:
         """``provider``: cpu | cuda | tensorrt | auto. TensorRT engines are cached under
-        ``trt_cache_dir`` (default ``BUNDLE/engines/ort-trt-cache``) because they are built for
-        the GPU they run on; ``trt_workspace_mib`` caps the builder's scratch memory (use a
-        few hundred MiB on Jetsons with 8 GB or less)."""
+        ``trt_cache_dir`` (default ``BUNDLE/engines/ort-trt-cache``), keyed by GPU, TensorRT and
+        ONNX Runtime versions and shape ranges, because they are built for the GPU they run on;
+        the provider is given batch 1..``trt_max_batch`` and 1..``trt_max_context`` tokens (default:
+        the model's context) so it builds once, not at every new past length. ``trt_workspace_mib``
+        caps the builder's scratch memory (a few hundred MiB on Jetsons with 8 GB or less);
+        ``trt_fp16`` lets TensorRT 10 run an fp32 bundle in fp16 (TensorRT 11: use an fp16 bundle)."""
         import onnxruntime as ort
 
         self.bundle = bundle
@@ -100,8 +162,11 @@ class OrtBackend:
             so.inter_op_num_threads = 1
         providers: list = []
         if self.provider == "tensorrt":
-            cache = Path(trt_cache_dir or bundle.path / "engines" / "ort-trt-cache")
-            providers.append((PROVIDERS["tensorrt"], tensorrt_options(cache, trt_fp16, trt_workspace_mib)))
+            root = Path(trt_cache_dir or bundle.path / "engines" / "ort-trt-cache")
+            options = tensorrt_provider_options(
+                bundle, root, trt_fp16, trt_workspace_mib, trt_max_batch, trt_max_context
+            )
+            providers.append((PROVIDERS["tensorrt"], options))
         if self.provider in ("tensorrt", "cuda"):
             providers.append(PROVIDERS["cuda"])
         providers.append(PROVIDERS["cpu"])
