@@ -90,3 +90,19 @@ def gpt2_bpe_files() -> tuple[Path, Path]:
 @pytest.fixture(autouse=True, scope="session")
 def _few_threads() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``gpu``-marked tests, saying why, where no NVIDIA GPU is visible (scripts/gpu-check runs
+    them on one); each GPU test further skips when its runtime (onnxruntime-gpu, TensorRT) is missing."""
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    from gpt2_edge.engine.system import current_gpu
+
+    if current_gpu() is None:
+        reason = (
+            "needs an NVIDIA GPU (none visible to cuda-python or nvidia-smi); run scripts/gpu-check on one"
+        )
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason=reason))
