@@ -270,7 +270,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 def _check_ids(ids: Sequence[int], vocab: int, param: str) -> None:
     for t in ids:
         if t >= vocab:
-            raise ApiError(400, f"token id {t} is outside the vocabulary (0..{vocab - 1})", param=param)
+            raise ApiError(
+                400, f"{param}: token id {t} is outside the vocabulary (0..{vocab - 1})", param=param
+            )
 
 
 @dataclass
