@@ -1,0 +1,98 @@
+"""Scale-out: the app as a Ray Serve deployment with 2 replicas on a local Ray (loopback only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves the machine
+ray = pytest.importorskip("ray", reason="Ray Serve tests need the ray extra: pip install 'gpt2-edge[ray]'")
+pytest.importorskip("ray.serve", reason="Ray Serve tests need the ray extra: pip install 'gpt2-edge[ray]'")
+httpx = pytest.importorskip("httpx")
+
+from gpt2_edge.export.bundle import export_bundle  # noqa: E402
+from gpt2_edge.runtime.generator import Generator  # noqa: E402
+from gpt2_edge.runtime.sampling import GenerationConfig  # noqa: E402
+from gpt2_edge.serve.app import ServeSettings  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
+
+PROMPTS = ["First Citizen:", "All:\nSpeak", "We are accounted poor citizens, the patricians good.", "O"]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, tiny_checkpoint) -> Path:
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("ray") / "tiny", log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def url(bundle):
+    from ray import serve
+
+    from gpt2_edge.serve.ray_app import deployment
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # As light as Ray gets: 2 CPUs, no dashboard, every address on loopback.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = deployment(
+            bundle, ServeSettings(max_batch=4, max_queue=8), replicas=2, threads=1, replica_cpus=1
+        )
+        serve.run(app, name="gpt2-edge", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_two_replicas_behind_one_endpoint(url, bundle):
+    gen = Generator.from_bundle(str(bundle), threads=1)
+    seen = set()
+    for _ in range(60):  # Ray's router spreads requests; both replicas answer within a few
+        h = httpx.get(f"{url}/health", timeout=30).json()
+        assert h["status"] == "ok"
+        seen.add(h["replica"])
+        if len(seen) == 2:
+            break
+    assert len(seen) == 2, seen
+
+    jobs = [(p, 6 + 3 * i) for i, p in enumerate(PROMPTS)] * 2
+
+    def one(job):
+        body = {"prompt": job[0], "max_tokens": job[1], "temperature": 0}
+        return httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(len(jobs)) as ex:
+        got = list(ex.map(one, jobs))
+    assert got == [gen.generate(p, GenerationConfig(max_new_tokens=m))[0].text for p, m in jobs]
+
+
+def test_streaming_through_ray(url):
+    body = {"prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0}
+    plain = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    text = "".join(json.loads(x)["choices"][0]["text"] for x in lines[:-1])
+    assert text == plain
+    bad = httpx.post(f"{url}/v1/completions", json={"prompt": "O", "max_tokens": 0}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+
+
+def test_build_for_serve_run(bundle):
+    """The `serve run gpt2_edge.serve.ray_app:build bundle=... replicas=2` target builds the same app."""
+    from ray.serve import Application
+
+    from gpt2_edge.serve.ray_app import BuildArgs, build
+
+    app = build(BuildArgs.model_validate({"bundle": str(bundle), "replicas": "2", "max_batch": "4"}))
+    assert isinstance(app, Application)
