@@ -204,7 +204,7 @@ def render(f: Facts, r: Recommendation) -> str:
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     lines += [
         "",
-        f"use here: provider {r.provider}, a {r.precision} bundle of the {r.target} target",
+        f"use here: provider {r.provider} with the {r.precision} bundle ({r.target} target)",
         f"  why: {r.why}",
     ]
     lines += [f"  $ {c}" for c in r.commands]
