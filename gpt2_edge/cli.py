@@ -9,6 +9,7 @@ from dataclasses import fields
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .serve.cli import add_serve
 
 if TYPE_CHECKING:
     from .runtime.sampling import GenerationConfig
@@ -650,6 +651,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demo,
     _add_bench,
     _add_engine,
+    add_serve,
 ]
 
 
