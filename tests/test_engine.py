@@ -571,3 +571,31 @@ def test_manifest_round_trip(engine):
         {"input_ids": (1, 1), "attention_mask": (1, 10), "position_ids": (1, 1)}
         | {n: (1, 4, 9, 16) for n in again.profiles[1].shapes if n.startswith("past")}
     )
+
+
+def test_slots_join_leave_and_reorder_like_the_server(engine, trt_bundle, ort_cpu):
+    """A chunked prompt joining a running batch (both KV sets in use), releases and reorders."""
+    trt, cuda, _ = engine
+    backend = _load(trt_bundle, trt, cuda)
+    backend.prefill_chunk = 3
+    tok = backend.bundle.tokenizer()
+    a, b = tok.encode(PROMPTS[0]), tok.encode(PROMPTS[2])
+    dev, ref = backend.new_cache(3, 48), ort_cpu.backend.new_cache(3, 48)
+
+    def both(op, *args):
+        x, y = getattr(dev, op)(*args), getattr(ref, op)(*args)
+        if x is not None:
+            np.testing.assert_allclose(x, y, atol=1e-4, err_msg=f"{op}{args}")
+
+    both("prefill", [0], [a])
+    for t in range(3):
+        both("decode", [0], [10 + t])
+    both("prefill", [2], [b])  # longer than a chunk, while slot 0's presents must survive
+    for t in range(3):
+        both("decode", [0, 2], [20 + t, 30 + t])
+    both("prefill", [1], [a[:2]])
+    both("release", 0)
+    for t in range(2):
+        both("decode", [1, 2], [40 + t, 50 + t])
+    both("reorder", [2, 1])
+    both("decode", [0, 1], [60, 61])

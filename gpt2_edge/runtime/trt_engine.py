@@ -257,6 +257,10 @@ class EngineRunner:
         self._cap = (0, 0, 0)  # batch, new tokens, total tokens the buffers hold
         self._gen = [0, 0]  # writes into each KV set
         self._newest: int | None = None  # the set written last
+        self._shape: list[tuple[int, int, int, int] | None] = [None, None]  # its presents' shape
+        # Presents copied to the host before their set was reused (a chunked prompt joining a
+        # running batch needs both sets): kv_set -> (generation, arrays); handles still read them.
+        self._spilled: dict[int, tuple[int, list[np.ndarray]]] = {}
         self.lane: _Lane | None = backend._acquire_lane()
         self._finalizer = weakref.finalize(
             self, EngineRunner._free_all, backend, self.lane, self._bufs, self._kv, self._host
@@ -361,10 +365,16 @@ class EngineRunner:
         S = ids.shape[1]
         P = mask.shape[1] - S
         chunk = self.backend.prefill_chunk
+        if past is not None:
+            self._spilled.clear()  # the caller has moved on to this past: older presents are dropped
         if S <= chunk:
             logits, presents = self._forward(ids, mask, pos, past, "last")
             assert logits is not None
             return logits, presents
+        if past is None and self._newest is not None:
+            # The chunks ping-pong between both sets; keep the newest presents (a running batch
+            # this prompt joins) readable on the host. The join reads them there anyway.
+            self._spill(self._newest)
         start, presents, logits = 0, past, None
         while start < S:
             end = min(S, start + chunk)
@@ -397,23 +407,39 @@ class EngineRunner:
     def to_numpy(self, value: Any) -> np.ndarray:
         if isinstance(value, HostKV):
             return value.array
-        self._check_live(value)
-        out = np.empty(value.shape, self.backend.kv_dtype)
-        self.cuda.dtoh(out, self._kv[value.kv_set][value.index].ptr, self.lane.stream)
+        where = self._resolve(value)
+        if isinstance(where, np.ndarray):
+            return where
+        return self._download(where, value.index, value.shape)
+
+    def _download(self, kv_set: int, index: int, shape: tuple[int, ...]) -> np.ndarray:
+        out = np.empty(shape, self.backend.kv_dtype)
+        self.cuda.dtoh(out, self._kv[kv_set][index].ptr, self.lane.stream)
         self.cuda.synchronize(self.lane.stream)
         return out
+
+    def _spill(self, kv_set: int) -> None:
+        shape = self._shape[kv_set]
+        if shape is not None:
+            arrays = [self._download(kv_set, i, shape) for i in range(self._n_kv)]
+            self._spilled[kv_set] = (self._gen[kv_set], arrays)
 
     def from_numpy(self, array: np.ndarray) -> HostKV:
         return HostKV(np.ascontiguousarray(array, dtype=self.backend.kv_dtype))
 
     # one engine run ---------------------------------------------------------------------------
-    def _check_live(self, h: Any) -> None:
+    def _resolve(self, h: Any) -> int | np.ndarray:
+        """Where a present handle's data is: its KV set (on the device), or its spilled host copy."""
         from ..engine.tensorrt import EngineError
 
         if not isinstance(h, DeviceKV) or h.owner != id(self):
             raise EngineError(f"a KV tensor from another cache or runner was passed in ({type(h).__name__})")
-        if h.generation != self._gen[h.kv_set]:
-            raise EngineError("a KV tensor was used after a later step overwrote it (stale handle)")
+        if h.generation == self._gen[h.kv_set]:
+            return h.kv_set
+        spilled = self._spilled.get(h.kv_set)
+        if spilled is not None and spilled[0] == h.generation:
+            return spilled[1][h.index]
+        raise EngineError("a KV tensor was used after a later step overwrote it (stale handle)")
 
     def _profile_for(self, shapes: dict[str, tuple[int, ...]]) -> int:
         from ..engine.tensorrt import EngineError, rebuild_command
@@ -457,29 +483,28 @@ class EngineRunner:
         if past is None:
             out_set = 1 - self._newest if self._newest is not None else 1
             in_set = 1 - out_set
-        elif all(isinstance(p, DeviceKV) for p in past):
-            for i, h in enumerate(past):
-                self._check_live(h)
-                if h.index != i or h.shape != kv_shape or h.kv_set != past[0].kv_set:
-                    raise EngineError(f"past tensor {i} has shape {h.shape}, this step needs {kv_shape}")
-            in_set = past[0].kv_set
-            out_set = 1 - in_set
-        elif all(isinstance(p, HostKV) for p in past):
-            for i, h in enumerate(past):
-                if h.array.shape != kv_shape:
-                    raise EngineError(
-                        f"past tensor {i} has shape {h.array.shape}, this step needs {kv_shape}"
-                    )
-            uploads = [h.array for h in past]
-            in_set = 1 - self._newest if self._newest is not None else 0
-            out_set = 1 - in_set
-            self._gen[in_set] += 1
         else:
-            raise EngineError("a step's past mixes device and host tensors")
-        if past is not None and len(past) != self._n_kv:
-            raise EngineError(f"{len(past)} past tensors given, the model has {self._n_kv}")
+            if len(past) != self._n_kv:
+                raise EngineError(f"{len(past)} past tensors given, the model has {self._n_kv}")
+            where = [self._resolve(h) if isinstance(h, DeviceKV) else h.array for h in past]
+            for i, h in enumerate(past):
+                shape = h.shape if isinstance(h, DeviceKV) else h.array.shape
+                if shape != kv_shape or (isinstance(h, DeviceKV) and h.index != i):
+                    raise EngineError(f"past tensor {i} has shape {shape}, this step needs {kv_shape}")
+            if all(isinstance(w, int) for w in where) and len(set(where)) == 1:
+                in_set = int(where[0])  # the usual step: the last step's presents, still on the device
+                out_set = 1 - in_set
+            else:  # rebuilt on the host (a join, release or reorder), or spilled: upload
+                uploads = [
+                    w if isinstance(w, np.ndarray) else self._download(w, i, kv_shape)
+                    for i, w in enumerate(where)
+                ]
+                in_set = 1 - self._newest if self._newest is not None else 0
+                out_set = 1 - in_set
+                self._gen[in_set] += 1
         self._gen[out_set] += 1
         self._newest = out_set
+        self._shape[out_set] = (B, b.n_head, T, b.head_size)
 
         ctx, stream = lane.context, lane.stream
         if lane.active != profile:
