@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,10 +22,10 @@ httpx = pytest.importorskip("httpx")
 from gpt2_edge.export.bundle import export_bundle  # noqa: E402
 from gpt2_edge.runtime.generator import Generator  # noqa: E402
 from gpt2_edge.runtime.sampling import GenerationConfig  # noqa: E402
-from gpt2_edge.serve.app import ServeSettings  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
 
+REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["First Citizen:", "All:\nSpeak", "We are accounted poor citizens, the patricians good.", "O"]
 
 
@@ -31,26 +35,40 @@ def bundle(tmp_path_factory, tiny_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="module")
-def url(bundle):
-    from ray import serve
-
-    from gpt2_edge.serve.ray_app import deployment
-
+def server(bundle):
+    """`gpt2-edge serve BUNDLE --ray --replicas 2` (the torch-free entry): a local Ray of 2 CPUs,
+    no dashboard, every address on loopback."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # As light as Ray gets: 2 CPUs, no dashboard, every address on loopback.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    cmd = [sys.executable, "-m", "gpt2_edge.serve", str(bundle), "--ray", "--replicas", "2", "--port", str(port),
+           "--threads", "1", "--max-batch", "4", "--max-queue", "8"]  # fmt: skip
+    # A session of its own: if the test fails, Ray's processes go with the server's group.
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = deployment(
-            bundle, ServeSettings(max_batch=4, max_queue=8), replicas=2, threads=1, replica_cpus=1
-        )
-        serve.run(app, name="gpt2-edge", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "Ray Serve did not come up in 180 s"
+            time.sleep(0.5)
+        yield proc, url
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def url(server) -> str:
+    return server[1]
 
 
 def test_two_replicas_behind_one_endpoint(url, bundle):
@@ -86,6 +104,13 @@ def test_streaming_through_ray(url):
     assert text == plain
     bad = httpx.post(f"{url}/v1/completions", json={"prompt": "O", "max_tokens": 0}, timeout=60)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+
+
+def test_sigterm_shuts_ray_down_and_exits_0(server):
+    proc, _ = server
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out
 
 
 def test_build_for_serve_run(bundle):
