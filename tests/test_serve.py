@@ -289,6 +289,35 @@ def test_models_health_tokenize_metrics(server, gen):
     assert metric(server, "gpt2_edge_generation_tokens_total") >= before + 1
 
 
+def test_sequence_state_pieces_join_to_its_text(tiny_tokenizer):
+    """runtime/sequence.py, the scheduler's per-sequence step: eos ends it and never shows, a stop
+    string is cut and never shows, a multi-byte character is never split, the length ends it."""
+    from gpt2_edge.runtime.sequence import SequenceState
+
+    tok, eos = tiny_tokenizer, tiny_tokenizer.eos_token_id
+
+    def run(ids, **cfg):
+        state = SequenceState(
+            [1], GenerationConfig(max_new_tokens=cfg.pop("max_new_tokens", 60), **cfg), eos, tok.decode
+        )
+        pieces = []
+        for t in ids:
+            pieces.append(state.append(t))
+            if state.finished:
+                break
+        return state, pieces
+
+    ids = tok.encode("All:\nSpeak, speak. Café au lait")
+    state, pieces = run([*ids, eos])
+    assert state.finish_reason == "eos" and "".join(pieces) == state.text == tok.decode(ids)
+    assert all("\ufffd" not in p for p in pieces) and "".join(pieces).endswith("Café au lait")
+    state, pieces = run(ids, stop=("speak",))
+    assert state.finish_reason == "stop" and "".join(pieces) == state.text == "All:\nSpeak, "
+    assert not any("spea" in p for p in pieces)
+    state, pieces = run(ids, max_new_tokens=3)
+    assert state.finish_reason == "length" and "".join(pieces) == state.text == tok.decode(ids[:3])
+
+
 # continuous batching --------------------------------------------------------------------------
 def test_greedy_equals_generator_whatever_the_batch(bundle, gen):
     """Requests of different lengths, started at different times, all in one running batch."""
@@ -582,25 +611,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(bundle, tmp_path):
-    """Through the real CLI path (signal handlers included), in a torch-free process."""
+@pytest.mark.parametrize(("drain_s", "max_tokens", "completes"), [(20, 40, True), (0.3, 60, False)])
+def test_sigterm_drains_in_flight_requests_and_exits_0(bundle, tmp_path, drain_s, max_tokens, completes):
+    """Through the real CLI path (signal handlers included), in a torch-free process: a stream in
+    flight finishes (~1.2 s of decoding), or is cut at --drain-timeout (~1.8 s needed, 0.3 s given)."""
     port = free_port()
     script = tmp_path / "serve_slow.py"
     script.write_text(DRAIN_SCRIPT)
+    args = [str(bundle), "--port", str(port), "--threads", "1", "--drain-timeout", str(drain_s)]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(script),
-            str(bundle),
-            "--port",
-            str(port),
-            "--threads",
-            "1",
-            "--drain-timeout",
-            "20",
-            "--log-level",
-            "warning",
-        ],
+        [sys.executable, str(script), *args, "--log-level", "warning"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -617,16 +637,32 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(bundle, tmp_path):
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
             time.sleep(0.1)
-        body = {"prompt": "O", "max_tokens": 40, "temperature": 0, "stream": True}  # ~1.2 s of decoding
+        body = {
+            "prompt": "O",
+            "max_tokens": max_tokens,
+            "min_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+        }
+        events: list = []
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             next(line for line in lines if line.startswith("data: "))
             proc.send_signal(signal.SIGTERM)
-            events = sse_events(lines)
-        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] is not None
+            t0 = time.monotonic()
+            try:
+                for line in lines:
+                    if line.startswith("data: "):
+                        events.append(line)
+            except httpx.HTTPError:  # the connection was closed under the stream
+                pass
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out
         assert "HEAVY []" in out
+        if completes:
+            assert events[-1] == "data: [DONE]" and '"finish_reason":"length"' in events[-2]
+        else:
+            assert "data: [DONE]" not in events and time.monotonic() - t0 < 1.5
     finally:
         if proc.poll() is None:
             proc.kill()
