@@ -102,9 +102,9 @@ def test_cpu_flags_from_cpuinfo():
             _facts(gpu=ORIN_NANO, onnxruntime={**ORT_GPU, "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}),
             "cuda", "fp16", "--provider cuda",
         ),
-        (_facts(gpu=ORIN_NANO), "cpu", "int8-dynamic", "is idle"),
-        (_facts(cpu={"machine": "x86_64", "model": "x", "cores": 4, "simd": ["avx512_vnni"]}), "cpu", "int8-dynamic", "avx512_vnni"),
-        (_facts(cpu={"machine": "aarch64", "model": "x", "cores": 4, "simd": ["asimd", "asimddp"]}), "cpu", "int8-dynamic", "asimddp"),
+        (_facts(gpu=ORIN_NANO), "cpu", "int4", "is idle"),
+        (_facts(cpu={"machine": "x86_64", "model": "x", "cores": 4, "simd": ["avx512_vnni"]}), "cpu", "int4", "avx512_vnni"),
+        (_facts(cpu={"machine": "aarch64", "model": "x", "cores": 4, "simd": ["asimd", "asimddp"]}), "cpu", "int4", "asimddp"),
         (_facts(cpu={"machine": "x86_64", "model": "x", "cores": 2, "simd": ["sse4_2"]}), "cpu", "fp32", "fp32"),
     ],
 )  # fmt: skip
