@@ -19,6 +19,11 @@ class UserError(Exception):
     """An error whose message is the whole story for the user (no traceback)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``docker stop``, a CI cancel, systemd), raised like Ctrl-C so every
+    ``finally`` and staging-directory cleanup runs; the command then exits 143 (128 + 15)."""
+
+
 # train ------------------------------------------------------------------------------
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from .model.train import TrainConfig
@@ -37,6 +42,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             help=f"(default: {getattr(defaults, f.name)})",
         )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
@@ -51,7 +57,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     tok = Tokenizer.from_dir(args.tokenizer) if args.tokenizer else None
-    res = train(args.text, args.output, cfg, tokenizer=tok, progress=not args.quiet)
+    res = train(
+        args.text,
+        args.output,
+        cfg,
+        tokenizer=tok,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+        tokenizer_dir=args.tokenizer,
+    )
     print(
         f"best val loss {res.best_val_loss:.4f} (ppl {res.best_val_ppl:.2f}) at step {res.best_step} "
         f"of {res.steps}; {res.seconds:.0f} s; checkpoint: {res.out_dir}"
@@ -100,7 +114,7 @@ def _generation_config(args: argparse.Namespace) -> GenerationConfig:
         top_p=1.0 if args.top_p is None else args.top_p,
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
-        stop=tuple(args.stop),
+        stop=tuple(_utf8(s, "--stop") for s in args.stop),
         truncate=args.truncate,
         num_beams=args.num_beams,
         length_penalty=args.length_penalty,
@@ -108,12 +122,26 @@ def _generation_config(args: argparse.Namespace) -> GenerationConfig:
     )
 
 
+def _utf8(text: str, source: str) -> str:
+    """Refuse text that is not valid UTF-8. Python hands such command-line bytes over as lone
+    surrogates (surrogateescape), which the tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = ord(text[e.start])
+        byte = f"byte 0x{bad - 0xDC00:02x}" if 0xDC80 <= bad <= 0xDCFF else f"character U+{bad:04X}"
+        raise UserError(
+            f"{source} is not valid UTF-8 ({byte} at position {e.start}); pass UTF-8 text"
+        ) from None
+    return text
+
+
 def _prompts(args: argparse.Namespace) -> list[str]:
     """``--prompt`` (repeatable), ``--prompt-file`` (``-`` = stdin), or piped standard input."""
-    prompts = list(args.prompt or [])
+    prompts = [_utf8(p, "--prompt") for p in args.prompt or []]
     if args.prompt_file:
         if args.prompt_file == "-":
-            prompts.append(sys.stdin.read())
+            prompts.append(_read_stdin())
         else:
             from pathlib import Path
 
@@ -122,10 +150,24 @@ def _prompts(args: argparse.Namespace) -> list[str]:
             except UnicodeDecodeError:
                 raise UserError(f"{args.prompt_file} is not UTF-8 text") from None
     if not prompts and not sys.stdin.isatty():
-        prompts.append(sys.stdin.read())
+        prompts.append(_read_stdin())
     if not prompts or any(p == "" for p in prompts):
         raise UserError("no prompt: pass --prompt TEXT, --prompt-file FILE, or text on stdin")
     return prompts
+
+
+def _read_stdin() -> str:
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # a text-only stand-in (tests, embedding)
+        return sys.stdin.read()
+    data = raw.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"standard input is not valid UTF-8 (byte 0x{data[e.start]:02x} at position {e.start}); "
+            "pass UTF-8 text"
+        ) from None
 
 
 def _print_results(prompts: list[str], results: list, as_json: bool, load_s: float) -> None:
@@ -387,7 +429,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         help="ort target: keep attention as plain ops (no MultiHeadAttention)",
     )
     p.add_argument("--no-validate", action="store_true", help="skip the parity check (not recommended)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_export)
 
 
@@ -403,6 +446,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         validate=not args.no_validate,
         fuse_attention=not args.no_fuse_attention,
+        progress=not args.quiet,
     )
     print(f"bundle written: {out}")
     return 0
@@ -484,6 +528,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     source = args.model or b.manifest.get("made_by", {}).get("source")
     if args.model is None and (source is None or not Path(source).is_dir()):
         raise UserError(f"the bundle's source checkpoint {source!r} is not here; pass MODEL")
+    _same_dims(b, source)
     tol = {"fp32": "fp32"}.get(b.precision, b.precision.split("-")[0])
     rep = validate_onnx(
         b.model_file,
@@ -501,6 +546,25 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0 if rep.passed else 1
 
 
+def _same_dims(b, source: str) -> None:
+    """Refuse a checkpoint of other dims before any session runs (ONNX Runtime's message would be
+    about a missing input name or a shape)."""
+    from .model.checkpoint import CheckpointError, resolve_model_dir
+    from .model.config import GPTConfig
+
+    try:
+        config = GPTConfig.load(resolve_model_dir(source))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    keys = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")
+    differ = [f"{k} {b.dims[k]} vs {getattr(config, k)}" for k in keys if b.dims[k] != getattr(config, k)]
+    if differ:
+        raise UserError(
+            f"{b.path} was not exported from {source}: their dims differ (bundle vs checkpoint: "
+            f"{', '.join(differ)}); validate a bundle against the checkpoint it was exported from"
+        )
+
+
 # quantize -----------------------------------------------------------------------------------
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     from .quantize.pipeline import PRECISIONS
@@ -509,10 +573,16 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bundle", help="an fp32 bundle (from gpt2-edge export)")
     p.add_argument("--precision", required=True, choices=PRECISIONS)
     p.add_argument("-o", "--output", required=True, help="bundle directory to write")
-    p.add_argument("--calib", help="UTF-8 calibration text (needed by int8-qdq)")
-    p.add_argument("--eval", help="held-out UTF-8 text for the accuracy gate")
+    p.add_argument(
+        "--calib",
+        help="UTF-8 calibration text (needed by int8-qdq; default-model bundles: its shipped sample)",
+    )
+    p.add_argument(
+        "--eval",
+        help="held-out UTF-8 text for the accuracy gate (default-model bundles: its shipped sample)",
+    )
     p.add_argument("--force", action="store_true", help="write the variant even if it misses its gate")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--smooth-alpha", type=float, default=0.5, help="int8-qdq: SmoothQuant migration strength")
     p.add_argument("--no-smooth", action="store_true", help="int8-qdq: no SmoothQuant (naive static int8)")
     p.add_argument("--per-tensor", action="store_true", help="int8-qdq: per-tensor weight scales")
@@ -561,16 +631,30 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 # demo ---------------------------------------------------------------------------------------
+DEMO_PRECISIONS = ("int8-dynamic", "int4")  # the variants that run well on ONNX Runtime's CPU provider
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the whole job on the shipped default model")
+    p = sub.add_parser(
+        "demo",
+        help="the whole chain on the shipped default model: export, validate, quantize, generate, compare",
+    )
+    p.add_argument("--model", help="checkpoint dir (default: the shipped model; then --text is needed)")
     p.add_argument(
         "--text",
-        default="../shared/data/tinyshakespeare.txt",
-        help="text whose last 10%% is the validation split",
+        help="held-out UTF-8 text for the accuracy gate (default: the shipped model's sample, "
+        "gpt2_edge/default_model/heldout.txt)",
     )
     p.add_argument("--prompt", default="ROMEO:")
-    p.add_argument("--max-new-tokens", type=int, default=60)
-    p.add_argument("-o", "--output", default="out/demo-bundle", help="where the demo writes its bundle")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of the runtime")
+    p.add_argument(
+        "-o",
+        "--output",
+        default="out/demo",
+        help="where the demo writes its bundles (fp32/, int8-dynamic/, int4/)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -578,52 +662,152 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
+    from . import DEFAULT_MODEL_DIR
     from .export.bundle import export_bundle
-    from .model.checkpoint import DEFAULT_MODEL_DIR, load_checkpoint, load_tokenizer
+    from .fsutil import check_output
+    from .model.checkpoint import load_checkpoint, load_tokenizer, resolve_model_dir
     from .model.generate import generate
-    from .runtime.generator import Generator
+    from .quantize.pipeline import GateError, quantize_bundle
+    from .runtime.bundle import MANIFEST, Bundle
     from .runtime.sampling import GenerationConfig
 
+    t_start = time.perf_counter()
+    src = resolve_model_dir(args.model)
+    if args.text is None and args.model is not None:
+        raise UserError("--model needs --text: held-out text for the accuracy gate")
+    text = Path(args.text) if args.text else DEFAULT_MODEL_DIR / "heldout.txt"
+    outs = {p: Path(args.output) / p for p in ("fp32", *DEMO_PRECISIONS)}
+    for out in outs.values():  # before any work: the demo replaces only bundles, never its sources
+        check_output(out, [src, text], overwrite=True, marker=MANIFEST, what="bundle")
+    progress = not args.quiet
+
     t0 = time.perf_counter()
-    model, tok = load_checkpoint(None), load_tokenizer(None)
+    model, tok = load_checkpoint(src), load_tokenizer(src)
     c = model.config
+    name = f"default model ({DEFAULT_MODEL_DIR.name}/)" if args.model is None else f"model {src}"
     print(
-        f"1. default model {DEFAULT_MODEL_DIR.name}/: {model.num_parameters() / 1e6:.2f} M parameters, "
-        f"{c.n_layer} layers x {c.n_embd}, {c.n_head} heads, vocab {c.vocab_size}, context {c.n_positions} "
+        f"1. {name}: {model.num_parameters() / 1e6:.2f} M parameters, {c.n_layer} layers x {c.n_embd}, "
+        f"{c.n_head} heads, vocab {c.vocab_size}, context {c.n_positions} "
         f"(loaded in {1000 * (time.perf_counter() - t0):.0f} ms)"
     )
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
     ref = generate(model, tok, args.prompt, cfg)[0]
-    print(f"\n2. PyTorch reference, greedy:\n{args.prompt}{ref.text}\n")
+    print(f"   PyTorch reference, greedy:\n{_indent(args.prompt + ref.text)}")
 
-    print(f"3. export to ONNX + parity check -> {args.output}")
-    bundle = export_bundle(None, args.output, target="ort", overwrite=True, log=lambda m: print("   " + m))
-
-    gen = Generator.from_bundle(str(bundle), threads=2)
-    res = gen.generate(args.prompt, cfg)[0]
-    t = res.timings
-    same = "identical to" if res.token_ids == ref.token_ids else "DIFFERENT from"
-    print(
-        f"\n4. torch-free runtime (onnxruntime CPU), greedy: tokens {same} the reference; "
-        f"{t['ms_per_token']:.2f} ms per step, first token after {1000 * t['prefill_s']:.1f} ms"
+    print(f"\n2. export to ONNX (ort target, in-place KV cache) -> {outs['fp32']}")
+    logs: list[str] = []
+    bundle = export_bundle(
+        src, outs["fp32"], target="ort", overwrite=True, log=logs.append, progress=progress
     )
-    sample = gen.generate(
-        args.prompt,
-        GenerationConfig(
-            max_new_tokens=args.max_new_tokens, do_sample=True, temperature=0.8, top_k=50, seed=0
-        ),
-    )[0]
-    print(f"   sampled (temperature 0.8, top-k 50, seed 0):\n{args.prompt}{sample.text}\n")
-    if Path(args.text).is_file():
-        for label, spec in (("PyTorch", None), ("ONNX bundle", str(bundle))):
-            rep = evaluate_text(spec, args.text, tail=0.1, threads=2)
-            print(
-                f"5. validation perplexity, {label} (last 10% of {args.text}): {rep.perplexity:.2f} "
-                f"over {rep.tokens} tokens, {rep.tokens_per_s:.0f} tokens/s"
+    for line in logs:
+        if not line.startswith("parity"):
+            print("   " + line)
+    v = Bundle.load(bundle, verify=False).manifest["validation"]
+    print(
+        f"\n3. validate: ONNX Runtime vs PyTorch, max |Δlogits| {v['max_abs_logits']:.1e}, top-1 "
+        f"{100 * v['top1_agreement']:.1f}%, greedy identical: {v['greedy_identical']} "
+        f"({v['positions_compared']} positions, {v['decode_steps']} decode steps): "
+        f"{'PASS' if v['passed'] else 'FAIL'}"
+    )
+
+    print(f"\n4. quantize behind the accuracy gate (held-out text {text})")
+    reports, written = {}, {"fp32": bundle}
+    for precision in DEMO_PRECISIONS:
+        try:
+            out, rep = quantize_bundle(
+                bundle,
+                precision,
+                outs[precision],
+                eval_text=text,
+                overwrite=True,
+                threads=args.threads,
+                progress=progress,
+                log=lambda _: None,
             )
-    else:
-        print(f"5. ({args.text} not found: skipping the validation perplexity)")
+            written[precision] = out
+        except GateError as e:
+            rep = e.report
+        reports[precision] = rep
+        print(
+            f"   {precision:<13} perplexity {rep.perplexity:.2f} vs fp32 {rep.perplexity_fp32:.2f} "
+            f"({100 * rep.ppl_increase:+.2f}%, gate +{100 * rep.gate:.0f}%): "
+            + (f"written to {written[precision]}" if precision in written else "misses its gate, not written")
+        )
+
+    print(
+        f"\n5. generate with the torch-free runtime (onnxruntime, CPU, {args.threads} threads), greedy, "
+        f"{args.max_new_tokens} new tokens"
+    )
+    speed, texts = {}, {}
+    for precision, path in written.items():
+        speed[precision], texts[precision] = _demo_generate(path, args.prompt, cfg, args.threads)
+    fp32 = texts["fp32"]
+    same = "identical to" if fp32.token_ids == ref.token_ids else "DIFFERENT from"
+    print(f"   fp32: tokens {same} the PyTorch reference")
+    for precision in (p for p in DEMO_PRECISIONS if p in written):
+        ids = texts[precision].token_ids
+        first = next((i for i, (a, b) in enumerate(zip(ids, fp32.token_ids, strict=False)) if a != b), None)
+        if first is None:
+            print(f"   {precision}: the same tokens as fp32")
+        else:
+            print(f"   {precision}: the fp32 tokens up to token {first}, then:")
+            print(_indent(args.prompt + texts[precision].text))
+
+    print(
+        f"\n6. summary (CPU, {args.threads} threads; perplexity on the held-out text, "
+        "top-1 agreement with fp32)"
+    )
+    _demo_table(reports, written, speed)
+    print(f"\ndone in {time.perf_counter() - t_start:.0f} s; bundles in {args.output}/")
     return 0
+
+
+def _demo_table(reports: dict, written: dict, speed: dict) -> None:
+    """One row per precision: bundle size, perplexity and its change, top-1, speed."""
+    from .runtime.bundle import Bundle
+
+    columns = [("precision", 14), ("size MiB", 9), ("perplexity", 12), ("Δ ppl", 9), ("top-1", 9)]
+    columns += [("first token", 13), ("tokens/s", 10)]
+    print("   " + "".join(f"{t:<{w}}" if i == 0 else f"{t:>{w}}" for i, (t, w) in enumerate(columns)))
+    fp32_ppl = next(iter(reports.values())).perplexity_fp32 if reports else float("nan")
+    for precision in ("fp32", *DEMO_PRECISIONS):
+        rep, path = reports.get(precision), written.get(precision)
+        files = Bundle.load(path, verify=False).manifest["files"].values() if path else []
+        ttft, rate = speed.get(precision, (None, None))
+        cells = [
+            precision,
+            f"{sum(f['bytes'] for f in files) / 2**20:.2f}" if path else "-",
+            f"{rep.perplexity if rep else fp32_ppl:.2f}",
+            f"{100 * rep.ppl_increase:+.2f}%" if rep else "-",
+            f"{100 * rep.top1_agreement:.2f}%" if rep else "100%",
+            f"{1000 * ttft:.2f} ms" if ttft is not None else "not written",
+            f"{rate:.0f}" if rate is not None else "-",
+        ]
+        print(
+            "   "
+            + "".join(
+                f"{c:<{w}}" if i == 0 else f"{c:>{w}}"
+                for i, (c, (_, w)) in enumerate(zip(cells, columns, strict=True))
+            )
+        )
+
+
+def _indent(text: str, prefix: str = "   | ") -> str:
+    return "\n".join(prefix + line for line in text.splitlines() or [""])
+
+
+def _demo_generate(path, prompt: str, cfg: GenerationConfig, threads: int):
+    """Median time to first token and decode rate of three greedy runs (the first run of a session
+    allocates; the median is steadier than one run), and the result."""
+    import statistics
+
+    from .runtime.generator import Generator
+
+    gen = Generator.from_bundle(str(path), threads=threads)
+    runs = [gen.generate(prompt, cfg)[0] for _ in range(3)]
+    ttft = statistics.median(r.timings["prefill_s"] for r in runs)
+    ms = statistics.median(r.timings["ms_per_token"] for r in runs)
+    return (ttft, 1000 / ms if ms else float("nan")), runs[-1]
 
 
 # entry point ------------------------------------------------------------------------------
@@ -668,19 +852,36 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"gpt2-edge: warning: {message}\n"
 
 
+def _on_sigterm(signum: int, frame: object) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+    import threading
     import warnings
 
     warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal.signal needs it
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         return args.func(args)
     except (UserError, FileNotFoundError, ValueError, OSError) as e:
         print(f"gpt2-edge {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"gpt2-edge {args.command}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"gpt2-edge {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

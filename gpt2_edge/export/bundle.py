@@ -8,8 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..fsutil import publish_dir, staging_dir
+from ..fsutil import OWNER_FILE, check_output, publish_dir, staging_dir
+from ..progress import Progress
 from ..runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
+from ..runtime.manifest import TARGETS
 
 
 def producer_versions() -> dict[str, str]:
@@ -28,7 +30,7 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Hash every file in ``directory`` and write its ``bundle.json``; returns the full manifest."""
     files = {}
     for f in sorted(directory.rglob("*")):
-        if f.is_file() and f.name != MANIFEST:
+        if f.is_file() and f.name not in (MANIFEST, OWNER_FILE):
             files[f.relative_to(directory).as_posix()] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
     manifest = {"schema_version": SCHEMA_VERSION, **manifest, "files": files}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -42,7 +44,6 @@ def finalize(tmp: Path, target: Path, manifest: dict[str, Any], overwrite: bool 
 
 
 # the export pipeline ----------------------------------------------------------------------------
-TARGETS = ("ort", "tensorrt")
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; below protobuf's 2 GiB hard limit with margin
 
 
@@ -57,15 +58,16 @@ def export_bundle(
     fuse_attention: bool = True,
     kv_cache: str | None = None,
     log: Callable[[str], object] = print,
+    progress: bool = False,
 ) -> Path:
-    """Checkpoint -> ONNX -> target graph -> parity check -> bundle directory (atomic)."""
-    import time
+    """Checkpoint -> ONNX -> target graph -> parity check -> bundle directory (atomic).
 
-    from .. import contract
-    from ..model.checkpoint import load_checkpoint, load_tokenizer, resolve_model_dir
-    from .graph import KV_FORMS, checked_census, optimize_for_ort
-    from .onnx import DEFAULT_OPSET, export_onnx, weight_bytes
-    from .validate import validate_onnx
+    The output may not be the checkpoint, contain it or lie inside it; ``overwrite`` replaces
+    an earlier bundle only. ``progress`` shows a bar of the stages on a terminal.
+    """
+    from ..model.checkpoint import resolve_model_dir
+    from .graph import KV_FORMS
+    from .onnx import DEFAULT_OPSET
 
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
@@ -74,16 +76,57 @@ def export_bundle(
         raise ValueError(f"kv_cache must be one of {', '.join(KV_FORMS)}, got {kv_cache!r}")
     if target == "tensorrt" and kv_cache != "concat":
         raise ValueError("the tensorrt target has the concatenating KV cache only (--kv-cache concat)")
-    target_dir = Path(out_dir)
-    if target_dir.exists() and not overwrite:
-        raise FileExistsError(f"{target_dir} exists; pass --overwrite to replace it")
-    opset = opset or DEFAULT_OPSET
     src = resolve_model_dir(model_spec)
+    target_dir = check_output(out_dir, [src], overwrite, marker=MANIFEST, what="bundle")
+    with Progress(enabled=progress, desc="export", total=len(STAGES), unit="stage") as bar:
+        return _export(
+            src,
+            target_dir,
+            bar,
+            target=target,
+            opset=opset or DEFAULT_OPSET,
+            external_data_threshold=external_data_threshold,
+            overwrite=overwrite,
+            validate=validate,
+            fuse_attention=fuse_attention,
+            kv_cache=kv_cache,
+            log=lambda m: bar.log(log, m),
+        )
+
+
+STAGES = ("load checkpoint", "export to ONNX", "graph passes", "parity check", "write bundle")
+
+
+def _export(
+    src: Path,
+    target_dir: Path,
+    bar: Progress,
+    *,
+    target: str,
+    opset: int,
+    external_data_threshold: int,
+    overwrite: bool,
+    validate: bool,
+    fuse_attention: bool,
+    kv_cache: str,
+    log: Callable[[str], object],
+) -> Path:
+    import time
+
+    from .. import contract
+    from ..model.checkpoint import load_checkpoint, load_tokenizer
+    from .graph import checked_census, optimize_for_ort
+    from .onnx import export_onnx, weight_bytes
+    from .validate import validate_onnx
+
+    bar.stage(STAGES[0])
     model, tok = load_checkpoint(src), load_tokenizer(src)
     c = model.config
     external = weight_bytes(model) > external_data_threshold
     timings: dict[str, float] = {}
+    bar.update()
     with staging_dir(target_dir) as tmp:
+        bar.stage(STAGES[1])
         t0 = time.perf_counter()
         raw = tmp / "raw" / "model.onnx"
         raw.parent.mkdir()
@@ -102,6 +145,8 @@ def export_bundle(
         )
         final = tmp / "model.onnx"
         fused: dict[str, int] = {}
+        bar.update()
+        bar.stage(STAGES[2])
         t1 = time.perf_counter()
         if target == "ort":
             fused = optimize_for_ort(
@@ -121,6 +166,8 @@ def export_bundle(
         timings["graph_s"] = time.perf_counter() - t1
         census = checked_census(final, specs_in, specs_out, tensorrt=target == "tensorrt")
         shutil.rmtree(raw.parent)
+        bar.update()
+        bar.stage(STAGES[3])
         report = None
         if validate:
             t2 = time.perf_counter()
@@ -131,6 +178,8 @@ def export_bundle(
                 f"{100 * report.top1_agreement:.1f}%, greedy identical: {report.greedy_identical} "
                 f"({report.positions_compared} positions, {report.decode_steps} decode steps)"
             )
+        bar.update()
+        bar.stage(STAGES[4])
         tok.save(tmp)
         (tmp / "tokenizer_config.json").unlink(missing_ok=True)
         manifest = {
@@ -150,6 +199,8 @@ def export_bundle(
             "precision": "fp32",
             "made_by": {
                 "source": str(src),
+                # Which weights, wherever they were copied to: recognises the shipped default model.
+                "source_sha256": weights_sha256(src),
                 "exporter": "torch.onnx.export(dynamo=True)",
                 "opset": opset,
                 "external_data": external,
@@ -171,7 +222,17 @@ def export_bundle(
                 "context_length": c.n_positions,
             },
         }
-        return finalize(tmp, target_dir, manifest, overwrite=overwrite)
+        out = finalize(tmp, target_dir, manifest, overwrite=overwrite)
+        bar.update()
+        return out
+
+
+def weights_sha256(checkpoint: Path) -> str | None:
+    """sha256 of a single-file checkpoint's weights (None for sharded ones)."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (checkpoint / name).is_file():
+            return sha256_file(checkpoint / name)
+    return None
 
 
 def _prepare_tensorrt(src: Path, dst: Path, external: bool) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .. import DEFAULT_MODEL_DIR
 from ..fsutil import publish_dir, staging_dir
 from ..runtime.tokenizer import Tokenizer
 from .config import GPTConfig
@@ -22,7 +23,6 @@ from .gpt import GPT
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Buffers old transformers versions saved with the weights; they hold no parameters.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
 HUB_FILES = [
     "config.json",
     "*.safetensors",
@@ -108,7 +108,9 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     if index.is_file():
         try:
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map is not an object of file names")
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
         sd: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):

@@ -71,13 +71,17 @@ class GPTConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> GPTConfig:
-        """Read a Hugging Face GPT-2 config.json; refuses what this model cannot represent."""
+        """Read a Hugging Face GPT-2 config.json; refuses what this model cannot represent.
+
+        Errors name the key (``'n_head' must be an integer, got 'four'``); ``load`` adds the file.
+        """
+        if not isinstance(d, dict):
+            kind = "list" if isinstance(d, list) else type(d).__name__
+            raise ValueError(f"config.json holds a {kind}, not an object")
         model_type = d.get("model_type", "gpt2")
         if model_type != "gpt2":
             raise ValueError(f"config.json has model_type {model_type!r}; only 'gpt2' is supported")
-        n_embd = d.get("n_embd", d.get("hidden_size"))
-        if n_embd is None:
-            raise ValueError("config.json has no 'n_embd'")
+        n_embd = _integer(d, "n_embd", "hidden_size")
         n_inner = d.get("n_inner")
         if n_inner not in (None, 4 * n_embd):
             raise ValueError(f"config.json has n_inner={n_inner}; only 4*n_embd is supported")
@@ -93,17 +97,15 @@ class GPTConfig:
             raise ValueError("config.json sets scale_attn_weights=false, which this model does not implement")
         if d.get("tie_word_embeddings") is False:
             raise ValueError("config.json has an untied LM head; GPT-2 ties it to wte")
-        eos = d.get("eos_token_id")
-        eos = EOS_TOKEN_ID if eos is None else int(eos)
-        bos = d.get("bos_token_id")
-        bos = eos if bos is None else int(bos)
+        eos = _integer(d, "eos_token_id", default=EOS_TOKEN_ID, null_is_default=True)
+        bos = _integer(d, "bos_token_id", default=eos, null_is_default=True)
         return cls(
-            vocab_size=int(d["vocab_size"]),
-            n_positions=int(d.get("n_positions", d.get("n_ctx", 1024))),
-            n_embd=int(n_embd),
-            n_layer=int(d.get("n_layer", d.get("num_hidden_layers", 12))),
-            n_head=int(d.get("n_head", d.get("num_attention_heads", 12))),
-            layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
+            vocab_size=_integer(d, "vocab_size"),
+            n_positions=_integer(d, "n_positions", "n_ctx", default=1024),
+            n_embd=n_embd,
+            n_layer=_integer(d, "n_layer", "num_hidden_layers", default=12),
+            n_head=_integer(d, "n_head", "num_attention_heads", default=12),
+            layer_norm_epsilon=_number(d, "layer_norm_epsilon", 1e-5),
             bos_token_id=bos,
             eos_token_id=eos,
         )
@@ -113,14 +115,50 @@ class GPTConfig:
 
     @classmethod
     def load(cls, directory: str | Path) -> GPTConfig:
+        """Read ``directory/config.json``; errors name the file and the key."""
         path = Path(directory, "config.json")
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(f"{path} not found: a checkpoint directory needs config.json") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON ({e})") from None
-        return cls.from_hf_dict(d)
+        try:
+            return cls.from_hf_dict(d)
+        except ValueError as e:
+            msg = str(e)
+            raise ValueError(
+                str(path) + msg.removeprefix("config.json") if msg.startswith("config.json") else msg
+            ) from None
+
+
+_MISSING = object()
+
+
+def _integer(
+    d: dict[str, Any],
+    key: str,
+    alias: str | None = None,
+    default: Any = _MISSING,
+    null_is_default: bool = False,
+) -> int:
+    """``d[key]`` (or ``d[alias]``, Hugging Face's other name) as an int; bools and strings refused."""
+    name = key if key in d or alias is None or alias not in d else alias
+    value = d.get(name, _MISSING)
+    if value is _MISSING or (value is None and null_is_default):
+        if default is _MISSING:
+            raise ValueError(f"config.json: {key!r} is missing")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"config.json: {name!r} must be an integer, got {value!r}")
+    return value
+
+
+def _number(d: dict[str, Any], key: str, default: float) -> float:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"config.json: {key!r} must be a number, got {value!r}")
+    return float(value)
 
 
 PRESETS: dict[str, GPTConfig] = {

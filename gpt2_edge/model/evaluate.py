@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..progress import Progress
 from ..runtime.sampling import log_softmax
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]  # (1, T) int64 -> (1, T, V) float
@@ -78,18 +79,14 @@ def perplexity(
     windows = sliding_windows(len(ids), max_length, stride)
     total, count = 0.0, 0
     t0 = time.perf_counter()
-    it = windows
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(windows, desc="eval", unit="window", dynamic_ncols=True)
-    for begin, end, n_target in it:
-        window = ids[begin:end][None, :]
-        logp = log_softmax(np.asarray(logits_fn(window)[0], dtype=np.float64))  # (T, V)
-        targets = window[0, -n_target:]
-        preds = logp[-n_target - 1 : -1]  # position t predicts token t+1
-        total -= float(preds[np.arange(n_target), targets].sum())
-        count += n_target
+    with Progress(windows, enabled=progress, desc="eval", unit="window") as it:
+        for begin, end, n_target in it:
+            window = ids[begin:end][None, :]
+            logp = log_softmax(np.asarray(logits_fn(window)[0], dtype=np.float64))  # (T, V)
+            targets = window[0, -n_target:]
+            preds = logp[-n_target - 1 : -1]  # position t predicts token t+1
+            total -= float(preds[np.arange(n_target), targets].sum())
+            count += n_target
     nll = total / count
     return PerplexityReport(math.exp(nll), nll, count, time.perf_counter() - t0)
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..fsutil import check_output
+from ..progress import Progress
 from ..runtime.tokenizer import Tokenizer
 from .checkpoint import save_checkpoint
 from .config import GPTConfig
@@ -132,10 +134,18 @@ def train(
     cfg: TrainConfig = TrainConfig(),
     tokenizer: Tokenizer | None = None,
     progress: bool = True,
+    overwrite: bool = False,
+    tokenizer_dir: str | Path | None = None,
 ) -> TrainResult:
-    """Train a GPT-2 on a text file; returns where the best checkpoint went and its val loss."""
-    from tqdm import tqdm
+    """Train a GPT-2 on a text file; returns where the best checkpoint went and its val loss.
 
+    ``out_dir`` may not be the text file or ``tokenizer_dir``, contain them or lie inside them;
+    an existing one is replaced only with ``overwrite``, and only if it is a checkpoint.
+    ``progress`` shows a bar on a terminal.
+    """
+    out_dir = check_output(
+        out_dir, [text_path, tokenizer_dir], overwrite, marker="config.json", what="checkpoint"
+    )
     torch.manual_seed(cfg.seed)
     text = read_text(text_path, min_chars=64)
     train_text, val_text = split_text(text, cfg.val_fraction)
@@ -168,10 +178,9 @@ def train(
         betas=(0.9, 0.95),
     )
     gen = torch.Generator().manual_seed(cfg.seed)
-    out_dir = Path(out_dir)
     best, best_step, history = float("inf"), -1, []
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.max_steps), disable=not progress, desc="train", dynamic_ncols=True)
+    bar = Progress(range(cfg.max_steps), enabled=progress, desc="train", unit="step")
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
@@ -194,9 +203,10 @@ def train(
                     "seconds": time.perf_counter() - t0,
                 }
             )
-            bar.write(
+            bar.log(
+                print,
                 f"step {step + 1}: train loss {loss.item():.4f}  val loss {vl:.4f}  "
-                f"val ppl {math.exp(vl):.2f}"
+                f"val ppl {math.exp(vl):.2f}",
             )
             if vl < best:
                 best, best_step = vl, step + 1
@@ -215,4 +225,5 @@ def train(
                     extra_files={"training.json": json.dumps(meta, indent=2) + "\n"},
                 )
                 model.train()
+    bar.close()
     return TrainResult(out_dir, best, best_step, cfg.max_steps, time.perf_counter() - t0, history)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..model.evaluate import sliding_windows
+from ..progress import Progress
 from ..runtime.generator import decode
 from ..runtime.sampling import GenerationConfig, log_softmax
 from ..tolerances import TOLERANCES
@@ -76,29 +77,25 @@ def compare(
     arr = np.asarray(ids, dtype=np.int64)
     nll_r = nll_q = kl = 0.0
     agree = count = 0
-    it = wins
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(wins, desc=f"eval {precision}", unit="window", dynamic_ncols=True)
-    for begin, end, n_target in it:
-        w = arr[begin:end][None, :]
-        lr = log_softmax(np.asarray(ref.logits(w)[0], np.float64))[-n_target - 1 : -1]
-        lq = log_softmax(np.asarray(variant.logits(w)[0], np.float64))[-n_target - 1 : -1]
-        tgt = w[0, -n_target:]
-        rows = np.arange(n_target)
-        nll_r -= float(lr[rows, tgt].sum())
-        nll_q -= float(lq[rows, tgt].sum())
-        kl += float((np.exp(lr) * (lr - lq)).sum())
-        agree += int((lr.argmax(-1) == lq.argmax(-1)).sum())
-        count += n_target
+    with Progress(wins, enabled=progress, desc=f"gate {precision}", unit="window") as it:
+        for begin, end, n_target in it:
+            w = arr[begin:end][None, :]
+            lr = log_softmax(np.asarray(ref.logits(w)[0], np.float64))[-n_target - 1 : -1]
+            lq = log_softmax(np.asarray(variant.logits(w)[0], np.float64))[-n_target - 1 : -1]
+            tgt = w[0, -n_target:]
+            rows = np.arange(n_target)
+            nll_r -= float(lr[rows, tgt].sum())
+            nll_q -= float(lq[rows, tgt].sum())
+            kl += float((np.exp(lr) * (lr - lq)).sum())
+            agree += int((lr.argmax(-1) == lq.argmax(-1)).sum())
+            count += n_target
     ppl_r, ppl_q = math.exp(nll_r / count), math.exp(nll_q / count)
 
     greedy = 1.0
     if prompts:
         cfg = GenerationConfig(max_new_tokens=min(GREEDY_TOKENS, n_ctx - max(map(len, prompts))))
         same = total = 0
-        for p in prompts:
+        for p in Progress(prompts, enabled=progress, desc=f"greedy {precision}", unit="prompt"):
             a = decode(ref, [p], cfg, eos_token_id=None, n_ctx=n_ctx, detokenize=lambda _: "")[0].token_ids
             b = decode(variant, [p], cfg, eos_token_id=None, n_ctx=n_ctx, detokenize=lambda _: "")[
                 0

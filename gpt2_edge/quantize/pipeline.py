@@ -6,25 +6,31 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from .. import contract
+from .. import DEFAULT_MODEL_DIR, contract
 from ..export.bundle import finalize, producer_versions, write_manifest
 from ..export.graph import checked_census, unsupported_by_tensorrt
-from ..fsutil import staging_dir
-from ..runtime.bundle import MANIFEST, Bundle
+from ..fsutil import check_output, staging_dir
+from ..runtime import manifest as schema
+from ..runtime.bundle import MANIFEST, Bundle, sha256_file
 from ..runtime.session import OrtBackend
 from .accuracy import AccuracyReport, compare, eval_prompts
 from .calibrate import read_tokens, windows
 from .int8 import QdqOptions
 
-PRECISIONS = ("fp16", "int8-dynamic", "int8-weight", "int8-qdq", "int4")
+PRECISIONS = tuple(p for p in schema.PRECISIONS if p != "fp32")
 CALIB_WINDOWS = 32
 CALIB_LENGTH = 128
 
 
 class GateError(ValueError):
-    """The variant misses its accuracy gate (and --force was not given)."""
+    """The variant misses its accuracy gate (and --force was not given); ``report`` has the numbers."""
+
+    def __init__(self, message: str, report: AccuracyReport) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def quantize_bundle(
@@ -41,7 +47,13 @@ def quantize_bundle(
     progress: bool = False,
     log: Callable[[str], object] = print,
 ) -> tuple[Path, AccuracyReport | None]:
-    """Write the ``precision`` variant of fp32 bundle ``src`` to ``out`` if it passes its gate."""
+    """Write the ``precision`` variant of fp32 bundle ``src`` to ``out`` if it passes its gate.
+
+    The gate needs held-out text (``eval_text``), int8-qdq calibration text (``calib_text``); a
+    bundle of the shipped default model uses the samples shipped with it when none is given.
+    ``out`` may not be ``src``, contain it or lie inside it; ``overwrite`` replaces an earlier
+    bundle only. ``progress`` shows the gate's progress on a terminal.
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     base = Bundle.load(src)
@@ -55,9 +67,14 @@ def quantize_bundle(
             "fp32; fp16 bundles are for CUDA / TensorRT: export with `--kv-cache concat` or "
             "`--target tensorrt` first"
         )
-    target_dir = Path(out)
-    if target_dir.exists() and not overwrite:
-        raise FileExistsError(f"{target_dir} exists; pass --overwrite to replace it")
+    target_dir = check_output(out, [base.path], overwrite, marker=MANIFEST, what="bundle")
+    samples = default_model_samples(base)
+    if samples is not None and eval_text is None:
+        eval_text = samples.heldout
+        log(f"accuracy gate on the default model's held-out sample {samples.heldout}")
+    if samples is not None and calib_text is None and precision == "int8-qdq":
+        calib_text = samples.calib
+        log(f"calibration on the default model's sample {samples.calib}")
     if eval_text is None and not force:
         raise ValueError(
             "the accuracy gate needs held-out text: pass --eval FILE (or --force to skip the gate)"
@@ -148,11 +165,37 @@ def quantize_bundle(
                     f"{precision} misses its gate: perplexity {report.perplexity:.3f} vs fp32 "
                     f"{report.perplexity_fp32:.3f} is {100 * report.ppl_increase:+.2f}% (gate "
                     f"+{100 * report.gate:.1f}%); mean KL {report.mean_kl:.4f}, top-1 "
-                    f"{100 * report.top1_agreement:.2f}%. Not written (pass --force to write it anyway)"
+                    f"{100 * report.top1_agreement:.2f}%. Not written (pass --force to write it anyway)",
+                    report,
                 )
         else:
             manifest["accuracy"] = None
         return finalize(tmp, target_dir, manifest, overwrite=overwrite), report
+
+
+@dataclass(frozen=True)
+class Samples:
+    heldout: Path  # from the default model's validation split: the gate's text
+    calib: Path  # from its training split: int8-qdq calibration
+
+
+def default_model_samples(base: Bundle) -> Samples | None:
+    """The text samples shipped with the default model, if ``base`` was exported from it.
+
+    Recognised by the sha256 of the checkpoint's weights recorded at export (wherever either was
+    copied to since), or, for bundles written before that was recorded, by the source path.
+    """
+    samples = Samples(DEFAULT_MODEL_DIR / "heldout.txt", DEFAULT_MODEL_DIR / "calib.txt")
+    weights = DEFAULT_MODEL_DIR / "model.safetensors"
+    if not (samples.heldout.is_file() and samples.calib.is_file() and weights.is_file()):
+        return None
+    made = base.manifest.get("made_by") or {}
+    if made.get("source_sha256") is not None:
+        same = made["source_sha256"] == sha256_file(weights)
+    else:
+        source = made.get("source")
+        same = source is not None and Path(source).resolve() == DEFAULT_MODEL_DIR.resolve()
+    return samples if same else None
 
 
 def _convert(src: Path, dst: Path, precision: str, external: bool, calib, qdq: QdqOptions) -> dict:

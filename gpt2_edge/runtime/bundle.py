@@ -1,7 +1,9 @@
 """Read and verify a bundle: ``bundle.json`` + ``model.onnx`` (+ data) + ``tokenizer.json``. No torch.
 
-Loading checks the schema version, that every listed file exists with its recorded size and
-sha256, and refuses anything else with a message naming the file and what to do.
+Loading checks the schema version, the manifest against its schema (``manifest.py``), that every
+listed file is a plain name inside the bundle and exists with its recorded size and sha256, and
+refuses anything else with a message naming the file or key and what to do. The graph itself is
+checked against the manifest's IO when a session opens it (``check_session``).
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..contract import TensorSpec
+from .manifest import SCHEMA_VERSION, ManifestError, kind_of, validate
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
-SCHEMA_VERSION = 1
 MANIFEST = "bundle.json"
+__all__ = ["MANIFEST", "SCHEMA_VERSION", "Bundle", "BundleError", "sha256_file"]
 
 
 class BundleError(ValueError):
@@ -128,28 +131,43 @@ class Bundle:
     def load(cls, path: str | Path, verify: bool = True) -> Bundle:
         """Open a bundle; ``verify`` re-hashes every file (sizes are always checked)."""
         root = Path(path)
+        if root.is_file():
+            hint = f"; pass its directory {root.parent}" if root.name == MANIFEST else ""
+            raise BundleError(
+                f"{root} is a file, not a bundle directory (a bundle is the directory `gpt2-edge export` "
+                f"writes, with {MANIFEST}){hint}"
+            )
         if not root.is_dir():
             raise BundleError(f"bundle {root} does not exist (make one with `gpt2-edge export -o {root}`)")
         mf = root / MANIFEST
         if not mf.is_file():
             raise BundleError(f"{root} is not a bundle: {MANIFEST} is missing (re-run `gpt2-edge export`)")
         try:
-            manifest = json.loads(mf.read_text())
-        except json.JSONDecodeError as e:
+            manifest = json.loads(mf.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BundleError(f"{mf} is not valid JSON ({e}); re-export the bundle") from None
+        if not isinstance(manifest, dict):
+            raise BundleError(f"{mf} is a JSON {kind_of(manifest)}, not an object; re-export the bundle")
         version = manifest.get("schema_version")
         if version != SCHEMA_VERSION:
             raise BundleError(
                 f"{mf} has schema version {version!r}; this gpt2-edge reads version {SCHEMA_VERSION}. "
                 "Re-export the bundle with this version, or install the gpt2-edge that made it"
             )
-        for key in ("model_file", "model", "io", "files", "generation", "precision", "target"):
-            if key not in manifest:
-                raise BundleError(f"{mf} lacks {key!r}; re-export the bundle")
+        try:
+            validate(manifest)
+        except ManifestError as e:
+            raise BundleError(f"{mf}: {e}; re-export the bundle") from None
+        real_root = root.resolve()
         for name, meta in manifest["files"].items():
             f = root / name
             if not f.is_file():
                 raise BundleError(f"{f} is missing from the bundle; re-export or copy the whole directory")
+            if not f.resolve().is_relative_to(real_root):
+                raise BundleError(
+                    f"{f} points outside the bundle (to {f.resolve()}); a bundle holds its own files: "
+                    "copy the file into it, or re-export the bundle"
+                )
             size = f.stat().st_size
             if size != meta["bytes"]:
                 raise BundleError(
@@ -161,8 +179,4 @@ class Bundle:
                     f"{f} does not match its sha256 in {MANIFEST}: the file is corrupt or was changed; "
                     "re-export or copy the bundle again"
                 )
-        if manifest["model_file"] not in manifest["files"]:
-            raise BundleError(f"{mf} does not list its model file; re-export the bundle")
-        if "tokenizer.json" not in manifest["files"]:
-            raise BundleError(f"{mf} does not list tokenizer.json; re-export the bundle")
         return cls(root, manifest)

@@ -35,6 +35,7 @@ class GenerationConfig:
     early_stopping: bool | str = False  # True, False or "never", as in transformers
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -56,10 +57,55 @@ class GenerationConfig:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.early_stopping not in (True, False, "never"):
-            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+
+    def _check_types(self) -> None:
+        """Refuse values of the wrong type before they fail deep inside ``generate``: a float where a
+        count is meant, a bool for a number, a bare string of stops (it would split into letters).
+        numpy scalars are taken as the Python numbers they hold."""
+
+        def put(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)  # frozen: normalise in place once, here
+
+        for name in ("max_new_tokens", "min_new_tokens", "top_k", "num_beams"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            put(name, int(value))
+        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(
+                value, (int, float, np.integer, np.floating)
+            ):
+                finite = "finite " if name == "length_penalty" else ""  # nan/inf: an empty beam text
+                raise ValueError(f"{name} must be a {finite}number, got {value!r}")
+            put(name, float(value))
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
+        seed = self.seed
+        if seed is not None:
+            if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+                raise ValueError(f"seed must be a non-negative integer, got {seed!r} (None: unseeded)")
+            put("seed", int(seed))
+        for name in ("do_sample", "truncate"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+            put(name, bool(value))
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        stop = self.stop
+        if isinstance(stop, (str, bytes)) or not isinstance(stop, (list, tuple)):
+            raise ValueError(
+                f"stop must be a list or tuple of strings, got {stop!r}; pass [{stop!r}] for one stop string"
+                if isinstance(stop, str)
+                else f"stop must be a list or tuple of strings, got {stop!r}"
+            )
+        for i, s in enumerate(stop):
+            if not isinstance(s, str):
+                raise ValueError(f"stop[{i}] must be a string, got {s!r}")
+        put("stop", tuple(stop))
 
 
 # processors (logits -> logits), each on a (B, V) float array --------------------------------
