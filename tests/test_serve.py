@@ -669,6 +669,44 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(bundle, tmp_path, drain_s
             proc.wait()
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc (Linux)")
+def test_main_cli_serves_without_torch_and_hides_the_key(bundle):
+    """`gpt2-edge serve` builds the main parser (which imports torch), then starts over in the
+    torch-free entry with the same pid; the key moves from argv to the environment."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "gpt2_edge", "serve", str(bundle), "--port", str(port), "--threads", "1",
+           "--api-key", KEY, "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.2)
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"gpt2_edge.serve" in cmdline and KEY.encode() not in cmdline
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "libtorch" not in maps and "onnxruntime" in maps
+        assert post_to(url, GOOD).status_code == 401
+        assert post_to(url, GOOD, headers=AUTH).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def post_to(url: str, body: dict, **kw) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=60, **kw)
+
+
 def test_cli_refuses_bad_options(bundle, tmp_path, capsys):
     from gpt2_edge.serve.cli import main
 

@@ -94,14 +94,25 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    if "torch" in sys.modules:
-        # The main CLI imports every stage to build its parser; a server holding torch would carry
-        # hundreds of MB it never uses. Start over in the torch-free entry point (same pid).
-        _reexec_torch_free(args)
     return run(args)
 
 
-def _reexec_torch_free(args: argparse.Namespace) -> None:
+def _invoked_as_program() -> bool:
+    """Whether this process is the ``gpt2-edge`` program itself, not code that calls ``main()``:
+    only the program may be replaced by a fresh one."""
+    prog = Path(sys.argv[0])
+    return prog.name == "gpt2-edge" or (
+        prog.name == "__main__.py" and prog.parent.name in ("gpt2_edge", "serve")
+    )
+
+
+def _start_over_if_needed(args: argparse.Namespace) -> None:
+    """Replace this process (same pid) with a clean ``python -m gpt2_edge.serve`` when torch is
+    loaded (the main CLI imports stages to build its parser; a server would carry hundreds of MB
+    it never uses) or when ``--api-key`` is on the command line (``ps`` shows argv to every user;
+    the new process gets the key through its environment)."""
+    if "torch" not in sys.modules and not args.api_key:
+        return
     argv = [sys.executable, "-m", "gpt2_edge.serve"]
     if args.bundle:
         argv.append(args.bundle)
@@ -189,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     settings = settings_from_args(args, api_key)
     bundle = resolve_bundle(args.bundle)
+    if _invoked_as_program():
+        _start_over_if_needed(args)
     if args.ray:
         from .ray_app import serve_with_ray
 
