@@ -599,3 +599,20 @@ def test_slots_join_leave_and_reorder_like_the_server(engine, trt_bundle, ort_cp
         both("decode", [1, 2], [40 + t, 50 + t])
     both("reorder", [2, 1])
     both("decode", [0, 1], [60, 61])
+
+
+def test_build_never_replaces_the_bundle_or_a_foreign_directory(bundle_copy, tmp_path):
+    trt, _ = fake_stack()
+    for bad in (bundle_copy, bundle_copy.parent):
+        with pytest.raises(EngineError, match="is or contains the bundle"):
+            build_engine(
+                bundle_copy, bad, BuildOptions(Limits(max_batch=1)), trt=trt, gpu=FAKE_GPU, log=lambda _: None
+            )
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"x")
+    with pytest.raises(ValueError, match="not a engine directory|not an engine directory|has no engine.json"):
+        build_engine(
+            bundle_copy, other, BuildOptions(Limits(max_batch=1)), trt=trt, gpu=FAKE_GPU, log=lambda _: None
+        )
+    assert (other / "cat.jpg").is_file() and (bundle_copy / "bundle.json").is_file()

@@ -421,7 +421,7 @@ def build_engine(
     """Parse the bundle's graph with TensorRT's ONNX parser, build a strongly typed engine with
     the decoder profiles, and write ``engine.plan`` + ``engine.json`` (atomically) to ``output``
     (default ``BUNDLE/engines/<gpu-key>``). ``trt`` / ``gpu`` default to the real ones."""
-    from ..fsutil import publish_dir, staging_dir
+    from ..fsutil import check_output, publish_dir, staging_dir
     from ..runtime.bundle import sha256_file
     from . import system, trt_api
 
@@ -442,6 +442,11 @@ def build_engine(
         )
     trt_version = trt_api.version(trt)
     out = Path(output) if output else bundle.path / ENGINES_DIR / gpu_key(gpu, trt_version)
+    real, src = out.expanduser().resolve(), bundle.path.resolve()
+    if real == src or real in src.parents:
+        raise EngineError(f"the output {out} is or contains the bundle {bundle.path}; choose another -o")
+    # An engine directory is a rebuildable cache, replaced freely; any other directory is refused.
+    check_output(out, overwrite=True, marker=MANIFEST, what="engine directory")
     profiles = decoder_profiles(bundle.inputs, limits)
 
     logger = trt_api.make_logger(trt, options.verbose)
