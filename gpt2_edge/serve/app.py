@@ -164,10 +164,18 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
                 code="shutting_down",
                 headers={"Retry-After": "1"},
             )
-        req = parse_body(await request.body(), CompletionRequest)
-        req.check_supported()
-        check_model(req.model)
-        job = _Completion(model, scheduler, metrics, settings, req)
+        raw = await request.body()
+        loop = asyncio.get_running_loop()
+
+        def prepare() -> _Completion:
+            req = parse_body(raw, CompletionRequest)
+            req.check_supported()
+            check_model(req.model)
+            return _Completion(model, scheduler, metrics, settings, req, loop)
+
+        # JSON, validation and tokenizing off the event loop, which serves every stream at once.
+        job = await asyncio.to_thread(prepare)
+        req = job.req
         if req.echo and req.logprobs is not None:
             await job.score_prompts()
         job.submit()
@@ -305,61 +313,62 @@ class _Completion:
         metrics: Metrics,
         settings: ServeSettings,
         req: CompletionRequest,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
+        """Checks and tokenizes the prompts (call it off the event loop: a prompt may be long)."""
         self.model = model
         self.scheduler = scheduler
         self.metrics = metrics
         self.req = req
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.loop = asyncio.get_running_loop()
-        self.deadline = self.loop.time() + settings.timeout_s
+        self.loop = loop
+        self.deadline = loop.time() + settings.timeout_s
         self.timeout_s = settings.timeout_s
-        self.prompts = self._prompts()
-        self.prompt_texts = [self._prompt_text(i) for i in range(len(self.prompts))]
-        self.prompt_scores: list[dict[str, Any]] | None = None
-        n_choices = len(self.prompts) * req.n
-        if n_choices > scheduler.capacity:
+        items = self._prompt_items()
+        n_choices = len(items) * req.n
+        if n_choices > scheduler.capacity:  # before tokenizing what would be refused anyway
             raise ApiError(
                 400,
-                f"{len(self.prompts)} prompt(s) x n={req.n} = {n_choices} sequences exceed what this server "
+                f"{len(items)} prompt(s) x n={req.n} = {n_choices} sequences exceed what this server "
                 f"holds at once ({scheduler.capacity}); send fewer",
                 param="n",
             )
+        self.prompts = [self._encode(item, i, len(items)) for i, item in enumerate(items)]
+        self.prompt_texts = [self._prompt_text(i) for i in range(len(self.prompts))]
+        self.prompt_scores: list[dict[str, Any]] | None = None
         self.choices = [_Choice(i // req.n) for i in range(n_choices)]
         self.events: asyncio.Queue[tuple[int, TokenEvent]] = asyncio.Queue()
         self.sequences: list[SequenceHandle] = []
 
     # building the sequences ---------------------------------------------------------------------
-    def _prompts(self) -> list[list[int]]:
+    def _prompt_items(self) -> list[Any]:
+        """The prompts of the request: strings or token-id lists."""
         p = self.req.prompt
-        tok = self.model.tokenizer
         if isinstance(p, str):
-            items: list[Any] = [p]
-        elif not p:
+            return [p]
+        if not p:
             raise ApiError(400, "prompt is empty", param="prompt")
-        elif isinstance(p[0], int):
-            items = [p]
-        else:
-            items = list(p)
-        out = []
-        for i, item in enumerate(items):
-            ids = tok.encode(item) if isinstance(item, str) else list(item)
-            _check_ids(ids, self.model.vocab_size, "prompt")
-            name = "the prompt" if len(items) == 1 else f"prompt {i}"
-            if not ids:
-                raise ApiError(400, f"{name} is empty (0 tokens)", param="prompt")
-            if len(ids) + self.req.max_tokens > self.model.n_ctx:
-                raise ApiError(
-                    400,
-                    f"this model's context is {self.model.n_ctx} tokens, but {name} has {len(ids)} tokens "
-                    f"and max_tokens is {self.req.max_tokens} ({len(ids) + self.req.max_tokens} in all); "
-                    "shorten the prompt or lower max_tokens",
-                    param="max_tokens",
-                    code="context_length_exceeded",
-                )
-            out.append(ids)
-        return out
+        if isinstance(p[0], int):
+            return [p]
+        return list(p)
+
+    def _encode(self, item: str | list[int], i: int, count: int) -> list[int]:
+        ids = self.model.tokenizer.encode(item) if isinstance(item, str) else list(item)
+        _check_ids(ids, self.model.vocab_size, "prompt")
+        name = "the prompt" if count == 1 else f"prompt {i}"
+        if not ids:
+            raise ApiError(400, f"{name} is empty (0 tokens)", param="prompt")
+        if len(ids) + self.req.max_tokens > self.model.n_ctx:
+            raise ApiError(
+                400,
+                f"this model's context is {self.model.n_ctx} tokens, but {name} has {len(ids)} tokens "
+                f"and max_tokens is {self.req.max_tokens} ({len(ids) + self.req.max_tokens} in all); "
+                "shorten the prompt or lower max_tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return ids
 
     def _prompt_text(self, i: int) -> str:
         p = self.req.prompt
@@ -425,20 +434,26 @@ class _Completion:
 
     # prompt log-probabilities (echo + logprobs) ---------------------------------------------
     async def score_prompts(self) -> None:
+        """Log-probabilities of each prompt token given the ones before (``echo`` + ``logprobs``):
+        one full-sequence pass per prompt, beside the scheduler (the backend is thread-safe)."""
         logits_fn = getattr(self.model.backend, "logits", None)
         if logits_fn is None:
             raise ApiError(400, "echo with logprobs is not supported by this backend", param="echo")
+        self.prompt_scores = await asyncio.to_thread(self._score_prompts, logits_fn)
+
+    def _score_prompts(self, logits_fn: Any) -> list[dict[str, Any]]:
         k = self.req.logprobs or 0
-        self.prompt_scores = []
+        scores = []
         for ids in self.prompts:
-            logits = await asyncio.to_thread(logits_fn, np.asarray([ids], np.int64))
+            logits = logits_fn(np.asarray([ids], np.int64))
             lps: list[float | None] = [None]
             tops: list[tuple[tuple[int, float], ...] | None] = [None]
             for pos in range(1, len(ids)):  # row by row: a float64 copy of all rows would be T x V
                 lp = log_softmax(logits[0, pos - 1].astype(np.float64))
                 lps.append(float(lp[ids[pos]]))
                 tops.append(top_logprobs(lp, k))
-            self.prompt_scores.append(self._logprobs(ids, lps, tops, 0))
+            scores.append(self._logprobs(ids, lps, tops, 0))
+        return scores
 
     # output -----------------------------------------------------------------------------------
     def _logprobs(
@@ -516,6 +531,11 @@ class _Completion:
         failed = [c.error for c in self.choices if c.error]
         if failed:
             raise ApiError(500, failed[0], type="server_error", code="generation_failed")
+        if self.req.logprobs is not None:  # text offsets decode every prefix: off the event loop
+            return await asyncio.to_thread(self._response)
+        return self._response()
+
+    def _response(self) -> dict[str, Any]:
         choices = []
         for i, c in enumerate(self.choices):
             assert c.tokens is not None and c.logprobs is not None and c.top is not None
