@@ -422,6 +422,43 @@ def test_timeout_frees_the_slot(bundle):
         assert r.status_code == 200
 
 
+class FailingOnce:
+    """A backend whose caches fail their first decode (a broken step must not take the server down)."""
+
+    def __init__(self, backend) -> None:
+        self._backend, self.failed = backend, False
+
+    def new_cache(self, n_slots, capacity):
+        cache, outer = self._backend.new_cache(n_slots, capacity), self
+
+        class Cache:
+            def decode(self, slots, tokens):
+                if not outer.failed:
+                    outer.failed = True
+                    raise RuntimeError("injected")
+                return cache.decode(slots, tokens)
+
+            def __getattr__(self, name):
+                return getattr(cache, name)
+
+        return Cache()
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+
+def test_a_failed_step_fails_its_requests_and_the_server_goes_on(bundle, gen):
+    model = ServedModel.from_bundle(bundle, threads=1, name="tiny")
+    model.backend = FailingOnce(model.backend)
+    with Server(create_app(model, ServeSettings())) as s:
+        r = post(s, {"prompt": "O", "max_tokens": 5, "temperature": 0})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
+        assert "injected" not in r.text and "Traceback" not in r.text
+        r = post(s, {"prompt": "O", "max_tokens": 5, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy(gen, "O", 5)
+        assert metric(s, 'gpt2_edge_sequences_finished_total{reason="error"}') == 1
+
+
 # bad requests ---------------------------------------------------------------------------------------
 GOOD = {"prompt": "O", "max_tokens": 2}
 AUTH = {"Authorization": f"Bearer {KEY}"}

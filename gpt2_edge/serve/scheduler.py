@@ -30,7 +30,7 @@ import numpy as np
 
 from ..runtime.sampling import GenerationConfig, log_softmax
 from ..runtime.sequence import SequenceState
-from ..runtime.types import Backend
+from ..runtime.types import Backend, KVCache
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -166,7 +166,7 @@ class Scheduler:
     def submit(self, sequences: Sequence[SequenceHandle]) -> None:
         """Queue ``sequences`` (one request's choices) together, or none of them."""
         with self._cond:
-            if self._closing or self._thread is None:
+            if self._closing or self._thread is None or not self._thread.is_alive():
                 raise SchedulerClosedError("the server is shutting down")
             if self._in_system + len(sequences) > self.capacity:
                 raise QueueFullError(
@@ -241,7 +241,11 @@ class Scheduler:
                 self._in_system -= 1
 
     def _prefill(
-        self, cache, free: list[int], active: dict[int, SequenceHandle], admitted: list[SequenceHandle]
+        self,
+        cache: KVCache,
+        free: list[int],
+        active: dict[int, SequenceHandle],
+        admitted: list[SequenceHandle],
     ) -> None:
         slots = [heapq.heappop(free) for _ in admitted]
         for slot, s in zip(slots, admitted, strict=True):
@@ -251,7 +255,7 @@ class Scheduler:
         for i, slot in enumerate(slots):
             self._advance(cache, free, active, slot, logits[i])
 
-    def _decode(self, cache, free: list[int], active: dict[int, SequenceHandle]) -> None:
+    def _decode(self, cache: KVCache, free: list[int], active: dict[int, SequenceHandle]) -> None:
         slots = sorted(active)
         logits = cache.decode(slots, [active[s].state.generated[-1] for s in slots])
         if self.metrics is not None:
@@ -260,7 +264,12 @@ class Scheduler:
             self._advance(cache, free, active, slot, logits[i])
 
     def _advance(
-        self, cache, free: list[int], active: dict[int, SequenceHandle], slot: int, logits: np.ndarray
+        self,
+        cache: KVCache,
+        free: list[int],
+        active: dict[int, SequenceHandle],
+        slot: int,
+        logits: np.ndarray,
     ) -> None:
         """Pick, record and send one sequence's next token; release its slot when it finished."""
         s = active[slot]
@@ -285,7 +294,7 @@ class Scheduler:
             self._leave(cache, free, active, slot, s.state.finish_reason or "length")
 
     def _leave(
-        self, cache, free: list[int], active: dict[int, SequenceHandle], slot: int, reason: str
+        self, cache: KVCache, free: list[int], active: dict[int, SequenceHandle], slot: int, reason: str
     ) -> None:
         cache.release(slot)
         heapq.heappush(free, slot)
