@@ -338,6 +338,22 @@ def test_greedy_equals_generator_whatever_the_batch(bundle, gen):
     assert rows / steps > 1.5  # decode steps really ran several sequences together
 
 
+def test_concatenating_cache_joins_and_leaves_the_batch(tmp_path, tiny_checkpoint, gen):
+    """The tensorrt target's KV form (a left-padded batch re-padded on join/leave) under the scheduler."""
+    concat = export_bundle(tiny_checkpoint, tmp_path / "concat", kv_cache="concat", log=lambda _: None)
+    jobs = [(p, 6 + 4 * i) for i, p in enumerate(PROMPTS)]
+    with serving(concat, delay=0.005, max_batch=4) as s:
+
+        def one(job):
+            time.sleep(0.01 * (job[1] % 5))
+            body = {"prompt": job[0], "max_tokens": job[1], "temperature": 0}
+            return post(s, body).json()["choices"][0]["text"]
+
+        with ThreadPoolExecutor(len(jobs)) as ex:
+            got = list(ex.map(one, jobs))
+    assert got == [greedy(gen, p, m) for p, m in jobs]
+
+
 def test_16_concurrent_streaming_clients(server, gen):
     jobs = [(PROMPTS[i % len(PROMPTS)], 10 + i) for i in range(16)]
 
