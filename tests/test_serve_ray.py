@@ -114,10 +114,14 @@ def test_sigterm_shuts_ray_down_and_exits_0(server):
 
 
 def test_build_for_serve_run(bundle):
-    """The `serve run gpt2_edge.serve.ray_app:build bundle=... replicas=2` target builds the same app."""
+    """`serve run gpt2_edge.serve.ray_app:build bundle=... replicas=2` builds the same app: Ray's CLI
+    imports the builder and calls it with the key=value strings (its own helper, as `serve run` does)."""
+    from ray._common.utils import import_attr
     from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
-    from gpt2_edge.serve.ray_app import BuildArgs, build
-
-    app = build(BuildArgs.model_validate({"bundle": str(bundle), "replicas": "2", "max_batch": "4"}))
+    builder = import_attr("gpt2_edge.serve.ray_app:build")
+    app = call_user_app_builder_with_args_if_necessary(
+        builder, {"bundle": str(bundle), "replicas": "2", "max_batch": "4"}
+    )
     assert isinstance(app, Application)

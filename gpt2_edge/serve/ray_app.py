@@ -86,9 +86,14 @@ class BuildArgs(BaseModel):
     api_key: str | None = None  # default: $GPT2_EDGE_API_KEY where `serve run` runs
 
 
-def build(args: BuildArgs) -> Application:
+def build(args: dict[str, Any] | BuildArgs) -> Application:
     """Application builder for Ray's ``serve run`` (arguments as ``key=value``)."""
     from .cli import API_KEY_ENV
+
+    # Ray hands a dict of strings (it converts to the annotated model only when the annotation is
+    # a class, which postponed annotations are not): validate here either way.
+    if not isinstance(args, BuildArgs):
+        args = BuildArgs.model_validate(args)
 
     settings = ServeSettings(
         max_batch=args.max_batch,
