@@ -23,7 +23,7 @@ from typing import Any
 # No usage report leaves the machine unless the operator asked for one.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve import Application
 
@@ -72,6 +72,8 @@ def deployment(
 
 class BuildArgs(BaseModel):
     """``serve run gpt2_edge.serve.ray_app:build bundle=PATH [replicas=N] [max_batch=B] ...``"""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silent default
 
     bundle: str
     replicas: int = 1
