@@ -69,6 +69,7 @@ def to_fp16(src: Path, dst: Path, external_data: bool) -> dict:
         node_block_list=blocked,
         disable_shape_infer=external_data,  # shape inference serializes the proto (2 GB limit)
     )
+    _unique_node_names(model)
     save_model(model, dst, external_data)
     return {
         "converter": "onnxruntime.transformers.float16",
@@ -76,3 +77,30 @@ def to_fp16(src: Path, dst: Path, external_data: bool) -> dict:
         "fp32_nodes": len(blocked),
         "kv_dtype": "float16",
     }
+
+
+def _unique_node_names(model: onnx.ModelProto) -> None:
+    """Drop the repeated Casts of onnxruntime <= 1.31's float16 converter.
+
+    It inserts one ``x -> x_cast_to_fp32`` Cast per (blocked node, input) rather than per tensor, so
+    a tensor read by two fp32 nodes gets two identical Casts with the same names, which onnxruntime
+    refuses to load ("Duplicate definition of name"; seen with onnxruntime-gpu 1.31 on an H100).
+    Identical Casts compute the same tensor: keep the first. Any other repeated node name is renamed.
+    """
+    seen_casts: set[tuple] = set()
+    seen_names: set[str] = set()
+    for i, n in enumerate(list(model.graph.node)):
+        if n.op_type == "Cast":
+            key = (tuple(n.input), tuple(n.output), tuple(a.i for a in n.attribute if a.name == "to"))
+            if key in seen_casts:
+                model.graph.node.remove(n)
+                continue
+            seen_casts.add(key)
+        if n.name in seen_names:
+            n.name = f"{n.name}_{i}"
+        seen_names.add(n.name)
+    infos: set[str] = set()
+    for vi in list(model.graph.value_info):
+        if vi.name in infos:
+            model.graph.value_info.remove(vi)
+        infos.add(vi.name)
