@@ -710,7 +710,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"{'PASS' if v['passed'] else 'FAIL'}"
     )
 
-    print(f"\n4. quantize behind the accuracy gate (held-out text {text})")
+    shown = f"{DEFAULT_MODEL_DIR.name}/{text.name}, shipped with the model" if args.text is None else text
+    print(f"\n4. quantize behind the accuracy gate (held-out text: {shown})")
     reports, written = {}, {"fp32": bundle}
     for precision in DEMO_PRECISIONS:
         try:
@@ -750,8 +751,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if first is None:
             print(f"   {precision}: the same tokens as fp32")
         else:
-            print(f"   {precision}: the fp32 tokens up to token {first}, then:")
-            print(_indent(args.prompt + texts[precision].text))
+            tail = tok.decode(ids[first:])
+            tail = repr(tail if len(tail) <= 48 else tail[:45] + "...")
+            print(f"   {precision}: the fp32 tokens for {first} of {len(ids)}, then {tail}")
 
     print(
         f"\n6. summary (CPU, {args.threads} threads; perplexity on the held-out text, "

@@ -77,7 +77,8 @@ def quantize_bundle(
         log(f"calibration on the default model's sample {samples.calib}")
     if eval_text is None and not force:
         raise ValueError(
-            "the accuracy gate needs held-out text: pass --eval FILE (or --force to skip the gate)"
+            "the accuracy gate needs held-out text: pass --eval FILE (only bundles of the shipped default "
+            "model have a sample built in), or --force to skip the gate"
         )
     tok = base.tokenizer()
     d = base.dims

@@ -86,7 +86,7 @@ class GenerationConfig:
         seed = self.seed
         if seed is not None:
             if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
-                raise ValueError(f"seed must be a non-negative integer, got {seed!r} (None: unseeded)")
+                raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
             put("seed", int(seed))
         for name in ("do_sample", "truncate"):
             value = getattr(self, name)
