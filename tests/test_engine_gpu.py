@@ -20,6 +20,7 @@ from gpt2_edge.quantize.pipeline import quantize_bundle
 from gpt2_edge.runtime.bundle import Bundle
 from gpt2_edge.runtime.generator import Generator
 from gpt2_edge.runtime.sampling import GenerationConfig
+from gpt2_edge.runtime.session import ProviderError
 from gpt2_edge.tolerances import TOLERANCES
 
 from .conftest import SAMPLE_TEXT
@@ -81,9 +82,12 @@ def eval_ids(cpu) -> np.ndarray:
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8-qdq"])
 def test_tensorrt_provider(bundles, cpu, eval_ids, precision, tmp_path):
     _need_provider("TensorrtExecutionProvider")
-    gpu = Generator.from_bundle(
-        str(bundles[precision]), provider="tensorrt", trt_cache_dir=tmp_path, trt_max_batch=4
-    )
+    try:
+        gpu = Generator.from_bundle(
+            str(bundles[precision]), provider="tensorrt", trt_cache_dir=tmp_path, trt_max_batch=4
+        )
+    except ProviderError as e:  # onnxruntime-gpu without TensorRT's libraries
+        pytest.skip(str(e))
     if precision == "fp32":
         for p in PROMPTS:
             assert gpu.generate(p, GREEDY)[0].token_ids == cpu["fp32"].generate(p, GREEDY)[0].token_ids

@@ -123,6 +123,14 @@ def tensorrt_provider_options(
     return tensorrt_options(cache_dir, fp16, workspace_mib, ranges, timing_dir)
 
 
+def _provider_hint(provider: str) -> str:
+    return {
+        "tensorrt": "TensorRT's libnvinfer must be on the library path; `gpt2-edge doctor` shows what is found",
+        "cuda": "the CUDA runtime, cuBLAS and cuDNN for this onnxruntime-gpu build must be on the library "
+        "path; `gpt2-edge doctor` shows what is found",
+    }.get(provider, "see `gpt2-edge doctor`")
+
+
 class OrtBackend:
     """A bundle's ``model.onnx`` in one ONNX Runtime session; makes KV caches for its callers."""
 
@@ -177,6 +185,14 @@ class OrtBackend:
                 f"onnxruntime cannot load {bundle.model_file}: {str(e).splitlines()[0]}; re-export the bundle"
             ) from None
         bundle.check_session(self.session)
+        active = self.session.get_providers()
+        if PROVIDERS[self.provider] not in active:
+            # onnxruntime's Python API retries without a provider that fails to load (TensorRT
+            # without libnvinfer, CUDA without cuDNN) and only prints: never run elsewhere silently.
+            raise ProviderError(
+                f"{PROVIDERS[self.provider]} is installed but failed to load (the session fell back to "
+                f"{', '.join(active)}): its libraries are missing or mismatched ({_provider_hint(self.provider)})"
+            )
         self.device = "cuda" if self.provider in ("cuda", "tensorrt") else "cpu"
         if bundle.precision == "fp16" and self.device == "cpu":
             warnings.warn(
