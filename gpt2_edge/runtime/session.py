@@ -125,7 +125,8 @@ def tensorrt_provider_options(
 
 def _provider_hint(provider: str) -> str:
     return {
-        "tensorrt": "TensorRT's libnvinfer must be on the library path; `gpt2-edge doctor` shows what is found",
+        "tensorrt": "TensorRT's libnvinfer must be on the library path; "
+        "`gpt2-edge doctor` shows what is found",
         "cuda": "the CUDA runtime, cuBLAS and cuDNN for this onnxruntime-gpu build must be on the library "
         "path; `gpt2-edge doctor` shows what is found",
     }.get(provider, "see `gpt2-edge doctor`")
@@ -191,7 +192,8 @@ class OrtBackend:
             # without libnvinfer, CUDA without cuDNN) and only prints: never run elsewhere silently.
             raise ProviderError(
                 f"{PROVIDERS[self.provider]} is installed but failed to load (the session fell back to "
-                f"{', '.join(active)}): its libraries are missing or mismatched ({_provider_hint(self.provider)})"
+                f"{', '.join(active)}): its libraries are missing or mismatched "
+                f"({_provider_hint(self.provider)})"
             )
         self.device = "cuda" if self.provider in ("cuda", "tensorrt") else "cpu"
         if bundle.precision == "fp16" and self.device == "cpu":
