@@ -145,6 +145,15 @@ def test_stream_holds_back_a_stop_string(tiny_tokenizer):
     assert gen.last_result.finish_reason == "stop"
 
 
+def test_stream_never_shows_the_eos_token(tiny_tokenizer):
+    tok = tiny_tokenizer
+    script = [*tok.encode("All: speak"), tok.eos_token_id]
+    gen = Generator(Scripted(script, tok.vocab_size), tok, eos_token_id=tok.eos_token_id, n_ctx=64)
+    pieces = list(gen.stream("x", GenerationConfig(max_new_tokens=20)))
+    assert "".join(pieces) == "All: speak" == gen.last_result.text
+    assert gen.last_result.finish_reason == "eos"
+
+
 def test_decode_with_scripted_eos(tiny_tokenizer):
     tok = tiny_tokenizer
     script = [*tok.encode("All:"), tok.eos_token_id]

@@ -132,17 +132,21 @@ def stream_text(
     steps: Iterator[list[list[int]]],
     detokenize: Callable[[Sequence[int]], str],
     stop: Sequence[str] = (),
+    eos_token_id: int | None = None,
 ) -> Iterator[str]:
     """Turn row 0's growing ids into text pieces, never splitting a UTF-8 character.
 
     A piece is held back while the text ends in an incomplete byte sequence (decoded as U+FFFD)
-    or in what could still become a stop string, so the pieces always join to the final text.
+    or in what could still become a stop string, so the pieces always join to the final text;
+    the eos that ends a sequence is not text.
     """
     emitted = 0
     it = iter(steps)
     while True:
         try:
             generated = next(it)[0]
+            if generated and generated[-1] == eos_token_id:
+                generated = generated[:-1]
         except StopIteration as done:
             results = done.value
             final = results[0].text
@@ -290,4 +294,4 @@ class Generator:
                 self.last_result = results[0]
             return results
 
-        yield from stream_text(capture(), self.tokenizer.decode, config.stop)
+        yield from stream_text(capture(), self.tokenizer.decode, config.stop, self.eos_token_id)
