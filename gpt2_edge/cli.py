@@ -26,7 +26,7 @@ class Terminated(KeyboardInterrupt):
 
 # train ------------------------------------------------------------------------------
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .model.train import TrainConfig
+    from .model.config import TrainConfig  # torch-free: building the parser must not import torch
 
     p = sub.add_parser("train", help="train a GPT-2 on a text file (language-modelling objective)")
     p.add_argument("--text", required=True, help="UTF-8 text file; the last --val-fraction is held out")
@@ -50,7 +50,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from .model.train import TrainConfig, train
+    from .model.config import TrainConfig
+    from .model.train import train
     from .runtime.tokenizer import Tokenizer
 
     if args.threads:
@@ -319,8 +320,7 @@ def evaluate_text(
     threads: int | None = None,
 ):
     """Perplexity of a bundle or checkpoint on (the last ``tail`` fraction of) a text file."""
-    from .model.evaluate import perplexity
-    from .model.train import read_text
+    from .model.evaluate import perplexity, read_text  # torch-free: eval of a bundle needs no torch
 
     if not 0 < tail <= 1:
         raise UserError(f"--tail must be in (0, 1], got {tail}")
@@ -376,7 +376,7 @@ def _eval_against(args: argparse.Namespace, reference: str) -> int:
     """A bundle against its fp32 reference: the accuracy gate's numbers."""
     import json
 
-    from .model.train import read_text
+    from .model.evaluate import read_text
     from .quantize.accuracy import compare, eval_prompts
     from .runtime.bundle import Bundle
     from .runtime.session import OrtBackend
@@ -567,7 +567,9 @@ def _same_dims(b, source: str) -> None:
 
 # quantize -----------------------------------------------------------------------------------
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
-    from .quantize.pipeline import PRECISIONS
+    from .runtime.manifest import PRECISIONS as ALL  # not quantize.pipeline: it imports onnx
+
+    PRECISIONS = tuple(p for p in ALL if p != "fp32")
 
     p = sub.add_parser("quantize", help="fp32 bundle -> fp16 / int8 / int4 bundle, behind an accuracy gate")
     p.add_argument("bundle", help="an fp32 bundle (from gpt2-edge export)")

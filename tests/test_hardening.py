@@ -494,6 +494,21 @@ def test_progress_only_on_a_terminal(capsys, monkeypatch):
     assert capsys.readouterr().err == ""
 
 
+def test_eval_of_a_bundle_is_torch_free_and_quiet_when_piped(bundle, tmp_path):
+    """tqdm comes with the export extra; the bar is drawn only on a terminal, so eval needs neither."""
+    text = tmp_path / "t.txt"
+    text.write_text(SAMPLE_TEXT)
+    code = (
+        "import sys\n"
+        "from gpt2_edge.cli import main\n"
+        f"assert main(['eval', {str(bundle)!r}, '--text', {str(text)!r}, '--json']) == 0\n"
+        "assert 'torch' not in sys.modules and 'tqdm' not in sys.modules, 'heavy import'\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["tokens"] > 0 and res.stderr == ""
+
+
 def test_export_shows_its_stages_on_a_terminal(tmp_path, ckpt, capsys, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     export_bundle(ckpt, tmp_path / "b", target="tensorrt", progress=True, **quiet)

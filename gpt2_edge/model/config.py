@@ -1,4 +1,5 @@
-"""GPT-2 configuration: one dataclass, the public presets, and Hugging Face config.json I/O."""
+"""GPT-2 configuration: the model's dataclass, its public presets, Hugging Face config.json I/O,
+and the training run's hyper-parameters. Torch-free."""
 
 from __future__ import annotations
 
@@ -159,6 +160,47 @@ def _number(d: dict[str, Any], key: str, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"config.json: {key!r} must be a number, got {value!r}")
     return float(value)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run (defaults: the shipped default model).
+
+    Here, beside ``GPTConfig``, and not in ``train.py``: the CLI builds its flags from it without
+    importing torch.
+    """
+
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 8
+    vocab_size: int = 8192  # only used when a new tokenizer is trained
+    dropout: float = 0.2  # the corpus is small (~280k tokens): regularise
+    # Training window, and so the model's context (n_positions): position embeddings past the
+    # window would never receive a gradient.
+    block_size: int = 128
+    batch_size: int = 32
+    max_steps: int = 1200
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_batches: int = 16
+    val_fraction: float = 0.1  # the last fraction of the text is held out
+    seed: int = 1337
+    save_dtype: str = "float16"  # storage dtype of the written checkpoint
+
+    def __post_init__(self) -> None:
+        if self.block_size < 2:
+            raise ValueError(f"block_size must be >= 2, got {self.block_size}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("batch_size", "max_steps", "eval_interval", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.save_dtype not in ("float16", "float32", "bfloat16"):
+            raise ValueError(f"save_dtype must be float16, bfloat16 or float32, got {self.save_dtype}")
 
 
 PRESETS: dict[str, GPTConfig] = {

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -41,6 +42,20 @@ class PerplexityReport:
             "seconds": self.seconds,
             "tokens_per_s": self.tokens_per_s,
         }
+
+
+def read_text(path: str | Path, min_chars: int = 1) -> str:
+    """Read a UTF-8 text file with errors a user can act on."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"text file {p} not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    if len(text) < min_chars:
+        raise ValueError(f"{p} has {len(text)} characters; at least {min_chars} are needed")
+    return text
 
 
 def sliding_windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:

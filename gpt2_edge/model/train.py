@@ -19,45 +19,9 @@ from ..fsutil import check_output
 from ..progress import Progress
 from ..runtime.tokenizer import Tokenizer
 from .checkpoint import save_checkpoint
-from .config import GPTConfig
+from .config import GPTConfig, TrainConfig
+from .evaluate import read_text
 from .gpt import GPT
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of one training run (defaults: the shipped default model)."""
-
-    n_layer: int = 4
-    n_embd: int = 256
-    n_head: int = 8
-    vocab_size: int = 8192  # only used when a new tokenizer is trained
-    dropout: float = 0.2  # the corpus is small (~280k tokens): regularise
-    # Training window, and so the model's context (n_positions): position embeddings past the
-    # window would never receive a gradient.
-    block_size: int = 128
-    batch_size: int = 32
-    max_steps: int = 1200
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_interval: int = 100
-    eval_batches: int = 16
-    val_fraction: float = 0.1  # the last fraction of the text is held out
-    seed: int = 1337
-    save_dtype: str = "float16"  # storage dtype of the written checkpoint
-
-    def __post_init__(self) -> None:
-        if self.block_size < 2:
-            raise ValueError(f"block_size must be >= 2, got {self.block_size}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        for name in ("batch_size", "max_steps", "eval_interval", "eval_batches"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.save_dtype not in ("float16", "float32", "bfloat16"):
-            raise ValueError(f"save_dtype must be float16, bfloat16 or float32, got {self.save_dtype}")
 
 
 @dataclass
@@ -72,20 +36,6 @@ class TrainResult:
     @property
     def best_val_ppl(self) -> float:
         return math.exp(self.best_val_loss)
-
-
-def read_text(path: str | Path, min_chars: int = 1) -> str:
-    """Read a UTF-8 text file with errors a user can act on."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"text file {p} not found")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{p} is not UTF-8 text (byte {e.start}: {e.reason})") from None
-    if len(text) < min_chars:
-        raise ValueError(f"{p} has {len(text)} characters; at least {min_chars} are needed")
-    return text
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
