@@ -188,8 +188,15 @@ def publish_dir(src: Path, dst: Path, overwrite: bool) -> Path:
             raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(src, dst)
+        except BaseException:  # a signal between the two renames: put the earlier output back
+            os.replace(old, dst)
+            raise
+        if old.is_symlink():  # the output was a link: the directory it named is not ours to delete
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
     return dst

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -195,6 +196,43 @@ def test_next_export_removes_a_dead_runs_staging_dir_and_keeps_a_live_one(tmp_pa
         sleeper.wait()
     # the owner file is staging bookkeeping: never published, never listed in the manifest
     assert not (out / OWNER_FILE).exists() and OWNER_FILE not in Bundle.load(out).manifest["files"]
+
+
+def test_publish_keeps_the_earlier_output_if_the_swap_is_interrupted(tmp_path, monkeypatch):
+    from gpt2_edge import fsutil
+
+    dst, new = tmp_path / "out", tmp_path / "new"
+    dst.mkdir()
+    (dst / "bundle.json").write_text("old")
+    new.mkdir()
+    (new / "bundle.json").write_text("new")
+    real, calls = os.replace, []
+
+    def interrupted(a, b):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # SIGINT / SIGTERM between the two renames
+        real(a, b)
+
+    monkeypatch.setattr(fsutil.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fsutil.publish_dir(new, dst, overwrite=True)
+    assert (dst / "bundle.json").read_text() == "old"
+
+
+def test_overwriting_a_symlinked_output_leaves_the_linked_directory_alone(tmp_path):
+    from gpt2_edge.fsutil import publish_dir
+
+    linked, link, new = tmp_path / "linked", tmp_path / "link", tmp_path / "new"
+    linked.mkdir()
+    (linked / "bundle.json").write_text("old")
+    link.symlink_to(linked, target_is_directory=True)
+    new.mkdir()
+    (new / "bundle.json").write_text("new")
+    publish_dir(new, link, overwrite=True)
+    assert not link.is_symlink() and (link / "bundle.json").read_text() == "new"
+    assert (linked / "bundle.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "linked"]
 
 
 # 2. the manifest is checked as a whole --------------------------------------------------------------
