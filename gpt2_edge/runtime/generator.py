@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .sampling import GenerationConfig, TokenChooser
+from .sequence import SequenceState
 from .types import (
     Backend,
     ContextOverflowError,
@@ -35,7 +36,6 @@ __all__ = [
     "iter_decode",
     "left_pad",
     "positions_from_mask",
-    "stream_text",
 ]
 
 
@@ -47,18 +47,17 @@ def iter_decode(
     eos_token_id: int | None,
     n_ctx: int,
     detokenize: Callable[[Sequence[int]], str],
-) -> Generator_[list[list[int]], None, list[GenerationResult]]:
-    """The decode loop as a generator: yields every row's generated ids after each step and
-    returns the results. Each row stops on its own (eos, a stop string, or the length)."""
+) -> Generator_[list[SequenceState], None, list[GenerationResult]]:
+    """The decode loop as a generator: yields every row's ``SequenceState`` after each step (its
+    ``piece`` is the text that step made showable) and returns the results. Each row stops on its
+    own (eos, a stop string, or the length) and leaves the batch."""
     if config.num_beams != 1:
         raise ValueError("iter_decode is the num_beams=1 loop; beam search lives in runtime.beam")
     prompts = fit_context(prompts, config, n_ctx)
     B = len(prompts)
+    rows = [SequenceState(p, config, eos_token_id, detokenize) for p in prompts]
+    # One chooser for the batch (HF semantics: the rows of a seeded batch draw from one generator).
     chooser = TokenChooser(config, eos_token_id)
-    generated: list[list[int]] = [[] for _ in range(B)]
-    seen: list[list[int]] = [list(p) for p in prompts]
-    texts: list[str] = ["" for _ in range(B)]
-    finish: list[str | None] = [None] * B
 
     t0 = time.perf_counter()
     # One cache per call, sized once for the longest continuation: never reallocated.
@@ -68,38 +67,22 @@ def iter_decode(
     t_first = time.perf_counter()
     steps = 0
     for step in range(config.max_new_tokens):
-        nxt = chooser(logits, [seen[s] for s in slots], step)
+        nxt = chooser(logits, [rows[b].seen for b in slots], step)
         for i, b in enumerate(slots):
-            tok = int(nxt[i])
-            generated[b].append(tok)
-            seen[b].append(tok)
-            if tok == eos_token_id:
-                finish[b] = "eos"
-                continue
-            if config.stop:
-                text = detokenize(generated[b])
-                hits = [text.find(s) for s in config.stop if s in text]
-                if hits:
-                    texts[b] = text[: min(hits)]
-                    finish[b] = "stop"
+            rows[b].append(int(nxt[i]))
         steps += 1
-        yield generated
-        live = [b for b in slots if finish[b] is None]
-        if not live or step == config.max_new_tokens - 1:
+        yield rows
+        slots = [b for b in slots if not rows[b].finished]  # finished rows leave the batch
+        if not slots:
             break
-        slots = live  # finished rows leave the batch
-        logits = cache.decode(slots, [generated[b][-1] for b in slots])
+        logits = cache.decode(slots, [rows[b].generated[-1] for b in slots])
     t_end = time.perf_counter()
 
     timings = step_timings(t_first - t0, t_end - t_first, steps)
-    results = []
-    for b in range(B):
-        reason = finish[b] or "length"
-        if reason != "stop":
-            body = generated[b][:-1] if reason == "eos" else generated[b]
-            texts[b] = detokenize(body)
-        results.append(GenerationResult(texts[b], generated[b], reason, len(prompts[b]), dict(timings)))
-    return results
+    return [
+        GenerationResult(r.text, r.generated, r.finish_reason or "length", len(p), dict(timings))
+        for r, p in zip(rows, prompts, strict=True)
+    ]
 
 
 def decode(
@@ -126,45 +109,6 @@ def decode(
             next(it)
         except StopIteration as done:
             return done.value
-
-
-def stream_text(
-    steps: Iterator[list[list[int]]],
-    detokenize: Callable[[Sequence[int]], str],
-    stop: Sequence[str] = (),
-    eos_token_id: int | None = None,
-) -> Iterator[str]:
-    """Turn row 0's growing ids into text pieces, never splitting a UTF-8 character.
-
-    A piece is held back while the text ends in an incomplete byte sequence (decoded as U+FFFD)
-    or in what could still become a stop string, so the pieces always join to the final text;
-    the eos that ends a sequence is not text.
-    """
-    emitted = 0
-    it = iter(steps)
-    while True:
-        try:
-            generated = next(it)[0]
-            if generated and generated[-1] == eos_token_id:
-                generated = generated[:-1]
-        except StopIteration as done:
-            results = done.value
-            final = results[0].text
-            if len(final) > emitted:
-                yield final[emitted:]
-            return
-        text = detokenize(generated)
-        safe = len(text)
-        if text.endswith("\ufffd"):
-            safe = len(text.rstrip("\ufffd"))
-        for s in stop:  # hold back a suffix that is a prefix of a stop string
-            for k in range(min(len(s), safe), 0, -1):
-                if text[:safe].endswith(s[:k]):
-                    safe -= k
-                    break
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
 
 
 Prompt = str | Sequence[int]
@@ -288,10 +232,12 @@ class Generator:
             detokenize=self.tokenizer.decode,
         )
 
-        def capture() -> Generator_[list[list[int]], None, list[GenerationResult]]:
-            results = yield from it
-            with self._lock:
-                self.last_result = results[0]
-            return results
-
-        yield from stream_text(capture(), self.tokenizer.decode, config.stop, self.eos_token_id)
+        while True:
+            try:
+                (row,) = next(it)
+            except StopIteration as done:
+                with self._lock:
+                    self.last_result = done.value[0]
+                return
+            if row.piece:
+                yield row.piece

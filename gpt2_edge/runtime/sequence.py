@@ -60,6 +60,7 @@ class SequenceState:
         self.generated: list[int] = []
         self.finish_reason: str | None = None  # "eos", "stop" or "length" once finished
         self.text = ""  # the final text, once finished
+        self.piece = ""  # what the last ``append`` made showable
         self._emitted = 0
 
     @property
@@ -89,12 +90,12 @@ class SequenceState:
                 self._finish("length", text)
             else:
                 safe = safe_text_length(text, stop)
-                piece = text[self._emitted : safe] if safe > self._emitted else ""
+                self.piece = text[self._emitted : safe] if safe > self._emitted else ""
                 self._emitted = max(self._emitted, safe)
-                return piece
-        piece = self.text[self._emitted :]
+                return self.piece
+        self.piece = self.text[self._emitted :]
         self._emitted = len(self.text)
-        return piece
+        return self.piece
 
     def _finish(self, reason: str, text: str) -> None:
         self.finish_reason = reason
