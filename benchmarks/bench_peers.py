@@ -53,7 +53,6 @@ ENGINES: dict[str, tuple[str, str]] = {
     "ctranslate2 int8": ("ct2", "int8"),
     "ort-gpt2-tool fp32": ("ortgpt2", "fp32"),
     "ort-gpt2-tool int8": ("ortgpt2", "int8"),
-    "ort-gpt2-tool int4": ("ortgpt2", "int4"),
     "optimum fp32": ("optimum", "fp32"),
 }
 
@@ -211,6 +210,19 @@ def ct2(engine: str, threads: int) -> Runner:
     return run
 
 
+# The deprecated tool traces transformers' GPT-2 with TorchScript: it needs transformers < 4.45
+# (newer ones build the causal mask with vmap, which its tracer cannot follow) and eager attention.
+_ORT_TOOL = """
+import functools, runpy, sys, transformers
+for cls in (transformers.GPT2LMHeadModel, transformers.GPT2Model):
+    f = cls.from_pretrained.__func__
+    cls.from_pretrained = classmethod(functools.partial(
+        lambda f, c, *a, **k: f(c, *a, **{**k, "attn_implementation": "eager"}), f))
+sys.argv = ["convert_to_onnx"] + sys.argv[1:]
+runpy.run_module("onnxruntime.transformers.models.gpt2.convert_to_onnx", run_name="__main__")
+"""
+
+
 def ortgpt2(engine: str, threads: int) -> Runner:
     import onnxruntime as ort
 
@@ -219,28 +231,32 @@ def ortgpt2(engine: str, threads: int) -> Runner:
     out = CACHE / "ort-gpt2-tool" / precision
     model = out / "model.onnx"
     if not model.is_file():
+        python = os.environ.get("ORT_GPT2_TOOL_PYTHON")
+        if not python:
+            raise RuntimeError(
+                "set ORT_GPT2_TOOL_PYTHON to a Python with torch, onnxruntime and transformers<4.45 "
+                "(see requirements-peers.txt)"
+            )
         out.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "onnxruntime.transformers.models.gpt2.convert_to_onnx",
-                "-m",
-                str(ckpt),
-                "--output",
-                str(model),
-                "-o",
-                "-p",
-                precision,
-                "--overwrite",
-                "--use_int64_inputs",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        if not model.is_file():  # the tool names its output after the precision
-            found = sorted(out.glob("*.onnx"))
-            found[0].rename(model)
+        cmd = [
+            python,
+            "-c",
+            _ORT_TOOL,
+            "-m",
+            str(ckpt),
+            "--output",
+            str(model),
+            "-o",
+            "-p",
+            precision,
+            "--overwrite",
+            "--use_int64_inputs",
+            "-t",
+            "1",
+            "-r",
+            "1",
+        ]
+        subprocess.run(cmd, check=True, capture_output=True)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
