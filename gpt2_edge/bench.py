@@ -33,6 +33,7 @@ class BenchConfig:
     batch: int = BATCH
     threads: int | None = None
     provider: str = "cpu"
+    session_config: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -73,7 +74,9 @@ def measure(path: str, cfg: BenchConfig) -> BenchResult:
 
     t0 = time.perf_counter()
     bundle = Bundle.load(path, verify=False)
-    backend = OrtBackend(bundle, provider=cfg.provider, threads=cfg.threads)
+    backend = OrtBackend(
+        bundle, provider=cfg.provider, threads=cfg.threads, session_config=cfg.session_config
+    )
     load_s = time.perf_counter() - t0
     n_ctx, vocab = bundle.context_length, bundle.dims["vocab_size"]
     new = min(cfg.new_tokens, n_ctx // 2)
@@ -223,6 +226,13 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--long-prompt", type=int, default=512)
     p.add_argument("--long-context", type=int, default=896, help="prompt length of the long-context decode")
     p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument(
+        "--session-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an ONNX Runtime session config entry (repeatable), e.g. session.disable_prepacking=1",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--plot", metavar="PNG", help="also draw a chart (needs the plot extra)")
     p.set_defaults(func=_cmd_bench)
@@ -234,6 +244,16 @@ def _positive(name: str, value: int) -> int:
     return value
 
 
+def _key_values(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--session-config takes KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(
         short_prompt=_positive("short-prompt", args.short_prompt),
@@ -243,6 +263,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         batch=_positive("batch", args.batch),
         threads=args.threads,
         provider=args.provider,
+        session_config=_key_values(args.session_config),
     )
     results = bench(
         args.bundles, cfg, _positive("rounds", args.rounds), log=lambda m: print(m, file=sys.stderr)

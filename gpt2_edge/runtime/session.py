@@ -132,6 +132,10 @@ def _provider_hint(provider: str) -> str:
     }.get(provider, "see `gpt2-edge doctor`")
 
 
+# ONNX Runtime session config entries per bundle precision (measured: README, "Memory").
+SESSION_DEFAULTS: dict[str, dict[str, str]] = {}
+
+
 class OrtBackend:
     """A bundle's ``model.onnx`` in one ONNX Runtime session; makes KV caches for its callers."""
 
@@ -145,8 +149,11 @@ class OrtBackend:
         trt_workspace_mib: int | None = None,
         trt_max_batch: int = 8,
         trt_max_context: int | None = None,
+        session_config: dict[str, str] | None = None,
     ) -> None:
-        """``provider``: cpu | cuda | tensorrt | auto. TensorRT engines are cached under
+        """``provider``: cpu | cuda | tensorrt | auto. ``session_config``: ONNX Runtime session
+        config entries over this precision's defaults (``SESSION_DEFAULTS``), e.g.
+        ``{"session.disable_prepacking": "0"}``. TensorRT engines are cached under
         ``trt_cache_dir`` (default ``BUNDLE/engines/ort-trt-cache``), keyed by GPU, TensorRT and
         ONNX Runtime versions and shape ranges, because they are built for the GPU they run on;
         the provider is given batch 1..``trt_max_batch`` and 1..``trt_max_context`` tokens (default:
@@ -166,6 +173,9 @@ class OrtBackend:
             )
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        self.session_config = {**SESSION_DEFAULTS.get(bundle.precision, {}), **(session_config or {})}
+        for key, value in self.session_config.items():
+            so.add_session_config_entry(key, str(value))
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
