@@ -197,6 +197,7 @@ def optimize_for_ort(
     )
     model = opt.model
     retie_head(model)
+    fuse_head_transpose(model)
     add_logits_to_keep(model, inplace=kv_cache == "inplace")
     name_dims(model, list(specs))
     save_model(model, dst, external_data)
@@ -250,6 +251,38 @@ def retie_head(model: onnx.ModelProto) -> bool:
     return False
 
 
+def fuse_head_transpose(model: onnx.ModelProto) -> bool:
+    """The tied head ``MatMul(x, Transpose(wte))`` as ``com.microsoft.FusedMatMul(x, wte, transB=1)``.
+
+    ONNX Runtime constant-folds the Transpose at load into a second ``[n_embd, vocab]`` copy of
+    the embedding (124M: 147 MiB); FusedMatMul reads ``wte`` transposed in place. Measured on
+    the 124M shape: peak RSS 1042 -> 931 MiB, load 2.6 -> 2.0 s, decode speed unchanged.
+    """
+    producers, consumers = producers_consumers(model)
+    head = producers.get("logits")
+    inits = {t.name for t in model.graph.initializer}
+    if head is None or head.op_type != "MatMul":
+        return False
+    tr = producers.get(head.input[1])
+    perm = next((list(a.ints) for a in tr.attribute if a.name == "perm"), [1, 0]) if tr else None
+    if tr is None or tr.op_type != "Transpose" or tr.input[0] not in inits or perm != [1, 0]:
+        return False
+    fused = onnx.helper.make_node(
+        "FusedMatMul",
+        [head.input[0], tr.input[0]],
+        list(head.output),
+        name="/lm_head/FusedMatMul",
+        domain="com.microsoft",
+        transB=1,
+        alpha=1.0,
+    )
+    model.graph.node.insert(list(model.graph.node).index(head), fused)
+    model.graph.node.remove(head)
+    if consumers[tr.output[0]] == [head]:
+        model.graph.node.remove(tr)
+    return True
+
+
 def untie_head(model: onnx.ModelProto) -> bool:
     """Give the LM head its own constant ``[n_embd, vocab]`` weight instead of ``Transpose(wte)``.
 
@@ -262,8 +295,22 @@ def untie_head(model: onnx.ModelProto) -> bool:
     producers, _ = producers_consumers(model)
     inits = {t.name: t for t in model.graph.initializer}
     head = producers.get("logits")
-    while head is not None and head.op_type != "MatMul":  # e.g. a Cast after the head
+    while head is not None and head.op_type not in ("MatMul", "FusedMatMul"):  # e.g. a Cast after it
         head = producers.get(head.input[0])
+    if head is not None and head.op_type == "FusedMatMul":  # x @ wte^T, from fuse_head_transpose
+        if head.input[1] not in inits:
+            return False
+        w = numpy_helper.to_array(inits[head.input[1]])
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), "lm_head.weight"))
+        matmul = onnx.helper.make_node(
+            "MatMul",
+            [head.input[0], "lm_head.weight"],
+            list(head.output),
+            name=head.name.replace("FusedMatMul", "MatMul"),
+        )
+        model.graph.node.insert(list(model.graph.node).index(head), matmul)
+        model.graph.node.remove(head)
+        return True
     if head is None or head.input[1] in inits:
         return False
     tr = producers.get(head.input[1])
@@ -461,7 +508,7 @@ def add_logits_to_keep(model: onnx.ModelProto, inplace: bool) -> None:
     """
     producers, _ = producers_consumers(model)
     head = producers["logits"]
-    while head.op_type != "MatMul":  # e.g. a Cast after the head
+    while head.op_type not in ("MatMul", "FusedMatMul"):  # e.g. a Cast after the head
         head = producers[head.input[0]]
     hidden = head.input[0]
     mk = onnx.helper.make_node
