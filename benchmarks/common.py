@@ -20,15 +20,15 @@ def gpt2_tokenizer():
 
 def random_checkpoint(preset: str = "gpt2", seed: int = 0) -> Path:
     """A random-weight checkpoint of a public GPT-2 shape, cached on disk."""
+    out = CACHE / f"random-{preset}-seed{seed}"
+    if (out / "model.safetensors").is_file():
+        return out  # before importing torch: the benchmarks' peak RSS must not count it
     import torch
 
     from gpt2_edge.model.checkpoint import save_checkpoint
     from gpt2_edge.model.config import preset as get_preset
     from gpt2_edge.model.gpt import GPT
 
-    out = CACHE / f"random-{preset}-seed{seed}"
-    if (out / "model.safetensors").is_file():
-        return out
     torch.manual_seed(seed)
     save_checkpoint(GPT(get_preset(preset)).eval(), out, gpt2_tokenizer())
     return out
