@@ -157,6 +157,14 @@ def _backend(path: Path, model: GPT, kv_dtype: str, kv_cache: str) -> OrtBackend
         return OrtBackend(Bundle(path.parent, manifest), threads=None)
 
 
+def _torch_full(model: GPT, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Logits and presents of whole unpadded sequences ``ids`` (B, T) from an empty past."""
+    c = model.config
+    empty = [np.zeros((ids.shape[0], c.n_head, 0, c.head_size), np.float32)] * (2 * c.n_layer)
+    pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+    return _torch_run(model, ids, np.ones_like(ids), pos, empty)
+
+
 @torch.no_grad()
 def _torch_next(model: GPT, ids: list[int]) -> np.ndarray:
     t = torch.tensor([ids], dtype=torch.long)
@@ -171,13 +179,7 @@ def _slot_cases(
     for n in sorted({1, 2, 7, min(33, c.n_positions // 2)}):
         ids = rng.integers(0, c.vocab_size, (1, n), dtype=np.int64)
         o = backend.logits(ids)
-        r, _ = _torch_run(
-            model,
-            ids,
-            np.ones_like(ids),
-            np.arange(n, dtype=np.int64)[None],
-            [np.zeros((1, c.n_head, 0, c.head_size), np.float32)] * (2 * c.n_layer),
-        )
+        r, _ = _torch_full(model, ids)
         if o.shape != r.shape:
             raise ParityError(f"prefill {n}: logits shape {o.shape}, reference {r.shape}")
         tally.logits(o[0], r[0])
@@ -220,13 +222,7 @@ def _slot_cases(
         for s in range(4):
             n = cache.length(s)
             ids = np.array([seqs[s][:n]], np.int64)
-            _, pres = _torch_run(
-                model,
-                ids,
-                np.ones_like(ids),
-                np.arange(n, dtype=np.int64)[None],
-                [np.zeros((1, c.n_head, 0, c.head_size), np.float32)] * (2 * c.n_layer),
-            )
+            _, pres = _torch_full(model, ids)
             for buf, ref in zip(cache.buffers, pres, strict=True):
                 d = np.abs(buf[s, :, :n].astype(np.float32) - ref[0])
                 tally.max_present = max(tally.max_present, float(d.max()))
