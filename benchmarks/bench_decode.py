@@ -110,9 +110,10 @@ def main() -> None:
     prompt = np.random.default_rng(0).integers(0, 50000, args.prompt_tokens).tolist()
     rows = []
     ours, overhead = bench_ours(bundle_of(ckpt, "ort"), prompt, args.new_tokens, args.threads, args.repeats)
-    rows.append(("gpt2-edge, ort target (MHA fused)", ours))
+    rows.append(("gpt2-edge, ort target, in-place KV (GQA)", ours))
     for label, b in (
-        ("gpt2-edge, ort target, attention unfused", bundle_of(ckpt, "ort", fuse_attention=False)),
+        ("gpt2-edge, ort target, concat KV (MHA)", bundle_of(ckpt, "ort", kv_cache="concat")),
+        ("gpt2-edge, ort target, concat, unfused", bundle_of(ckpt, "ort", False, kv_cache="concat")),
         ("gpt2-edge, tensorrt target (plain ONNX)", bundle_of(ckpt, "tensorrt")),
     ):
         rows.append((label, bench_ours(b, prompt, args.new_tokens, args.threads, args.repeats)[0]))
