@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PIP) install -c constraints.txt torch==2.13.0
-	$(PIP) install -c constraints.txt -e '.[export,cpu,dev,serve,ray]'
+	$(PIP) install -c constraints.txt -e '.[export,cpu,dev,serve,ray,plot]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -181,8 +181,7 @@ def table(results: list[BenchResult]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[BenchResult], path: str) -> None:
-    """A PNG bar chart of the decode rates and time to first token (needs the ``plot`` extra)."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -190,6 +189,12 @@ def plot(results: list[BenchResult], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ValueError("--plot needs matplotlib: pip install 'gpt2-edge[plot]'") from None
+    return plt
+
+
+def plot(results: list[BenchResult], path: str) -> None:
+    """A PNG bar chart of the decode rates and time to first token (needs the ``plot`` extra)."""
+    plt = _pyplot()
     names = [f"{Path(r.bundle).name}\n{r.precision}" for r in results]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     x = np.arange(len(results))
@@ -265,6 +270,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         provider=args.provider,
         session_config=_key_values(args.session_config),
     )
+    if args.plot:
+        _pyplot()  # refuse before measuring, not after
     results = bench(
         args.bundles, cfg, _positive("rounds", args.rounds), log=lambda m: print(m, file=sys.stderr)
     )

@@ -50,3 +50,10 @@ def test_bench_refuses_bad_input(two_bundles, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["bench", str(two_bundles[0]), "--rounds", "0"]) == 2
     assert "--rounds must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_draws_a_chart(two_bundles, tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot extra is not installed")
+    png = tmp_path / "bench.png"
+    assert main(["bench", str(two_bundles[0]), "--new-tokens", "4", "--batch", "2", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
