@@ -184,14 +184,7 @@ def _export(
         (tmp / "tokenizer_config.json").unlink(missing_ok=True)
         manifest = {
             "model_file": "model.onnx",
-            "model": {
-                "n_layer": c.n_layer,
-                "n_head": c.n_head,
-                "n_embd": c.n_embd,
-                "head_size": c.head_size,
-                "vocab_size": c.vocab_size,
-                "n_positions": c.n_positions,
-            },
+            "model": c.bundle_dims(),
             "io": {"inputs": [s.as_dict() for s in specs_in], "outputs": [s.as_dict() for s in specs_out]},
             "kv_dtype": "float32",
             "kv_cache": kv_cache,

@@ -121,14 +121,7 @@ def _backend(path: Path, model: GPT, kv_dtype: str, kv_cache: str) -> OrtBackend
 
     c = model.config
     keep = any(i.name == "logits_to_keep" for i in onnx.load(str(path), load_external_data=False).graph.input)
-    dims = dict(
-        n_layer=c.n_layer,
-        n_head=c.n_head,
-        n_embd=c.n_embd,
-        head_size=c.head_size,
-        vocab_size=c.vocab_size,
-        n_positions=c.n_positions,
-    )
+    dims = c.bundle_dims()
     io = {
         "inputs": [
             s.as_dict() for s in contract.inputs(c.n_layer, c.n_head, c.head_size, kv_dtype, kv_cache, keep)

@@ -39,6 +39,17 @@ class GPTConfig:
     def head_size(self) -> int:
         return self.n_embd // self.n_head
 
+    def bundle_dims(self) -> dict[str, int]:
+        """The dims a bundle's manifest records under ``model`` (the runtime reads them there)."""
+        return {
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_embd": self.n_embd,
+            "head_size": self.head_size,
+            "vocab_size": self.vocab_size,
+            "n_positions": self.n_positions,
+        }
+
     def replace(self, **changes: Any) -> GPTConfig:
         return dataclasses.replace(self, **changes)
 
