@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import Gpt2EdgeError
+
 BATCH = 8
 
 
@@ -188,7 +190,7 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install 'gpt2-edge[plot]'") from None
+        raise Gpt2EdgeError("--plot needs matplotlib: pip install 'gpt2-edge[plot]'") from None
     return plt
 
 
@@ -245,7 +247,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 
 def _positive(name: str, value: int) -> int:
     if value < 1:
-        raise ValueError(f"--{name} must be >= 1, got {value}")
+        raise Gpt2EdgeError(f"--{name} must be >= 1, got {value}")
     return value
 
 
@@ -254,7 +256,7 @@ def _key_values(items: list[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--session-config takes KEY=VALUE, got {item!r}")
+            raise Gpt2EdgeError(f"--session-config takes KEY=VALUE, got {item!r}")
         out[key] = value
     return out
 

@@ -9,13 +9,14 @@ from dataclasses import fields
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .errors import Gpt2EdgeError
 from .serve.cli import add_serve
 
 if TYPE_CHECKING:
     from .runtime.sampling import GenerationConfig
 
 
-class UserError(Exception):
+class UserError(Gpt2EdgeError):
     """An error whose message is the whole story for the user (no traceback)."""
 
 
@@ -874,7 +875,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         return args.func(args)
-    except (UserError, FileNotFoundError, ValueError, OSError) as e:
+    except (Gpt2EdgeError, OSError) as e:
         print(f"gpt2-edge {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Terminated:

@@ -20,10 +20,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import Gpt2EdgeError
+
 OWNER_FILE = ".gpt2-edge-staging.json"  # inside a staging directory; removed before it is published
 
 
-class OutputError(ValueError):
+class OutputError(Gpt2EdgeError):
     """An output path that would destroy or mix with the user's files."""
 
 

@@ -106,3 +106,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         )
         for item in gpu_items:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def wait_healthy(proc, url: str, timeout_s: float, poll_s: float = 0.1) -> None:
+    """Wait until a server started as ``proc`` answers ``url/health`` with 200; fail with its output
+    if it exits or does not come up in ``timeout_s``."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, f"the server did not come up in {timeout_s:g} s"
+        time.sleep(poll_s)

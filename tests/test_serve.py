@@ -29,6 +29,8 @@ from gpt2_edge.runtime.generator import Generator  # noqa: E402
 from gpt2_edge.runtime.sampling import GenerationConfig  # noqa: E402
 from gpt2_edge.serve.app import ServedModel, ServeSettings, create_app  # noqa: E402
 
+from .conftest import wait_healthy  # noqa: E402
+
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -681,15 +683,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(bundle, tmp_path, drain_s
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-            time.sleep(0.1)
+        wait_healthy(proc, url, 60, 0.1)
         body = {
             "prompt": "O",
             "max_tokens": max_tokens,
@@ -732,15 +726,7 @@ def test_main_cli_serves_without_torch_and_hides_the_key(bundle):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-            time.sleep(0.2)
+        wait_healthy(proc, url, 90, 0.2)
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
         assert b"gpt2_edge.serve" in cmdline and KEY.encode() not in cmdline
         maps = Path(f"/proc/{proc.pid}/maps").read_text()

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +21,8 @@ httpx = pytest.importorskip("httpx")
 from gpt2_edge.export.bundle import export_bundle  # noqa: E402
 from gpt2_edge.runtime.generator import Generator  # noqa: E402
 from gpt2_edge.runtime.sampling import GenerationConfig  # noqa: E402
+
+from .conftest import wait_healthy  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
 
@@ -49,16 +50,7 @@ def server(bundle):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "Ray Serve did not come up in 180 s"
-            time.sleep(0.5)
+        wait_healthy(proc, url, 180, 0.5)
         yield proc, url
     finally:
         if proc.poll() is None:

@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import Gpt2EdgeError
 
-class CudaError(RuntimeError):
+
+class CudaError(Gpt2EdgeError, RuntimeError):
     """A CUDA runtime call failed, or cuda-python is not installed."""
 
 

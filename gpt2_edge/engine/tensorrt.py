@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import contract
+from ..errors import Gpt2EdgeError
 from ..runtime.bundle import Bundle
 from .cuda import DeviceInfo
 from .trt_api import TensorRTMissingError
@@ -46,7 +47,7 @@ PREFILL_CHUNK = 256  # prefill profile's opt length; the backend feeds longer pr
 DEFAULT_MAX_BATCH = 8
 
 
-class EngineError(ValueError):
+class EngineError(Gpt2EdgeError):
     """An engine cannot be built or used here; the message says what to run instead."""
 
 

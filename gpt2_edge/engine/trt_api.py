@@ -12,8 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import Gpt2EdgeError, Gpt2EdgeTypeError
 
-class TensorRTMissingError(ImportError):
+
+class TensorRTMissingError(Gpt2EdgeError, ImportError):
     """TensorRT's Python package is not installed."""
 
 
@@ -148,7 +150,7 @@ def np_dtype(dtype: Any) -> np.dtype:
     """The numpy dtype of a TensorRT ``DataType`` (the I/O tensors this kit uses have one)."""
     name = str(dtype).rsplit(".", 1)[-1]
     if name not in _DTYPES:
-        raise TypeError(f"TensorRT data type {name} has no numpy equivalent here")
+        raise Gpt2EdgeTypeError(f"TensorRT data type {name} has no numpy equivalent here")
     return np.dtype(_DTYPES[name])
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..errors import Gpt2EdgeError
 from ..fsutil import OWNER_FILE, check_output, publish_dir, staging_dir
 from ..progress import Progress
 from ..runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
@@ -70,12 +71,12 @@ def export_bundle(
     from .onnx import DEFAULT_OPSET
 
     if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        raise Gpt2EdgeError(f"target must be one of {TARGETS}, got {target!r}")
     kv_cache = kv_cache or ("inplace" if target == "ort" else "concat")
     if kv_cache not in KV_FORMS:
-        raise ValueError(f"kv_cache must be one of {', '.join(KV_FORMS)}, got {kv_cache!r}")
+        raise Gpt2EdgeError(f"kv_cache must be one of {', '.join(KV_FORMS)}, got {kv_cache!r}")
     if target == "tensorrt" and kv_cache != "concat":
-        raise ValueError("the tensorrt target has the concatenating KV cache only (--kv-cache concat)")
+        raise Gpt2EdgeError("the tensorrt target has the concatenating KV cache only (--kv-cache concat)")
     src = resolve_model_dir(model_spec)
     target_dir = check_output(out_dir, [src], overwrite, marker=MANIFEST, what="bundle")
     with Progress(enabled=progress, desc="export", total=len(STAGES), unit="stage") as bar:

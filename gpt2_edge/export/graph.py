@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from .. import contract
+from ..errors import Gpt2EdgeError
 
 # Ops the TensorRT 10 ONNX parser supports (onnx-tensorrt docs/operators.md), restricted to
 # the standard domain; anything else in a ``tensorrt``-target graph is an export error.
@@ -39,7 +40,7 @@ ORT_FUSED_OPS = (
 )
 
 
-class GraphError(ValueError):
+class GraphError(Gpt2EdgeError):
     """A graph breaks the contract or its target's rules."""
 
 
@@ -175,7 +176,7 @@ def optimize_for_ort(
     from onnxruntime.transformers import optimizer
 
     if kv_cache not in KV_FORMS:
-        raise ValueError(f"kv_cache must be one of {KV_FORMS}, got {kv_cache!r}")
+        raise Gpt2EdgeError(f"kv_cache must be one of {KV_FORMS}, got {kv_cache!r}")
     if kv_cache == "inplace" or fuse_mha:
         # Structure only: with external weights the rewrite never touches tensor data, and the
         # fused graph saved beside ``src`` still points at the same ``.data`` file.

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import contract
+from ..errors import Gpt2EdgeError
 from ..model.gpt import GPT
 
 DEFAULT_OPSET = 18
@@ -59,7 +60,7 @@ def export_onnx(
 
     c = model.config
     if opset < 17:
-        raise ValueError(f"opset must be >= 17 (LayerNormalization), got {opset}")
+        raise Gpt2EdgeError(f"opset must be >= 17 (LayerNormalization), got {opset}")
     model = model.float().eval()
     dim = torch.export.Dim
     b = dim(contract.BATCH, min=1, max=4096)

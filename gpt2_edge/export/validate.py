@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .. import contract
+from ..errors import Gpt2EdgeError
 from ..model.gpt import GPT
 from ..runtime.bundle import Bundle
 from ..runtime.session import OrtBackend
@@ -23,7 +24,7 @@ from ..runtime.types import left_pad
 from ..tolerances import TOLERANCES
 
 
-class ParityError(ValueError):
+class ParityError(Gpt2EdgeError):
     """The exported model is outside its tolerance."""
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import DEFAULT_MODEL_DIR
+from ..errors import Gpt2EdgeError, Gpt2EdgeTypeError
 from ..fsutil import publish_dir, staging_dir
 from ..runtime.tokenizer import Tokenizer
 from .config import GPTConfig
@@ -34,7 +35,7 @@ HUB_FILES = [
 ]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(Gpt2EdgeError):
     """A checkpoint is missing, corrupt, or does not match its config."""
 
 
@@ -109,7 +110,7 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
         try:
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise TypeError("weight_map is not an object of file names")
+                raise Gpt2EdgeTypeError("weight_map is not an object of file names")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
         sd: dict[str, torch.Tensor] = {}

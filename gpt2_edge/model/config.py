@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import Gpt2EdgeError
+
 EOS_TOKEN_ID = 50256  # `<|endoftext|>` in the original GPT-2 vocabulary
 
 
@@ -29,11 +31,11 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
+                raise Gpt2EdgeError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            raise Gpt2EdgeError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise Gpt2EdgeError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def head_size(self) -> int:
@@ -89,26 +91,28 @@ class GPTConfig:
         """
         if not isinstance(d, dict):
             kind = "list" if isinstance(d, list) else type(d).__name__
-            raise ValueError(f"config.json holds a {kind}, not an object")
+            raise Gpt2EdgeError(f"config.json holds a {kind}, not an object")
         model_type = d.get("model_type", "gpt2")
         if model_type != "gpt2":
-            raise ValueError(f"config.json has model_type {model_type!r}; only 'gpt2' is supported")
+            raise Gpt2EdgeError(f"config.json has model_type {model_type!r}; only 'gpt2' is supported")
         n_embd = _integer(d, "n_embd", "hidden_size")
         n_inner = d.get("n_inner")
         if n_inner not in (None, 4 * n_embd):
-            raise ValueError(f"config.json has n_inner={n_inner}; only 4*n_embd is supported")
+            raise Gpt2EdgeError(f"config.json has n_inner={n_inner}; only 4*n_embd is supported")
         act = d.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(
+            raise Gpt2EdgeError(
                 f"config.json has activation_function={act!r}; GPT-2 uses the tanh GELU (gelu_new)"
             )
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
             if d.get(flag):
-                raise ValueError(f"config.json sets {flag}=true, which this model does not implement")
+                raise Gpt2EdgeError(f"config.json sets {flag}=true, which this model does not implement")
         if d.get("scale_attn_weights") is False:
-            raise ValueError("config.json sets scale_attn_weights=false, which this model does not implement")
+            raise Gpt2EdgeError(
+                "config.json sets scale_attn_weights=false, which this model does not implement"
+            )
         if d.get("tie_word_embeddings") is False:
-            raise ValueError("config.json has an untied LM head; GPT-2 ties it to wte")
+            raise Gpt2EdgeError("config.json has an untied LM head; GPT-2 ties it to wte")
         eos = _integer(d, "eos_token_id", default=EOS_TOKEN_ID, null_is_default=True)
         bos = _integer(d, "bos_token_id", default=eos, null_is_default=True)
         return cls(
@@ -134,12 +138,12 @@ class GPTConfig:
         except FileNotFoundError:
             raise FileNotFoundError(f"{path} not found: a checkpoint directory needs config.json") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from None
+            raise Gpt2EdgeError(f"{path} is not valid JSON ({e})") from None
         try:
             return cls.from_hf_dict(d)
         except ValueError as e:
             msg = str(e)
-            raise ValueError(
+            raise Gpt2EdgeError(
                 str(path) + msg.removeprefix("config.json") if msg.startswith("config.json") else msg
             ) from None
 
@@ -159,17 +163,17 @@ def _integer(
     value = d.get(name, _MISSING)
     if value is _MISSING or (value is None and null_is_default):
         if default is _MISSING:
-            raise ValueError(f"config.json: {key!r} is missing")
+            raise Gpt2EdgeError(f"config.json: {key!r} is missing")
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"config.json: {name!r} must be an integer, got {value!r}")
+        raise Gpt2EdgeError(f"config.json: {name!r} must be an integer, got {value!r}")
     return value
 
 
 def _number(d: dict[str, Any], key: str, default: float) -> float:
     value = d.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"config.json: {key!r} must be a number, got {value!r}")
+        raise Gpt2EdgeError(f"config.json: {key!r} must be a number, got {value!r}")
     return float(value)
 
 
@@ -204,14 +208,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.block_size < 2:
-            raise ValueError(f"block_size must be >= 2, got {self.block_size}")
+            raise Gpt2EdgeError(f"block_size must be >= 2, got {self.block_size}")
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+            raise Gpt2EdgeError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         for name in ("batch_size", "max_steps", "eval_interval", "eval_batches"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise Gpt2EdgeError(f"{name} must be positive, got {getattr(self, name)}")
         if self.save_dtype not in ("float16", "float32", "bfloat16"):
-            raise ValueError(f"save_dtype must be float16, bfloat16 or float32, got {self.save_dtype}")
+            raise Gpt2EdgeError(f"save_dtype must be float16, bfloat16 or float32, got {self.save_dtype}")
 
 
 PRESETS: dict[str, GPTConfig] = {
@@ -228,4 +232,4 @@ def preset(name: str) -> GPTConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+        raise Gpt2EdgeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import Gpt2EdgeError
 from ..progress import Progress
 from ..runtime.sampling import log_softmax
 
@@ -52,9 +53,9 @@ def read_text(path: str | Path, min_chars: int = 1) -> str:
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{p} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        raise Gpt2EdgeError(f"{p} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     if len(text) < min_chars:
-        raise ValueError(f"{p} has {len(text)} characters; at least {min_chars} are needed")
+        raise Gpt2EdgeError(f"{p} has {len(text)} characters; at least {min_chars} are needed")
     return text
 
 
@@ -66,9 +67,9 @@ def sliding_windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[i
     token keeps at least one token of context inside its window).
     """
     if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, got {max_length}")
+        raise Gpt2EdgeError(f"max_length must be >= 2, got {max_length}")
     if not 0 < stride <= max_length:
-        raise ValueError(f"stride must be in [1, max_length={max_length}], got {stride}")
+        raise Gpt2EdgeError(f"stride must be in [1, max_length={max_length}], got {stride}")
     step = min(stride, max_length - 1)
     end = min(max_length, n_tokens)
     out = [(0, end, end - 1)] if end > 1 else []
@@ -89,7 +90,7 @@ def perplexity(
     """Sliding-window perplexity of ``ids`` under ``logits_fn``."""
     ids = np.asarray(ids, dtype=np.int64)
     if len(ids) < 2:
-        raise ValueError(f"need at least 2 tokens to measure perplexity, got {len(ids)}")
+        raise Gpt2EdgeError(f"need at least 2 tokens to measure perplexity, got {len(ids)}")
     stride = stride or max_length // 2
     windows = sliding_windows(len(ids), max_length, stride)
     total, count = 0.0, 0

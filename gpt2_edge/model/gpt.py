@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import Gpt2EdgeError
 from .config import GPTConfig
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -140,7 +141,7 @@ class GPT(nn.Module):
         B, T = input_ids.shape
         P = 0 if not past_key_values else past_key_values[0][0].shape[2]
         if P + T > self.config.n_positions:
-            raise ValueError(f"{P + T} tokens exceed the model's context of {self.config.n_positions}")
+            raise Gpt2EdgeError(f"{P + T} tokens exceed the model's context of {self.config.n_positions}")
         device = input_ids.device
         if position_ids is None:
             if attention_mask is not None:

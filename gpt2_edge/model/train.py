@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import Gpt2EdgeError
 from ..fsutil import check_output
 from ..progress import Progress
 from ..runtime.tokenizer import Tokenizer
@@ -105,7 +106,7 @@ def train(
     val_ids = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
     for name, ids in (("training", train_ids), ("validation", val_ids)):
         if len(ids) <= cfg.block_size + 1:
-            raise ValueError(
+            raise Gpt2EdgeError(
                 f"{text_path}: the {name} split has {len(ids)} tokens, fewer than block_size + 2 "
                 f"({cfg.block_size + 2}); use a longer text or a smaller --block-size"
             )

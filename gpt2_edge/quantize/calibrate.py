@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import Gpt2EdgeError
 
-class CalibrationError(ValueError):
+
+class CalibrationError(Gpt2EdgeError):
     """A calibration / evaluation text is unusable."""
 
 

@@ -26,6 +26,7 @@ import onnx
 from onnx import numpy_helper
 
 from .. import contract
+from ..errors import Gpt2EdgeError
 from ..export.graph import producers_consumers, save_model, untie_head
 
 LN_OPS = {"LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3)}  # (gamma, beta) input index
@@ -182,7 +183,9 @@ def to_int8_qdq(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if options.calibrate_method not in ("minmax", "percentile"):
-        raise ValueError(f"calibrate_method must be minmax or percentile, got {options.calibrate_method!r}")
+        raise Gpt2EdgeError(
+            f"calibrate_method must be minmax or percentile, got {options.calibrate_method!r}"
+        )
     model = onnx.load(str(src))
     # A tied head is MatMul(x, Transpose(wte)): without a constant weight it stays float.
     untied = untie_head(model) if options.quantize_head else False

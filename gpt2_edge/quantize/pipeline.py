@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import DEFAULT_MODEL_DIR, contract
+from ..errors import Gpt2EdgeError
 from ..export.bundle import finalize, producer_versions, write_manifest
 from ..export.graph import checked_census, unsupported_by_tensorrt
 from ..fsutil import check_output, staging_dir
@@ -25,7 +26,7 @@ CALIB_WINDOWS = 32
 CALIB_LENGTH = 128
 
 
-class GateError(ValueError):
+class GateError(Gpt2EdgeError):
     """The variant misses its accuracy gate (and --force was not given); ``report`` has the numbers."""
 
     def __init__(self, message: str, report: AccuracyReport) -> None:
@@ -55,14 +56,14 @@ def quantize_bundle(
     bundle only. ``progress`` shows the gate's progress on a terminal.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+        raise Gpt2EdgeError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     base = Bundle.load(src)
     if base.precision != "fp32":
-        raise ValueError(
+        raise Gpt2EdgeError(
             f"{src} is a {base.precision} bundle; quantize from the fp32 bundle of the checkpoint"
         )
     if precision == "fp16" and base.kv_form == "inplace":
-        raise ValueError(
+        raise Gpt2EdgeError(
             f"{src} has the in-place KV cache, which runs on the CPU provider, where fp16 is slower than "
             "fp32; fp16 bundles are for CUDA / TensorRT: export with `--kv-cache concat` or "
             "`--target tensorrt` first"
@@ -76,7 +77,7 @@ def quantize_bundle(
         calib_text = samples.calib
         log(f"calibration on the default model's sample {samples.calib}")
     if eval_text is None and not force:
-        raise ValueError(
+        raise Gpt2EdgeError(
             "the accuracy gate needs held-out text: pass --eval FILE (only bundles of the shipped default "
             "model have a sample built in), or --force to skip the gate"
         )
@@ -85,7 +86,7 @@ def quantize_bundle(
     calib = None
     if precision == "int8-qdq":
         if calib_text is None:
-            raise ValueError("int8-qdq needs calibration text: pass --calib FILE")
+            raise Gpt2EdgeError("int8-qdq needs calibration text: pass --calib FILE")
         length = min(CALIB_LENGTH, base.context_length)
         ids = read_tokens(calib_text, tok, min_tokens=2 * length)
         calib = windows(ids, length, CALIB_WINDOWS)

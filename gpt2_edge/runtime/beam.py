@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ..errors import Gpt2EdgeError
 from .sampling import GenerationConfig, TokenChooser, log_softmax
 from .types import Backend, GenerationResult, fit_context, step_timings
 
@@ -32,7 +33,7 @@ def beam_search(
 ) -> GenerationResult:
     """The best beam's continuation of ``prompt``."""
     if config.do_sample:
-        raise ValueError("beam sampling is not supported: use num_beams=1 to sample, or greedy beams")
+        raise Gpt2EdgeError("beam sampling is not supported: use num_beams=1 to sample, or greedy beams")
     (prompt,) = fit_context([prompt], config, n_ctx)
     nb = config.num_beams
     P = len(prompt)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..contract import TensorSpec
+from ..errors import Gpt2EdgeError
 from .manifest import SCHEMA_VERSION, ManifestError, kind_of, validate
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ MANIFEST = "bundle.json"
 __all__ = ["MANIFEST", "SCHEMA_VERSION", "Bundle", "BundleError", "sha256_file"]
 
 
-class BundleError(ValueError):
+class BundleError(Gpt2EdgeError):
     """A bundle is missing, incomplete, corrupt, or from an unknown schema."""
 
 

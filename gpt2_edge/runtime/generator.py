@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import Gpt2EdgeError, Gpt2EdgeTypeError
+from .backends import load_backend
 from .sampling import GenerationConfig, TokenChooser
 from .sequence import SequenceState
 from .types import (
@@ -52,7 +54,7 @@ def iter_decode(
     ``piece`` is the text that step made showable) and returns the results. Each row stops on its
     own (eos, a stop string, or the length) and leaves the batch."""
     if config.num_beams != 1:
-        raise ValueError("iter_decode is the num_beams=1 loop; beam search lives in runtime.beam")
+        raise Gpt2EdgeError("iter_decode is the num_beams=1 loop; beam search lives in runtime.beam")
     prompts = fit_context(prompts, config, n_ctx)
     B = len(prompts)
     rows = [SequenceState(p, config, eos_token_id, detokenize) for p in prompts]
@@ -146,24 +148,12 @@ class Generator:
         """Load and verify a bundle; ``provider`` is cpu, cuda, tensorrt or auto (ONNX Runtime), or
         trt-engine (the bundle's TensorRT engine for this GPU, or an engine directory).
 
-        ``provider_options`` go to ``OrtBackend`` (``trt_fp16``, ``trt_cache_dir``,
-        ``trt_workspace_mib``).
+        ``provider_options`` go to the backend (``runtime.backends.load_backend``).
         """
-        from .bundle import Bundle
-        from .session import OrtBackend
-
         t0 = time.perf_counter()
-        if provider == "trt-engine":  # a prebuilt TensorRT engine: a bundle or an engine directory
-            from .trt_engine import TrtEngineBackend
-
-            engine = TrtEngineBackend(path, verify=verify, **provider_options)
-            b = engine.bundle
-            return cls(engine, b.tokenizer(), b.eos_token_id, engine.n_ctx, time.perf_counter() - t0)
-        bundle = Bundle.load(path, verify=verify)
-        backend = OrtBackend(bundle, provider=provider, threads=threads, **provider_options)
-        return cls(
-            backend, bundle.tokenizer(), bundle.eos_token_id, bundle.context_length, time.perf_counter() - t0
-        )
+        backend = load_backend(path, provider, threads=threads, verify=verify, **provider_options)
+        b = backend.bundle
+        return cls(backend, b.tokenizer(), b.eos_token_id, backend.n_ctx, time.perf_counter() - t0)
 
     @property
     def provider(self) -> str:
@@ -177,9 +167,11 @@ class Generator:
         vocab = self.tokenizer.vocab_size
         for t in ids:
             if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                raise TypeError(f"a prompt is a string or a list of token ids (ints); got an item {t!r}")
+                raise Gpt2EdgeTypeError(
+                    f"a prompt is a string or a list of token ids (ints); got an item {t!r}"
+                )
             if not 0 <= t < vocab:
-                raise ValueError(f"token id {t} is outside the vocabulary (0..{vocab - 1})")
+                raise Gpt2EdgeError(f"token id {t} is outside the vocabulary (0..{vocab - 1})")
         return [int(t) for t in ids]
 
     def _batch(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
@@ -187,7 +179,7 @@ class Generator:
             return [self.encode(prompts)]
         items = list(prompts)
         if not items:
-            raise ValueError("no prompts given")
+            raise Gpt2EdgeError("no prompts given")
         if all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in items):
             return [self.encode(items)]  # one prompt of token ids
         return [self.encode(p) for p in items]
@@ -215,14 +207,14 @@ class Generator:
         """
         config = config or GenerationConfig()
         if config.num_beams != 1:
-            raise ValueError("streaming needs num_beams=1 (beam search only knows its text at the end)")
+            raise Gpt2EdgeError("streaming needs num_beams=1 (beam search only knows its text at the end)")
         if not isinstance(prompt, str) and (
             isinstance(prompt, Sequence) and prompt and not isinstance(prompt[0], (int, np.integer))
         ):
-            raise ValueError("stream takes one prompt (text or token ids), not a batch")
+            raise Gpt2EdgeError("stream takes one prompt (text or token ids), not a batch")
         ids = self.encode(prompt)
         if not ids:
-            raise ValueError("stream takes one non-empty prompt")
+            raise Gpt2EdgeError("stream takes one non-empty prompt")
         it = iter_decode(
             self.backend,
             [ids],

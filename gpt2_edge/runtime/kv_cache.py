@@ -23,10 +23,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..errors import Gpt2EdgeError
 from .types import left_pad
 
 
-class CacheError(ValueError):
+class CacheError(Gpt2EdgeError):
     """A slot was used out of turn (full, busy, free or out of range)."""
 
 

@@ -16,6 +16,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from .. import contract
+from ..errors import Gpt2EdgeError
 
 SCHEMA_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-weight", "int8-qdq", "int4")
@@ -24,7 +25,7 @@ KV_CACHE_FORMS = ("inplace", "concat")  # absent = concat (bundles written befor
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
 
 
-class ManifestError(ValueError):
+class ManifestError(Gpt2EdgeError):
     """A manifest of the wrong shape: the message names the key."""
 
 

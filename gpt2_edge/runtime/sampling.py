@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import Gpt2EdgeError
+
 NEG_INF = -np.inf
 
 
@@ -37,28 +39,28 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         self._check_types()
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise Gpt2EdgeError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(
+            raise Gpt2EdgeError(
                 f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
                 f"got {self.min_new_tokens}"
             )
         if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise Gpt2EdgeError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.do_sample and self.temperature == 0:
-            raise ValueError(
+            raise Gpt2EdgeError(
                 "temperature must be > 0 when sampling (temperature 0 without sampling is greedy)"
             )
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+            raise Gpt2EdgeError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise Gpt2EdgeError(f"top_p must be in (0, 1], got {self.top_p}")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise Gpt2EdgeError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+            raise Gpt2EdgeError(f"num_beams must be >= 1, got {self.num_beams}")
         if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+            raise Gpt2EdgeError("stop strings must be non-empty")
 
     def _check_types(self) -> None:
         """Refuse values of the wrong type before they fail deep inside ``generate``: a float where a
@@ -71,7 +73,7 @@ class GenerationConfig:
         for name in ("max_new_tokens", "min_new_tokens", "top_k", "num_beams"):
             value = getattr(self, name)
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
+                raise Gpt2EdgeError(f"{name} must be an integer, got {value!r}")
             put(name, int(value))
         for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
             value = getattr(self, name)
@@ -79,32 +81,32 @@ class GenerationConfig:
                 value, (int, float, np.integer, np.floating)
             ):
                 finite = "finite " if name == "length_penalty" else ""  # nan/inf: an empty beam text
-                raise ValueError(f"{name} must be a {finite}number, got {value!r}")
+                raise Gpt2EdgeError(f"{name} must be a {finite}number, got {value!r}")
             put(name, float(value))
         if not math.isfinite(self.length_penalty):
-            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
+            raise Gpt2EdgeError(f"length_penalty must be a finite number, got {self.length_penalty}")
         seed = self.seed
         if seed is not None:
             if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
-                raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+                raise Gpt2EdgeError(f"seed must be a non-negative integer, got {seed!r}")
             put("seed", int(seed))
         for name in ("do_sample", "truncate"):
             value = getattr(self, name)
             if not isinstance(value, (bool, np.bool_)):
-                raise ValueError(f"{name} must be True or False, got {value!r}")
+                raise Gpt2EdgeError(f"{name} must be True or False, got {value!r}")
             put(name, bool(value))
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
-            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+            raise Gpt2EdgeError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         stop = self.stop
         if isinstance(stop, (str, bytes)) or not isinstance(stop, (list, tuple)):
-            raise ValueError(
+            raise Gpt2EdgeError(
                 f"stop must be a list or tuple of strings, got {stop!r}; pass [{stop!r}] for one stop string"
                 if isinstance(stop, str)
                 else f"stop must be a list or tuple of strings, got {stop!r}"
             )
         for i, s in enumerate(stop):
             if not isinstance(s, str):
-                raise ValueError(f"stop[{i}] must be a string, got {s!r}")
+                raise Gpt2EdgeError(f"stop[{i}] must be a string, got {s!r}")
         put("stop", tuple(stop))
 
 

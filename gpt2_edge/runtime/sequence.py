@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ..errors import Gpt2EdgeError
 from .sampling import GenerationConfig, TokenChooser
 
 
@@ -48,7 +49,7 @@ class SequenceState:
         detokenize: Callable[[Sequence[int]], str],
     ) -> None:
         if config.num_beams != 1:
-            raise ValueError("a SequenceState is one greedy or sampled sequence (num_beams=1)")
+            raise Gpt2EdgeError("a SequenceState is one greedy or sampled sequence (num_beams=1)")
         self.config = config
         self.eos_token_id = eos_token_id
         self.detokenize = detokenize
@@ -75,7 +76,7 @@ class SequenceState:
         """Take the chosen token; the text that can be shown now (often ``""``). Once the sequence
         has finished, the pieces returned so far join to ``self.text``."""
         if self.finished:
-            raise ValueError(f"the sequence already finished ({self.finish_reason})")
+            raise Gpt2EdgeError(f"the sequence already finished ({self.finish_reason})")
         self.generated.append(token)
         self.seen.append(token)
         stop = self.config.stop

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import Gpt2EdgeError
 from .bundle import Bundle
 from .kv_cache import ConcatCache, InPlaceCache
 
@@ -24,7 +25,7 @@ PROVIDERS = {
 }
 
 
-class ProviderError(ValueError):
+class ProviderError(Gpt2EdgeError):
     """An execution provider was asked for that this onnxruntime build does not have."""
 
 
@@ -192,7 +193,7 @@ class OrtBackend:
         try:
             self.session = ort.InferenceSession(str(bundle.model_file), so, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ValueError(
+            raise Gpt2EdgeError(
                 f"onnxruntime cannot load {bundle.model_file}: {str(e).splitlines()[0]}; re-export the bundle"
             ) from None
         bundle.check_session(self.session)
@@ -220,6 +221,7 @@ class OrtBackend:
         self.n_head = bundle.dims["n_head"]
         self.head_size = bundle.dims["head_size"]
         self.n_positions = bundle.context_length
+        self.n_ctx = bundle.context_length
         self.pad_id = bundle.eos_token_id if bundle.eos_token_id is not None else 0
 
     # caches -----------------------------------------------------------------------------------

@@ -13,12 +13,13 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from ..errors import Gpt2EdgeError
 from ..fsutil import atomic_write_text
 
 EOS_TOKEN = "<|endoftext|>"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(Gpt2EdgeError):
     """A tokenizer file is missing or unreadable."""
 
 

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ..errors import Gpt2EdgeError
 from .sampling import GenerationConfig
 
 
@@ -50,10 +51,12 @@ class KVCache(Protocol):
 class Backend(Protocol):
     """What the decode loops need from a model: shareable, stateless between calls."""
 
+    n_ctx: int  # tokens one sequence can hold (the model's context, or less for an engine)
+
     def new_cache(self, n_slots: int, capacity: int) -> KVCache: ...
 
 
-class ContextOverflowError(ValueError):
+class ContextOverflowError(Gpt2EdgeError):
     """Prompt + new tokens do not fit the model's context."""
 
 
@@ -69,12 +72,12 @@ class GenerationResult:
 def fit_context(prompts: Sequence[Sequence[int]], config: GenerationConfig, n_ctx: int) -> list[list[int]]:
     """Refuse (or, with ``truncate``, left-truncate) prompts whose continuation would not fit."""
     if not prompts:
-        raise ValueError("no prompts given")
+        raise Gpt2EdgeError("no prompts given")
     room = n_ctx - config.max_new_tokens
     out = []
     for i, p in enumerate(prompts):
         if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty (0 tokens)")
+            raise Gpt2EdgeError(f"prompt {i} is empty (0 tokens)")
         if len(p) > room:
             if not config.truncate or room < 1:
                 raise ContextOverflowError(

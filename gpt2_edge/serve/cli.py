@@ -14,11 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import Gpt2EdgeError
+
 API_KEY_ENV = "GPT2_EDGE_API_KEY"
 CACHE_ENV = "GPT2_EDGE_CACHE"
 
 
-class ServeError(ValueError):
+class ServeError(Gpt2EdgeError):
     """A problem whose message is the whole story for the user."""
 
 
@@ -261,6 +263,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return run(args)
-    except (ServeError, ValueError, OSError) as e:
+    except (Gpt2EdgeError, OSError) as e:
         print(f"gpt2-edge serve: error: {e}", file=sys.stderr)
         return 2

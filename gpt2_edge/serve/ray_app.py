@@ -20,6 +20,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..errors import Gpt2EdgeError
+
 # No usage report leaves the machine unless the operator asked for one.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -58,7 +60,7 @@ def deployment(
 ) -> Application:
     """The Ray Serve application: ``replicas`` copies of the app."""
     if replicas < 1:
-        raise ValueError(f"replicas must be >= 1, got {replicas}")
+        raise Gpt2EdgeError(f"replicas must be >= 1, got {replicas}")
     as_dict = dataclasses.asdict(settings)
     as_dict["cors_origins"] = list(settings.cors_origins)
     return Gpt2EdgeReplica.options(

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import Gpt2EdgeError
 from ..runtime.sampling import GenerationConfig, log_softmax
 from ..runtime.sequence import SequenceState
 from ..runtime.types import Backend, KVCache
@@ -128,9 +129,9 @@ class Scheduler:
         metrics: Metrics | None = None,
     ) -> None:
         if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+            raise Gpt2EdgeError(f"max_batch must be >= 1, got {max_batch}")
         if max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+            raise Gpt2EdgeError(f"max_queue must be >= 0, got {max_queue}")
         self.backend = backend
         self.n_ctx = n_ctx
         self.max_batch = max_batch

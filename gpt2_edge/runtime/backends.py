@@ -1,0 +1,48 @@
+"""The one place that knows which backend serves which provider.
+
+``load_backend(path, provider)`` gives a ready backend (``types.Backend``) for a bundle: ONNX
+Runtime on the CPU, CUDA or TensorRT execution provider (``cpu``, ``cuda``, ``tensorrt``, ``auto``),
+or the native TensorRT engine built for this GPU (``trt-engine``). ``Generator.from_bundle``, the
+server, ``gpt2-edge bench`` and the CLI all ask it; none of them names a backend class.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import Gpt2EdgeError
+from .bundle import Bundle
+from .session import OrtBackend
+from .types import Backend
+
+ORT_PROVIDERS = ("cpu", "cuda", "tensorrt", "auto")  # ONNX Runtime execution providers
+ENGINE_PROVIDER = "trt-engine"  # a prebuilt TensorRT engine (`gpt2-edge build-engine`)
+PROVIDERS = (*ORT_PROVIDERS, ENGINE_PROVIDER)
+
+
+def load_backend(
+    path: str | Path,
+    provider: str = "cpu",
+    *,
+    threads: int | None = None,
+    verify: bool = True,
+    **options: Any,
+) -> Backend:
+    """Load and verify the bundle at ``path`` and return the backend that runs it on ``provider``.
+
+    ``provider``: ``cpu`` | ``cuda`` | ``tensorrt`` | ``auto`` (ONNX Runtime; ``auto`` takes the
+    best installed), or ``trt-engine`` (the bundle's TensorRT engine for this GPU; ``path`` may
+    also be an engine directory). ``threads``: ONNX Runtime's intra-op threads (ignored by the
+    engine). ``options`` go to the backend: ``OrtBackend``'s ``session_config``, ``trt_fp16``,
+    ``trt_cache_dir``, ``trt_workspace_mib``, ``trt_max_batch``, ``trt_max_context``; the engine's
+    ``lane_timeout_s``. Every backend has ``bundle``, ``n_ctx`` and ``provider``.
+    """
+    if provider == ENGINE_PROVIDER:
+        from .trt_engine import TrtEngineBackend  # cuda-python and tensorrt load when it is made
+
+        return TrtEngineBackend(path, verify=verify, **options)
+    if provider not in ORT_PROVIDERS:
+        raise Gpt2EdgeError(f"provider must be one of {', '.join(PROVIDERS)}; got {provider!r}")
+    bundle = Bundle.load(path, verify=verify)
+    return OrtBackend(bundle, provider=provider, threads=threads, **options)
