@@ -1,6 +1,6 @@
 """Export time and peak memory for full-size shapes (random weights), one fresh process each.
 
-python benchmarks/bench_export.py [--presets gpt2 gpt2-medium] [--targets ort tensorrt]
+python -m benchmarks.bench_export [--presets gpt2 gpt2-medium] [--targets ort tensorrt]
 """
 
 from __future__ import annotations
@@ -10,10 +10,8 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, random_checkpoint
+from benchmarks.common import CACHE, random_checkpoint
 
 CHILD = """
 import json, resource, sys, time

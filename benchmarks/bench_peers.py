@@ -16,7 +16,7 @@ GPT-2 tokenizer. Workloads, greedy, eos never ends a run:
 Each engine runs in its own subprocess per round; rounds alternate engines; the table shows
 medians of each engine's runs and the median over rounds of the per-round ratio ours / peer.
 
-    python benchmarks/bench_peers.py [--rounds 3] [--threads 2] [--only llama,ct2]
+    python -m benchmarks.bench_peers [--rounds 3] [--threads 2] [--only llama,ct2]
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import CACHE, bundle_of, random_checkpoint, variant_of
+from gpt2_edge.measure import peak_rss_mib
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import CACHE, bundle_of, random_checkpoint, variant_of  # noqa: E402
 
 NEW = 64
 SHORT, LONG, BATCH = 32, 896, 8
@@ -57,13 +58,6 @@ ENGINES: dict[str, tuple[str, str]] = {
 }
 
 
-def _peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 # -------------------------------------------------------------------------------------------
 # A runner: prefill + greedy decode of a batch of equal-length prompts, timed.
 # Returns (time to first token s, decode seconds for the remaining NEW-1 tokens).
@@ -72,21 +66,17 @@ Runner = Callable[[list[list[int]], int], tuple[float, float]]
 
 
 def ours(engine: str, threads: int) -> Runner:
-    from gpt2_edge.runtime.bundle import Bundle
-    from gpt2_edge.runtime.generator import decode
-    from gpt2_edge.runtime.sampling import GenerationConfig
-    from gpt2_edge.runtime.session import OrtBackend
+    """The kit as an app calls it: ``Generator.generate`` with token ids (``ignore_eos``)."""
+    from gpt2_edge import GenerationConfig, Generator
 
     base = bundle_of(random_checkpoint("gpt2"))
     path = {"fp32": base, "int8": variant_of(base, "int8-dynamic"), "int4": variant_of(base, "int4")}[
         ENGINES[engine][1]
     ]
-    b = Bundle.load(path, verify=False)
-    backend = OrtBackend(b, threads=threads)
+    gen = Generator.from_bundle(str(path), threads=threads, verify=False)
 
     def run(prompts: list[list[int]], new: int) -> tuple[float, float]:
-        cfg = GenerationConfig(max_new_tokens=new, min_new_tokens=new)
-        t = decode(backend, prompts, cfg, eos_token_id=None, n_ctx=b.context_length, detokenize=lambda _: "")
+        t = gen.generate(prompts, GenerationConfig(max_new_tokens=new, ignore_eos=True))
         return t[0].timings["prefill_s"], t[0].timings["decode_s"]
 
     return run
@@ -373,7 +363,7 @@ def worker(engine: str, threads: int, prompts: dict[str, list[list[int]]]) -> di
     res: dict[str, float | None] = {}
     first, dec = run(prompts["short"], NEW)
     res["ttft_short_ms"], res["b1"] = 1000 * first, (NEW - 1) / dec
-    res["rss_b1_mib"] = _peak_rss_mib()
+    res["rss_b1_mib"] = peak_rss_mib()
     first, dec = run(prompts["long"], NEW)
     res["ttft_long_ms"], res["long"] = 1000 * first, (NEW - 1) / dec
     try:
@@ -414,7 +404,8 @@ def main() -> None:
                 continue
             cmd = [
                 sys.executable,
-                __file__,
+                "-m",
+                "benchmarks.bench_peers",
                 "--worker",
                 e,
                 "--threads",
@@ -422,7 +413,7 @@ def main() -> None:
                 "--prompts",
                 str(pfile),
             ]
-            p = subprocess.run(cmd, capture_output=True, text=True)
+            p = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
             if p.returncode != 0:
                 skipped[e] = (p.stderr.strip().splitlines() or ["failed"])[-1][:160]
                 print(f"round {r + 1}: {e}: skipped ({skipped[e]})", file=sys.stderr)

@@ -5,7 +5,7 @@ judged against fp32 on the held-out last 10% of tinyshakespeare (perplexity, KL,
 greedy agreement). For a random GPT-2 124M-shaped model (accuracy is meaningless there) only
 size and speed are reported. Speed: batch 1, 32-token prompt, 128 new tokens, greedy, N threads.
 
-    python benchmarks/bench_quantized.py [--text ../shared/data/tinyshakespeare.txt] [--skip-124m]
+    python -m benchmarks.bench_quantized [--text ../shared/data/tinyshakespeare.txt] [--skip-124m]
 """
 
 from __future__ import annotations
@@ -13,37 +13,27 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, random_checkpoint
-
+from benchmarks.common import CACHE, random_checkpoint
 from gpt2_edge.export.bundle import export_bundle
 from gpt2_edge.quantize.pipeline import PRECISIONS, quantize_bundle
 from gpt2_edge.runtime.bundle import Bundle
-from gpt2_edge.runtime.generator import decode
+from gpt2_edge.runtime.generator import Generator
 from gpt2_edge.runtime.sampling import GenerationConfig
-from gpt2_edge.runtime.session import OrtBackend
 
 
 def decode_rate(bundle: Path, threads: int, new: int = 128, repeats: int = 3) -> float:
-    b = Bundle.load(bundle, verify=False)
-    backend = OrtBackend(b, threads=threads)
-    prompt = np.random.default_rng(0).integers(0, b.dims["vocab_size"] - 1, 32).tolist()
-    new = min(new, b.context_length - len(prompt))  # the default model's context is 128
+    """Decode tokens/s through ``Generator.generate`` (``ignore_eos``), median of ``repeats``."""
+    gen = Generator.from_bundle(str(bundle), threads=threads, verify=False)
+    prompt = np.random.default_rng(0).integers(0, gen.tokenizer.vocab_size - 1, 32).tolist()
+    new = min(new, gen.n_ctx - len(prompt))  # the default model's context is 128
+    cfg = GenerationConfig(max_new_tokens=new, ignore_eos=True)
     rates = []
     for _ in range(repeats + 1):
-        t = decode(
-            backend,
-            [prompt],
-            GenerationConfig(max_new_tokens=new),
-            eos_token_id=None,
-            n_ctx=b.context_length,
-            detokenize=lambda _: "",
-        )[0].timings
+        t = gen.generate([prompt], cfg)[0].timings
         rates.append((t["steps"] - 1) / t["decode_s"])
     return statistics.median(rates[1:])
 

@@ -154,6 +154,19 @@ def test_stream_never_shows_the_eos_token(tiny_tokenizer):
     assert gen.last_result.finish_reason == "eos"
 
 
+def test_ignore_eos_decodes_to_max_new_tokens(tiny_tokenizer):
+    tok = tiny_tokenizer
+    script = [*tok.encode("All:"), tok.eos_token_id]  # eos, then eos forever
+    gen = Generator(Scripted(script, tok.vocab_size), tok, eos_token_id=tok.eos_token_id, n_ctx=64)
+    plain = gen.generate("x", GenerationConfig(max_new_tokens=10))[0]
+    assert plain.finish_reason == "eos" and len(plain.token_ids) < 10
+    cfg = GenerationConfig(max_new_tokens=10, ignore_eos=True)
+    res = gen.generate("x", cfg)[0]
+    assert res.finish_reason == "length" and len(res.token_ids) == 10
+    streamed = "".join(gen.stream("x", cfg))
+    assert gen.last_result.token_ids == res.token_ids and streamed == res.text
+
+
 def test_decode_with_scripted_eos(tiny_tokenizer):
     tok = tiny_tokenizer
     script = [*tok.encode("All:"), tok.eos_token_id]

@@ -93,13 +93,14 @@ def compare(
 
     greedy = 1.0
     if prompts:
-        cfg = GenerationConfig(max_new_tokens=min(GREEDY_TOKENS, n_ctx - max(map(len, prompts))))
+        new = min(GREEDY_TOKENS, n_ctx - max(map(len, prompts)))
+        cfg = GenerationConfig(max_new_tokens=new, ignore_eos=True)
         same = total = 0
         for p in Progress(prompts, enabled=progress, desc=f"greedy {precision}", unit="prompt"):
-            a = decode(ref, [p], cfg, eos_token_id=None, n_ctx=n_ctx, detokenize=lambda _: "")[0].token_ids
-            b = decode(variant, [p], cfg, eos_token_id=None, n_ctx=n_ctx, detokenize=lambda _: "")[
-                0
-            ].token_ids
+            a, b = (
+                decode(m, [p], cfg, eos_token_id=None, n_ctx=n_ctx, detokenize=lambda _: "")[0].token_ids
+                for m in (ref, variant)
+            )
             first_diff = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
             same += first_diff  # tokens that agree before the first divergence
             total += len(a)

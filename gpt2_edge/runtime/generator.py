@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import Gpt2EdgeError, Gpt2EdgeTypeError
 from .backends import load_backend
+from .beam import beam_search
 from .sampling import GenerationConfig, TokenChooser
 from .sequence import SequenceState
 from .types import (
@@ -56,6 +57,8 @@ def iter_decode(
     if config.num_beams != 1:
         raise Gpt2EdgeError("iter_decode is the num_beams=1 loop; beam search lives in runtime.beam")
     prompts = fit_context(prompts, config, n_ctx)
+    if config.ignore_eos:
+        eos_token_id = None
     B = len(prompts)
     rows = [SequenceState(p, config, eos_token_id, detokenize) for p in prompts]
     # One chooser for the batch (HF semantics: the rows of a seeded batch draw from one generator).
@@ -98,7 +101,8 @@ def decode(
 ) -> list[GenerationResult]:
     """Continue every prompt: greedy / sampled (``num_beams=1``) or beam search."""
     if config.num_beams > 1:
-        from .beam import beam_search
+        if config.ignore_eos:
+            eos_token_id = None
 
         fitted = fit_context(prompts, config, n_ctx)  # refuses empty and overflowing prompts first
         return [

@@ -35,6 +35,7 @@ class GenerationConfig:
     num_beams: int = 1  # > 1: beam search (HF semantics), greedy beams only
     length_penalty: float = 1.0  # beam score = sum logprob / generated_length ** length_penalty
     early_stopping: bool | str = False  # True, False or "never", as in transformers
+    ignore_eos: bool = False  # keep decoding past eos to max_new_tokens (benchmarks; vLLM, llama.cpp)
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -90,7 +91,7 @@ class GenerationConfig:
             if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
                 raise Gpt2EdgeError(f"seed must be a non-negative integer, got {seed!r}")
             put("seed", int(seed))
-        for name in ("do_sample", "truncate"):
+        for name in ("do_sample", "truncate", "ignore_eos"):
             value = getattr(self, name)
             if not isinstance(value, (bool, np.bool_)):
                 raise Gpt2EdgeError(f"{name} must be True or False, got {value!r}")

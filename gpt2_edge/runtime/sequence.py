@@ -51,11 +51,11 @@ class SequenceState:
         if config.num_beams != 1:
             raise Gpt2EdgeError("a SequenceState is one greedy or sampled sequence (num_beams=1)")
         self.config = config
-        self.eos_token_id = eos_token_id
+        self.eos_token_id = None if config.ignore_eos else eos_token_id
         self.detokenize = detokenize
         # The chooser holds this sequence's own numpy Generator: a seed gives the same tokens
         # whatever else runs beside it.
-        self.chooser = TokenChooser(config, eos_token_id)
+        self.chooser = TokenChooser(config, self.eos_token_id)
         self.prompt = list(prompt)
         self.seen = list(prompt)
         self.generated: list[int] = []
