@@ -183,7 +183,8 @@ def table(results: list[BenchResult]) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
+def require_pyplot():
+    """matplotlib's pyplot (Agg), or a refusal that says how to install it (the ``plot`` extra)."""
     try:
         import matplotlib
 
@@ -196,7 +197,7 @@ def _pyplot():
 
 def plot(results: list[BenchResult], path: str) -> None:
     """A PNG bar chart of the decode rates and time to first token (needs the ``plot`` extra)."""
-    plt = _pyplot()
+    plt = require_pyplot()
     names = [f"{Path(r.bundle).name}\n{r.precision}" for r in results]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     x = np.arange(len(results))
@@ -221,72 +222,7 @@ def plot(results: list[BenchResult], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-# command line ----------------------------------------------------------------------------------
-def add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="time to first token, decode speed and peak memory per bundle, here")
-    p.add_argument("bundles", nargs="+", help="bundle directories to compare")
-    p.add_argument("--threads", type=int, help="CPU threads (default: onnxruntime's choice)")
-    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt", "auto"])
-    p.add_argument("--rounds", type=int, default=1, help="alternate the bundles this many times; medians")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per measurement")
-    p.add_argument("--short-prompt", type=int, default=32)
-    p.add_argument("--long-prompt", type=int, default=512)
-    p.add_argument("--long-context", type=int, default=896, help="prompt length of the long-context decode")
-    p.add_argument("--batch", type=int, default=BATCH)
-    p.add_argument(
-        "--session-config",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an ONNX Runtime session config entry (repeatable), e.g. session.disable_prepacking=1",
-    )
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--plot", metavar="PNG", help="also draw a chart (needs the plot extra)")
-    p.set_defaults(func=_cmd_bench)
-
-
-def _positive(name: str, value: int) -> int:
-    if value < 1:
-        raise Gpt2EdgeError(f"--{name} must be >= 1, got {value}")
-    return value
-
-
-def _key_values(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise Gpt2EdgeError(f"--session-config takes KEY=VALUE, got {item!r}")
-        out[key] = value
-    return out
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    cfg = BenchConfig(
-        short_prompt=_positive("short-prompt", args.short_prompt),
-        long_prompt=_positive("long-prompt", args.long_prompt),
-        long_context=_positive("long-context", args.long_context),
-        new_tokens=_positive("new-tokens", args.new_tokens),
-        batch=_positive("batch", args.batch),
-        threads=args.threads,
-        provider=args.provider,
-        session_config=_key_values(args.session_config),
-    )
-    if args.plot:
-        _pyplot()  # refuse before measuring, not after
-    results = bench(
-        args.bundles, cfg, _positive("rounds", args.rounds), log=lambda m: print(m, file=sys.stderr)
-    )
-    if args.json:
-        print(json.dumps([asdict(r) for r in results], indent=2))
-    else:
-        print(table(results))
-    if args.plot:
-        plot(results, args.plot)
-        print(f"chart written: {args.plot}", file=sys.stderr)
-    return 0
-
-
+# one bundle measured in a process of its own; the command line is gpt2_edge/cli/bench.py ---------
 def _worker(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--worker", required=True)

@@ -17,6 +17,8 @@ import torch
 
 from .. import contract
 from ..errors import Gpt2EdgeError
+from ..model.checkpoint import resolve_model_dir
+from ..model.config import GPTConfig
 from ..model.gpt import GPT
 from ..runtime.bundle import Bundle
 from ..runtime.session import OrtBackend
@@ -87,6 +89,20 @@ def _torch_run(model: GPT, ids, mask, pos, past) -> tuple[np.ndarray, list[np.nd
     ]
     logits, presents = model(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pos), pairs)
     return logits.numpy(), [t.numpy() for kv in presents for t in kv]
+
+
+def check_same_dims(bundle: Bundle, source: str | Path) -> None:
+    """Refuse a checkpoint of other dims than ``bundle`` before any session runs (ONNX Runtime's
+    message would be about a missing input name or a shape)."""
+    config = GPTConfig.load(resolve_model_dir(source))
+    keys = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")
+    dims = bundle.dims
+    differ = [f"{k} {dims[k]} vs {getattr(config, k)}" for k in keys if dims[k] != getattr(config, k)]
+    if differ:
+        raise Gpt2EdgeError(
+            f"{bundle.path} was not exported from {source}: their dims differ (bundle vs checkpoint: "
+            f"{', '.join(differ)}); validate a bundle against the checkpoint it was exported from"
+        )
 
 
 def validate_onnx(

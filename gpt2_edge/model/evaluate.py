@@ -5,6 +5,9 @@ scored by an earlier window count, so every token after the first is scored exac
 at least ``max_length - stride`` tokens of left context (the method of the Hugging Face
 perplexity guide, without its gap of one unscored token per window when stride = max_length).
 Quantized bundles are judged by this same function.
+
+Torch-free but for the checkpoint side (``checkpoint_perplexity``, ``torch_logits_fn``), which
+imports torch when called: ``gpt2-edge eval`` of a bundle runs where torch is not installed.
 """
 
 from __future__ import annotations
@@ -14,12 +17,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import Gpt2EdgeError
 from ..progress import Progress
+from ..runtime.bundle import Bundle
 from ..runtime.sampling import log_softmax
+from ..runtime.session import OrtBackend
+
+if TYPE_CHECKING:
+    from ..runtime.tokenizer import Tokenizer
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]  # (1, T) int64 -> (1, T, V) float
 
@@ -57,6 +66,15 @@ def read_text(path: str | Path, min_chars: int = 1) -> str:
     if len(text) < min_chars:
         raise Gpt2EdgeError(f"{p} has {len(text)} characters; at least {min_chars} are needed")
     return text
+
+
+def read_tail(path: str | Path, tail: float = 1.0) -> str:
+    """The last ``tail`` fraction (0 < tail <= 1, in characters) of a UTF-8 text file; 0.1 is the
+    held-out part of the trainer's split (``TrainConfig.val_fraction``)."""
+    if not 0 < tail <= 1:
+        raise Gpt2EdgeError(f"the tail of the text to evaluate must be in (0, 1], got {tail}")
+    text = read_text(path)
+    return text[int(len(text) * (1 - tail)) :]
 
 
 def sliding_windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -105,6 +123,56 @@ def perplexity(
             count += n_target
     nll = total / count
     return PerplexityReport(math.exp(nll), nll, count, time.perf_counter() - t0)
+
+
+def bundle_perplexity(
+    bundle_dir: str | Path,
+    text: str,
+    max_length: int | None = None,
+    stride: int | None = None,
+    *,
+    threads: int | None = None,
+    progress: bool = False,
+) -> PerplexityReport:
+    """Sliding-window perplexity of a bundle on ``text`` (ONNX Runtime, CPU). Torch-free.
+
+    ``max_length`` defaults to the model's context and ``stride`` to half of it.
+    """
+    bundle = Bundle.load(bundle_dir)
+    fn = OrtBackend(bundle, threads=threads).logits
+    return _text_perplexity(fn, bundle.tokenizer(), bundle.context_length, text, max_length, stride, progress)
+
+
+def checkpoint_perplexity(
+    model_spec: str | Path | None,
+    text: str,
+    max_length: int | None = None,
+    stride: int | None = None,
+    *,
+    progress: bool = False,
+) -> PerplexityReport:
+    """Sliding-window perplexity of a checkpoint (dir, hub id, or None for the shipped model) on
+    ``text``, with the PyTorch reference. Imports torch."""
+    from .checkpoint import load_checkpoint, load_tokenizer  # imports torch: a bundle's eval must not
+
+    model, tok = load_checkpoint(model_spec), load_tokenizer(model_spec)
+    fn = torch_logits_fn(model)
+    return _text_perplexity(fn, tok, model.config.n_positions, text, max_length, stride, progress)
+
+
+def _text_perplexity(
+    fn: LogitsFn,
+    tokenizer: Tokenizer,
+    n_ctx: int,
+    text: str,
+    max_length: int | None,
+    stride: int | None,
+    progress: bool,
+) -> PerplexityReport:
+    max_length = max_length or n_ctx
+    if max_length > n_ctx:
+        raise Gpt2EdgeError(f"max_length {max_length} exceeds the model's context {n_ctx}")
+    return perplexity(fn, tokenizer.encode(text), max_length, stride, progress=progress)
 
 
 def torch_logits_fn(model: object) -> LogitsFn:

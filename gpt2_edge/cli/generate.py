@@ -1,0 +1,171 @@
+"""``gpt2-edge generate``: continue prompts with a bundle (the torch-free runtime) or a checkpoint
+(the PyTorch reference); text or JSON on stdout, a llama.cpp-style timing line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from ..errors import Gpt2EdgeError
+from ..runtime.generator import Generator
+from ..runtime.sampling import GenerationConfig
+from ..runtime.types import GenerationResult
+from ._common import is_bundle, read_prompts, utf8
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``generate``."""
+    p = sub.add_parser("generate", help="continue a prompt (greedy by default)")
+    p.add_argument(
+        "model", nargs="?", help="bundle dir, checkpoint dir or hub id (default: the shipped model)"
+    )
+    p.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnx"],
+        default="auto",
+        help="onnx = the torch-free runtime on a bundle; torch = the PyTorch reference "
+        "(default: onnx for a bundle, torch for a checkpoint)",
+    )
+    p.add_argument(
+        "--provider",
+        default="cpu",
+        choices=["cpu", "cuda", "tensorrt", "auto"],
+        help="ONNX Runtime execution provider (onnx backend)",
+    )
+    p.add_argument("--threads", type=int, help="CPU threads")
+    _add_generation_args(p)
+    p.set_defaults(func=run)
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    g.add_argument("--prompt-file", help="read one prompt from a file ('-' = stdin)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--min-new-tokens", type=int, default=0)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy")
+    g.add_argument("--temperature", type=float, help="sampling temperature (implies --sample; 0 = greedy)")
+    g.add_argument("--top-k", type=int, help="keep the k most likely tokens (implies --sample)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass (implies --sample)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, help="seed of the sampler (reproducible output)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="beam score / length**penalty")
+    g.add_argument(
+        "--early-stopping",
+        choices=["true", "false", "never"],
+        default="false",
+        help="beam search stopping rule (as in transformers)",
+    )
+    g.add_argument("--truncate", action="store_true", help="left-truncate a prompt that does not fit")
+    g.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
+    g.add_argument("--json", action="store_true", help="print results as JSON")
+
+
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    """The ``GenerationConfig`` the generation flags ask for (it validates itself)."""
+    # OpenAI's convention: a bare temperature of 0 means greedy; with --sample/top-k/top-p it is an error.
+    sample = args.sample or args.top_k is not None or args.top_p is not None or bool(args.temperature)
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        do_sample=sample,
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_k=args.top_k or 0,
+        top_p=1.0 if args.top_p is None else args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(utf8(s, "--stop") for s in args.stop),
+        truncate=args.truncate,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        early_stopping={"true": True, "false": False, "never": "never"}[args.early_stopping],
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = generation_config(args)
+    prompts = read_prompts(args)
+    backend = args.backend
+    if backend == "auto":
+        backend = "onnx" if is_bundle(args.model) else "torch"
+    if backend == "onnx":
+        if not is_bundle(args.model):
+            raise Gpt2EdgeError(
+                f"{args.model or 'the default model'} is not a bundle; make one with "
+                "`gpt2-edge export MODEL -o DIR`, or use --backend torch"
+            )
+        gen = Generator.from_bundle(args.model, provider=args.provider, threads=args.threads)
+        if args.provider == "auto":
+            print(f"provider: {gen.provider}", file=sys.stderr)
+        if args.stream:
+            if len(prompts) != 1 or args.json:
+                raise Gpt2EdgeError("--stream takes exactly one prompt and no --json")
+            for piece in gen.stream(prompts[0], cfg):
+                print(piece, end="", flush=True)
+            print()
+            _print_timings([gen.last_result], gen.load_s)
+            return 0
+        results = gen.generate(prompts, cfg)
+        load_s = gen.load_s
+    else:
+        results, load_s = _generate_with_torch(args.model, prompts, cfg, args.threads)
+    _print_results(prompts, results, args.json, load_s)
+    return 0
+
+
+def _generate_with_torch(
+    model_spec: str | None, prompts: list[str], cfg: GenerationConfig, threads: int | None
+) -> tuple[list[GenerationResult], float]:
+    """The PyTorch reference on a checkpoint: its results and load time."""
+    import torch
+
+    from ..model.checkpoint import load_checkpoint, load_tokenizer  # imports torch
+    from ..model.generate import generate  # imports torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model, tok = load_checkpoint(model_spec), load_tokenizer(model_spec)
+    load_s = time.perf_counter() - t0
+    return generate(model, tok, prompts, cfg), load_s
+
+
+def _print_results(prompts: list[str], results: list[GenerationResult], as_json: bool, load_s: float) -> None:
+    if as_json:
+        out = [
+            {
+                "prompt": p,
+                "text": r.text,
+                "token_ids": r.token_ids,
+                "finish_reason": r.finish_reason,
+                "prompt_tokens": r.prompt_tokens,
+                "timings": {"load_s": load_s, **r.timings},
+            }
+            for p, r in zip(prompts, results, strict=True)
+        ]
+        print(json.dumps(out if len(out) > 1 else out[0], indent=2, ensure_ascii=False))
+        return
+    for p, r in zip(prompts, results, strict=True):
+        if len(prompts) > 1:
+            print(f"--- {p!r} [{r.finish_reason}]")
+        print(r.text)
+    _print_timings(results, load_s)
+
+
+def _print_timings(results: Sequence[GenerationResult], load_s: float) -> None:
+    """llama.cpp-style summary on stderr: load, prompt (time to first token), per-step decode."""
+    t = results[0].timings
+    n = sum(len(r.token_ids) for r in results)
+    ms = t["ms_per_token"]
+    rate = f" ({1000 / ms:.1f} steps/s)" if ms else ""
+    print(
+        f"\nload {1000 * load_s:.0f} ms | time to first token {1000 * t['prefill_s']:.1f} ms "
+        f"({max(r.prompt_tokens for r in results)} prompt tokens x {len(results)}) | "
+        f"{n} new tokens, {ms:.2f} ms per step{rate}",
+        file=sys.stderr,
+    )
