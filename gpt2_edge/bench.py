@@ -22,6 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import Gpt2EdgeError
+from .measure import peak_rss_mib
+from .runtime.bundle import Bundle
+from .runtime.generator import Generator
+from .runtime.sampling import GenerationConfig
 
 BATCH = 8
 
@@ -54,45 +58,22 @@ class BenchResult:
     lengths: dict[str, int] = field(default_factory=dict)
 
 
-def _peak_rss_mib() -> float:
-    """Peak resident set of this process (VmHWM), MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def measure(path: str, cfg: BenchConfig) -> BenchResult:
-    """Measure one bundle in this process."""
-    from .runtime.bundle import Bundle
-    from .runtime.generator import decode
-    from .runtime.sampling import GenerationConfig
-    from .runtime.session import OrtBackend
-
+    """Measure one bundle in this process, through ``Generator`` (the API an app calls)."""
     t0 = time.perf_counter()
-    bundle = Bundle.load(path, verify=False)
-    backend = OrtBackend(
-        bundle, provider=cfg.provider, threads=cfg.threads, session_config=cfg.session_config
-    )
+    options = {"session_config": cfg.session_config} if cfg.session_config else {}  # ONNX Runtime's
+    gen = Generator.from_bundle(path, provider=cfg.provider, threads=cfg.threads, verify=False, **options)
     load_s = time.perf_counter() - t0
-    n_ctx, vocab = bundle.context_length, bundle.dims["vocab_size"]
+    bundle = gen.backend.bundle
+    n_ctx, vocab = gen.n_ctx, bundle.dims["vocab_size"]
     new = min(cfg.new_tokens, n_ctx // 2)
     rng = np.random.default_rng(0)
-    eos = bundle.eos_token_id
 
     def prompt(n: int) -> list[int]:
-        ids = rng.integers(0, vocab, n)
-        return [int(t) if t != eos else 0 for t in ids]
+        return [int(t) for t in rng.integers(0, vocab, n)]
 
     def run(prompts: list[list[int]], max_new: int) -> dict[str, float]:
-        gc = GenerationConfig(max_new_tokens=max_new, min_new_tokens=max_new)
-        res = decode(backend, prompts, gc, eos_token_id=eos, n_ctx=n_ctx, detokenize=lambda ids: "")
-        return res[0].timings
+        return gen.generate(prompts, GenerationConfig(max_new_tokens=max_new, ignore_eos=True))[0].timings
 
     short = min(cfg.short_prompt, n_ctx - new)
     long = min(cfg.long_prompt, n_ctx - 1)
@@ -121,7 +102,7 @@ def measure(path: str, cfg: BenchConfig) -> BenchResult:
         decode_b1=b1,
         decode_batch=bb,
         decode_long=lc,
-        peak_rss_mib=_peak_rss_mib(),
+        peak_rss_mib=peak_rss_mib() or 0.0,
         lengths={"short": short, "long": long, "context": ctx, "new": new, "batch": cfg.batch},
     )
 
@@ -137,8 +118,6 @@ def _measure_in_subprocess(path: str, cfg: BenchConfig) -> BenchResult:
 
 def bench(paths: list[str], cfg: BenchConfig, rounds: int = 1, log=print) -> list[BenchResult]:
     """Alternate the bundles for ``rounds`` rounds (one subprocess each); the per-bundle medians."""
-    from .runtime.bundle import Bundle
-
     for p in paths:
         Bundle.load(p, verify=False)  # refuse a bad path before any timing
     runs: dict[str, list[BenchResult]] = {p: [] for p in paths}

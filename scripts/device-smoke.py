@@ -5,7 +5,7 @@
     python scripts/device-smoke.py --fake (no GPU: checks the script itself against a fake CUDA)
 
 Needs numpy and cuda-python (either import path: ``cuda.bindings.runtime`` or ``cuda.cudart``).
-gpt2_edge is imported from this checkout. Part 1 checks ``gpt2_edge.engine.cuda.Cuda`` call by
+gpt2_edge is imported from this checkout. Part 1 checks ``gpt2_edge.runtime.trt.cuda.Cuda`` call by
 call: device query, device and pinned memory, synchronous and stream-ordered copies, the strided
 copy that brings back last-position logits. Part 2 runs the TensorRT backend's ``EngineRunner``
 (real device buffers, ping-pong KV sets, chunked prefill, slot joins, releases and reorders) with
@@ -53,7 +53,7 @@ def check(name: str):
 
 
 print(f"device-smoke: python {sys.version.split()[0]}, numpy {np.__version__}")
-from gpt2_edge.engine.cuda import Cuda, CudaError, import_runtime  # noqa: E402
+from gpt2_edge.runtime.trt.cuda import Cuda, CudaError, import_runtime  # noqa: E402
 
 state: dict = {}
 
@@ -269,8 +269,8 @@ class ToyContext:
 
 def make_backend():
     from gpt2_edge import contract
-    from gpt2_edge.engine.tensorrt import Limits, decoder_profiles
-    from gpt2_edge.runtime.trt_engine import _Lane
+    from gpt2_edge.runtime.trt.runner import Lane
+    from gpt2_edge.runtime.trt.shapes import Limits, decoder_profiles
 
     past = contract.past_names(L_LAYERS)
     present = contract.present_names(L_LAYERS)
@@ -279,7 +279,7 @@ def make_backend():
     )
     s = cuda.stream()
     ctx = ToyContext(cuda, s, {"past": past, "present": present})
-    lane = _Lane(0, [0, 1], ctx, s, cuda.handle(s))
+    lane = Lane(0, [0, 1], ctx, s, cuda.handle(s))
     io = {
         n: SimpleNamespace(dtype=np.dtype(np.int64)) for n in ("input_ids", "attention_mask", "position_ids")
     }
@@ -308,7 +308,7 @@ def make_backend():
 @check("engine runner: device buffers, ping-pong KV sets, chunked prefill, joins, releases, reorders")
 def _():
     from gpt2_edge.runtime.kv_cache import ConcatCache
-    from gpt2_edge.runtime.trt_engine import EngineRunner
+    from gpt2_edge.runtime.trt.runner import EngineRunner
 
     backend, ctx, released = make_backend()
     runner = EngineRunner(backend, 3, 24)
@@ -347,8 +347,8 @@ def _():
 
 @check("stale KV handles are refused")
 def _():
-    from gpt2_edge.engine.tensorrt import EngineError
-    from gpt2_edge.runtime.trt_engine import EngineRunner
+    from gpt2_edge.runtime.trt.errors import EngineError
+    from gpt2_edge.runtime.trt.runner import EngineRunner
 
     backend, _, _ = make_backend()
     r = EngineRunner(backend, 1, 8)

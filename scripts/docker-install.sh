@@ -45,7 +45,7 @@ import sys
 flavour = sys.argv[1]
 import gpt2_edge.engine.doctor  # noqa: F401
 import gpt2_edge.runtime.generator  # noqa: F401
-import gpt2_edge.runtime.trt_engine  # noqa: F401
+import gpt2_edge.runtime.trt.backend  # noqa: F401
 
 for mod in ("onnxruntime", "tokenizers", "numpy", "fastapi", "uvicorn"):
     if importlib.util.find_spec(mod) is None:

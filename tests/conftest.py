@@ -98,7 +98,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return
-    from gpt2_edge.engine.system import current_gpu
+    from gpt2_edge.runtime.trt.system import current_gpu
 
     if current_gpu() is None:
         reason = (

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from gpt2_edge.engine.cuda import DeviceInfo
+from gpt2_edge.runtime.trt.cuda import DeviceInfo
 
 FAKE_GPU = DeviceInfo("NVIDIA Fake Orin", 8, 7, 8 * 2**30, 0)
 

@@ -10,6 +10,7 @@ import pytest
 from gpt2_edge.cli import main
 from gpt2_edge.engine import system
 from gpt2_edge.engine.doctor import Facts, recommend
+from gpt2_edge.runtime.trt import system as trt_system
 
 X86 = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -117,6 +118,6 @@ def test_recommendation(facts, provider, precision, needle):
 
 
 def test_tensorrt_library_version_decoding():
-    assert system._decode_nvinfer_version(100803) == "10.8.3"
-    assert system._decode_nvinfer_version(110400) == "11.4.0"
-    assert system._decode_nvinfer_version(8601) == "8.6.1"
+    assert trt_system._decode_nvinfer_version(100803) == "10.8.3"
+    assert trt_system._decode_nvinfer_version(110400) == "11.4.0"
+    assert trt_system._decode_nvinfer_version(8601) == "8.6.1"

@@ -16,31 +16,34 @@ import pytest
 
 from gpt2_edge import contract
 from gpt2_edge.cli import main
-from gpt2_edge.engine import system
-from gpt2_edge.engine.cuda import DeviceInfo
-from gpt2_edge.engine.tensorrt import (
-    MANIFEST,
-    PLAN,
-    TIMING_CACHE,
-    BuildOptions,
-    EngineBuildError,
-    EngineError,
-    Limits,
-    build_engine,
-    decoder_profiles,
-    engine_precision,
-    gpu_key,
-    locate_engine,
-    ort_profile_options,
-    read_manifest,
-    shape_ranges,
-)
+from gpt2_edge.engine.builder import BuildOptions, EngineBuildError, build_engine, engine_precision
 from gpt2_edge.export.bundle import export_bundle
+from gpt2_edge.runtime import session
 from gpt2_edge.runtime.bundle import Bundle
 from gpt2_edge.runtime.generator import Generator
 from gpt2_edge.runtime.sampling import GenerationConfig
-from gpt2_edge.runtime.session import OrtBackend, ProviderError
-from gpt2_edge.runtime.trt_engine import DeviceKV, TrtEngineBackend
+from gpt2_edge.runtime.session import OrtBackend, ProviderError, tensorrt_provider_options
+from gpt2_edge.runtime.trt import api, system
+from gpt2_edge.runtime.trt.backend import TrtEngineBackend
+from gpt2_edge.runtime.trt.cuda import DeviceInfo
+from gpt2_edge.runtime.trt.errors import EngineError
+from gpt2_edge.runtime.trt.plan import (
+    MANIFEST,
+    PLAN,
+    TIMING_CACHE,
+    EngineManifest,
+    gpu_key,
+    locate_engine,
+    read_manifest,
+)
+from gpt2_edge.runtime.trt.runner import DeviceKV
+from gpt2_edge.runtime.trt.shapes import (
+    Limits,
+    ShapeRange,
+    decoder_profiles,
+    ort_profile_options,
+    shape_ranges,
+)
 
 from .engine_fakes import FAKE_GPU, FakeParserError, fake_stack
 
@@ -135,8 +138,6 @@ def test_unknown_dimension_is_refused():
 
 
 def test_ort_profile_strings():
-    from gpt2_edge.engine.tensorrt import ShapeRange
-
     opts = ort_profile_options(
         {
             "input_ids": ShapeRange((1, 1), (1, 1), (8, 64)),
@@ -149,8 +150,6 @@ def test_ort_profile_strings():
 
 
 def _provider_options(bundle, tmp_path, monkeypatch, gpu=FAKE_GPU, trt="10.3.0.30", **kw):
-    from gpt2_edge.runtime.session import tensorrt_provider_options
-
     monkeypatch.setattr(system, "current_gpu", lambda cuda=None: gpu)
     monkeypatch.setattr(system, "tensorrt_version", lambda: trt)
     return tensorrt_provider_options(bundle, tmp_path / "cache", **kw)
@@ -193,8 +192,6 @@ def test_trt_fp16_is_refused_where_it_cannot_work(trt_bundle, tmp_path, monkeypa
 
 def test_ort_backend_hands_the_ranges_to_the_tensorrt_provider(trt_bundle, tmp_path, monkeypatch):
     import onnxruntime
-
-    from gpt2_edge.runtime import session
 
     seen = {}
 
@@ -317,10 +314,8 @@ def test_build_refuses_a_bundle_tensorrt_cannot_take(bundle_copy):
 
 
 def test_build_engine_cli(bundle_copy, monkeypatch, capsys):
-    from gpt2_edge.engine import trt_api
-
     trt, _ = fake_stack()
-    monkeypatch.setattr(trt_api, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(api, "import_tensorrt", lambda: trt)
     monkeypatch.setattr(system, "current_gpu", lambda cuda=None: FAKE_GPU)
     assert (
         main(["build-engine", str(bundle_copy), "--max-batch", "2", "--max-context", "32", "--lanes", "2"])
@@ -547,12 +542,15 @@ def test_lanes_bound_concurrent_caches(engine, trt_bundle):
     c.prefill([0], [tok.encode("All:")])
 
 
-def test_engine_modules_are_torch_free(trt_bundle):
+def test_engine_modules_are_torch_free_and_the_runtime_never_imports_the_builder(trt_bundle):
     code = (
         "import sys\n"
-        "import gpt2_edge.runtime.trt_engine, gpt2_edge.engine.tensorrt, gpt2_edge.engine.cli\n"
-        "import gpt2_edge.engine.doctor, gpt2_edge.engine.cuda, gpt2_edge.engine.system\n"
-        "bad = [m for m in ('torch', 'transformers', 'onnx', 'tensorrt') if m in sys.modules]\n"
+        "import gpt2_edge.runtime.backends, gpt2_edge.runtime.generator\n"
+        "import gpt2_edge.runtime.trt.backend, gpt2_edge.runtime.trt.system\n"
+        "up = [m for m in sys.modules if m.startswith('gpt2_edge.engine')]\n"
+        "assert not up, up\n"
+        "import gpt2_edge.engine.builder, gpt2_edge.engine.cli, gpt2_edge.engine.doctor\n"
+        "bad = [m for m in ('torch', 'transformers', 'onnx', 'tensorrt', 'cuda') if m in sys.modules]\n"
         "assert not bad, bad\n"
         "print('ok')\n"
     )
@@ -563,8 +561,6 @@ def test_engine_modules_are_torch_free(trt_bundle):
 def test_manifest_round_trip(engine):
     _, _, out = engine
     m = read_manifest(out)
-    from gpt2_edge.engine.tensorrt import EngineManifest
-
     again = EngineManifest.from_dict(json.loads(json.dumps(m.as_dict())), out)
     assert again == replace(m)
     assert again.profiles[1].admits(

@@ -15,12 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpt2_edge.engine.builder import BuildOptions, build_engine
 from gpt2_edge.export.bundle import export_bundle
 from gpt2_edge.quantize.pipeline import quantize_bundle
 from gpt2_edge.runtime.bundle import Bundle
 from gpt2_edge.runtime.generator import Generator
 from gpt2_edge.runtime.sampling import GenerationConfig
 from gpt2_edge.runtime.session import ProviderError
+from gpt2_edge.runtime.trt.cuda import CudaError, import_runtime
+from gpt2_edge.runtime.trt.errors import EngineError
+from gpt2_edge.runtime.trt.plan import read_manifest
+from gpt2_edge.runtime.trt.shapes import Limits
+from gpt2_edge.runtime.trt.system import current_gpu
 from gpt2_edge.tolerances import TOLERANCES
 
 from .conftest import SAMPLE_TEXT
@@ -40,8 +46,6 @@ def _need_provider(name: str) -> None:
 
 def _need_engine_stack() -> None:
     pytest.importorskip("tensorrt", reason="TensorRT's Python package is not installed")
-    from gpt2_edge.engine.cuda import CudaError, import_runtime
-
     try:
         import_runtime()
     except CudaError as e:
@@ -112,8 +116,6 @@ def test_cuda_provider(bundles, cpu):
 @pytest.fixture(scope="module")
 def engines(bundles) -> dict[str, Path]:
     _need_engine_stack()
-    from gpt2_edge.engine.tensorrt import BuildOptions, Limits, build_engine
-
     options = BuildOptions(Limits(max_batch=4, lanes=2))
     return {p: build_engine(b, options=options, log=lambda _: None) for p, b in bundles.items()}
 
@@ -125,9 +127,6 @@ def trt(bundles, engines) -> dict[str, Generator]:
 
 def test_engine_manifest_matches_this_machine(engines):
     import tensorrt
-
-    from gpt2_edge.engine.system import current_gpu
-    from gpt2_edge.engine.tensorrt import read_manifest
 
     m = read_manifest(engines["fp16"])
     gpu = current_gpu()
@@ -186,8 +185,6 @@ def test_engine_two_threads_two_lanes(trt):
 
 
 def test_engine_for_another_tensorrt_is_refused(bundles, engines, tmp_path):
-    from gpt2_edge.engine.tensorrt import EngineError
-
     copy = tmp_path / "eng"
     shutil.copytree(engines["fp32"], copy)
     m = json.loads((copy / "engine.json").read_text())

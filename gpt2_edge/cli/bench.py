@@ -12,6 +12,7 @@ from dataclasses import asdict
 
 from ..bench import BATCH, BenchConfig, bench, plot, require_pyplot, table
 from ..errors import Gpt2EdgeError
+from ..runtime.backends import PROVIDERS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time to first token, decode speed and peak memory per bundle, here")
     p.add_argument("bundles", nargs="+", help="bundle directories to compare")
     p.add_argument("--threads", type=int, help="CPU threads (default: onnxruntime's choice)")
-    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt", "auto"])
+    p.add_argument("--provider", default="cpu", choices=PROVIDERS, help="as for generate (default: cpu)")
     p.add_argument("--rounds", type=int, default=1, help="alternate the bundles this many times; medians")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per measurement")
     p.add_argument("--short-prompt", type=int, default=32)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..export.bundle import EXTERNAL_DATA_THRESHOLD, TARGETS, export_bundle  # torch only when called
+from ..export.writer import EXTERNAL_DATA_THRESHOLD
+from ..runtime.manifest import TARGETS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..export.bundle import export_bundle  # torch: only when the command runs
+
     out = export_bundle(
         args.model,
         args.output,

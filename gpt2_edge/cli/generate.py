@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 
 from ..errors import Gpt2EdgeError
+from ..runtime.backends import PROVIDERS
 from ..runtime.generator import Generator
 from ..runtime.sampling import GenerationConfig
 from ..runtime.types import GenerationResult
@@ -32,8 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--provider",
         default="cpu",
-        choices=["cpu", "cuda", "tensorrt", "auto"],
-        help="ONNX Runtime execution provider (onnx backend)",
+        choices=PROVIDERS,
+        help="cpu | cuda | tensorrt | auto (ONNX Runtime), or trt-engine (the bundle's TensorRT engine "
+        "for this GPU, `gpt2-edge build-engine`); onnx backend only (default: cpu)",
     )
     p.add_argument("--threads", type=int, help="CPU threads")
     _add_generation_args(p)

@@ -1,14 +1,20 @@
-"""``gpt2-edge build-engine`` and ``gpt2-edge doctor``: thin argparse layers over ``tensorrt`` and
-``doctor``. Registered in ``gpt2_edge/cli.py``; errors reach the user as one line (ValueError)."""
+"""``gpt2-edge build-engine`` and ``gpt2-edge doctor``: thin argparse layers over ``builder`` and
+``doctor``. Registered by ``gpt2_edge.cli``; errors reach the user as one line (ValueError)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+from ..runtime.trt.cuda import CudaError
+from ..runtime.trt.errors import EngineError
+from ..runtime.trt.shapes import DEFAULT_MAX_BATCH, Limits
+from .builder import BuildOptions, build_engine
+from .doctor import gather, recommend, render, report
 
 
 def add_build_engine(sub: argparse._SubParsersAction) -> None:
-    from .tensorrt import DEFAULT_MAX_BATCH
-
     p = sub.add_parser(
         "build-engine",
         help="build a TensorRT engine for this GPU from a tensorrt-target bundle (fp32, fp16, int8-qdq)",
@@ -56,11 +62,6 @@ def add_build_engine(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_build_engine(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .cuda import CudaError
-    from .tensorrt import BuildOptions, EngineError, Limits, build_engine
-
     options = BuildOptions(
         limits=Limits(
             max_batch=args.max_batch,
@@ -93,10 +94,6 @@ def add_doctor(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    import json
-
-    from .doctor import gather, recommend, render, report
-
     facts = gather()
     rec = recommend(facts)
     print(json.dumps(report(facts, rec), indent=2) if args.json else render(facts, rec))

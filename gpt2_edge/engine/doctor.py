@@ -10,8 +10,10 @@ from __future__ import annotations
 import platform
 import sys
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from ..runtime.trt import system as trt_system
 from . import system
 
 JETSON_SMALL_MEMORY = 9 * 2**30  # boards with 8 GB or less share it between CPU and GPU
@@ -45,8 +47,6 @@ class Recommendation:
 
 
 def _version(pkg: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(pkg)
     except PackageNotFoundError:
@@ -55,8 +55,8 @@ def _version(pkg: str) -> str | None:
 
 def gather() -> Facts:
     """Probe this machine (each probe tolerates a missing library or device)."""
-    cuda = system.cuda_or_none()
-    gpu = system.current_gpu(cuda)
+    cuda = trt_system.cuda_or_none()
+    gpu = trt_system.current_gpu(cuda)
     jetson = system.jetson_model()
     return Facts(
         python=sys.version.split()[0],
@@ -73,7 +73,7 @@ def gather() -> Facts:
         nvidia_driver=system.driver_version(cuda),
         cuda_runtime=system.cuda_runtime_version(cuda),
         cuda_python=_version("cuda-python") or _version("cuda-bindings"),
-        tensorrt=system.tensorrt_version(),
+        tensorrt=trt_system.tensorrt_version(),
         jetson=None if jetson is None else {"model": jetson, "l4t": system.l4t_release()},
         cpu=system.cpu_info(),
         memory_bytes=system.memory_total(),

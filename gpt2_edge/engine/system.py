@@ -1,75 +1,27 @@
-"""What this machine has: GPU, driver, CUDA, TensorRT, ONNX Runtime, CPU features. No torch.
+"""What this machine has, for ``gpt2-edge doctor``: NVIDIA driver, CUDA runtime, ONNX Runtime,
+Jetson module and L4T release, CPU features, memory. No torch.
 
-Every probe returns None (or an empty value) when the thing is absent, never raises: ``doctor``
-reports on any machine, and the engine cache keys use whatever can be known.
+The GPU and TensorRT probes that engines and cache keys need at run time (``current_gpu``,
+``tensorrt_version``, ``cuda_or_none``) are ``gpt2_edge.runtime.trt.system``. Every probe returns
+None (or an empty value) when the thing is absent, never raises: ``doctor`` reports on any machine.
 """
 
 from __future__ import annotations
 
-import ctypes
+import os
 import platform
 import re
-import shutil
-import subprocess
-from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from .cuda import Cuda, CudaError, DeviceInfo
-
-
-def cuda_or_none() -> Cuda | None:
-    """The cuda-python runtime wrapper, or None without cuda-python (or a CUDA driver)."""
-    try:
-        cuda = Cuda()
-        cuda.device_count()  # fails without a driver or device
-        return cuda
-    except (CudaError, Exception):  # cuda-python raises its own types when the driver is absent
-        return None
-
-
-def _nvidia_smi(fields: str) -> list[list[str]]:
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return []
-    try:
-        out = subprocess.run(
-            [exe, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return []
-    if out.returncode != 0:
-        return []
-    return [[c.strip() for c in line.split(",")] for line in out.stdout.strip().splitlines() if line.strip()]
-
-
-def current_gpu(cuda: Cuda | None = None) -> DeviceInfo | None:
-    """Device 0 as CUDA numbers it (``CUDA_VISIBLE_DEVICES`` applies); cuda-python first, then
-    ``nvidia-smi`` (which sees every device: it is asked for the first)."""
-    cuda = cuda or cuda_or_none()
-    if cuda is not None:
-        try:
-            if cuda.device_count() > 0:
-                return cuda.device(0)
-        except CudaError:
-            pass
-    rows = _nvidia_smi("name,compute_cap,memory.total")
-    if rows and len(rows[0]) >= 3:
-        name, cc, mib = rows[0][:3]
-        try:
-            major, minor = (int(x) for x in cc.split("."))
-            return DeviceInfo(name, major, minor, int(float(mib)) * 2**20, 0)
-        except ValueError:
-            return None
-    return None
+from ..runtime.trt.cuda import Cuda, CudaError
+from ..runtime.trt.system import cuda_or_none, nvidia_smi
 
 
 def driver_version(cuda: Cuda | None = None) -> str | None:
     """The NVIDIA driver's release (``nvidia-smi``) or, failing that, the CUDA version it supports."""
-    rows = _nvidia_smi("driver_version")
+    rows = nvidia_smi("driver_version")
     if rows and rows[0]:
         return rows[0][0]
     cuda = cuda or cuda_or_none()
@@ -91,47 +43,12 @@ def cuda_runtime_version(cuda: Cuda | None = None) -> str | None:
         return None
 
 
-def _decode_nvinfer_version(v: int) -> str:
-    # TensorRT 10+ encodes major * 10000 + minor * 100 + patch; 8.x used major * 1000 + ...
-    if v >= 100000:
-        return f"{v // 10000}.{(v // 100) % 100}.{v % 100}"
-    return f"{v // 1000}.{(v // 100) % 10}.{v % 100}"
-
-
-@lru_cache(maxsize=1)
-def tensorrt_version() -> str | None:
-    """The TensorRT this process would use: the Python package, else its pip libraries, else the
-    ``libnvinfer`` ONNX Runtime's TensorRT provider loads (asked directly for its version)."""
-    try:
-        import tensorrt
-
-        return str(tensorrt.__version__)
-    except ImportError:
-        pass
-    from importlib.metadata import PackageNotFoundError, version
-
-    for pkg in ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt-cu12-libs", "tensorrt-cu13-libs"):
-        try:
-            return version(pkg)
-        except PackageNotFoundError:
-            continue
-    for major in (11, 10):
-        try:
-            lib = ctypes.CDLL(f"libnvinfer.so.{major}")
-            return _decode_nvinfer_version(int(lib.getInferLibVersion()))
-        except (OSError, AttributeError):
-            continue
-    return None
-
-
 def onnxruntime_info() -> dict[str, Any] | None:
     """onnxruntime's version, package (``onnxruntime`` / ``onnxruntime-gpu``) and providers."""
     try:
         import onnxruntime as ort
     except ImportError:
         return None
-    from importlib.metadata import PackageNotFoundError, version
-
     package = None
     for pkg in ("onnxruntime-gpu", "onnxruntime", "onnxruntime-directml", "onnxruntime-openvino"):
         try:
@@ -198,8 +115,6 @@ SIMD_FLAGS = (
 
 def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
     """Model, core count and the SIMD flags above, from ``/proc/cpuinfo`` (Linux)."""
-    import os
-
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")

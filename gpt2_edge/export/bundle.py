@@ -1,51 +1,30 @@
-"""Write a bundle atomically: fill a temporary directory, hash it, then rename it into place."""
+"""Export: a checkpoint -> ONNX -> the target's graph -> parity check -> a bundle directory
+(written atomically by ``writer``). The torch side: it loads the PyTorch checkpoint.
+"""
 
 from __future__ import annotations
 
-import json
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+import onnx
+import onnxscript.optimizer
+
+from .. import contract
 from ..errors import Gpt2EdgeError
-from ..fsutil import OWNER_FILE, check_output, publish_dir, staging_dir
+from ..fsutil import check_output, staging_dir
+from ..model.checkpoint import load_checkpoint, load_tokenizer, resolve_model_dir
 from ..progress import Progress
-from ..runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
+from ..runtime.bundle import MANIFEST, sha256_file
 from ..runtime.manifest import TARGETS
+from .graph import KV_FORMS, checked_census, optimize_for_ort, save_model
+from .onnx import DEFAULT_OPSET, export_onnx, weight_bytes
+from .validate import validate_onnx
+from .writer import EXTERNAL_DATA_THRESHOLD, finalize, producer_versions
 
-
-def producer_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("gpt2-edge", "torch", "onnx", "onnxruntime", "onnxscript", "tokenizers", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            continue
-    return out
-
-
-def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Hash every file in ``directory`` and write its ``bundle.json``; returns the full manifest."""
-    files = {}
-    for f in sorted(directory.rglob("*")):
-        if f.is_file() and f.name not in (MANIFEST, OWNER_FILE):
-            files[f.relative_to(directory).as_posix()] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-    manifest = {"schema_version": SCHEMA_VERSION, **manifest, "files": files}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
-
-
-def finalize(tmp: Path, target: Path, manifest: dict[str, Any], overwrite: bool = False) -> Path:
-    """Hash every file in ``tmp``, write ``bundle.json``, and move ``tmp`` to ``target``."""
-    write_manifest(tmp, manifest)
-    return publish_dir(tmp, target, overwrite)
-
-
-# the export pipeline ----------------------------------------------------------------------------
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; below protobuf's 2 GiB hard limit with margin
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "TARGETS", "export_bundle", "weights_sha256"]
 
 
 def export_bundle(
@@ -66,10 +45,6 @@ def export_bundle(
     The output may not be the checkpoint, contain it or lie inside it; ``overwrite`` replaces
     an earlier bundle only. ``progress`` shows a bar of the stages on a terminal.
     """
-    from ..model.checkpoint import resolve_model_dir
-    from .graph import KV_FORMS
-    from .onnx import DEFAULT_OPSET
-
     if target not in TARGETS:
         raise Gpt2EdgeError(f"target must be one of {TARGETS}, got {target!r}")
     kv_cache = kv_cache or ("inplace" if target == "ort" else "concat")
@@ -112,14 +87,6 @@ def _export(
     kv_cache: str,
     log: Callable[[str], object],
 ) -> Path:
-    import time
-
-    from .. import contract
-    from ..model.checkpoint import load_checkpoint, load_tokenizer
-    from .graph import checked_census, optimize_for_ort
-    from .onnx import export_onnx, weight_bytes
-    from .validate import validate_onnx
-
     bar.stage(STAGES[0])
     model, tok = load_checkpoint(src), load_tokenizer(src)
     c = model.config
@@ -231,11 +198,6 @@ def weights_sha256(checkpoint: Path) -> str | None:
 
 def _prepare_tensorrt(src: Path, dst: Path, external: bool) -> None:
     """Constant-fold and infer shapes, keeping standard ONNX ops only (no contrib fusions)."""
-    import onnx
-    import onnxscript.optimizer
-
-    from .graph import save_model
-
     proto = onnx.load(str(src))
     proto = onnxscript.optimizer.optimize(proto)  # constant folding + dead code removal
     if external:  # shape inference on a file: an in-memory proto cannot pass 2 GB

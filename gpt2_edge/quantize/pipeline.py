@@ -11,8 +11,8 @@ from pathlib import Path
 
 from .. import DEFAULT_MODEL_DIR, contract
 from ..errors import Gpt2EdgeError
-from ..export.bundle import finalize, producer_versions, write_manifest
 from ..export.graph import checked_census, unsupported_by_tensorrt
+from ..export.writer import finalize, producer_versions, write_manifest
 from ..fsutil import check_output, staging_dir
 from ..runtime import manifest as schema
 from ..runtime.bundle import MANIFEST, Bundle, sha256_file

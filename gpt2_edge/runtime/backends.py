@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import Gpt2EdgeError
 from .bundle import Bundle
 from .session import OrtBackend
+from .trt.backend import TrtEngineBackend  # tensorrt and cuda-python load when one is made
 from .types import Backend
 
 ORT_PROVIDERS = ("cpu", "cuda", "tensorrt", "auto")  # ONNX Runtime execution providers
@@ -39,8 +40,6 @@ def load_backend(
     ``lane_timeout_s``. Every backend has ``bundle``, ``n_ctx`` and ``provider``.
     """
     if provider == ENGINE_PROVIDER:
-        from .trt_engine import TrtEngineBackend  # cuda-python and tensorrt load when it is made
-
         return TrtEngineBackend(path, verify=verify, **options)
     if provider not in ORT_PROVIDERS:
         raise Gpt2EdgeError(f"provider must be one of {', '.join(PROVIDERS)}; got {provider!r}")

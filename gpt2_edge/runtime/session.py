@@ -17,6 +17,10 @@ import numpy as np
 from ..errors import Gpt2EdgeError
 from .bundle import Bundle
 from .kv_cache import ConcatCache, InPlaceCache
+from .trt import system as trt_system
+from .trt.api import major
+from .trt.plan import digest, gpu_key
+from .trt.shapes import Limits, ShapeRange, ort_profile_options, shape_ranges
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -57,12 +61,12 @@ def tensorrt_options(
     cache_dir: Path,
     fp16: bool,
     workspace_mib: int | None,
-    profile: dict[str, Any] | None = None,
+    profile: dict[str, ShapeRange] | None = None,
     timing_cache_dir: Path | None = None,
 ) -> dict[str, object]:
     """TensorRT execution-provider options: engine and timing caches (an engine is built for the
     GPU and TensorRT version it runs on), explicit shape ranges for every input (``profile``:
-    name -> ``engine.tensorrt.ShapeRange``; without them the provider rebuilds its engine each time
+    name -> ``trt.shapes.ShapeRange``; without them the provider rebuilds its engine each time
     the past outgrows the shapes it has seen, i.e. during generation), fp16 for fp32 graphs
     (TensorRT 10 only), and an optional cap on the builder's workspace."""
     options: dict[str, object] = {
@@ -76,8 +80,6 @@ def tensorrt_options(
     if workspace_mib:
         options["trt_max_workspace_size"] = workspace_mib * 2**20
     if profile:
-        from ..engine.tensorrt import ort_profile_options
-
         options.update(ort_profile_options(profile))
     return options
 
@@ -96,11 +98,7 @@ def tensorrt_provider_options(
     limits or model never loads a stale engine."""
     import onnxruntime as ort
 
-    from ..engine import system
-    from ..engine.tensorrt import Limits, digest, gpu_key, shape_ranges
-    from ..engine.trt_api import major
-
-    trt_version = system.tensorrt_version()
+    trt_version = trt_system.tensorrt_version()
     if fp16 and bundle.precision != "fp32":
         raise ProviderError(
             f"trt_fp16 converts an fp32 graph; {bundle.path} is already {bundle.precision}: drop trt_fp16"
@@ -114,7 +112,7 @@ def tensorrt_provider_options(
     ranges = shape_ranges(bundle.inputs, limits)
     files = bundle.manifest["files"]
     model = {n: meta["sha256"] for n, meta in files.items() if n.startswith(bundle.manifest["model_file"])}
-    key = gpu_key(system.current_gpu(), trt_version)
+    key = gpu_key(trt_system.current_gpu(), trt_version)
     shapes = {n: r.as_dict() for n, r in ranges.items()}
     fingerprint = digest({"ranges": shapes, "model": model, "fp16": fp16})
     cache_dir = cache_root / f"{key}-ort{ort.__version__}-{fingerprint}"

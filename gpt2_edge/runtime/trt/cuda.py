@@ -1,4 +1,4 @@
-"""The few CUDA runtime calls the engine stage makes, through cuda-python, behind one class.
+"""The few CUDA runtime calls the TensorRT engine path makes, through cuda-python, behind one class.
 
 cuda-python 12.8 and newer (and 13.x, which removed the old name) expose the runtime API as
 ``cuda.bindings.runtime``; older 12.x releases as ``cuda.cudart``. Both return a tuple
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import Gpt2EdgeError
+from ...errors import Gpt2EdgeError
 
 
 class CudaError(Gpt2EdgeError, RuntimeError):
@@ -63,7 +63,7 @@ def _version_string(v: int) -> str:
 
 
 class Cuda:
-    """Checked wrappers over the CUDA runtime calls the engine stage needs."""
+    """Checked wrappers over the CUDA runtime calls the engine backend (and the builder) need."""
 
     def __init__(self, runtime: Any = None) -> None:
         self.rt = runtime if runtime is not None else import_runtime()

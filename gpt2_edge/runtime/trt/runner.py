@@ -1,10 +1,8 @@
-"""The native TensorRT backend: a prebuilt engine (``gpt2-edge build-engine``) run with
-cuda-python. Torch-free; ``tensorrt`` and ``cuda-python`` are imported when it is made.
+"""One KV cache's share of a TensorRT engine: its lane and device buffers (``EngineRunner``).
 
-One deserialized engine is shared by every caller. Each KV cache (``new_cache``: a ``generate``
-call, or the server's scheduler) gets its own ``EngineRunner``: one *lane* of the engine (an
-execution context holding its own optimization profiles, and a CUDA stream) and device buffers
-allocated once for the cache's largest shapes:
+Each KV cache (``TrtEngineBackend.new_cache``: a ``generate`` call, or the server's scheduler)
+gets its own runner: one *lane* of the engine (an execution context holding its own optimization
+profiles, and a CUDA stream) and device buffers allocated once for the cache's largest shapes:
 
     inputs    input_ids / position_ids [B, chunk]   attention_mask [B, T]    (+ pinned host copies)
     KV set 0  past/present per layer [B, H, T, D]  ┐ a step reads its past from one set and writes
@@ -15,20 +13,26 @@ A tensor of shape [b, H, t, D] is dense at the start of its buffer whatever the 
 step n's present is bound unchanged as step n+1's past: no copy, no reallocation. The cache's
 slot bookkeeping (joins, releases, beam reorders) is the shared ``ConcatCache``; it sees the
 presents as opaque handles, and the rare re-padding of a batch goes through the host.
+
+The runner reaches its backend only through the attributes ``TrtEngineBackend`` sets (and its
+``_acquire_lane`` / ``_release_lane``), so this module never imports ``backend``;
+``scripts/device-smoke.py`` drives a runner with a stand-in backend on a real GPU.
 """
 
 from __future__ import annotations
 
-import threading
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .bundle import Bundle, sha256_file
-from .kv_cache import ConcatCache
+from .cuda import CudaError
+from .errors import EngineError
+from .plan import rebuild_command
+
+if TYPE_CHECKING:
+    from .backend import TrtEngineBackend
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ class _Buffer:
 
 
 @dataclass
-class _Lane:
+class Lane:
     """One execution context with its own profiles (TensorRT: a profile serves one context at a
     time) and the stream its steps run on."""
 
@@ -66,181 +70,6 @@ class _Lane:
     stream: Any
     handle: int
     active: int = -1  # the profile selected on the context
-
-
-class TrtEngineBackend:
-    """A TensorRT engine shared by every caller; each cache runs on its own lane.
-
-    >>> backend = TrtEngineBackend("out/bundle")          # BUNDLE/engines/<this GPU>/ or an engine dir
-    >>> Generator(backend, backend.bundle.tokenizer(), backend.bundle.eos_token_id, backend.n_ctx)
-    """
-
-    provider = "trt-engine"
-    device = "cuda"
-
-    def __init__(
-        self,
-        path: str | Path,
-        verify: bool = True,
-        lane_timeout_s: float = 60.0,
-        trt: Any = None,
-        cuda: Any = None,
-    ) -> None:
-        """``path``: a bundle (its engine for this GPU is found under ``engines/``) or an engine
-        directory. ``lane_timeout_s``: how long a new cache waits for a free lane when every lane
-        is busy (build with ``--lanes N`` for N concurrent caches). ``trt``/``cuda`` default to
-        the real modules (tests pass fakes)."""
-        from ..engine import trt_api
-        from ..engine.cuda import Cuda
-        from ..engine.tensorrt import (
-            EngineError,
-            check_compatible,
-            engine_bundle,
-            locate_engine,
-            read_manifest,
-        )
-
-        if trt is None:
-            try:
-                trt = trt_api.import_tensorrt()
-            except trt_api.TensorRTMissingError as e:
-                raise EngineError(str(e)) from None
-        self.trt = trt
-        self.cuda = cuda if cuda is not None else Cuda()
-        gpu = self.cuda.device(0)
-        trt_version = trt_api.version(trt)
-        self.engine_dir = locate_engine(path, gpu, trt_version)
-        self.manifest = read_manifest(self.engine_dir)
-        bundle_dir = Path(path) if (Path(path) / "bundle.json").is_file() else None
-        self.bundle = Bundle.load(bundle_dir or engine_bundle(self.engine_dir, self.manifest), verify=verify)
-        check_compatible(self.manifest, trt_version, gpu, self.bundle, self.engine_dir)
-
-        plan_file = self.engine_dir / self.manifest.plan["file"]
-        if not plan_file.is_file() or plan_file.stat().st_size != self.manifest.plan["bytes"]:
-            raise EngineError(f"{plan_file} is missing or truncated; rebuild the engine")
-        if verify and sha256_file(plan_file) != self.manifest.plan["sha256"]:
-            raise EngineError(f"{plan_file} does not match its sha256 in engine.json; rebuild the engine")
-        self._logger = trt_api.make_logger(trt)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(plan_file.read_bytes())
-        if self.engine is None:
-            said = "; ".join(m for _, m in self._logger.messages[-3:])
-            raise EngineError(f"TensorRT could not load {plan_file} ({said}); rebuild it on this machine")
-        if int(self.engine.num_optimization_profiles) != len(self.manifest.profiles):
-            raise EngineError(
-                f"{plan_file} has {self.engine.num_optimization_profiles} profiles, engine.json lists "
-                f"{len(self.manifest.profiles)}: the files are from different builds; rebuild the engine"
-            )
-
-        io = {t.name: t for t in trt_api.io_tensors(trt, self.engine)}
-        want_in = [s.name for s in self.bundle.inputs]
-        want_out = [s.name for s in self.bundle.outputs]
-        got_in = [n for n, t in io.items() if t.is_input]
-        got_out = [n for n, t in io.items() if not t.is_input]
-        if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
-            raise EngineError(
-                f"{plan_file}'s inputs/outputs differ from {self.bundle.path}'s bundle.json; "
-                "rebuild the engine"
-            )
-        self.io = io
-        self.past_names = [n for n in want_in if n.startswith("past_key_values.")]
-        self.present_names = ["present." + n[len("past_key_values.") :] for n in self.past_names]
-        if any(n not in io for n in self.present_names):
-            raise EngineError(
-                f"{plan_file} lacks present outputs matching its past inputs; rebuild the engine"
-            )
-        self.kv_dtype = io[self.past_names[0]].dtype
-        self.logits_dtype = io["logits"].dtype
-        d = self.bundle.dims
-        self.n_head, self.head_size, self.vocab = d["n_head"], d["head_size"], d["vocab_size"]
-        self.max_batch = self.manifest.max_batch
-        self.n_ctx = min(self.bundle.context_length, self.manifest.max_context)
-        self.pad_id = self.bundle.eos_token_id if self.bundle.eos_token_id is not None else 0
-        self.prefill_chunk = max(
-            (p.shapes["input_ids"].opt[1] for p in self.manifest.profiles if p.phase == "prefill"),
-            default=self.n_ctx,
-        )
-        self.lane_timeout_s = lane_timeout_s
-        self._lock = threading.Condition()
-        self._lanes: dict[int, _Lane] = {}
-        self._free = list(range(self.manifest.lanes))
-
-    @classmethod
-    def from_path(cls, path: str | Path, **options: Any) -> TrtEngineBackend:
-        return cls(path, **options)
-
-    # lanes ------------------------------------------------------------------------------------
-    def _acquire_lane(self) -> _Lane:
-        from ..engine.tensorrt import EngineError
-
-        with self._lock:
-            if not self._lock.wait_for(lambda: bool(self._free), timeout=self.lane_timeout_s):
-                raise EngineError(
-                    f"all {self.manifest.lanes} lane(s) of {self.engine_dir} stayed busy for "
-                    f"{self.lane_timeout_s:.0f} s (one per live KV cache: a generate call, an unfinished "
-                    "stream, the server); finish or drop one, or rebuild with more `--lanes`"
-                )
-            index = self._free.pop(0)
-            lane = self._lanes.get(index)
-            if lane is None:
-                lane = self._lanes[index] = self._make_lane(index)
-            return lane
-
-    def _make_lane(self, index: int) -> _Lane:
-        from ..engine.tensorrt import EngineError
-
-        context = self.engine.create_execution_context()
-        if context is None:
-            raise EngineError(
-                f"TensorRT could not create an execution context for {self.engine_dir} (out of GPU memory?); "
-                "rebuild with a smaller --max-batch / --max-context, or free GPU memory"
-            )
-        stream = self.cuda.stream()
-        profiles = [k for k, p in enumerate(self.manifest.profiles) if p.lane == index]
-        return _Lane(index, profiles, context, stream, self.cuda.handle(stream))
-
-    def _release_lane(self, lane: _Lane) -> None:
-        with self._lock:
-            self._free.append(lane.index)
-            self._lock.notify()
-
-    # the Backend protocol ---------------------------------------------------------------------
-    def new_cache(self, n_slots: int, capacity: int) -> ConcatCache:
-        """A KV cache of ``n_slots`` sequences of up to ``capacity`` tokens, on its own lane."""
-        from ..engine.tensorrt import EngineError
-
-        if n_slots > self.max_batch:
-            raise EngineError(
-                f"{n_slots} sequences at once (batch rows or beams) exceed the engine's --max-batch "
-                f"{self.max_batch}; rebuild with `gpt2-edge build-engine {self.bundle.path} --max-batch "
-                f"{n_slots}`"
-            )
-        if capacity > self.n_ctx:
-            raise EngineError(
-                f"{capacity} tokens per sequence exceed the engine's --max-context {self.n_ctx}; rebuild "
-                f"with `gpt2-edge build-engine {self.bundle.path} --max-context "
-                f"{min(capacity, self.bundle.context_length)}`"
-            )
-        return ConcatCache(EngineRunner(self, n_slots, capacity), n_slots, capacity)
-
-    def logits(self, input_ids: np.ndarray) -> np.ndarray:
-        """Full-sequence logits ``(B, T, V)`` from an empty cache (perplexity, parity)."""
-        input_ids = np.asarray(input_ids, dtype=np.int64)
-        B, T = input_ids.shape
-        runner = EngineRunner(self, B, T)
-        try:
-            return runner.full_logits(input_ids)
-        finally:
-            runner.close()
-
-    def close(self) -> None:
-        """Free the lanes' contexts and streams (runners still open keep theirs)."""
-        with self._lock:
-            for i in list(self._free):
-                lane = self._lanes.pop(i, None)
-                if lane is not None:
-                    self.cuda.destroy_stream(lane.stream)
-                    del lane.context
 
 
 class EngineRunner:
@@ -261,7 +90,7 @@ class EngineRunner:
         # Presents copied to the host before their set was reused (a chunked prompt joining a
         # running batch needs both sets): kv_set -> (generation, arrays); handles still read them.
         self._spilled: dict[int, tuple[int, list[np.ndarray]]] = {}
-        self.lane: _Lane | None = backend._acquire_lane()
+        self.lane: Lane | None = backend._acquire_lane()
         self._finalizer = weakref.finalize(
             self, EngineRunner._free_all, backend, self.lane, self._bufs, self._kv, self._host
         )
@@ -272,9 +101,6 @@ class EngineRunner:
     def _reserve(self, batch: int, seq: int, total: int) -> None:
         """Make the buffers hold ``batch`` x ``seq`` new tokens over ``total`` tokens; the KV sets'
         contents survive a growth (their dense prefix is copied)."""
-        from ..engine.cuda import CudaError
-        from ..engine.tensorrt import EngineError
-
         cb, cs, ct = self._cap
         if batch <= cb and seq <= cs and total <= ct:
             return
@@ -333,7 +159,7 @@ class EngineRunner:
         self._cap = (nb, ns, nt)
 
     @staticmethod
-    def _free_all(backend: TrtEngineBackend, lane: _Lane | None, bufs: dict, kv: list, host: dict) -> None:
+    def _free_all(backend: TrtEngineBackend, lane: Lane | None, bufs: dict, kv: list, host: dict) -> None:
         cuda = backend.cuda
         try:
             if lane is not None:
@@ -430,8 +256,6 @@ class EngineRunner:
     # one engine run ---------------------------------------------------------------------------
     def _resolve(self, h: Any) -> int | np.ndarray:
         """Where a present handle's data is: its KV set (on the device), or its spilled host copy."""
-        from ..engine.tensorrt import EngineError
-
         if not isinstance(h, DeviceKV) or h.owner != id(self):
             raise EngineError(f"a KV tensor from another cache or runner was passed in ({type(h).__name__})")
         if h.generation == self._gen[h.kv_set]:
@@ -442,8 +266,6 @@ class EngineRunner:
         raise EngineError("a KV tensor was used after a later step overwrote it (stale handle)")
 
     def _profile_for(self, shapes: dict[str, tuple[int, ...]]) -> int:
-        from ..engine.tensorrt import EngineError, rebuild_command
-
         profiles = self.backend.manifest.profiles
         order = sorted(
             self.lane.profiles,
@@ -463,8 +285,6 @@ class EngineRunner:
     def _forward(
         self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[Any] | None, copy: str | None
     ) -> tuple[np.ndarray | None, list[DeviceKV]]:
-        from ..engine.tensorrt import EngineError
-
         b, cuda, lane = self.backend, self.cuda, self.lane
         if lane is None:
             raise EngineError("this cache was closed")
@@ -555,8 +375,6 @@ class EngineRunner:
 
     @staticmethod
     def _set_input(ctx: Any, name: str, shape: tuple[int, ...], ptr: int) -> None:
-        from ..engine.tensorrt import EngineError
-
         if not ctx.set_input_shape(name, shape):
             raise EngineError(f"TensorRT refused shape {shape} for {name} (outside the active profile)")
         ctx.set_tensor_address(name, ptr)
