@@ -1,4 +1,5 @@
-"""Serving speed: continuous batching on vs off, at 1, 4 and 16 concurrent streaming clients.
+"""Serving speed: continuous batching on vs off at 1, 4 and 16 concurrent streaming clients, and
+what a long prompt does to the streams already running (chunked prefill on vs off).
 
 For each mode a fresh ``python -m gpt2_edge.serve BUNDLE`` starts on a free loopback port
 (``batching``: ``--max-batch 16``; ``one-at-a-time``: ``--max-batch 1``, the same server with a
@@ -12,9 +13,21 @@ time to first token (request sent -> first chunk) and inter-token latency (gaps 
 a chunk is one token except where text is held back, e.g. a split UTF-8 character), and the
 server's peak RSS (VmHWM, Linux) after all levels. Loopback only; bounded in count and time.
 
-    python benchmarks/bench_serve.py                       # the shipped default model
-    python benchmarks/bench_serve.py --model gpt2          # random GPT-2 124M weights (cached export)
-    python benchmarks/bench_serve.py --bundle out/bundle --levels 1,4 --requests-per-client 2
+``--scenario long-prompt``: for each ``--prefill-chunks`` value a fresh server (``--prefill-chunk
+C``; 0 = whole prompts) gets ``--streams`` streaming clients with the short prompt; once each has
+its first token, one request with a ``--long-prompt-tokens`` prompt (900) arrives. Reported over
+``--rounds`` rounds: the running streams' inter-token latency p50 overall and p99 / max over the
+gaps that overlap the long prompt's prefill (from its arrival to its first token), the long
+request's time to first token, and TTFT p99 over every request. The 900-token prompt needs a
+context of 1024 (``--model gpt2``, or a GPT-2-shaped bundle).
+
+One file past 400 lines: both scenarios share the server process, the streaming client and the
+report, and a benchmark reads best top to bottom.
+
+    python -m benchmarks.bench_serve                       # the shipped default model
+    python -m benchmarks.bench_serve --model gpt2          # random GPT-2 124M weights (cached export)
+    python -m benchmarks.bench_serve --bundle out/bundle --levels 1,4 --requests-per-client 2
+    python -m benchmarks.bench_serve --model gpt2 --scenario long-prompt --prefill-chunks 0,128,256
 """
 
 from __future__ import annotations
@@ -29,8 +42,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from gpt2_edge.measure import peak_rss_mib, quantile
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = {"batching": 16, "one-at-a-time": 1}  # mode -> --max-batch
@@ -46,6 +62,7 @@ class RequestResult:
     ttft_s: float
     gaps_s: list[float]
     tokens: int
+    arrivals: list[float] = field(default_factory=list)  # perf_counter of each chunk
 
 
 @dataclass
@@ -71,30 +88,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
-
-
-def peak_rss_mib(pid: int) -> float | None:
-    """The process's peak resident set (VmHWM), Linux only."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+@dataclass
+class LongPromptResult:
+    prefill_chunk: int  # 0 = whole prompts
+    streams: int
+    rounds: int
+    long_prompt_tokens: int
+    itl_p50_ms: float  # the running streams, every gap
+    itl_p99_during_prefill_ms: float  # their gaps that overlap the long prompt's prefill
+    itl_max_during_prefill_ms: float
+    long_ttft_p50_ms: float
+    ttft_p99_ms: float  # every request: the streams and the long one
+    errors: int
+    extra: dict = field(default_factory=dict)
 
 
 def resolve_bundle(args: argparse.Namespace) -> Path:
     if args.bundle:
         return Path(args.bundle)
     if args.model == "gpt2":
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from common import bundle_of, random_checkpoint
+        from benchmarks.common import bundle_of, random_checkpoint
 
         return bundle_of(random_checkpoint("gpt2"))
     from gpt2_edge.serve.cli import resolve_bundle as serve_default
@@ -105,7 +118,7 @@ def resolve_bundle(args: argparse.Namespace) -> Path:
 class Server:
     """``python -m gpt2_edge.serve`` in a child process on a free loopback port."""
 
-    def __init__(self, bundle: Path, max_batch: int, threads: int) -> None:
+    def __init__(self, bundle: Path, max_batch: int, threads: int, prefill_chunk: int | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
@@ -113,6 +126,8 @@ class Server:
             "--max-batch", str(max_batch), "--max-queue", "64", "--threads", str(threads),
             "--log-level", "warning",
         ]  # fmt: skip
+        if prefill_chunk is not None:
+            cmd += ["--prefill-chunk", str(prefill_chunk)]
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
@@ -144,10 +159,14 @@ class Server:
                 self.proc.wait()
 
 
-async def one_request(client, url: str, body: dict) -> RequestResult:
+async def one_request(
+    client, url: str, body: dict, on_first: Callable[[], None] | None = None
+) -> RequestResult:
+    """One streaming request; ``on_first`` is called at its first chunk."""
     t0 = time.perf_counter()
     first = last = None
     gaps: list[float] = []
+    arrivals: list[float] = []
     tokens = 0
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         if r.status_code != 200:
@@ -165,14 +184,17 @@ async def one_request(client, url: str, body: dict) -> RequestResult:
                 tokens = event["usage"]["completion_tokens"]
                 continue
             now = time.perf_counter()
+            arrivals.append(now)
             if first is None:
                 first = now
+                if on_first is not None:
+                    on_first()
             else:
                 gaps.append(now - last)
             last = now
     if first is None:
         raise RuntimeError("the stream had no chunk")
-    return RequestResult(first - t0, gaps, tokens)
+    return RequestResult(first - t0, gaps, tokens, arrivals)
 
 
 async def run_level(url: str, body: dict, clients: int, per_client: int, timeout: float) -> tuple:
@@ -230,10 +252,10 @@ def bench_mode(mode: str, bundle: Path, args: argparse.Namespace, prompt: list[i
                     wall_s=wall,
                     requests_per_s=len(results) / wall,
                     output_tokens_per_s=sum(r.tokens for r in results) / wall,
-                    ttft_p50_ms=percentile(ttft, 0.5),
-                    ttft_p95_ms=percentile(ttft, 0.95),
-                    itl_p50_ms=percentile(gaps, 0.5),
-                    itl_p95_ms=percentile(gaps, 0.95),
+                    ttft_p50_ms=quantile(ttft, 0.5),
+                    ttft_p95_ms=quantile(ttft, 0.95),
+                    itl_p50_ms=quantile(gaps, 0.5),
+                    itl_p95_ms=quantile(gaps, 0.95),
                     errors=len(errors),
                     extra={"first_error": errors[0]} if errors else {},
                 )
@@ -249,6 +271,102 @@ def bench_mode(mode: str, bundle: Path, args: argparse.Namespace, prompt: list[i
     finally:
         server.stop()
     return out
+
+
+async def long_prompt_round(
+    client, url: str, stream_body: dict, long_body: dict, streams: int, timeout: float
+) -> tuple[list[RequestResult], RequestResult, float, float]:
+    """``streams`` running streams; once each has its first token, the long request. Returns the
+    streams' results, the long one's, and its arrival and first-token times (perf_counter)."""
+    started = [asyncio.Event() for _ in range(streams)]
+    tasks = [asyncio.create_task(one_request(client, url, stream_body, on_first=e.set)) for e in started]
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), timeout)
+    submitted = time.perf_counter()
+    long = await asyncio.wait_for(one_request(client, url, long_body), timeout)
+    results = await asyncio.wait_for(asyncio.gather(*tasks), timeout)
+    return list(results), long, submitted, submitted + long.ttft_s
+
+
+async def long_prompt_rounds(url: str, args: argparse.Namespace, stream_body: dict, long_body: dict) -> dict:
+    """``args.rounds`` rounds against one server: the streams' gaps (all, and those overlapping the
+    long prompt's prefill), the long requests' TTFT, every request's TTFT, and errors (ms)."""
+    import httpx
+
+    m: dict[str, list] = {"itl": [], "during": [], "long_ttft": [], "ttft": [], "errors": []}
+    limits = httpx.Limits(max_connections=args.streams + 1)
+    async with httpx.AsyncClient(timeout=args.level_timeout, limits=limits) as client:
+        await one_request(client, url, stream_body)  # warm-up
+        for _ in range(args.rounds):
+            try:
+                streams, long, t0, t1 = await long_prompt_round(
+                    client, url, stream_body, long_body, args.streams, args.level_timeout
+                )
+            except Exception as e:  # counted and reported, the next round goes on
+                m["errors"].append(str(e) or type(e).__name__)
+                continue
+            m["long_ttft"].append(long.ttft_s * 1000)
+            m["ttft"] += [r.ttft_s * 1000 for r in [*streams, long]]
+            for r in streams:
+                for a, b in zip(r.arrivals, r.arrivals[1:], strict=False):
+                    m["itl"].append((b - a) * 1000)
+                    if b > t0 and a < t1:  # the gap overlaps the long prompt's prefill
+                        m["during"].append((b - a) * 1000)
+    return m
+
+
+def bench_long_prompt(
+    bundle: Path, args: argparse.Namespace, prompt: list[int], long_prompt: list[int]
+) -> list[LongPromptResult]:
+    """The running streams' inter-token latency while a long prompt is admitted, per prefill chunk."""
+    stream_body = {
+        "prompt": prompt,
+        "max_tokens": args.stream_tokens,
+        "min_tokens": args.stream_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    long_body = {"prompt": long_prompt, "max_tokens": 8, "min_tokens": 8, "temperature": 0, "stream": True}
+    out = []
+    for chunk in args.prefill_chunks:
+        server = Server(bundle, max(args.streams + 1, 2), args.threads, prefill_chunk=chunk)
+        try:
+            server.wait_ready()
+            m = asyncio.run(long_prompt_rounds(server.url, args, stream_body, long_body))
+        finally:
+            server.stop()
+        out.append(
+            LongPromptResult(
+                prefill_chunk=chunk,
+                streams=args.streams,
+                rounds=args.rounds,
+                long_prompt_tokens=len(long_prompt),
+                itl_p50_ms=quantile(m["itl"], 0.5),
+                itl_p99_during_prefill_ms=quantile(m["during"], 0.99),
+                itl_max_during_prefill_ms=max(m["during"], default=float("nan")),
+                long_ttft_p50_ms=quantile(m["long_ttft"], 0.5),
+                ttft_p99_ms=quantile(m["ttft"], 0.99),
+                errors=len(m["errors"]),
+                extra={"first_error": m["errors"][0]} if m["errors"] else {},
+            )
+        )
+        print(f"  prefill chunk {chunk or 'whole':>5}: done", file=sys.stderr, flush=True)
+    return out
+
+
+def long_prompt_table(rows: list[LongPromptResult]) -> str:
+    lines = [
+        "| prefill chunk | streams | rounds | stream ITL p50 (ms) | stream ITL p99 / max during the long "
+        "prefill (ms) | long prompt TTFT p50 (ms) | TTFT p99, all requests (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        err = f" ({r.errors} errors)" if r.errors else ""
+        lines.append(
+            f"| {r.prefill_chunk or 'whole'}{err} | {r.streams} | {r.rounds} | {r.itl_p50_ms:.1f} | "
+            f"{r.itl_p99_during_prefill_ms:.1f} / {r.itl_max_during_prefill_ms:.1f} | "
+            f"{r.long_ttft_p50_ms:.1f} | {r.ttft_p99_ms:.1f} |"
+        )
+    return "\n".join(lines)
 
 
 def machine() -> str:
@@ -288,40 +406,75 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--model", choices=["default", "gpt2"], default="default", help="default: the shipped model"
     )
+    p.add_argument(
+        "--scenario",
+        choices=["levels", "long-prompt", "all"],
+        default="levels",
+        help="levels: batching on/off at --levels clients; long-prompt: a long prompt among running streams",
+    )
     p.add_argument("--levels", default="1,4,16", help="concurrent clients, comma-separated")
     p.add_argument("--modes", default="batching,one-at-a-time", help=f"of {', '.join(MODES)}")
     p.add_argument("--requests-per-client", type=int, default=4)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (exactly)")
+    g = p.add_argument_group("long-prompt scenario")
+    g.add_argument("--long-prompt-tokens", type=int, default=900, help="the long request's prompt")
+    g.add_argument("--prefill-chunks", default="0,256", help="servers' --prefill-chunk values (0 = whole)")
+    g.add_argument("--streams", type=int, default=4, help="streams running when the long prompt arrives")
+    g.add_argument("--stream-tokens", type=int, default=96, help="new tokens per stream (exactly)")
+    g.add_argument("--rounds", type=int, default=5, help="long prompts sent, one per round")
     p.add_argument("--threads", type=int, default=2, help="server's ONNX Runtime threads")
-    p.add_argument("--level-timeout", type=float, default=120.0, help="seconds one level may take")
+    p.add_argument("--level-timeout", type=float, default=120.0, help="seconds one level (round) may take")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",")]
+    args.prefill_chunks = [int(x) for x in args.prefill_chunks.split(",")]
     modes = args.modes.split(",")
     for m in modes:
         if m not in MODES:
             p.error(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
 
     bundle = resolve_bundle(args)
+    from gpt2_edge.runtime.bundle import Bundle
     from gpt2_edge.runtime.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(bundle / "tokenizer.json")
-    ids = tok.encode(PROMPT_TEXT * (1 + args.prompt_tokens // 16))
-    if len(ids) < args.prompt_tokens:
+    need = max(args.prompt_tokens, args.long_prompt_tokens if args.scenario != "levels" else 0)
+    ids = tok.encode(PROMPT_TEXT * (1 + need // 16))
+    if len(ids) < need:
         p.error(f"the prompt text has only {len(ids)} tokens")
     prompt = ids[: args.prompt_tokens]
+    if args.scenario != "levels":
+        n_ctx = Bundle.load(bundle, verify=False).context_length
+        if args.long_prompt_tokens + 8 > n_ctx or args.prompt_tokens + args.stream_tokens > n_ctx:
+            p.error(
+                f"{bundle.name}'s context is {n_ctx} tokens: too short for a {args.long_prompt_tokens}-token "
+                "prompt (+8 new) or the streams' prompt + --stream-tokens; use --model gpt2 or lower them"
+            )
     print(f"bench_serve: {bundle} on {machine()}", file=sys.stderr, flush=True)
-    rows = [r for m in modes for r in bench_mode(m, bundle, args, prompt)]
-    print(
-        f"\nbundle {bundle.name}: prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens each, "
-        f"{args.requests_per_client} requests per client, server threads {args.threads}, streaming, greedy\n"
-        f"machine: {machine()}\n"
-    )
-    print(table(rows))
+    results: list = []
+    if args.scenario in ("levels", "all"):
+        rows = [r for m in modes for r in bench_mode(m, bundle, args, prompt)]
+        results += rows
+        print(
+            f"\nbundle {bundle.name}: prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens each, "
+            f"{args.requests_per_client} requests per client, server threads {args.threads}, streaming, "
+            f"greedy\nmachine: {machine()}\n"
+        )
+        print(table(rows))
+    if args.scenario in ("long-prompt", "all"):
+        long_rows = bench_long_prompt(bundle, args, prompt, ids[: args.long_prompt_tokens])
+        results += long_rows
+        print(
+            f"\nbundle {bundle.name}: {args.streams} streams of {args.prompt_tokens} + {args.stream_tokens} "
+            f"tokens; once they run, one {args.long_prompt_tokens}-token prompt (+8 new); {args.rounds} "
+            f"rounds; server threads {args.threads}, --max-batch {max(args.streams + 1, 2)}, greedy\n"
+            f"machine: {machine()}\n"
+        )
+        print(long_prompt_table(long_rows))
     if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
-    return 1 if any(r.errors for r in rows) else 0
+        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    return 1 if any(r.errors for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -165,3 +165,88 @@ def test_generate_takes_token_ids(gens):
         gen.generate([10**6], cfg)
     with pytest.raises(TypeError, match="token ids"):
         gen.generate([[1, "a"]], cfg)
+
+
+# chunked prefill: extend ------------------------------------------------------------------------
+def last_logits(backend, ids: list[int]) -> np.ndarray:
+    """The next-token logits of ``ids`` run whole from an empty cache (the reference)."""
+    return backend.logits(np.asarray([ids], np.int64))[0, -1]
+
+
+def assert_close(got: np.ndarray, seqs: dict[int, list[int]], slots: list[int], backend) -> None:
+    assert got.shape[0] == len(slots)
+    for row, slot in zip(got, slots, strict=True):
+        want = last_logits(backend, seqs[slot])
+        diff = float(np.abs(row - want).max())
+        assert diff <= 1e-4, f"slot {slot}: max |diff| {diff:.2e}; first got {row[:3]}, want {want[:3]}"
+
+
+@pytest.mark.parametrize("kv", ["inplace", "concat"])
+def test_extend_in_chunks_equals_one_shot_prefill(gens, kv):
+    """A 40-token prompt prefilled in chunks of 7 while another slot decodes between the chunks; then
+    two slots (not neighbours) extended in one call by chunks of different lengths; then a decode of
+    every slot: each step's logits equal the sequence run whole (fp32, 1e-4)."""
+    backend = gens[kv].backend
+    rng = np.random.default_rng(0)
+    vocab = gens[kv].tokenizer.vocab_size
+    long = rng.integers(0, vocab, 40).tolist()
+    cache = backend.new_cache(4, 64)
+    seqs = {2: [5, 6, 7], 0: long[:7]}
+    assert_close(cache.prefill([2], [seqs[2]]), seqs, [2], backend)
+    assert_close(cache.prefill([0], [seqs[0]]), seqs, [0], backend)
+    for start in range(7, len(long), 7):
+        chunk = long[start : start + 7]
+        seqs[0] += chunk
+        assert_close(cache.extend([0], [chunk]), seqs, [0], backend)
+        token = int(rng.integers(vocab))
+        seqs[2].append(token)
+        assert_close(cache.decode([2], [token]), seqs, [2], backend)
+    assert cache.length(0) == 40 and cache.length(2) == 8
+    seqs[3] = [1, 2]
+    assert_close(cache.prefill([3], [seqs[3]]), seqs, [3], backend)
+    seqs[3] += [9, 8, 7, 6, 5]
+    seqs[0] += [4]
+    assert_close(cache.extend([3, 0], [[9, 8, 7, 6, 5], [4]]), seqs, [3, 0], backend)
+    tokens = [int(t) for t in rng.integers(0, vocab, 3)]
+    for s, t in zip([0, 2, 3], tokens, strict=True):
+        seqs[s].append(t)
+    assert_close(cache.decode([0, 2, 3], tokens), seqs, [0, 2, 3], backend)
+
+
+def test_concat_cache_compacts_the_gaps_of_idle_rows(gens):
+    """Rows idle during another row's chunks get masked columns; the batch never grows past its
+    capacity: when the gaps are in the way it is re-padded without them, logits unchanged."""
+    backend = gens["concat"].backend
+    cache = backend.new_cache(3, 20)
+    seqs = {0: list(range(10, 20)), 1: [3, 4]}
+    cache.prefill([0], [seqs[0]])
+    cache.prefill([1], [seqs[1]])
+    widths = []
+    for chunk in ([5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15]):
+        seqs[1] += chunk
+        assert_close(cache.extend([1], [chunk]), seqs, [1], backend)
+        seqs[0].append(chunk[0])
+        assert_close(cache.decode([0], [chunk[0]]), seqs, [0], backend)
+        widths.append(cache._mask.shape[1])
+    assert max(widths) <= 20 and widths[-1] < widths[-2] + 4  # the last chunk needed a re-pad
+    assert [cache.length(0), cache.length(1)] == [13, 13]
+
+
+@pytest.mark.parametrize("kv", ["inplace", "concat"])
+def test_extend_misuse_is_refused(gens, kv):
+    cache = gens[kv].backend.new_cache(2, 8)
+    with pytest.raises(CacheError, match="slot 0 is empty"):
+        cache.extend([0], [[1, 2]])
+    cache.prefill([0], [[1, 2, 3]])
+    with pytest.raises(CacheError, match="is empty"):
+        cache.extend([0], [[]])
+    with pytest.raises(CacheError, match="does not fit"):
+        cache.extend([0], [list(range(6))])
+    with pytest.raises(CacheError, match="repeat"):
+        cache.extend([0, 0], [[1], [2]])
+    cache.extend([0], [list(range(5))])
+    assert cache.length(0) == 8
+    if kv == "concat":  # a full row in the one batch leaves no room for another row's chunk
+        cache.prefill([1], [[4]])
+        with pytest.raises(CacheError, match="slot 0 is full"):
+            cache.extend([1], [[5, 6]])

@@ -340,11 +340,13 @@ def test_greedy_equals_generator_whatever_the_batch(bundle, gen):
     assert rows / steps > 1.5  # decode steps really ran several sequences together
 
 
-def test_concatenating_cache_joins_and_leaves_the_batch(tmp_path, tiny_checkpoint, gen):
-    """The tensorrt target's KV form (a left-padded batch re-padded on join/leave) under the scheduler."""
+@pytest.mark.parametrize("prefill_chunk", [0, 3])
+def test_concatenating_cache_joins_and_leaves_the_batch(tmp_path, tiny_checkpoint, gen, prefill_chunk):
+    """The tensorrt target's KV form (a left-padded batch re-padded on join/leave) under the scheduler,
+    prompts whole or in chunks of 3 tokens between decode steps."""
     concat = export_bundle(tiny_checkpoint, tmp_path / "concat", kv_cache="concat", log=lambda _: None)
     jobs = [(p, 6 + 4 * i) for i, p in enumerate(PROMPTS)]
-    with serving(concat, delay=0.005, max_batch=4) as s:
+    with serving(concat, delay=0.005, max_batch=4, prefill_chunk=prefill_chunk) as s:
 
         def one(job):
             time.sleep(0.01 * (job[1] % 5))
@@ -751,6 +753,13 @@ def test_cli_refuses_bad_options(bundle, tmp_path, capsys):
 
     assert main([str(bundle), "--max-batch", "0"]) == 2
     assert "--max-batch must be >= 1" in capsys.readouterr().err
+    assert main([str(bundle), "--prefill-chunk", "-1"]) == 2
+    assert "--prefill-chunk must be >= 0" in capsys.readouterr().err
+    assert main([str(bundle), "--timeout", "0"]) == 2
+    assert "--timeout must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: not one of the providers
+        main([str(bundle), "--provider", "tpu"])
+    assert "trt-engine" in capsys.readouterr().err
     assert main([str(bundle), "--replicas", "2"]) == 2
     assert "--replicas needs --ray" in capsys.readouterr().err
     assert main([str(tmp_path)]) == 2

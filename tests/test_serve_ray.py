@@ -112,8 +112,25 @@ def test_build_for_serve_run(bundle):
     from ray.serve import Application
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
+    from gpt2_edge.serve.settings import SettingsError
+
     builder = import_attr("gpt2_edge.serve.ray_app:build")
     app = call_user_app_builder_with_args_if_necessary(
         builder, {"bundle": str(bundle), "replicas": "2", "max_batch": "4"}
     )
     assert isinstance(app, Application)
+    # every provider, every setting the CLI has (but where to listen: Ray's proxy binds)
+    args = {
+        "bundle": str(bundle),
+        "provider": "trt-engine",
+        "prefill_chunk": "64",
+        "cors_origins": "http://a.test",
+    }
+    assert isinstance(call_user_app_builder_with_args_if_necessary(builder, args), Application)
+    # the same checks as the CLI's, naming the field
+    with pytest.raises(SettingsError, match="max_batch must be >= 1"):
+        call_user_app_builder_with_args_if_necessary(builder, {"bundle": str(bundle), "max_batch": "0"})
+    with pytest.raises(SettingsError, match="provider must be one of"):
+        call_user_app_builder_with_args_if_necessary(builder, {"bundle": str(bundle), "provider": "tpu"})
+    with pytest.raises(ValueError, match="max_batc"):  # a misspelt key is refused, not ignored
+        call_user_app_builder_with_args_if_necessary(builder, {"bundle": str(bundle), "max_batc": "4"})

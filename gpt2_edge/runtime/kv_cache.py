@@ -9,6 +9,9 @@ step runs a contiguous range of rows, rows with nothing to do are idle (no token
 **Concatenating** (``ConcatCache``, the interchange form, the ``tensorrt`` target's): the graph
 returns past + new as fresh ``present`` tensors. The slots live in one left-padded batch whose
 presents are bound as the next step's past; a slot joining or leaving re-pads the batch once.
+A step that feeds some rows only (``extend`` of a chunk, ``decode`` of some slots) gives the
+others masked pad columns; when those gaps would push the batch past ``capacity`` columns, the
+batch is re-padded without them (``_compact``, through the host like a join).
 
 In-place graph inputs, per row ``b`` of a step (a right-padded chunk of ``S`` tokens):
 ``attention_mask[b]`` has ``T_b`` leading ones (``T_b`` = tokens cached after the step),
@@ -43,6 +46,26 @@ def _check_prefill(cache: Any, slots: Sequence[int], prompts: Sequence[Sequence[
             raise CacheError(f"slot {s} is busy ({cache.length(s)} tokens); release it first")
         if not 0 < len(p) <= cache.capacity:
             raise CacheError(f"a prompt of {len(p)} tokens does not fit a slot of {cache.capacity}")
+
+
+def _check_extend(cache: Any, slots: Sequence[int], chunks: Sequence[Sequence[int]]) -> None:
+    if len(slots) != len(chunks) or not slots:
+        raise CacheError(f"extend needs one chunk per slot, got {len(slots)} slots, {len(chunks)} chunks")
+    if len(set(slots)) != len(slots):
+        raise CacheError(f"slots repeat: {list(slots)}")
+    for s, c in zip(slots, chunks, strict=True):
+        if not 0 <= s < cache.n_slots:
+            raise CacheError(f"slot {s} is out of range (0..{cache.n_slots - 1})")
+        held = cache.length(s)
+        if not held:
+            raise CacheError(f"slot {s} is empty; prefill it first")
+        if not c:
+            raise CacheError(f"the chunk for slot {s} is empty")
+        if held + len(c) > cache.capacity:
+            raise CacheError(
+                f"a chunk of {len(c)} tokens does not fit slot {s} after {held} cached "
+                f"(capacity {cache.capacity})"
+            )
 
 
 class ConcatRunner(Protocol):
@@ -107,7 +130,77 @@ class ConcatCache:
         self._rows += slots
         self._next = np.concatenate([self._next, lengths])
 
+    def extend(self, slots: Sequence[int], chunks: Sequence[Sequence[int]]) -> np.ndarray:
+        """One pass over the whole batch: each chunk right-aligned in its row (its last token in the
+        last column, whose logits come back), masked pads in the rows of the other slots."""
+        _check_extend(self, slots, chunks)
+        todo = {s: list(c) for s, c in zip(slots, chunks, strict=True)}
+        out: dict[int, np.ndarray] = {}
+        while todo:
+            room = self._make_room(max(len(c) for c in todo.values()))
+            if room < 1:
+                full = [s for s, n in zip(self._rows, self._next, strict=True) if n >= self.capacity]
+                raise CacheError(f"slot {full[0]} is full ({self.capacity} tokens); release it first")
+            piece = {s: c[:room] for s, c in todo.items()}
+            logits = self._run_chunks(piece)
+            for s, c in piece.items():
+                if len(c) == len(todo[s]):
+                    out[s] = logits[self._rows.index(s)]
+                    del todo[s]
+                else:
+                    todo[s] = todo[s][len(c) :]
+        return np.stack([out[s] for s in slots])
+
+    def _run_chunks(self, chunks: dict[int, list[int]]) -> np.ndarray:
+        """Append ``chunks`` (slot -> tokens) right-aligned in one pass; each row's last logits."""
+        S = max(len(c) for c in chunks.values())
+        R = len(self._rows)
+        ids = np.full((R, S), self.runner.pad_id, np.int64)
+        new = np.zeros((R, S), np.int64)
+        # Pads take a valid position; with mask 0 they are never attended to.
+        pos = np.repeat(np.minimum(self._next, self.capacity - 1)[:, None], S, axis=1)
+        for s, c in chunks.items():
+            r, k = self._rows.index(s), len(c)
+            ids[r, S - k :] = c
+            new[r, S - k :] = 1
+            pos[r, S - k :] = self._next[r] + np.arange(k)
+        mask = np.concatenate([self._mask, new], axis=1)
+        logits, self._past = self.runner.run(ids, mask, pos, self._past)
+        self._mask = mask
+        self._next = self._next + new.sum(axis=1)
+        return logits
+
+    def _make_room(self, width: int) -> int:
+        """Columns a pass may add (up to ``width``) without the batch outgrowing ``capacity``;
+        re-pads the batch without its gaps first when they are in the way."""
+        room = self.capacity - self._mask.shape[1]
+        if room < width and self._mask.shape[1] > int(self._next.max()):
+            self._compact()
+            room = self.capacity - self._mask.shape[1]
+        return min(room, width)
+
+    def _compact(self) -> None:
+        """Re-pad the batch without the columns each row masks: every row's tokens right-aligned,
+        the batch as wide as its longest row. (Positions are explicit: a cached key does not
+        depend on its column.)"""
+        assert self._past is not None
+        width = int(self._next.max())
+        cols = [np.flatnonzero(row) for row in self._mask]
+        mask = np.zeros((len(cols), width), np.int64)
+        for r, c in enumerate(cols):
+            mask[r, width - len(c) :] = 1
+        past = []
+        for p in self._past:
+            a = self.runner.to_numpy(p)  # (rows, heads, columns, head_size)
+            b = np.zeros((*a.shape[:2], width, a.shape[3]), a.dtype)
+            for r, c in enumerate(cols):
+                b[r, :, width - len(c) :] = a[r][:, c]
+            past.append(self.runner.from_numpy(b))
+        self._past, self._mask = past, mask
+
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        if self._rows:
+            self._make_room(1)
         row_of = {s: r for r, s in enumerate(self._rows)}
         feed = np.full(len(self._rows), self.runner.pad_id, np.int64)
         active = np.zeros(len(self._rows), np.int64)
@@ -231,13 +324,23 @@ class InPlaceCache:
 
     def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
         _check_prefill(self, slots, prompts)
+        return self._chunks(slots, prompts)
+
+    def extend(self, slots: Sequence[int], chunks: Sequence[Sequence[int]]) -> np.ndarray:
+        _check_extend(self, slots, chunks)
+        return self._chunks(slots, chunks)
+
+    def _chunks(self, slots: Sequence[int], chunks: Sequence[Sequence[int]]) -> np.ndarray:
+        """Each chunk after its slot's cached tokens: one pass over a contiguous range of slots
+        (a generate call's batch) where every padded chunk fits, else one pass per slot."""
         order = sorted(range(len(slots)), key=lambda i: slots[i])
         ranged = [slots[i] for i in order] == list(range(slots[order[0]], slots[order[-1]] + 1))
-        if ranged:  # one pass over a contiguous range (a generate call's batch)
-            out = self._step({slots[i]: prompts[i] for i in range(len(slots))})
+        width = max(len(c) for c in chunks)
+        if ranged and all(self._len[s] + width <= self.capacity for s in slots):
+            out = self._step({slots[i]: chunks[i] for i in range(len(slots))})
             lo = min(slots)
             return out[[s - lo for s in slots]]
-        return np.concatenate([self._step({s: p}) for s, p in zip(slots, prompts, strict=True)])
+        return np.concatenate([self._step({s: c}) for s, c in zip(slots, chunks, strict=True)])
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
         # The per-token path: the same feeds as ``_step`` for one-token chunks, built with numpy.

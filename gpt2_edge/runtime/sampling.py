@@ -127,8 +127,13 @@ def apply_repetition_penalty(logits: np.ndarray, seen: Sequence[Sequence[int]], 
 
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """HF ``TemperatureLogitsWarper``."""
-    return logits if temperature == 1.0 else logits / temperature
+    """HF ``TemperatureLogitsWarper``, shifted so each row's largest logit is 0 first (softmax,
+    top-k and top-p do not change under a shift): a tiny temperature such as 5e-324 then gives
+    0 for the best tokens and -inf for the rest (the greedy limit) instead of inf - inf = NaN."""
+    if temperature == 1.0:
+        return logits
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (logits - np.max(logits, axis=-1, keepdims=True)) / temperature
 
 
 def apply_top_k(logits: np.ndarray, top_k: int) -> np.ndarray:
@@ -193,3 +198,33 @@ class TokenChooser:
         cdf = np.cumsum(probs, axis=-1)
         u = self.rng.random(len(x))[:, None] * cdf[:, -1:]
         return np.minimum((cdf <= u).sum(axis=-1), x.shape[-1] - 1)
+
+
+def openai_generation_config(
+    *,
+    max_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_tokens: int = 0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    ignore_eos: bool = False,
+) -> GenerationConfig:
+    """OpenAI-style sampling parameters (``/v1/completions``'s, with vLLM's ``top_k``) as a
+    ``GenerationConfig``: temperature 0 is greedy and top_p / top_k then do nothing; any other
+    temperature samples; top_k 0 or -1 is off. ``GenerationConfig`` checks the values."""
+    sample = temperature > 0
+    return GenerationConfig(
+        max_new_tokens=max_tokens,
+        min_new_tokens=min_tokens,
+        do_sample=sample,
+        temperature=temperature if sample else 1.0,
+        top_k=max(top_k, 0) if sample else 0,
+        top_p=top_p if sample else 1.0,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=tuple(stop),
+        ignore_eos=ignore_eos,
+    )

@@ -38,6 +38,13 @@ class KVCache(Protocol):
         """Append one token to each of ``slots`` (the others wait); logits ``(len(slots), V)``."""
         ...
 
+    def extend(self, slots: Sequence[int], chunks: Sequence[Sequence[int]]) -> np.ndarray:
+        """Append a chunk of tokens to each of ``slots``, which hold sequences already (the others
+        wait): the logits of each slot's last new position ``(len(slots), V)``. Prefilling a prompt
+        as ``prefill`` of its first chunk and ``extend`` of the rest gives the logits of a
+        one-shot prefill (the server's chunked prefill)."""
+        ...
+
     def release(self, slot: int) -> None:
         """Forget ``slot``'s sequence; the slot can be prefilled again."""
         ...

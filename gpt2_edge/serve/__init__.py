@@ -1,0 +1,16 @@
+"""``gpt2-edge serve``: an OpenAI-style HTTP server with continuous batching, on uvicorn or as Ray
+Serve replicas. Torch-free. By concern, as vLLM's OpenAI entry point:
+
+    settings.py     ServeSettings: every option, checked when made (the CLI and Ray alike)
+    protocol.py     request bodies, their GenerationConfig, OpenAI's error shape
+    model.py        ServedModel: a backend of any provider, its tokenizer, context and name
+    scheduler.py    continuous batching over KV-cache slots, chunked prefill
+    completions.py  one /v1/completions request: sequences, SSE, echo and logprobs, usage
+    app.py          the routes and the app factory (create_app)
+    middleware.py   API key, body limit, request counter
+    metrics.py      the Prometheus metrics
+    cli.py          ``gpt2-edge serve`` / ``python -m gpt2_edge.serve`` on uvicorn
+    ray_app.py      the same app as a Ray Serve deployment
+
+Importing this package (the main CLI does, to build its parser) loads none of the HTTP stack.
+"""

@@ -1,6 +1,9 @@
 """``gpt2-edge serve``: the HTTP server on uvicorn, or N replicas on Ray Serve (``--ray``).
 
 Also runnable as ``python -m gpt2_edge.serve`` (same options): that entry never imports torch.
+The options become one ``ServeSettings``, which checks them; Ray Serve gets the same object.
+The main CLI imports this module to build its parser: the HTTP stack (fastapi, uvicorn; the
+``serve`` extra) and Ray load only when a server starts.
 """
 
 from __future__ import annotations
@@ -15,9 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Gpt2EdgeError
+from ..runtime.backends import PROVIDERS
+from .model import ServedModel
+from .settings import API_KEY_ENV, ServeSettings, SettingsError
 
-API_KEY_ENV = "GPT2_EDGE_API_KEY"
+__all__ = ["API_KEY_ENV", "add_serve", "main", "register", "resolve_bundle", "run", "run_app"]
+
 CACHE_ENV = "GPT2_EDGE_CACHE"
+DEFAULTS = ServeSettings()
+# A setting's option is --its-name, except these.
+FLAGS = {"timeout_s": "--timeout", "drain_timeout_s": "--drain-timeout", "cors_origins": "--cors-origin"}
 
 
 class ServeError(Gpt2EdgeError):
@@ -35,21 +45,41 @@ def default_bundle_dir() -> Path:
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
     p.add_argument(
         "bundle",
         nargs="?",
         help="bundle directory (gpt2-edge export -o DIR). Default: the shipped default model, exported once "
         "to $GPT2_EDGE_CACHE/default-bundle (~/.cache/gpt2-edge; the export needs the `export` extra)",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--provider", default="cpu", help="cpu | cuda | tensorrt | auto (default: cpu)")
+    p.add_argument("--host", default=d.host, help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument(
+        "--provider",
+        default=d.provider,
+        choices=PROVIDERS,
+        help="ONNX Runtime's cpu | cuda | tensorrt | auto, or trt-engine: the bundle's TensorRT engine for "
+        "this GPU (gpt2-edge build-engine) (default: cpu)",
+    )
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (per replica)")
     p.add_argument(
-        "--max-batch", type=int, default=8, help="sequences decoded together (KV slots); 1 = no batching"
+        "--max-batch",
+        type=int,
+        default=d.max_batch,
+        help="sequences decoded together (KV slots); 1 = no batching",
     )
     p.add_argument(
-        "--max-queue", type=int, default=32, help="sequences waiting for a slot; beyond it requests get 429"
+        "--max-queue",
+        type=int,
+        default=d.max_queue,
+        help="sequences waiting for a slot; beyond it requests get 429",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=d.prefill_chunk,
+        help="prompt tokens prefilled per step, between the running streams' tokens (0 = whole prompts; "
+        f"default {d.prefill_chunk})",
     )
     p.add_argument(
         "--api-key",
@@ -57,9 +87,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "which `ps` does not show)",
     )
     p.add_argument(
-        "--timeout", type=float, default=300.0, help="seconds a request may take in all (default 300)"
+        "--timeout", type=float, default=d.timeout_s, help="seconds a request may take in all (default 300)"
     )
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
+    p.add_argument(
+        "--max-body-bytes", type=int, default=d.max_body_bytes, help="request body limit (default 1 MiB)"
+    )
     p.add_argument(
         "--cors-origin",
         action="append",
@@ -70,16 +102,21 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--model-name", help="model id in /v1/models and responses (default: the bundle dir's name)"
     )
     p.add_argument(
-        "--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to finish in-flight requests"
+        "--drain-timeout",
+        type=float,
+        default=d.drain_timeout_s,
+        help="on SIGTERM, seconds to finish in-flight requests",
     )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     g = p.add_argument_group("Ray Serve (scale-out; needs the `ray` extra)")
     g.add_argument(
         "--ray", action="store_true", help="run as a Ray Serve deployment with --replicas replicas"
     )
-    g.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, each its own model and batch")
+    g.add_argument(
+        "--replicas", type=int, default=d.replicas, help="Ray Serve replicas, each its own model and batch"
+    )
     g.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
-    g.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
+    g.add_argument("--replica-cpus", type=float, default=d.replica_cpus, help="CPUs Ray reserves per replica")
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -92,11 +129,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "otherwise. SIGTERM drains in-flight requests (--drain-timeout) and exits 0.",
     )
     add_serve_arguments(p)
-    p.set_defaults(func=_cmd_serve)
+    p.set_defaults(func=run)
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    return run(args)
+register = add_serve  # the main CLI's name for a command module's hook
 
 
 def _invoked_as_program() -> bool:
@@ -110,9 +146,9 @@ def _invoked_as_program() -> bool:
 
 def _start_over_if_needed(args: argparse.Namespace) -> None:
     """Replace this process (same pid) with a clean ``python -m gpt2_edge.serve`` when torch is
-    loaded (the main CLI imports stages to build its parser; a server would carry hundreds of MB
-    it never uses) or when ``--api-key`` is on the command line (``ps`` shows argv to every user;
-    the new process gets the key through its environment)."""
+    loaded (a server would carry hundreds of MB it never uses) or when ``--api-key`` is on the
+    command line (``ps`` shows argv to every user; the new process gets the key through its
+    environment)."""
     if "torch" not in sys.modules and not args.api_key:
         return
     argv = [sys.executable, "-m", "gpt2_edge.serve"]
@@ -125,6 +161,7 @@ def _start_over_if_needed(args: argparse.Namespace) -> None:
         ("--threads", args.threads),
         ("--max-batch", args.max_batch),
         ("--max-queue", args.max_queue),
+        ("--prefill-chunk", args.prefill_chunk),
         ("--timeout", args.timeout),
         ("--max-body-bytes", args.max_body_bytes),
         ("--model-name", args.model_name),
@@ -173,27 +210,29 @@ def resolve_bundle(bundle: str | None, log: Any = print) -> Path:
     return path
 
 
-def settings_from_args(args: argparse.Namespace, api_key: str | None) -> Any:
-    from .app import ServeSettings
-
-    for name, value, low in (
-        ("--max-batch", args.max_batch, 1),
-        ("--max-queue", args.max_queue, 0),
-        ("--max-body-bytes", args.max_body_bytes, 1),
-    ):
-        if value < low:
-            raise ServeError(f"{name} must be >= {low}, got {value}")
-    if not args.timeout > 0:
-        raise ServeError(f"--timeout must be > 0, got {args.timeout}")
-    return ServeSettings(
-        max_batch=args.max_batch,
-        max_queue=args.max_queue,
-        api_key=api_key,
-        timeout_s=args.timeout,
-        max_body_bytes=args.max_body_bytes,
-        cors_origins=tuple(args.cors_origin),
-        model_name=args.model_name,
-    )
+def settings_from_args(args: argparse.Namespace, api_key: str | None) -> ServeSettings:
+    """The options as settings; a refusal names the option (``--max-batch``), not the field."""
+    try:
+        return ServeSettings(
+            provider=args.provider,
+            threads=args.threads,
+            model_name=args.model_name,
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            prefill_chunk=args.prefill_chunk,
+            timeout_s=args.timeout,
+            max_body_bytes=args.max_body_bytes,
+            api_key=api_key,
+            cors_origins=tuple(args.cors_origin),
+            host=args.host,
+            port=args.port,
+            drain_timeout_s=args.drain_timeout,
+            replicas=args.replicas,
+            replica_cpus=args.replica_cpus,
+        )
+    except SettingsError as e:
+        flag = FLAGS.get(e.field, "--" + e.field.replace("_", "-"))
+        raise ServeError(f"{flag} {e.problem}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -201,31 +240,32 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     settings = settings_from_args(args, api_key)
+    if not args.ray and settings.replicas != 1:
+        raise ServeError("--replicas needs --ray (one process serves one model; Ray Serve runs several)")
     bundle = resolve_bundle(args.bundle)
     if _invoked_as_program():
         _start_over_if_needed(args)
     if args.ray:
-        from .ray_app import serve_with_ray
+        from .ray_app import serve_with_ray  # Ray loads only when asked for
 
-        return serve_with_ray(bundle, settings, args)
-    if args.replicas != 1:
-        raise ServeError("--replicas needs --ray (one process serves one model; Ray Serve runs several)")
-    return serve_uvicorn(bundle, settings, args)
+        return serve_with_ray(bundle, settings, address=args.ray_address)
+    return serve_uvicorn(bundle, settings, log_level=args.log_level)
 
 
-def serve_uvicorn(bundle: Path, settings: Any, args: argparse.Namespace) -> int:
-    from .app import ServedModel, create_app
+def serve_uvicorn(bundle: Path, settings: ServeSettings, log_level: str = "info") -> int:
+    from .app import create_app  # fastapi (the serve extra): not when the main CLI builds its parser
 
     model = ServedModel.from_bundle(
-        bundle, provider=args.provider, threads=args.threads, name=args.model_name
+        bundle, provider=settings.provider, threads=settings.threads, name=settings.model_name
     )
     app = create_app(model, settings)
     print(
-        f"gpt2-edge serve: {model.name} ({bundle}) on http://{args.host}:{args.port} — max batch "
-        f"{settings.max_batch}, queue {settings.max_queue}, auth {'on' if settings.api_key else 'off'}",
+        f"gpt2-edge serve: {model.name} ({bundle}, {settings.provider}) on http://{settings.host}:{settings.port}"
+        f" — max batch {settings.max_batch}, queue {settings.max_queue}, prefill chunk "
+        f"{settings.prefill_chunk or 'whole'}, auth {'on' if settings.api_key else 'off'}",
         flush=True,
     )
-    return run_app(app, args.host, args.port, drain_timeout=args.drain_timeout, log_level=args.log_level)
+    return run_app(app, settings.host, settings.port, settings.drain_timeout_s, log_level)
 
 
 def run_app(
@@ -233,13 +273,12 @@ def run_app(
 ) -> int:
     """Run ``app`` (from ``create_app``) on uvicorn until SIGTERM / SIGINT. In-flight requests get
     ``drain_timeout`` seconds to finish while new completions are refused; then 0."""
-    import uvicorn
+    import uvicorn  # the ASGI server: only where one runs here (not in a Ray replica)
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            app.state.draining = (
-                True  # /health says so and new completions get 503 while in-flight ones finish
-            )
+            # /health says so and new completions get 503 while in-flight ones finish
+            app.state.served.draining = True
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(

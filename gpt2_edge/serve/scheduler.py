@@ -4,15 +4,20 @@ The cache has ``max_batch`` slots of the model's full context. Each iteration of
 thread:
 
 1. drops sequences whose client went away or gave up (their slots are free again at once),
-2. admits waiting sequences into free slots and prefills them (the prefill's logits give each its
-   first token),
-3. runs one ``decode`` over every active slot and picks each slot's next token with that
-   sequence's own chooser (its own seed), and
-4. hands each new token to the sequence's sink and releases the slots of finished sequences.
+2. admits waiting sequences into free slots,
+3. prefills at most ``prefill_chunk`` prompt tokens, oldest admission first: the first chunk of a
+   prompt is a ``prefill`` of its slot, the next ones ``extend`` it; the logits of a prompt's last
+   chunk give the sequence its first token, and it joins the decode batch,
+4. runs one ``decode`` over every slot whose prompt is in, picking each slot's next token with
+   that sequence's own chooser (its own seed), and
+5. hands each new token to the sequence's sink and releases the slots of finished sequences.
 
-So a request joins the running batch at the next step and leaves it the step it finishes. The
-scheduler knows nothing of HTTP or asyncio: a sequence's ``sink`` is called from the scheduler
-thread with each ``TokenEvent`` (the app forwards it to its event loop). Torch-free.
+So a request joins the running batch at the next step and leaves it the step it finishes, and a
+long prompt costs the running streams at most one chunk's prefill per token instead of its whole
+prefill (``prefill_chunk=0``: every admitted prompt whole, in one step). A sequence whose prompt
+is still going in holds its slot but is not decoded. The scheduler knows nothing of HTTP or
+asyncio: a sequence's ``sink`` is called from the scheduler thread with each ``TokenEvent`` (the
+app forwards it to its event loop). Torch-free.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ if TYPE_CHECKING:
     from .metrics import Metrics
 
 log = logging.getLogger("gpt2_edge.serve")
+
+DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per step; ServeSettings.prefill_chunk
 
 
 class QueueFullError(Exception):
@@ -126,16 +133,20 @@ class Scheduler:
         n_ctx: int,
         max_batch: int = 8,
         max_queue: int = 32,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         metrics: Metrics | None = None,
     ) -> None:
         if max_batch < 1:
             raise Gpt2EdgeError(f"max_batch must be >= 1, got {max_batch}")
         if max_queue < 0:
             raise Gpt2EdgeError(f"max_queue must be >= 0, got {max_queue}")
+        if prefill_chunk < 0:
+            raise Gpt2EdgeError(f"prefill_chunk must be >= 0 (0 = whole prompts), got {prefill_chunk}")
         self.backend = backend
         self.n_ctx = n_ctx
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
         self.metrics = metrics
         self._cond = threading.Condition()
         self._waiting: deque[SequenceHandle] = deque()
@@ -143,6 +154,11 @@ class Scheduler:
         self._n_active = 0
         self._closing = False
         self._thread: threading.Thread | None = None
+        # The scheduler thread's own state.
+        self._cache: KVCache | None = None
+        self._free: list[int] = []  # a heap: the lowest slots first keeps a step's rows together
+        self._active: dict[int, SequenceHandle] = {}  # slot -> the sequence holding it
+        self._prefilling: dict[int, int] = {}  # slot -> prompt tokens in the cache, in admission order
 
     # the submitting side (any thread) -------------------------------------------------------
     @property
@@ -185,9 +201,12 @@ class Scheduler:
             self._cond.notify()
 
     def start(self) -> None:
-        """Start the scheduler thread (once)."""
+        """Make the KV cache (here, so a backend that cannot hold ``max_batch`` sequences of
+        ``n_ctx`` tokens says so to the caller) and start the scheduler thread (once)."""
         if self._thread is not None:
             raise RuntimeError("the scheduler was started already")
+        self._cache = self.backend.new_cache(self.max_batch, self.n_ctx)
+        self._free = list(range(self.max_batch))
         self._thread = threading.Thread(target=self._run, name="gpt2-edge-scheduler", daemon=True)
         self._thread.start()
 
@@ -201,12 +220,9 @@ class Scheduler:
 
     # the scheduler thread ----------------------------------------------------------------------
     def _run(self) -> None:
-        cache = self.backend.new_cache(self.max_batch, self.n_ctx)
-        free = list(range(self.max_batch))  # a heap: the lowest slots first keeps a step's rows together
-        active: dict[int, SequenceHandle] = {}
         while True:
             with self._cond:
-                while not self._closing and not self._waiting and not active:
+                while not self._closing and not self._waiting and not self._active:
                     self._cond.wait()
                 if self._closing:
                     break
@@ -216,64 +232,83 @@ class Scheduler:
                         self._waiting.remove(s)
                         self._in_system -= 1
                         self._count_finish("cancelled")
-                    elif len(admitted) < len(free):
+                    elif len(admitted) < len(self._free):
                         self._waiting.remove(s)
                         admitted.append(s)
-            for slot, s in list(active.items()):
+            for slot, s in list(self._active.items()):
                 if s.cancelled:
-                    self._leave(cache, free, active, slot, "cancelled")
+                    self._leave(slot, "cancelled")
+            for s in admitted:
+                slot = heapq.heappop(self._free)
+                self._active[slot] = s
+                self._prefilling[slot] = 0
+            self._n_active = len(self._active)
+            failed = False
             try:
-                if admitted:
-                    self._prefill(cache, free, active, admitted)
-                if active:
-                    self._decode(cache, free, active)
+                if self._prefilling:
+                    self._prefill_step()
+                decoding = sorted(slot for slot in self._active if slot not in self._prefilling)
+                if decoding:
+                    self._decode(decoding)
             except Exception as e:  # a failed step must not take the server down
                 log.exception("scheduler step failed")
-                for slot in list(active):
-                    self._fail(active[slot], f"generation failed: {type(e).__name__}")
-                    self._leave(cache, free, active, slot, "error")
-                cache = self.backend.new_cache(self.max_batch, self.n_ctx)  # its state is unknown now
-        for slot in list(active):
-            self._fail(active[slot], "the server shut down before the sequence finished")
-            self._leave(cache, free, active, slot, "error")
+                self._cache = None  # its state is unknown now: nothing more is asked of it
+                for slot in list(self._active):
+                    self._fail(self._active[slot], f"generation failed: {type(e).__name__}")
+                    self._leave(slot, "error")
+                failed = True
+            if failed:  # out of the handler, whose traceback held the old cache (an engine lane, say)
+                try:
+                    self._cache = self.backend.new_cache(self.max_batch, self.n_ctx)
+                except Exception:  # no cache, no server: /health says "down" from now on
+                    log.exception("the scheduler cannot make a new KV cache; it stops")
+                    with self._cond:
+                        self._closing = True
+                    break
+        for slot in list(self._active):
+            self._fail(self._active[slot], "the server shut down before the sequence finished")
+            self._leave(slot, "error")
         with self._cond:
             while self._waiting:
                 self._fail(self._waiting.popleft(), "the server shut down before the sequence started")
                 self._in_system -= 1
+        self._cache = None  # what it holds (an engine's lane, say) goes back now
 
-    def _prefill(
-        self,
-        cache: KVCache,
-        free: list[int],
-        active: dict[int, SequenceHandle],
-        admitted: list[SequenceHandle],
-    ) -> None:
-        slots = [heapq.heappop(free) for _ in admitted]
-        for slot, s in zip(slots, admitted, strict=True):
-            active[slot] = s
-        self._n_active = len(active)
-        logits = cache.prefill(slots, [s.state.prompt for s in admitted])
-        for i, slot in enumerate(slots):
-            self._advance(cache, free, active, slot, logits[i])
+    def _prefill_step(self) -> None:
+        """Up to ``prefill_chunk`` prompt tokens (0: all), oldest admission first; a prompt whose
+        last chunk went in gets its first token from that chunk's logits."""
+        assert self._cache is not None
+        budget = self.prefill_chunk or self.n_ctx * self.max_batch
+        first: dict[int, list[int]] = {}  # slot -> its prompt's first chunk (prefill)
+        more: dict[int, list[int]] = {}  # slot -> a later chunk (extend)
+        for slot, done in self._prefilling.items():
+            if budget <= 0:
+                break
+            prompt = self._active[slot].state.prompt
+            chunk = prompt[done : done + budget]
+            (more if done else first)[slot] = chunk
+            budget -= len(chunk)
+        logits: dict[int, np.ndarray] = {}
+        for chunks, run in ((first, self._cache.prefill), (more, self._cache.extend)):
+            if chunks:
+                logits.update(zip(chunks, run(list(chunks), list(chunks.values())), strict=True))
+        for slot, chunk in (*first.items(), *more.items()):
+            self._prefilling[slot] += len(chunk)
+            if self._prefilling[slot] == len(self._active[slot].state.prompt):
+                del self._prefilling[slot]
+                self._advance(slot, logits[slot])
 
-    def _decode(self, cache: KVCache, free: list[int], active: dict[int, SequenceHandle]) -> None:
-        slots = sorted(active)
-        logits = cache.decode(slots, [active[s].state.generated[-1] for s in slots])
+    def _decode(self, slots: list[int]) -> None:
+        assert self._cache is not None
+        logits = self._cache.decode(slots, [self._active[s].state.generated[-1] for s in slots])
         if self.metrics is not None:
             self.metrics.batch_occupancy.observe(len(slots))
         for i, slot in enumerate(slots):
-            self._advance(cache, free, active, slot, logits[i])
+            self._advance(slot, logits[i])
 
-    def _advance(
-        self,
-        cache: KVCache,
-        free: list[int],
-        active: dict[int, SequenceHandle],
-        slot: int,
-        logits: np.ndarray,
-    ) -> None:
+    def _advance(self, slot: int, logits: np.ndarray) -> None:
         """Pick, record and send one sequence's next token; release its slot when it finished."""
-        s = active[slot]
+        s = self._active[slot]
         token = s.state.choose(logits)
         logprob, top = None, None
         if s.logprobs is not None:
@@ -292,15 +327,15 @@ class Scheduler:
         s.last_token_at = now
         self._send(s, TokenEvent(token, piece, logprob, top, s.state.finish_reason))
         if s.state.finished:
-            self._leave(cache, free, active, slot, s.state.finish_reason or "length")
+            self._leave(slot, s.state.finish_reason or "length")
 
-    def _leave(
-        self, cache: KVCache, free: list[int], active: dict[int, SequenceHandle], slot: int, reason: str
-    ) -> None:
-        cache.release(slot)
-        heapq.heappush(free, slot)
-        del active[slot]
-        self._n_active = len(active)
+    def _leave(self, slot: int, reason: str) -> None:
+        if self._cache is not None:
+            self._cache.release(slot)
+        heapq.heappush(self._free, slot)
+        del self._active[slot]
+        self._prefilling.pop(slot, None)
+        self._n_active = len(self._active)
         with self._cond:
             self._in_system -= 1
         self._count_finish(reason)

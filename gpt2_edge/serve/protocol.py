@@ -1,4 +1,5 @@
-"""Request bodies (pydantic, strict: no silent coercion, no unknown fields) and OpenAI's error shape.
+"""The request protocol: bodies (pydantic, strict: no silent coercion, no unknown fields), their
+mapping to ``GenerationConfig``, and OpenAI's error shape. Nothing here runs a model.
 
 Fields follow OpenAI's legacy ``/v1/completions``; ``top_k``, ``repetition_penalty`` and
 ``min_tokens`` are extensions (as in vLLM). OpenAI fields this server does not implement are
@@ -12,6 +13,8 @@ import json
 from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..runtime.sampling import GenerationConfig, openai_generation_config
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_LOGPROBS = 5  # as OpenAI's legacy completions
@@ -107,6 +110,20 @@ class CompletionRequest(_Strict):
     @property
     def stop_strings(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def generation_config(self, choice: int = 0) -> GenerationConfig:
+        """How to generate choice ``choice`` of this request. Choice i of a seeded request uses
+        seed + i: the n choices differ, and a request's choice 0 repeats whatever else is in the batch."""
+        return openai_generation_config(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_tokens=self.min_tokens,
+            repetition_penalty=self.repetition_penalty,
+            seed=None if self.seed is None else (self.seed + choice) % 2**63,
+            stop=self.stop_strings,
+        )
 
 
 class TokenizeRequest(_Strict):

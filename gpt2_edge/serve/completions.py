@@ -1,0 +1,370 @@
+"""One ``/v1/completions`` request, from its validated body to its response: the prompts checked
+and tokenized, one scheduler sequence per choice, prompt log-probabilities for ``echo``, and the
+answer as one JSON body or as Server-Sent Events, with OpenAI's legacy logprobs and usage.
+
+The request's tokens arrive from the scheduler thread through an ``asyncio.Queue`` of the
+request's event loop; nothing here blocks that loop (tokenizing and scoring run in threads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from starlette.requests import Request
+
+from ..runtime.sampling import log_softmax
+from .metrics import Metrics
+from .model import ServedModel
+from .protocol import ApiError, CompletionRequest
+from .scheduler import (
+    QueueFullError,
+    Scheduler,
+    SchedulerClosedError,
+    SequenceHandle,
+    TokenEvent,
+    top_logprobs,
+)
+
+
+def check_ids(ids: Sequence[int], vocab: int, param: str) -> None:
+    """Refuse token ids outside the vocabulary, naming the field."""
+    for t in ids:
+        if t >= vocab:
+            raise ApiError(
+                400, f"{param}: token id {t} is outside the vocabulary (0..{vocab - 1})", param=param
+            )
+
+
+@dataclass
+class Choice:
+    """One choice of a completion as its events arrive."""
+
+    prompt_index: int
+    text: str = ""
+    tokens: list[int] | None = None
+    logprobs: list[float | None] | None = None
+    top: list[tuple[tuple[int, float], ...] | None] | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    sent: int = 0  # tokens whose logprobs went out in a stream chunk
+
+    def __post_init__(self) -> None:
+        self.tokens, self.logprobs, self.top = [], [], []
+
+
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # ours -> OpenAI's
+
+
+class Completion:
+    """One ``/v1/completions`` request: prompts -> sequences in the scheduler -> the response."""
+
+    def __init__(
+        self,
+        model: ServedModel,
+        scheduler: Scheduler,
+        metrics: Metrics,
+        req: CompletionRequest,
+        loop: asyncio.AbstractEventLoop,
+        timeout_s: float,
+    ) -> None:
+        """Checks and tokenizes the prompts (call it off the event loop: a prompt may be long)."""
+        self.model = model
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.req = req
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.loop = loop
+        self.deadline = loop.time() + timeout_s
+        self.timeout_s = timeout_s
+        items = self._prompt_items()
+        n_choices = len(items) * req.n
+        if n_choices > scheduler.capacity:  # before tokenizing what would be refused anyway
+            raise ApiError(
+                400,
+                f"{len(items)} prompt(s) x n={req.n} = {n_choices} sequences exceed what this server "
+                f"holds at once ({scheduler.capacity}); send fewer",
+                param="n",
+            )
+        self.prompts = [self._encode(item, i, len(items)) for i, item in enumerate(items)]
+        self.prompt_texts = [self._prompt_text(i) for i in range(len(self.prompts))]
+        self.prompt_scores: list[dict[str, Any]] | None = None
+        self.choices = [Choice(i // req.n) for i in range(n_choices)]
+        self.events: asyncio.Queue[tuple[int, TokenEvent]] = asyncio.Queue()
+        self.sequences: list[SequenceHandle] = []
+
+    # building the sequences ---------------------------------------------------------------------
+    def _prompt_items(self) -> list[Any]:
+        """The prompts of the request: strings or token-id lists."""
+        p = self.req.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise ApiError(400, "prompt is empty", param="prompt")
+        if isinstance(p[0], int):
+            return [p]
+        return list(p)
+
+    def _encode(self, item: str | list[int], i: int, count: int) -> list[int]:
+        ids = self.model.tokenizer.encode(item) if isinstance(item, str) else list(item)
+        check_ids(ids, self.model.vocab_size, "prompt")
+        name = "the prompt" if count == 1 else f"prompt {i}"
+        if not ids:
+            raise ApiError(400, f"{name} is empty (0 tokens)", param="prompt")
+        if len(ids) + self.req.max_tokens > self.model.n_ctx:
+            raise ApiError(
+                400,
+                f"this model's context is {self.model.n_ctx} tokens, but {name} has {len(ids)} tokens "
+                f"and max_tokens is {self.req.max_tokens} ({len(ids) + self.req.max_tokens} in all); "
+                "shorten the prompt or lower max_tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return ids
+
+    def _prompt_text(self, i: int) -> str:
+        p = self.req.prompt
+        if isinstance(p, str):
+            return p
+        if isinstance(p, list) and p and isinstance(p[i], str):
+            return p[i]
+        return self.model.tokenizer.decode(self.prompts[i])
+
+    def submit(self) -> None:
+        """Put every choice into the scheduler, or answer 429 (full) / 503 (shutting down)."""
+        for i, choice in enumerate(self.choices):
+
+            def sink(event: TokenEvent, i: int = i) -> None:
+                self.loop.call_soon_threadsafe(self.events.put_nowait, (i, event))
+
+            self.sequences.append(
+                SequenceHandle(
+                    self.prompts[choice.prompt_index],
+                    self.req.generation_config(i),
+                    sink,
+                    eos_token_id=self.model.eos_token_id,
+                    detokenize=self.model.tokenizer.decode,
+                    logprobs=self.req.logprobs,
+                )
+            )
+        try:
+            self.scheduler.submit(self.sequences)
+        except QueueFullError as e:
+            raise ApiError(
+                429,
+                str(e),
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(e.retry_after_s)},
+            ) from None
+        except SchedulerClosedError as e:
+            raise ApiError(
+                503, str(e), type="server_error", code="shutting_down", headers={"Retry-After": "1"}
+            ) from None
+        self.metrics.prompt_tokens.inc(sum(len(self.prompts[c.prompt_index]) for c in self.choices))
+
+    def cancel(self) -> None:
+        for s in self.sequences:
+            s.cancel()
+
+    # prompt log-probabilities (echo + logprobs) ---------------------------------------------
+    async def score_prompts(self) -> None:
+        """Log-probabilities of each prompt token given the ones before (``echo`` + ``logprobs``):
+        one full-sequence pass per prompt, beside the scheduler (the backend is thread-safe)."""
+        logits_fn = getattr(self.model.backend, "logits", None)
+        if logits_fn is None:
+            raise ApiError(400, "echo with logprobs is not supported by this backend", param="echo")
+        self.prompt_scores = await asyncio.to_thread(self._score_prompts, logits_fn)
+
+    def _score_prompts(self, logits_fn: Any) -> list[dict[str, Any]]:
+        k = self.req.logprobs or 0
+        scores = []
+        for ids in self.prompts:
+            logits = logits_fn(np.asarray([ids], np.int64))
+            lps: list[float | None] = [None]
+            tops: list[tuple[tuple[int, float], ...] | None] = [None]
+            for pos in range(1, len(ids)):  # row by row: a float64 copy of all rows would be T x V
+                lp = log_softmax(logits[0, pos - 1].astype(np.float64))
+                lps.append(float(lp[ids[pos]]))
+                tops.append(top_logprobs(lp, k))
+            scores.append(self._logprobs(ids, lps, tops, 0))
+        return scores
+
+    # output -----------------------------------------------------------------------------------
+    def _logprobs(
+        self,
+        tokens: Sequence[int],
+        lps: Sequence[float | None],
+        tops: Sequence[tuple[tuple[int, float], ...] | None],
+        base: int,
+        before: Sequence[int] = (),
+    ) -> dict[str, Any]:
+        """OpenAI's legacy logprobs object for ``tokens`` (which follow the ids ``before``); text
+        offsets count from ``base``."""
+        decode = self.model.tokenizer.decode
+        return {
+            "tokens": [decode([t]) for t in tokens],
+            "token_logprobs": list(lps),
+            "top_logprobs": [None if top is None else {decode([t]): lp for t, lp in top} for top in tops],
+            "text_offset": [base + len(decode([*before, *tokens[:i]])) for i in range(len(tokens))],
+        }
+
+    def _absorb(self, i: int, event: TokenEvent) -> Choice:
+        c = self.choices[i]
+        if event.error is not None:
+            c.error = event.error
+            return c
+        assert c.tokens is not None and c.logprobs is not None and c.top is not None
+        assert event.token is not None
+        c.tokens.append(event.token)
+        c.logprobs.append(event.logprob)
+        c.top.append(event.top_logprobs)
+        c.text += event.text
+        if event.finish_reason is not None:
+            c.finish_reason = FINISH[event.finish_reason]
+        return c
+
+    async def _next(self) -> tuple[int, TokenEvent]:
+        remaining = self.deadline - self.loop.time()
+        if remaining <= 0:
+            raise asyncio.TimeoutError
+        return await asyncio.wait_for(self.events.get(), remaining)
+
+    def _done(self) -> bool:
+        return all(c.finish_reason is not None or c.error is not None for c in self.choices)
+
+    def _echo_prefix(self, c: Choice) -> str:
+        return self.prompt_texts[c.prompt_index] if self.req.echo else ""
+
+    def _usage(self) -> dict[str, int]:
+        prompt = sum(len(p) for p in self.prompts)
+        completion = sum(len(c.tokens or ()) for c in self.choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    async def collect(self, request: Request) -> dict[str, Any]:
+        """Wait for every choice (the whole response at once); give up on timeout or disconnect."""
+        try:
+            while not self._done():
+                try:
+                    remaining = self.deadline - self.loop.time()
+                    # Wake now and then to notice a client that went away.
+                    i, event = await asyncio.wait_for(self.events.get(), max(min(remaining, 0.5), 0))
+                except asyncio.TimeoutError:
+                    if self.loop.time() >= self.deadline:
+                        raise ApiError(
+                            408,
+                            f"the request did not finish within {self.timeout_s:g} s",
+                            type="timeout_error",
+                            code="timeout",
+                        ) from None
+                    if await request.is_disconnected():
+                        raise ApiError(499, "the client disconnected") from None
+                    continue
+                self._absorb(i, event)
+        finally:
+            self.cancel()  # no-op for finished sequences; frees the slots of the others
+        failed = [c.error for c in self.choices if c.error]
+        if failed:
+            raise ApiError(500, failed[0], type="server_error", code="generation_failed")
+        if self.req.logprobs is not None:  # text offsets decode every prefix: off the event loop
+            return await asyncio.to_thread(self._response)
+        return self._response()
+
+    def _response(self) -> dict[str, Any]:
+        choices = []
+        for i, c in enumerate(self.choices):
+            assert c.tokens is not None and c.logprobs is not None and c.top is not None
+            lp = None
+            if self.req.logprobs is not None:
+                prefix = self._echo_prefix(c)
+                lp = self._logprobs(c.tokens, c.logprobs, c.top, len(prefix))
+                if self.req.echo and self.prompt_scores is not None:
+                    lp = join_logprobs(self.prompt_scores[c.prompt_index], lp)
+            choices.append(
+                {
+                    "text": self._echo_prefix(c) + c.text,
+                    "index": i,
+                    "logprobs": lp,
+                    "finish_reason": c.finish_reason,
+                }
+            )
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model.name,
+            "choices": choices,
+            "usage": self._usage(),
+        }
+
+    def _chunk(self, index: int, text: str, logprobs: dict[str, Any] | None, finish: str | None) -> str:
+        body: dict[str, Any] = {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model.name,
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+        }
+        if self.req.stream_options is not None and self.req.stream_options.include_usage:
+            body["usage"] = None
+        return sse_event(body)
+
+    async def sse(self) -> AsyncIterator[str]:
+        """Server-Sent Events: a chunk per piece of text of each choice, then ``data: [DONE]``.
+
+        When the client disconnects, Starlette cancels this generator: ``finally`` cancels the
+        sequences, and the scheduler frees their slots before its next step."""
+        want_lp = self.req.logprobs is not None
+        try:
+            if self.req.echo:
+                for i, c in enumerate(self.choices):
+                    lp = self.prompt_scores[c.prompt_index] if self.prompt_scores is not None else None
+                    yield self._chunk(i, self.prompt_texts[c.prompt_index], lp, None)
+            while not self._done():
+                try:
+                    i, event = await self._next()
+                except asyncio.TimeoutError:
+                    err = ApiError(
+                        408,
+                        f"the request did not finish within {self.timeout_s:g} s",
+                        type="timeout_error",
+                        code="timeout",
+                    )
+                    yield sse_event(err.body())
+                    return
+                c = self._absorb(i, event)
+                if c.error is not None:
+                    err = ApiError(500, c.error, type="server_error", code="generation_failed")
+                    yield sse_event(err.body())
+                    return
+                if not event.text and c.finish_reason is None:
+                    continue  # text held back (a partial character or stop string): nothing to show yet
+                assert c.tokens is not None and c.logprobs is not None and c.top is not None
+                lp = None
+                if want_lp:
+                    new = slice(c.sent, len(c.tokens))
+                    base = len(self._echo_prefix(c))
+                    lp = self._logprobs(c.tokens[new], c.logprobs[new], c.top[new], base, c.tokens[: c.sent])
+                    c.sent = len(c.tokens)
+                yield self._chunk(i, event.text, lp, c.finish_reason)
+            if self.req.stream_options is not None and self.req.stream_options.include_usage:
+                usage = {"id": self.id, "object": "text_completion", "created": self.created}
+                yield sse_event({**usage, "model": self.model.name, "choices": [], "usage": self._usage()})
+            yield "data: [DONE]\n\n"
+        finally:
+            self.cancel()
+
+
+def join_logprobs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    return {key: a[key] + b[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+
+def sse_event(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"

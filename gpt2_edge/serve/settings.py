@@ -1,0 +1,115 @@
+"""The server's settings: one dataclass that checks itself when it is made.
+
+``gpt2-edge serve`` (``serve/cli.py``) fills it from its options, Ray Serve (``serve/ray_app.py``)
+from ``serve run``'s ``key=value`` arguments or from the CLI's; both get the same checks, and a
+refusal names the field (``SettingsError.field``; the CLI turns it into the option's name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import Gpt2EdgeError
+from ..runtime.backends import PROVIDERS
+from .scheduler import DEFAULT_PREFILL_CHUNK
+
+API_KEY_ENV = "GPT2_EDGE_API_KEY"  # the key where `ps` does not show it (CLI, `serve run`)
+
+
+class SettingsError(Gpt2EdgeError):
+    """A setting out of range or of the wrong type; ``field`` names it."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field = field
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How one server (or each Ray Serve replica) loads, batches, limits and protects."""
+
+    # the model
+    provider: str = "cpu"  # runtime.backends.PROVIDERS: cpu | cuda | tensorrt | auto (ORT), trt-engine
+    threads: int | None = None  # ONNX Runtime intra-op threads per replica (None: its default)
+    model_name: str | None = None  # the id in /v1/models (default: the bundle directory's name)
+    # batching
+    max_batch: int = 8  # KV-cache slots: sequences decoded together in one step
+    max_queue: int = 32  # sequences waiting for a slot before new requests get 429
+    # Prompt tokens prefilled per scheduler step: a long prompt is prefilled in chunks between the
+    # running streams' decode steps instead of stalling them for its whole prefill. 0 = whole.
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    # limits and protection
+    timeout_s: float = 300.0  # per request, from arrival to its last token
+    max_body_bytes: int = 1 << 20
+    api_key: str | None = None  # when set, every route but /health needs `Authorization: Bearer`
+    cors_origins: tuple[str, ...] = ()  # none: no CORS headers, browsers on other origins are refused
+    # where it listens, and how long in-flight requests may finish on SIGTERM
+    host: str = "127.0.0.1"  # loopback unless the operator says otherwise
+    port: int = 8000
+    drain_timeout_s: float = 30.0
+    # Ray Serve
+    replicas: int = 1  # copies of the app behind Ray's proxy, each with its own model and batch
+    replica_cpus: float = 1.0  # CPUs Ray reserves per replica
+    replica: str | None = None  # shown by /health: which replica answered (set by each replica)
+
+    def __post_init__(self) -> None:
+        for name, low, high in (
+            ("max_batch", 1, None),
+            ("max_queue", 0, None),
+            ("prefill_chunk", 0, None),
+            ("max_body_bytes", 1, None),
+            ("port", 0, 65535),
+            ("replicas", 1, None),
+        ):
+            self._count(name, low, high)
+        if self.threads is not None:
+            self._count("threads", 1, None)
+        for name, low, inclusive in (
+            ("timeout_s", 0.0, False),
+            ("drain_timeout_s", 0.0, True),
+            ("replica_cpus", 0.0, False),
+        ):
+            self._number(name, low, inclusive)
+        for name, optional in (("host", False), ("model_name", True), ("api_key", True), ("replica", True)):
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if not isinstance(value, str) or not value:
+                raise SettingsError(name, f"must be a non-empty string, got {value!r}")
+        if self.provider not in PROVIDERS:
+            raise SettingsError("provider", f"must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
+        origins = self.cors_origins
+        if isinstance(origins, str) or not all(isinstance(o, str) and o for o in origins):
+            raise SettingsError("cors_origins", f"must be a list of origins (strings), got {origins!r}")
+        object.__setattr__(self, "cors_origins", tuple(origins))  # frozen: normalise once, here
+
+    def _count(self, name: str, low: int, high: int | None) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SettingsError(name, f"must be an integer, got {value!r}")
+        if value < low:
+            raise SettingsError(name, f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise SettingsError(name, f"must be <= {high}, got {value}")
+
+    def _number(self, name: str, low: float, inclusive: bool) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SettingsError(name, f"must be a finite number, got {value!r}")
+        if value < low or (value == low and not inclusive):
+            raise SettingsError(name, f"must be {'>=' if inclusive else '>'} {low:g}, got {value:g}")
+        object.__setattr__(self, name, float(value))
+
+    def replace(self, **changes: Any) -> ServeSettings:
+        """A copy with ``changes``, checked again."""
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values (lists, not tuples) for a process boundary (Ray's deployment arguments)."""
+        d = dataclasses.asdict(self)
+        d["cors_origins"] = list(self.cors_origins)
+        return d

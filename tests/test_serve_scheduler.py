@@ -1,0 +1,170 @@
+"""The server's scheduler without HTTP: chunked prefill on both KV-cache forms, and the settings
+both front ends share."""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from gpt2_edge.export.bundle import export_bundle
+from gpt2_edge.runtime.generator import Generator
+from gpt2_edge.runtime.sampling import GenerationConfig, openai_generation_config
+from gpt2_edge.serve.scheduler import Scheduler, SequenceHandle, TokenEvent
+from gpt2_edge.serve.settings import ServeSettings, SettingsError
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+LONG = 48  # prompt tokens of the long request (the tiny model's context is 64)
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, tiny_checkpoint) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("sched")
+    return {
+        kv: export_bundle(tiny_checkpoint, d / kv, kv_cache=kv, log=lambda _: None)
+        for kv in ("inplace", "concat")
+    }
+
+
+@pytest.fixture(scope="module")
+def gens(bundles) -> dict[str, Generator]:
+    return {kv: Generator.from_bundle(str(b), threads=1) for kv, b in bundles.items()}
+
+
+class Run:
+    """Sequences submitted to a scheduler, their events in one log (in the order the scheduler
+    thread sent them), and a way to wait for all of them."""
+
+    def __init__(self, gen: Generator, **scheduler) -> None:
+        self.gen = gen
+        self.scheduler = Scheduler(gen.backend, n_ctx=gen.backend.n_ctx, **scheduler)
+        self.log: list[tuple[str, TokenEvent | None]] = []
+        self.tokens: dict[str, list[int]] = {}
+        self.pending = 0
+        self.done = threading.Condition()
+
+    def sequence(
+        self, name: str, prompt: list[int], config: GenerationConfig, on_event=None
+    ) -> SequenceHandle:
+        self.tokens[name] = []
+
+        def sink(event: TokenEvent) -> None:
+            self.log.append((name, event))
+            assert event.error is None, event.error
+            self.tokens[name].append(event.token)
+            if on_event is not None:
+                on_event(event)
+            if event.finish_reason is not None:
+                with self.done:
+                    self.pending -= 1
+                    self.done.notify_all()
+
+        self.pending += 1
+        return SequenceHandle(
+            prompt, config, sink, eos_token_id=self.gen.eos_token_id, detokenize=self.gen.tokenizer.decode
+        )
+
+    def wait(self, timeout: float = 60) -> None:
+        with self.done:
+            assert self.done.wait_for(lambda: self.pending == 0, timeout), "the sequences did not finish"
+        self.scheduler.close()
+
+    def alone(self, prompt: list[int], config: GenerationConfig) -> list[int]:
+        return self.gen.generate(prompt, config)[0].token_ids
+
+
+@pytest.mark.parametrize("kv", ["inplace", "concat"])
+@pytest.mark.parametrize("chunk", [8, 0])
+def test_a_running_stream_keeps_its_pace_while_a_long_prompt_goes_in(gens, kv, chunk):
+    """A 48-token prompt arrives while a stream decodes: in chunks of 8 it goes in over 6 steps and
+    the stream gets a token in each of the 5 steps before the long prompt's first token; whole
+    (chunk 0) it stalls the stream for the whole prefill. Both outputs equal Generator alone."""
+    gen = gens[kv]
+    run = Run(gen, max_batch=4, max_queue=4, prefill_chunk=chunk)
+    stream_cfg = GenerationConfig(max_new_tokens=30, min_new_tokens=30)  # eos cannot end it early
+    long_cfg = GenerationConfig(max_new_tokens=8)
+    long_prompt = (gen.tokenizer.encode("First Citizen:\nBefore we proceed any further, hear me speak.") * 4)[
+        :LONG
+    ]
+    assert len(long_prompt) == LONG
+    long = run.sequence("long", long_prompt, long_cfg)
+
+    def submit_long(event: TokenEvent) -> None:  # in the scheduler thread, at the stream's 2nd token
+        if len(run.tokens["stream"]) == 2:
+            run.log.append(("submitted", None))
+            run.scheduler.submit([long])
+
+    stream = run.sequence("stream", gen.tokenizer.encode("O"), stream_cfg, on_event=submit_long)
+    run.scheduler.start()
+    run.scheduler.submit([stream])
+    run.wait()
+    names = [name for name, _ in run.log]
+    after = names[names.index("submitted") :]
+    between = after[: after.index("long")].count("stream")
+    assert between == (math.ceil(LONG / chunk) - 1 if chunk else 0)
+    assert run.tokens["stream"] == run.alone(gen.tokenizer.encode("O"), stream_cfg)
+    assert run.tokens["long"] == run.alone(long_prompt, long_cfg)
+
+
+@pytest.mark.parametrize("kv", ["inplace", "concat"])
+def test_chunked_prefill_of_many_prompts_equals_generator(gens, kv):
+    """Eight prompts of 1..40 tokens, some sampled, into 4 slots with 5 prompt tokens per step: the
+    budget splits prompts across steps and steps across prompts; every output equals Generator."""
+    gen = gens[kv]
+    run = Run(gen, max_batch=4, max_queue=8, prefill_chunk=5)
+    text = gen.tokenizer.encode("We are accounted poor citizens, the patricians good. " * 4)
+    jobs = []
+    for i, n in enumerate((1, 40, 3, 17, 9, 26, 5, 33)):
+        cfg = openai_generation_config(max_tokens=4 + i, temperature=0.8 if i % 3 == 1 else 0, seed=i)
+        jobs.append((f"job{i}", text[i : i + n], cfg))
+    run.scheduler.start()
+    run.scheduler.submit([run.sequence(name, prompt, cfg) for name, prompt, cfg in jobs])
+    run.wait()
+    for name, prompt, cfg in jobs:
+        assert run.tokens[name] == run.alone(prompt, cfg), name
+
+
+# settings --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"max_batch": 0}, "max_batch"),
+        ({"max_queue": -1}, "max_queue"),
+        ({"prefill_chunk": -1}, "prefill_chunk"),
+        ({"max_batch": 2.5}, "max_batch"),
+        ({"max_batch": True}, "max_batch"),
+        ({"threads": 0}, "threads"),
+        ({"timeout_s": 0}, "timeout_s"),
+        ({"timeout_s": float("nan")}, "timeout_s"),
+        ({"drain_timeout_s": -1}, "drain_timeout_s"),
+        ({"max_body_bytes": 0}, "max_body_bytes"),
+        ({"port": 70000}, "port"),
+        ({"replicas": 0}, "replicas"),
+        ({"replica_cpus": 0}, "replica_cpus"),
+        ({"provider": "tpu"}, "provider"),
+        ({"api_key": ""}, "api_key"),
+        ({"host": ""}, "host"),
+        ({"cors_origins": "http://a.test"}, "cors_origins"),
+    ],
+)
+def test_settings_refuse_bad_values_naming_the_field(changes, field):
+    with pytest.raises(SettingsError) as e:
+        ServeSettings(**changes)
+    assert e.value.field == field and str(e.value).startswith(field)
+    with pytest.raises(SettingsError):
+        ServeSettings().replace(**changes)
+
+
+def test_settings_take_every_provider_and_normalise():
+    from gpt2_edge.runtime.backends import PROVIDERS
+
+    for provider in PROVIDERS:
+        assert ServeSettings(provider=provider).provider == provider
+    s = ServeSettings(cors_origins=["http://a.test"], timeout_s=5, prefill_chunk=0)
+    assert s.cors_origins == ("http://a.test",) and s.timeout_s == 5.0 and isinstance(s.timeout_s, float)
+    assert ServeSettings(**s.as_dict()) == s
