@@ -42,6 +42,7 @@ class Tokenizer:
             raise TokenizerError(f"the tokenizer has no {eos_token!r} token")
         self.eos_token = eos_token
         self.eos_token_id: int = eos_id
+        self._max_token_bytes: int | None = None
 
     # construction ---------------------------------------------------------------
     @classmethod
@@ -100,6 +101,19 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def max_token_bytes(self) -> int:
+        """The longest token's length in UTF-8 bytes: text of more than ``n * max_token_bytes``
+        characters cannot fit in ``n`` tokens (a character is at least one byte), so a length
+        check needs no tokenization."""
+        if self._max_token_bytes is None:
+            vocab = self._tok.get_vocab(with_added_tokens=True)
+            longest = 1
+            for i in vocab.values():
+                longest = max(longest, len(self._tok.decode([i], skip_special_tokens=False).encode()))
+            self._max_token_bytes = longest
+        return self._max_token_bytes
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

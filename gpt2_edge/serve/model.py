@@ -22,6 +22,9 @@ class ServedModel:
         self.n_ctx = n_ctx
         self.name = name
         self.vocab_size: int = tokenizer.vocab_size
+        # No text longer than this fits the context, whatever it tokenizes to: a prompt or a
+        # /tokenize text is refused by its length before any tokenizing (a 1 MB body stays cheap).
+        self.max_prompt_chars: int = n_ctx * tokenizer.max_token_bytes
 
     @classmethod
     def from_bundle(
