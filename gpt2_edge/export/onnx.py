@@ -21,6 +21,7 @@ from torch import nn
 from .. import contract
 from ..errors import Gpt2EdgeError
 from ..model.gpt import GPT
+from .graph import check_contract, check_no_if, name_dims, name_nodes_by_module
 
 DEFAULT_OPSET = 18
 
@@ -56,8 +57,6 @@ def export_onnx(
     With ``external_data`` the weights go to ``<path>.data`` (needed past protobuf's 2 GB limit).
     Afterwards the graph gets the contract's dim names and module-path node names, and is checked.
     """
-    from .graph import check_contract, check_no_if, name_dims, name_nodes_by_module
-
     c = model.config
     if opset < 17:
         raise Gpt2EdgeError(f"opset must be >= 17 (LayerNormalization), got {opset}")
