@@ -273,7 +273,8 @@ def test_models_health_tokenize_metrics(server, gen):
     t = httpx.post(f"{server.url}/tokenize", json={"content": PROMPTS[2]}).json()
     assert t["tokens"] == gen.tokenizer.encode(PROMPTS[2]) and t["count"] == len(t["tokens"])
     assert httpx.post(f"{server.url}/detokenize", json={"tokens": t["tokens"]}).json() == {
-        "content": PROMPTS[2]
+        "prompt": PROMPTS[2],  # vLLM's name
+        "content": PROMPTS[2],  # llama-server's
     }
     before = metric(server, "gpt2_edge_generation_tokens_total")
     post(server, {"prompt": "O", "max_tokens": 4, "temperature": 0})
@@ -572,7 +573,7 @@ BAD = [
     ("wrong-method", "GET", "/v1/completions", None, AUTH, 405, None),
     ("unknown-route", "GET", "/v1/nothing", None, AUTH, 404, None),
     ("bad-detokenize", "POST", "/detokenize", {"tokens": [-1]}, AUTH, 400, "tokens"),
-    ("tokenize-missing", "POST", "/tokenize", {}, AUTH, 400, "content"),
+    ("tokenize-missing", "POST", "/tokenize", {}, AUTH, 400, "prompt"),
 ]
 
 

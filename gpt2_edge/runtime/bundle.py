@@ -88,6 +88,45 @@ class Bundle:
 
         return Tokenizer.from_file(self.path / "tokenizer.json")
 
+    # Hugging Face's tokenizer settings, read only from files the manifest lists (so verified):
+    # an export that keeps them lists them; a file copied in by hand beside them is not the bundle's.
+    TOKENIZER_CONFIG = "tokenizer_config.json"
+    CHAT_TEMPLATE = "chat_template.jinja"  # where transformers >= 4.43 saves a chat template
+
+    def has_file(self, name: str) -> bool:
+        """Whether ``name`` is one of the bundle's files (listed in the manifest, hence verified)."""
+        return name in self.manifest["files"]
+
+    def tokenizer_config(self) -> dict[str, Any]:
+        """The bundle's ``tokenizer_config.json`` (``{}`` when the bundle carries none)."""
+        if not self.has_file(self.TOKENIZER_CONFIG):
+            return {}
+        f = self.path / self.TOKENIZER_CONFIG
+        try:
+            config = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{f} is not valid JSON ({e}); re-export the bundle") from None
+        if not isinstance(config, dict):
+            raise BundleError(f"{f} is a JSON {kind_of(config)}, not an object; re-export the bundle")
+        return config
+
+    def chat_template(self) -> str | None:
+        """The model's Hugging Face chat template (Jinja source), or None when it has none: a
+        ``chat_template.jinja`` file, else ``tokenizer_config.json``'s ``chat_template`` (a string,
+        or a list of ``{"name", "template"}`` of which the one named ``default`` counts)."""
+        if self.has_file(self.CHAT_TEMPLATE):
+            return (self.path / self.CHAT_TEMPLATE).read_text(encoding="utf-8")
+        t = self.tokenizer_config().get("chat_template")
+        if isinstance(t, list):
+            named = {x.get("name"): x.get("template") for x in t if isinstance(x, dict)}
+            t = named.get("default")
+        if t is not None and not isinstance(t, str):
+            raise BundleError(
+                f"{self.path / self.TOKENIZER_CONFIG}: chat_template must be a string or a list of "
+                "{name, template}; re-export the bundle"
+            )
+        return t or None
+
     def check_session(self, session: Any) -> None:
         """Refuse a graph whose inputs/outputs (names, element types, ranks) differ from ``io``:
         a ``model.onnx`` from another model or export would otherwise fail on its first step."""

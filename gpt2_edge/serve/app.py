@@ -1,5 +1,6 @@
-"""The HTTP app: OpenAI-style ``/v1/completions`` (plain and Server-Sent Events), ``/v1/models``,
-``/health``, ``/metrics``, ``/tokenize`` and ``/detokenize`` over one continuous-batching
+"""The HTTP app: OpenAI-style ``/v1/completions`` and ``/v1/chat/completions`` (plain and
+Server-Sent Events), ``/v1/models``, ``/health``, ``/metrics``, and the tokenizer routes
+(``/tokenize``, ``/detokenize``, ``/tokenizer_info``: tokens.py) over one continuous-batching
 ``Scheduler``. Torch-free: a bundle, a backend (ONNX Runtime or a TensorRT engine), tokenizers,
 numpy and the ASGI stack.
 
@@ -27,15 +28,16 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from .completions import Completion, check_ids
+from . import tokens
+from .chat import ChatTemplate, prepare_chat
+from .completions import Completion
 from .metrics import Metrics
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestCounterMiddleware
 from .model import ServedModel
 from .protocol import (
     ApiError,
+    ChatCompletionRequest,
     CompletionRequest,
-    DetokenizeRequest,
-    TokenizeRequest,
     parse_body,
     validation_error,
 )
@@ -46,7 +48,18 @@ __all__ = ["ROUTES", "ServeSettings", "ServedModel", "create_app"]
 
 log = logging.getLogger("gpt2_edge.serve")
 
-ROUTES = frozenset({"/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize", "/detokenize"})
+ROUTES = frozenset(
+    {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/health",
+        "/metrics",
+        "/tokenize",
+        "/detokenize",
+        "/tokenizer_info",
+    }
+)
 
 router = APIRouter()
 
@@ -59,7 +72,19 @@ class Served:
     settings: ServeSettings
     scheduler: Scheduler
     metrics: Metrics
+    chat: ChatTemplate  # how /v1/chat/completions renders messages (chat.py)
     draining: bool = False  # SIGTERM or shutdown: /health says so, new completions get 503
+
+    def check_open(self) -> None:
+        """New generation requests get 503 once the server is draining."""
+        if self.draining:
+            raise ApiError(
+                503,
+                "the server is shutting down",
+                type="server_error",
+                code="shutting_down",
+                headers={"Retry-After": "1"},
+            )
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model.name:
@@ -84,7 +109,7 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
     )
     metrics = Metrics(settings.max_batch, lambda: scheduler.queue_depth, lambda: scheduler.active)
     scheduler.metrics = metrics
-    served = Served(model, settings, scheduler, metrics)
+    served = Served(model, settings, scheduler, metrics, ChatTemplate.for_model(model))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -122,6 +147,7 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
     )
     _add_error_handlers(app)
     app.include_router(router)
+    app.include_router(tokens.router)
     return app
 
 
@@ -133,14 +159,7 @@ def served_by(request: Request) -> Served:
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
     s = served_by(request)
-    if s.draining:
-        raise ApiError(
-            503,
-            "the server is shutting down",
-            type="server_error",
-            code="shutting_down",
-            headers={"Retry-After": "1"},
-        )
+    s.check_open()
     raw = await request.body()
     loop = asyncio.get_running_loop()
 
@@ -151,7 +170,26 @@ async def completions(request: Request) -> Response:
         return Completion(s.model, s.scheduler, s.metrics, req, loop, s.settings.timeout_s)
 
     # JSON, validation and tokenizing off the event loop, which serves every stream at once.
-    job = await asyncio.to_thread(prepare)
+    return await run_job(request, await asyncio.to_thread(prepare))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    s = served_by(request)
+    s.check_open()
+    raw = await request.body()
+    loop = asyncio.get_running_loop()
+
+    def prepare() -> Completion:
+        req = parse_body(raw, ChatCompletionRequest)
+        s.check_model(req.model)
+        return prepare_chat(s.model, s.scheduler, s.metrics, s.chat, req, loop, s.settings.timeout_s)
+
+    return await run_job(request, await asyncio.to_thread(prepare))
+
+
+async def run_job(request: Request, job: Completion) -> Response:
+    """Score the prompts when asked, schedule the choices, and answer (a stream or one body)."""
     req = job.req
     if req.echo and req.logprobs is not None:
         await job.score_prompts()
@@ -198,24 +236,6 @@ async def health(request: Request) -> JSONResponse:
 @router.get("/metrics")
 async def prometheus(request: Request) -> Response:
     return Response(served_by(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-
-@router.post("/tokenize")
-async def tokenize(request: Request) -> dict[str, Any]:
-    s = served_by(request)
-    req = parse_body(await request.body(), TokenizeRequest)
-    s.check_model(req.model)
-    ids = s.model.tokenizer.encode(req.content)
-    return {"tokens": ids, "count": len(ids), "max_model_len": s.model.n_ctx}
-
-
-@router.post("/detokenize")
-async def detokenize(request: Request) -> dict[str, Any]:
-    s = served_by(request)
-    req = parse_body(await request.body(), DetokenizeRequest)
-    s.check_model(req.model)
-    check_ids(req.tokens, s.model.vocab_size, "tokens")
-    return {"content": s.model.tokenizer.decode(req.tokens)}
 
 
 # errors -------------------------------------------------------------------------------------------

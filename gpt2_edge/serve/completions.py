@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from starlette.requests import Request
 
-from ..runtime.sampling import log_softmax
+from ..runtime.sampling import GenerationConfig, log_softmax
 from .metrics import Metrics
 from .model import ServedModel
 from .protocol import ApiError, CompletionRequest
@@ -63,7 +63,16 @@ FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # ours -> OpenAI's
 
 
 class Completion:
-    """One ``/v1/completions`` request: prompts -> sequences in the scheduler -> the response."""
+    """One ``/v1/completions`` request: prompts -> sequences in the scheduler -> the response.
+
+    ``max_tokens: 0`` (only with ``echo``) scores and echoes the prompts and generates nothing: no
+    sequence enters the scheduler, and every choice finishes at once with ``length``. Subclasses
+    (chat.py) change the output's shape: ``OBJECT`` / ``CHUNK_OBJECT`` / ``ID_PREFIX``,
+    ``_choice``, ``_chunk_choice``, ``_logprobs``, and ``generation_config``."""
+
+    OBJECT = "text_completion"  # the response's "object"
+    CHUNK_OBJECT = "text_completion"  # a streamed chunk's
+    ID_PREFIX = "cmpl-"
 
     def __init__(
         self,
@@ -79,7 +88,7 @@ class Completion:
         self.scheduler = scheduler
         self.metrics = metrics
         self.req = req
-        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.id = f"{self.ID_PREFIX}{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.loop = loop
         self.deadline = loop.time() + timeout_s
@@ -137,8 +146,17 @@ class Completion:
             return p[i]
         return self.model.tokenizer.decode(self.prompts[i])
 
+    def generation_config(self, choice: int) -> GenerationConfig:
+        """How to generate choice ``choice``."""
+        return self.req.generation_config(choice)
+
     def submit(self) -> None:
         """Put every choice into the scheduler, or answer 429 (full) / 503 (shutting down)."""
+        if self.req.max_tokens == 0:  # echo only: nothing to generate, nothing to schedule
+            for c in self.choices:
+                c.finish_reason = "length"
+            self.metrics.prompt_tokens.inc(sum(len(self.prompts[c.prompt_index]) for c in self.choices))
+            return
         for i, choice in enumerate(self.choices):
 
             def sink(event: TokenEvent, i: int = i) -> None:
@@ -147,7 +165,7 @@ class Completion:
             self.sequences.append(
                 SequenceHandle(
                     self.prompts[choice.prompt_index],
-                    self.req.generation_config(i),
+                    self.generation_config(i),
                     sink,
                     eos_token_id=self.model.eos_token_id,
                     detokenize=self.model.tokenizer.decode,
@@ -287,32 +305,48 @@ class Completion:
                 lp = self._logprobs(c.tokens, c.logprobs, c.top, len(prefix))
                 if self.req.echo and self.prompt_scores is not None:
                     lp = join_logprobs(self.prompt_scores[c.prompt_index], lp)
-            choices.append(
-                {
-                    "text": self._echo_prefix(c) + c.text,
-                    "index": i,
-                    "logprobs": lp,
-                    "finish_reason": c.finish_reason,
-                }
-            )
+            choices.append(self._choice(i, c, lp))
         return {
             "id": self.id,
-            "object": "text_completion",
+            "object": self.OBJECT,
             "created": self.created,
             "model": self.model.name,
             "choices": choices,
             "usage": self._usage(),
         }
 
+    def _choice(self, index: int, c: Choice, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+        """Choice ``index`` of the whole response."""
+        return {
+            "text": self._echo_prefix(c) + c.text,
+            "index": index,
+            "logprobs": logprobs,
+            "finish_reason": c.finish_reason,
+        }
+
+    def _chunk_choice(
+        self, index: int, text: str, logprobs: dict[str, Any] | None, finish: str | None
+    ) -> dict[str, Any]:
+        """Choice ``index`` of one streamed chunk."""
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
     def _chunk(self, index: int, text: str, logprobs: dict[str, Any] | None, finish: str | None) -> str:
+        return self._sse_chunk(self._chunk_choice(index, text, logprobs, finish))
+
+    def _sse_chunk(self, choice: dict[str, Any]) -> str:
+        """One chunk event: ``usage`` is the usage so far with ``continuous_usage_stats`` (vLLM),
+        null with ``include_usage`` alone (OpenAI: only the last chunk has it)."""
         body: dict[str, Any] = {
             "id": self.id,
-            "object": "text_completion",
+            "object": self.CHUNK_OBJECT,
             "created": self.created,
             "model": self.model.name,
-            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+            "choices": [choice],
         }
-        if self.req.stream_options is not None and self.req.stream_options.include_usage:
+        options = self.req.stream_options
+        if options is not None and options.continuous_usage_stats:
+            body["usage"] = self._usage()
+        elif options is not None and options.include_usage:
             body["usage"] = None
         return sse_event(body)
 
@@ -323,10 +357,10 @@ class Completion:
         sequences, and the scheduler frees their slots before its next step."""
         want_lp = self.req.logprobs is not None
         try:
-            if self.req.echo:
+            if self.req.echo:  # with max_tokens 0 the prompt is all there is: the choice ends here
                 for i, c in enumerate(self.choices):
                     lp = self.prompt_scores[c.prompt_index] if self.prompt_scores is not None else None
-                    yield self._chunk(i, self.prompt_texts[c.prompt_index], lp, None)
+                    yield self._chunk(i, self.prompt_texts[c.prompt_index], lp, c.finish_reason)
             while not self._done():
                 try:
                     i, event = await self._next()
@@ -355,7 +389,7 @@ class Completion:
                     c.sent = len(c.tokens)
                 yield self._chunk(i, event.text, lp, c.finish_reason)
             if self.req.stream_options is not None and self.req.stream_options.include_usage:
-                usage = {"id": self.id, "object": "text_completion", "created": self.created}
+                usage = {"id": self.id, "object": self.CHUNK_OBJECT, "created": self.created}
                 yield sse_event({**usage, "model": self.model.name, "choices": [], "usage": self._usage()})
             yield "data: [DONE]\n\n"
         finally:

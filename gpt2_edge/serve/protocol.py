@@ -1,8 +1,11 @@
 """The request protocol: bodies (pydantic, strict: no silent coercion, no unknown fields), their
 mapping to ``GenerationConfig``, and OpenAI's error shape. Nothing here runs a model.
 
-Fields follow OpenAI's legacy ``/v1/completions``; ``top_k``, ``repetition_penalty`` and
-``min_tokens`` are extensions (as in vLLM). OpenAI fields this server does not implement are
+Fields follow OpenAI's legacy ``/v1/completions`` and its chat completions; ``top_k``,
+``repetition_penalty``, ``min_tokens``, ``ignore_eos`` and ``stream_options.continuous_usage_stats``
+are extensions (as in vLLM, whose names the clients that benchmark and evaluate servers send:
+guidellm, lm-evaluation-harness). The tokenizer routes take vLLM's and llama-server's names.
+OpenAI fields this server does not implement are
 accepted only at their neutral value, so a client that sends the defaults still works and one
 that asks for more hears so instead of getting something else.
 """
@@ -10,7 +13,7 @@ that asks for more hears so instead of getting something else.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -51,7 +54,8 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with the request's usage (OpenAI)
+    continuous_usage_stats: bool = False  # usage so far in every chunk (vLLM's extension)
 
 
 TokenIds = list[Annotated[int, Field(ge=0)]]
@@ -62,7 +66,7 @@ class CompletionRequest(_Strict):
 
     model: str | None = None
     prompt: str | list[str] | TokenIds | list[TokenIds]
-    max_tokens: Annotated[int, Field(ge=1)] = 16
+    max_tokens: Annotated[int, Field(ge=0)] = 16  # 0 only with echo: score the prompt, generate nothing
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
@@ -76,6 +80,7 @@ class CompletionRequest(_Strict):
     top_k: Annotated[int, Field(ge=-1)] = 0  # 0 or -1 = off (-1 is vLLM's spelling)
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
     min_tokens: Annotated[int, Field(ge=0)] = 0
+    ignore_eos: bool = False  # vLLM's: decode past the end-of-text token up to max_tokens
     # OpenAI fields accepted at their neutral value only
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -86,6 +91,13 @@ class CompletionRequest(_Strict):
 
     def check_supported(self) -> None:
         """Refuse what this server does not implement, naming the field."""
+        if self.max_tokens == 0 and not self.echo:
+            raise ApiError(
+                400,
+                "max_tokens must be >= 1 (0 only with echo: true, which scores the prompt and generates "
+                "nothing)",
+                param="max_tokens",
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) != 0:
                 raise ApiError(400, f"{name} is not supported (only 0); use repetition_penalty", param=name)
@@ -123,14 +135,34 @@ class CompletionRequest(_Strict):
             repetition_penalty=self.repetition_penalty,
             seed=None if self.seed is None else (self.seed + choice) % 2**63,
             stop=self.stop_strings,
+            ignore_eos=self.ignore_eos,
         )
 
 
 class TokenizeRequest(_Strict):
-    """The body of ``POST /tokenize``."""
+    """The body of ``POST /tokenize``: the text as ``prompt`` (vLLM's name, which lm-eval sends) or
+    ``content`` (llama-server's). GPT-2's tokenizer adds no special tokens, so
+    ``add_special_tokens`` (vLLM) and ``add_special`` (llama-server) change nothing."""
 
-    content: str
+    prompt: str | None = None
+    content: str | None = None
+    add_special_tokens: bool = True
+    add_special: bool = False
     model: str | None = None
+
+    @property
+    def text(self) -> str:
+        if self.prompt is not None and self.content is not None:
+            raise ApiError(400, "send the text as prompt or as content, not both", param="prompt")
+        text = self.prompt if self.prompt is not None else self.content
+        if text is None:
+            raise ApiError(
+                400,
+                "prompt is required (the text to tokenize; content also works)",
+                param="prompt",
+                code="missing_field",
+            )
+        return text
 
 
 class DetokenizeRequest(_Strict):
@@ -138,6 +170,133 @@ class DetokenizeRequest(_Strict):
 
     tokens: TokenIds
     model: str | None = None
+
+
+class ChatMessage(_Strict):
+    """One message of a chat: ``content`` a string or OpenAI's list of parts (text parts only)."""
+
+    role: Annotated[str, Field(min_length=1)]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self, i: int) -> str:
+        """The content as one string (text parts joined by newlines, as vLLM does)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        texts = []
+        for j, part in enumerate(self.content):
+            where = f"messages.{i}.content.{j}"
+            if part.get("type") != "text":
+                raise ApiError(
+                    400,
+                    f"{where}: only text parts are supported (type 'text'), got type {part.get('type')!r}",
+                    param="messages",
+                )
+            if set(part) - {"type", "text"} or not isinstance(part.get("text"), str):
+                raise ApiError(
+                    400, f"{where}: a text part is {{'type': 'text', 'text': str}}", param="messages"
+                )
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+
+class ChatCompletionRequest(_Strict):
+    """The body of ``POST /v1/chat/completions`` (OpenAI's chat shape; the same extensions as
+    ``CompletionRequest``). No tools, no response formats, no echo."""
+
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    # None: the rest of the context (OpenAI's default); max_completion_tokens is the newer name
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    # extensions (as in CompletionRequest)
+    top_k: Annotated[int, Field(ge=-1)] = 0
+    repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    ignore_eos: bool = False
+    # OpenAI fields accepted at their neutral value only
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    # what a chat request shares with a completion request, field for field
+    _SHARED: ClassVar[tuple[str, ...]] = (
+        "model",
+        "temperature",
+        "top_p",
+        "n",
+        "stop",
+        "seed",
+        "stream",
+        "stream_options",
+        "top_k",
+        "repetition_penalty",
+        "min_tokens",
+        "ignore_eos",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "user",
+    )
+
+    def message_texts(self) -> list[dict[str, str]]:
+        """The messages as ``{"role", "content"}`` (+ ``name``) with string contents."""
+        out = []
+        for i, m in enumerate(self.messages):
+            d = {"role": m.role, "content": m.text(i)}
+            if m.name is not None:
+                d["name"] = m.name
+            out.append(d)
+        return out
+
+    def as_completion(self, prompt: list[int], n_ctx: int) -> CompletionRequest:
+        """The completion request that generates this chat's answer to the token ids ``prompt``
+        (the rendered messages), checked as ``/v1/completions`` checks its own."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        given = {
+            k: v
+            for k, v in (
+                ("max_tokens", self.max_tokens),
+                ("max_completion_tokens", self.max_completion_tokens),
+            )
+            if v is not None
+        }
+        if len(set(given.values())) > 1:
+            raise ApiError(
+                400, "max_tokens and max_completion_tokens differ; send one", param="max_completion_tokens"
+            )
+        max_tokens = next(iter(given.values()), None)
+        if max_tokens is None:
+            max_tokens = n_ctx - len(prompt)
+            if max_tokens < 1:
+                raise ApiError(
+                    400,
+                    f"this model's context is {n_ctx} tokens, and the messages take {len(prompt)} tokens "
+                    "as the chat template renders them: no room to answer; send shorter messages",
+                    param="messages",
+                    code="context_length_exceeded",
+                )
+        req = CompletionRequest.model_construct(
+            prompt=prompt,
+            max_tokens=max_tokens,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            **{name: getattr(self, name) for name in self._SHARED},
+        )
+        req.check_supported()
+        return req
 
 
 # Union fields: pydantic reports one error per member; one sentence per field reads better.
