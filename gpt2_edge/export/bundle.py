@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -150,6 +151,7 @@ def _export(
         bar.stage(STAGES[4])
         tok.save(tmp)
         (tmp / "tokenizer_config.json").unlink(missing_ok=True)
+        copy_chat_template(src, tmp)
         manifest = {
             "model_file": "model.onnx",
             "model": c.bundle_dims(),
@@ -186,6 +188,28 @@ def _export(
         out = finalize(tmp, target_dir, manifest, overwrite=overwrite)
         bar.update()
         return out
+
+
+def copy_chat_template(checkpoint: Path, bundle_dir: Path) -> bool:
+    """Carry the checkpoint's Hugging Face chat template into the bundle as ``chat_template.jinja``
+    (the server's /v1/chat/completions renders it): the checkpoint's own ``chat_template.jinja``,
+    else ``tokenizer_config.json``'s ``chat_template`` (a string, or the entry named ``default``)."""
+    jinja = checkpoint / "chat_template.jinja"
+    template = jinja.read_text(encoding="utf-8") if jinja.is_file() else None
+    config = checkpoint / "tokenizer_config.json"
+    if template is None and config.is_file():
+        try:
+            t = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        except (ValueError, AttributeError) as e:
+            raise Gpt2EdgeError(f"{config} is not a JSON object ({e}); fix or remove it") from None
+        if isinstance(t, list):
+            named = {x.get("name"): x.get("template") for x in t if isinstance(x, dict)}
+            t = named.get("default")
+        template = t if isinstance(t, str) else None
+    if not template:
+        return False
+    (bundle_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return True
 
 
 def weights_sha256(checkpoint: Path) -> str | None:
