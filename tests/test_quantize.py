@@ -230,3 +230,16 @@ def test_external_data_bundles_quantize(tmp_path, tiny_checkpoint, texts, precis
     assert (out / "model.onnx.data").is_file() and rep.top1_agreement > 0.5
     res = Generator.from_bundle(str(out)).generate("All:", GenerationConfig(max_new_tokens=4))[0]
     assert len(res.token_ids) == 4
+
+
+def test_int8_dynamic_scales_activations_per_row(wide_bundles, tmp_path):
+    """No whole-tensor activation scale (DynamicQuantizeLinear): that made rows and positions
+    leak into each other (tests/test_batch_invariance.py)."""
+    out, _ = quantize_bundle(wide_bundles["ort"], "int8-dynamic", tmp_path / "q", force=True, **quiet)
+    b = Bundle.load(out)
+    census = b.manifest["graph"]["op_census"]
+    assert not any("DynamicQuantize" in op for op in census), census
+    # every weight MatMul (4 per layer and the untied head) takes per-row activation scales
+    assert census["com.microsoft:MatMulIntegerToFloat"] == 2 * 4 + 1
+    q = b.manifest["quantization"]
+    assert q["batch_invariant"] and "per row" in q["activations"] and q["head_untied"]

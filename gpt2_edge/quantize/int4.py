@@ -2,8 +2,14 @@
 
 Every MatMul with a constant weight (the untied LM head included) gets 4-bit (or 8-bit)
 symmetric weights in blocks of ``block_size`` along K with one fp scale per block;
-activations stay float. ``accuracy_level=4`` lets the CPU kernel compute in int8 internally,
-which measured 2x faster on the 124M shape (notes/export-facts.md).
+activations stay float in the graph. ``accuracy_level=4`` lets the CPU kernel compute in int8
+internally, which measured 2x faster on the 124M shape (notes/export-facts.md): it quantizes the
+activations per row and block of K, so no row or position sees another's values.
+
+Batch invariance (a row's logits the same alone or in a batch) was measured bitwise with blocks of
+32 on the tiny, default and 124M shapes; with blocks of 128 the CPU kernel takes another path for
+one row than for several (8-bit at 124M: 0.03 apart). Measure again before changing ``block_size``
+(tests/test_batch_invariance.py).
 """
 
 from __future__ import annotations
@@ -46,5 +52,10 @@ def to_nbits(
         "accuracy_level": accuracy_level,
         "head_untied": untied,
         "op_types": list(ops),
-        "weights": "weight-only; activations fp32",
+        "weights": f"int{bits} symmetric, blocks of {block_size} along K",
+        "activations": (
+            "float in the graph; the CPU kernel quantizes them to int8 per row and block (accuracy_level 4)"
+            if accuracy_level == 4
+            else "float"
+        ),
     }

@@ -6,6 +6,12 @@ limit) joins the finished set only if it ranks among the top ``num_beams``, with
 ``sum_logprobs / generated_length ** length_penalty``, and ``early_stopping`` picks when to stop
 (True: once ``num_beams`` hypotheses are finished; False: a heuristic on the current length;
 "never": the canonical bound). One prompt at a time; the batch axis holds its beams.
+
+Stop strings (``GenerationConfig.stop``) end a continuation the way eos does: a candidate whose
+generated text now contains one is finished (transformers' beam search, too, applies its stopping
+criteria, stop strings included, to each candidate). The result's text is cut before the stop
+string with finish_reason "stop", as greedy decoding does (``sequence.SequenceState``);
+transformers keeps the string in its output.
 """
 
 from __future__ import annotations
@@ -69,6 +75,13 @@ def beam_search(
         src, tok = top // V, top % V
         cand = np.concatenate([running[src], tok[:, None]], axis=1)
         hits = (tok == eos_token_id) | (cur_len + 1 >= max_len)
+        if config.stop:  # a continuation whose text now holds a stop string ends like eos
+            hits |= np.array(
+                [
+                    not hit and _stop_at(detokenize(c[P:].tolist()), config.stop) is not None
+                    for c, hit in zip(cand, hits, strict=True)
+                ]
+            )
 
         # the best num_beams unfinished continuations run on
         run_scores = top_scores + hits * DROPPED
@@ -106,6 +119,15 @@ def beam_search(
     tokens = finished[0]
     reason = "eos" if tokens and tokens[-1] == eos_token_id else "length"
     text = detokenize(tokens[:-1] if reason == "eos" else tokens)
+    cut = _stop_at(text, config.stop) if reason != "eos" else None
+    if cut is not None:
+        reason, text = "stop", text[:cut]
     timings = step_timings(t_first - t0, t_end - t_first, steps)
     timings["beam_score"] = float(finished_scores[0])
     return GenerationResult(text, tokens, reason, P, timings)
+
+
+def _stop_at(text: str, stop: Sequence[str]) -> int | None:
+    """Where the first stop string in ``text`` starts (None: none is there)."""
+    hits = [text.find(s) for s in stop if s in text]
+    return min(hits) if hits else None
