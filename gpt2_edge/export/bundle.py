@@ -20,7 +20,8 @@ from ..model.checkpoint import load_checkpoint, load_tokenizer, resolve_model_di
 from ..progress import Progress
 from ..runtime.bundle import MANIFEST, sha256_file
 from ..runtime.manifest import TARGETS
-from .graph import KV_FORMS, checked_census, optimize_for_ort, save_model
+from .fusions import optimize_for_ort
+from .graph import KV_FORMS, checked_census, save_model
 from .onnx import DEFAULT_OPSET, export_onnx, weight_bytes
 from .validate import validate_onnx
 from .writer import EXTERNAL_DATA_THRESHOLD, finalize, producer_versions

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import onnx
 
-from ..export.graph import untie_head
+from ..export.fusions import untie_head
 
 
 def to_nbits(

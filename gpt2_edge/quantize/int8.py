@@ -27,7 +27,8 @@ from onnx import numpy_helper
 
 from .. import contract
 from ..errors import Gpt2EdgeError
-from ..export.graph import producers_consumers, save_model, untie_head
+from ..export.fusions import untie_head
+from ..export.graph import producers_consumers, save_model
 
 LN_OPS = {"LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3)}  # (gamma, beta) input index
 
