@@ -56,7 +56,10 @@ def model(inplace_bundle) -> ServedModel:
 
 @pytest.fixture(scope="module")
 def client(model) -> Iterator[TestClient]:
-    with TestClient(create_app(model, ServeSettings(max_batch=4, max_queue=8))) as c:
+    # base_url: a keyless server answers loopback names only (not TestClient's "testserver")
+    with TestClient(
+        create_app(model, ServeSettings(max_batch=4, max_queue=8)), base_url="http://localhost"
+    ) as c:
         yield c
 
 
@@ -335,7 +338,7 @@ def test_a_bundles_own_chat_template_is_rendered_and_shown(tmp_path, inplace_bun
     config = {"tokenizer_class": "GPT2TokenizerFast", "eos_token": "<|endoftext|>", "chat_template": TEMPLATE}
     path = bundle_with(inplace_bundle, tmp_path / "chat", {"tokenizer_config.json": json.dumps(config)})
     m = ServedModel.from_bundle(path, threads=1, name="tiny")
-    with TestClient(create_app(m, ServeSettings(max_batch=2, max_queue=2))) as c:
+    with TestClient(create_app(m, ServeSettings(max_batch=2, max_queue=2)), base_url="http://localhost") as c:
         assert c.get("/tokenizer_info").json()["chat_template"] == TEMPLATE
         body = {"messages": [{"role": "user", "content": "Speak"}], "max_tokens": 4, "temperature": 0}
         r = post(c, "/v1/chat/completions", body)

@@ -29,6 +29,9 @@ from .engine_fakes import FAKE_GPU, fake_stack
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
+# A keyless server answers loopback names only (not TestClient's default "testserver").
+LOOPBACK = "http://localhost"
+
 PROMPTS = [
     "First Citizen:",
     "All:\nSpeak",
@@ -67,7 +70,7 @@ def test_engine_server_greedy_equals_generator(engine, engine_gen, prefill_chunk
     assert model.backend.provider == "trt-engine" and model.n_ctx == model.backend.n_ctx
     jobs = [(PROMPTS[i % len(PROMPTS)], 3 + 2 * i) for i in range(12)]
     settings = ServeSettings(provider="trt-engine", max_batch=8, max_queue=8, prefill_chunk=prefill_chunk)
-    with TestClient(create_app(model, settings)) as client:
+    with TestClient(create_app(model, settings), base_url=LOOPBACK) as client:
 
         def one(job):
             body = {"prompt": job[0], "max_tokens": job[1], "temperature": 0}
@@ -87,7 +90,9 @@ def test_engine_server_streams_and_scores_prompts(engine, engine_gen):
     """SSE and echo + logprobs (a full-sequence pass on the engine beside the scheduler)."""
     bundle, trt, cuda = engine
     model = ServedModel.from_bundle(bundle, "trt-engine", trt=trt, cuda=cuda)
-    with TestClient(create_app(model, ServeSettings(max_batch=4, prefill_chunk=4))) as client:
+    with TestClient(
+        create_app(model, ServeSettings(max_batch=4, prefill_chunk=4)), base_url=LOOPBACK
+    ) as client:
         body = {"prompt": PROMPTS[2], "max_tokens": 6, "temperature": 0, "stream": True}
         with client.stream("POST", "/v1/completions", json=body) as r:
             lines = [x[6:] for x in r.iter_lines() if x.startswith("data: ")]

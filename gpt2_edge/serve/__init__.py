@@ -7,7 +7,10 @@ Serve replicas. Torch-free. By concern, as vLLM's OpenAI entry point:
     scheduler.py    continuous batching over KV-cache slots, chunked prefill
     completions.py  one /v1/completions request: sequences, SSE, echo and logprobs, usage
     app.py          the routes and the app factory (create_app)
-    middleware.py   API key, body limit, request counter
+    middleware.py   request counter (and last-resort 500), Host check, JSON-only bodies, API key,
+                    body size and time limits
+    connections.py  the socket bound before the model loads; uvicorn's h11 protocol with a header
+                    timeout and a connection cap
     metrics.py      the Prometheus metrics
     cli.py          ``gpt2-edge serve`` / ``python -m gpt2_edge.serve`` on uvicorn
     ray_app.py      the same app as a Ray Serve deployment

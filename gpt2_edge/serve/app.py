@@ -30,9 +30,16 @@ from starlette.middleware.cors import CORSMiddleware
 
 from . import tokens
 from .chat import ChatTemplate, prepare_chat
-from .completions import Completion
+from .completions import Completion, check_room
 from .metrics import Metrics
-from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestCounterMiddleware
+from .middleware import (
+    LOOPBACK_NAMES,
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    HostCheckMiddleware,
+    JsonBodyMiddleware,
+    RequestCounterMiddleware,
+)
 from .model import ServedModel
 from .protocol import (
     ApiError,
@@ -74,9 +81,11 @@ class Served:
     metrics: Metrics
     chat: ChatTemplate  # how /v1/chat/completions renders messages (chat.py)
     draining: bool = False  # SIGTERM or shutdown: /health says so, new completions get 503
+    in_flight: int = 0  # requests under way but health checks and scrapes (a drain waits on them)
 
     def check_open(self) -> None:
-        """New generation requests get 503 once the server is draining."""
+        """New generation requests get 503 once the server is draining, and 429 when it is full:
+        at once, before any work (parsing, tokenizing, scoring)."""
         if self.draining:
             raise ApiError(
                 503,
@@ -85,6 +94,10 @@ class Served:
                 code="shutting_down",
                 headers={"Retry-After": "1"},
             )
+        check_room(self.scheduler)
+
+    def add_in_flight(self, n: int) -> None:
+        self.in_flight += n
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model.name:
@@ -129,10 +142,20 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
     )
     app.state.served = served
 
-    # Middleware: the last added is the outermost. Counter -> CORS -> API key -> body limit -> routes.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Middleware: the last added is the outermost. Counter -> CORS -> Host check (keyless) ->
+    # API key -> JSON bodies only -> body limits -> routes.
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
+    app.add_middleware(JsonBodyMiddleware)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    else:
+        hosts = settings.allowed_hosts
+        if settings.host not in (*LOOPBACK_NAMES, "0.0.0.0", "::", ""):  # the address it binds
+            name = f"[{settings.host}]" if ":" in settings.host else settings.host
+            hosts = (*hosts, f"{name}:{settings.port}")
+        app.add_middleware(HostCheckMiddleware, allowed=hosts)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -144,6 +167,7 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
         RequestCounterMiddleware,
         count=lambda route, status: metrics.requests.labels(route=route, status=str(status)).inc(),
         routes=ROUTES,
+        in_flight=served.add_in_flight,
     )
     _add_error_handlers(app)
     app.include_router(router)
@@ -189,11 +213,17 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def run_job(request: Request, job: Completion) -> Response:
-    """Score the prompts when asked, schedule the choices, and answer (a stream or one body)."""
+    """Hold the scheduler's room for the choices (429 when full: before any scoring), score the
+    prompts when asked, schedule the choices, and answer (a stream or one body)."""
     req = job.req
-    if req.echo and req.logprobs is not None:
-        await job.score_prompts()
-    job.submit()
+    job.reserve()
+    try:
+        if req.echo and req.logprobs is not None:
+            await job.score_prompts()
+        job.submit()
+    except BaseException:  # a refusal, a failure, or the request cancelled: the room goes back
+        job.release()
+        raise
     if req.stream:
         return StreamingResponse(
             job.sse(),

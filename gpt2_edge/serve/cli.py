@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import Gpt2EdgeError
 from ..runtime.backends import PROVIDERS
+from .connections import bind
 from .model import ServedModel
 from .settings import API_KEY_ENV, ServeSettings, SettingsError
 
@@ -27,7 +28,14 @@ __all__ = ["API_KEY_ENV", "add_serve", "main", "register", "resolve_bundle", "ru
 CACHE_ENV = "GPT2_EDGE_CACHE"
 DEFAULTS = ServeSettings()
 # A setting's option is --its-name, except these.
-FLAGS = {"timeout_s": "--timeout", "drain_timeout_s": "--drain-timeout", "cors_origins": "--cors-origin"}
+FLAGS = {
+    "timeout_s": "--timeout",
+    "drain_timeout_s": "--drain-timeout",
+    "cors_origins": "--cors-origin",
+    "allowed_hosts": "--allowed-host",
+    "header_timeout_s": "--header-timeout",
+    "body_timeout_s": "--body-timeout",
+}
 
 
 class ServeError(Gpt2EdgeError):
@@ -53,7 +61,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "to $GPT2_EDGE_CACHE/default-bundle (~/.cache/gpt2-edge; the export needs the `export` extra)",
     )
     p.add_argument("--host", default=d.host, help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--port", type=int, default=d.port, help=f"port to listen on, 1..65535 (default {d.port})")
     p.add_argument(
         "--provider",
         default=d.provider,
@@ -97,6 +105,35 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         help="allow browser requests from this origin (repeatable; default: CORS off)",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="without an API key, answer requests whose Host header is NAME (any port) or NAME:PORT, besides "
+        "127.0.0.1, localhost and [::1] at the listening port (repeatable; '*': any name). Other names get "
+        "400: a web page cannot reach a loopback server by rebinding its own DNS name",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=d.header_timeout_s,
+        help=f"seconds a connection has to send a whole request head, else 408 and closed (default "
+        f"{d.header_timeout_s:g})",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=d.body_timeout_s,
+        help=f"seconds a request's body has to arrive after its head, else 408 (default "
+        f"{d.body_timeout_s:g})",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=d.max_connections,
+        help=f"open connections at once; one more is answered 503 and closed (default {d.max_connections})",
     )
     p.add_argument(
         "--model-name", help="model id in /v1/models and responses (default: the bundle dir's name)"
@@ -164,6 +201,9 @@ def _start_over_if_needed(args: argparse.Namespace) -> None:
         ("--prefill-chunk", args.prefill_chunk),
         ("--timeout", args.timeout),
         ("--max-body-bytes", args.max_body_bytes),
+        ("--header-timeout", args.header_timeout),
+        ("--body-timeout", args.body_timeout),
+        ("--max-connections", args.max_connections),
         ("--model-name", args.model_name),
         ("--drain-timeout", args.drain_timeout),
         ("--log-level", args.log_level),
@@ -175,6 +215,8 @@ def _start_over_if_needed(args: argparse.Namespace) -> None:
             argv += [flag, str(value)]
     for origin in args.cors_origin:
         argv += ["--cors-origin", origin]
+    for host in args.allowed_host:
+        argv += ["--allowed-host", host]
     if args.ray:
         argv.append("--ray")
     env = dict(os.environ)
@@ -224,6 +266,10 @@ def settings_from_args(args: argparse.Namespace, api_key: str | None) -> ServeSe
             max_body_bytes=args.max_body_bytes,
             api_key=api_key,
             cors_origins=tuple(args.cors_origin),
+            allowed_hosts=tuple(args.allowed_host),
+            header_timeout_s=args.header_timeout,
+            body_timeout_s=args.body_timeout,
+            max_connections=args.max_connections,
             host=args.host,
             port=args.port,
             drain_timeout_s=args.drain_timeout,
@@ -242,38 +288,56 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, api_key)
     if not args.ray and settings.replicas != 1:
         raise ServeError("--replicas needs --ray (one process serves one model; Ray Serve runs several)")
-    bundle = resolve_bundle(args.bundle)
+    if args.bundle:
+        bundle = resolve_bundle(args.bundle)  # a look for bundle.json
+    # The address before anything slow: a port in use (or not ours) is one line now, not a
+    # traceback after the model loaded (or the default model was exported).
+    sock = bind(settings.host, settings.port)
+    if args.ray or _invoked_as_program():
+        sock.close()  # Ray's proxy binds it; a process that starts over binds it again
+    if not args.bundle:
+        bundle = resolve_bundle(None)  # the default model, exported on first use
     if _invoked_as_program():
         _start_over_if_needed(args)
+        if not args.ray:
+            sock = bind(settings.host, settings.port)
     if args.ray:
         from .ray_app import serve_with_ray  # Ray loads only when asked for
 
         return serve_with_ray(bundle, settings, address=args.ray_address)
-    return serve_uvicorn(bundle, settings, log_level=args.log_level)
+    return serve_uvicorn(bundle, settings, log_level=args.log_level, sock=sock)
 
 
-def serve_uvicorn(bundle: Path, settings: ServeSettings, log_level: str = "info") -> int:
+def serve_uvicorn(bundle: Path, settings: ServeSettings, log_level: str = "info", sock: Any = None) -> int:
+    """Serve ``bundle`` on uvicorn, on ``sock`` (bound before the model loads) or a socket bound here."""
     from .app import create_app  # fastapi (the serve extra): not when the main CLI builds its parser
 
-    model = ServedModel.from_bundle(
-        bundle, provider=settings.provider, threads=settings.threads, name=settings.model_name
-    )
-    app = create_app(model, settings)
+    sock = sock or bind(settings.host, settings.port)
+    try:
+        model = ServedModel.from_bundle(
+            bundle, provider=settings.provider, threads=settings.threads, name=settings.model_name
+        )
+        app = create_app(model, settings)
+    except BaseException:
+        sock.close()
+        raise
     print(
         f"gpt2-edge serve: {model.name} ({bundle}, {settings.provider}) on http://{settings.host}:{settings.port}"
         f" — max batch {settings.max_batch}, queue {settings.max_queue}, prefill chunk "
         f"{settings.prefill_chunk or 'whole'}, auth {'on' if settings.api_key else 'off'}",
         flush=True,
     )
-    return run_app(app, settings.host, settings.port, settings.drain_timeout_s, log_level)
+    return run_app(app, settings, log_level, sockets=[sock])
 
 
-def run_app(
-    app: Any, host: str, port: int, drain_timeout: float = 30.0, log_level: str = "info", sockets: Any = None
-) -> int:
-    """Run ``app`` (from ``create_app``) on uvicorn until SIGTERM / SIGINT. In-flight requests get
-    ``drain_timeout`` seconds to finish while new completions are refused; then 0."""
+def run_app(app: Any, settings: ServeSettings, log_level: str = "info", sockets: Any = None) -> int:
+    """Run ``app`` (from ``create_app``) on uvicorn until SIGTERM / SIGINT, on ``sockets`` (else
+    it binds ``settings.host:port``), with the settings' header timeout and connection cap.
+    In-flight requests get ``drain_timeout_s`` seconds to finish while new completions are
+    refused; then 0."""
     import uvicorn  # the ASGI server: only where one runs here (not in a Ray replica)
+
+    from .connections import guarded_protocol
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -282,7 +346,13 @@ def run_app(
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout, lifespan="on"
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=settings.drain_timeout_s,
+        lifespan="on",
+        http=guarded_protocol(settings.header_timeout_s, settings.max_connections),
     )
     server = DrainingServer(config)
     # uvicorn re-raises the signal it stopped on once it has drained; the default action of that

@@ -25,12 +25,38 @@ from .model import ServedModel
 from .protocol import ApiError, CompletionRequest
 from .scheduler import (
     QueueFullError,
+    Reservation,
     Scheduler,
     SchedulerClosedError,
     SequenceHandle,
     TokenEvent,
     top_logprobs,
 )
+
+
+def admission_error(e: QueueFullError | SchedulerClosedError) -> ApiError:
+    """The scheduler's refusal as the answer: 429 (full, retry later) or 503 (shutting down)."""
+    if isinstance(e, QueueFullError):
+        return ApiError(
+            429,
+            str(e),
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(e.retry_after_s)},
+        )
+    return ApiError(503, str(e), type="server_error", code="shutting_down", headers={"Retry-After": "1"})
+
+
+def check_room(scheduler: Scheduler) -> None:
+    """429 / 503 at once, before a request does any work, when the scheduler could take none."""
+    try:
+        scheduler.check_room(1)
+    except (QueueFullError, SchedulerClosedError) as e:
+        raise admission_error(e) from None
+
+
+# The event that ends a request's wait when its client goes away (index -1: no choice).
+CLIENT_GONE = TokenEvent(None, "", error="the client disconnected")
 
 
 def check_ids(ids: Sequence[int], vocab: int, param: str) -> None:
@@ -83,7 +109,8 @@ class Completion:
         loop: asyncio.AbstractEventLoop,
         timeout_s: float,
     ) -> None:
-        """Checks and tokenizes the prompts (call it off the event loop: a prompt may be long)."""
+        """Checks and tokenizes the prompts (call it off the event loop: a prompt may be long).
+        A text prompt longer than any that fits the context is refused by its length first."""
         self.model = model
         self.scheduler = scheduler
         self.metrics = metrics
@@ -102,12 +129,14 @@ class Completion:
                 f"holds at once ({scheduler.capacity}); send fewer",
                 param="n",
             )
+        self._check_lengths(items)  # before tokenizing anything
         self.prompts = [self._encode(item, i, len(items)) for i, item in enumerate(items)]
         self.prompt_texts = [self._prompt_text(i) for i in range(len(self.prompts))]
         self.prompt_scores: list[dict[str, Any]] | None = None
         self.choices = [Choice(i // req.n) for i in range(n_choices)]
         self.events: asyncio.Queue[tuple[int, TokenEvent]] = asyncio.Queue()
         self.sequences: list[SequenceHandle] = []
+        self.reservation: Reservation | None = None  # the scheduler's room, from reserve() to submit()
 
     # building the sequences ---------------------------------------------------------------------
     def _prompt_items(self) -> list[Any]:
@@ -121,13 +150,31 @@ class Completion:
             return [p]
         return list(p)
 
+    def _check_lengths(self, items: list[Any]) -> None:
+        """Refuse a text prompt that cannot fit the context by its length alone (longer than
+        ``max_prompt_chars`` characters), before any is tokenized. (A token list is judged by its
+        length in ``_encode`` before its ids are looked at.)"""
+        limit = self.model.max_prompt_chars
+        for i, item in enumerate(items):
+            name = "the prompt" if len(items) == 1 else f"prompt {i}"
+            if isinstance(item, str) and len(item) > limit:
+                raise ApiError(
+                    400,
+                    f"{name} is {len(item)} characters; this model's context of {self.model.n_ctx} tokens "
+                    f"holds no text longer than {limit} characters",
+                    param="prompt",
+                    code="context_length_exceeded",
+                )
+
     def _encode(self, item: str | list[int], i: int, count: int) -> list[int]:
-        ids = self.model.tokenizer.encode(item) if isinstance(item, str) else list(item)
-        check_ids(ids, self.model.vocab_size, "prompt")
+        if isinstance(item, str):
+            # encode_batch lets go of the GIL while it works (encode holds it): the event loop,
+            # which serves every stream and /health, goes on meanwhile.
+            ids = self.model.tokenizer.encode_batch([item])[0]
+        else:
+            ids = list(item)
         name = "the prompt" if count == 1 else f"prompt {i}"
-        if not ids:
-            raise ApiError(400, f"{name} is empty (0 tokens)", param="prompt")
-        if len(ids) + self.req.max_tokens > self.model.n_ctx:
+        if len(ids) + self.req.max_tokens > self.model.n_ctx:  # before looking at each id
             raise ApiError(
                 400,
                 f"this model's context is {self.model.n_ctx} tokens, but {name} has {len(ids)} tokens "
@@ -136,6 +183,9 @@ class Completion:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        check_ids(ids, self.model.vocab_size, "prompt")
+        if not ids:
+            raise ApiError(400, f"{name} is empty (0 tokens)", param="prompt")
         return ids
 
     def _prompt_text(self, i: int) -> str:
@@ -150,9 +200,25 @@ class Completion:
         """How to generate choice ``choice``."""
         return self.req.generation_config(choice)
 
+    def reserve(self) -> None:
+        """Hold the scheduler's room for every choice before any work of this request's own
+        (prompt scoring), or answer 429 (full) / 503 (shutting down) at once. ``submit`` uses the
+        room; whatever ends the request before that must ``release`` it."""
+        try:
+            self.reservation = self.scheduler.reserve(len(self.choices))
+        except (QueueFullError, SchedulerClosedError) as e:
+            raise admission_error(e) from None
+
+    def release(self) -> None:
+        """Give back the room ``reserve`` held, unless ``submit`` used it. Idempotent."""
+        if self.reservation is not None:
+            self.scheduler.release(self.reservation)
+
     def submit(self) -> None:
-        """Put every choice into the scheduler, or answer 429 (full) / 503 (shutting down)."""
+        """Put every choice into the scheduler (into the room ``reserve`` held, if it did), or
+        answer 429 (full) / 503 (shutting down)."""
         if self.req.max_tokens == 0:  # echo only: nothing to generate, nothing to schedule
+            self.release()
             for c in self.choices:
                 c.finish_reason = "length"
             self.metrics.prompt_tokens.inc(sum(len(self.prompts[c.prompt_index]) for c in self.choices))
@@ -173,19 +239,9 @@ class Completion:
                 )
             )
         try:
-            self.scheduler.submit(self.sequences)
-        except QueueFullError as e:
-            raise ApiError(
-                429,
-                str(e),
-                type="rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": str(e.retry_after_s)},
-            ) from None
-        except SchedulerClosedError as e:
-            raise ApiError(
-                503, str(e), type="server_error", code="shutting_down", headers={"Retry-After": "1"}
-            ) from None
+            self.scheduler.submit(self.sequences, self.reservation)
+        except (QueueFullError, SchedulerClosedError) as e:
+            raise admission_error(e) from None
         self.metrics.prompt_tokens.inc(sum(len(self.prompts[c.prompt_index]) for c in self.choices))
 
     def cancel(self) -> None:
@@ -195,11 +251,14 @@ class Completion:
     # prompt log-probabilities (echo + logprobs) ---------------------------------------------
     async def score_prompts(self) -> None:
         """Log-probabilities of each prompt token given the ones before (``echo`` + ``logprobs``):
-        one full-sequence pass per prompt, beside the scheduler (the backend is thread-safe)."""
+        one full-sequence pass per prompt, beside the scheduler (the backend is thread-safe), in
+        the scheduler's ``side_executor`` (one job at a time; not the shared thread pool that
+        every request's parsing and tokenizing needs). Call it after ``reserve``."""
         logits_fn = getattr(self.model.backend, "logits", None)
         if logits_fn is None:
             raise ApiError(400, "echo with logprobs is not supported by this backend", param="echo")
-        self.prompt_scores = await asyncio.to_thread(self._score_prompts, logits_fn)
+        executor = self.scheduler.side_executor
+        self.prompt_scores = await self.loop.run_in_executor(executor, self._score_prompts, logits_fn)
 
     def _score_prompts(self, logits_fn: Any) -> list[dict[str, Any]]:
         k = self.req.logprobs or 0
@@ -266,27 +325,35 @@ class Completion:
         completion = sum(len(c.tokens or ()) for c in self.choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
+    async def _watch_disconnect(self, request: Request) -> None:
+        """Wait for the client's ``http.disconnect`` (the body was read: nothing else comes), then
+        cancel the sequences and wake ``collect``."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.cancel()
+        self.events.put_nowait((-1, CLIENT_GONE))
+
     async def collect(self, request: Request) -> dict[str, Any]:
-        """Wait for every choice (the whole response at once); give up on timeout or disconnect."""
+        """Wait for every choice (the whole response at once); give up on timeout, or as soon as
+        the client disconnects: its sequences are cancelled then, and the scheduler frees their
+        slots before its next step."""
+        watch = asyncio.ensure_future(self._watch_disconnect(request))
         try:
             while not self._done():
                 try:
-                    remaining = self.deadline - self.loop.time()
-                    # Wake now and then to notice a client that went away.
-                    i, event = await asyncio.wait_for(self.events.get(), max(min(remaining, 0.5), 0))
+                    i, event = await self._next()
                 except asyncio.TimeoutError:
-                    if self.loop.time() >= self.deadline:
-                        raise ApiError(
-                            408,
-                            f"the request did not finish within {self.timeout_s:g} s",
-                            type="timeout_error",
-                            code="timeout",
-                        ) from None
-                    if await request.is_disconnected():
-                        raise ApiError(499, "the client disconnected") from None
-                    continue
+                    raise ApiError(
+                        408,
+                        f"the request did not finish within {self.timeout_s:g} s",
+                        type="timeout_error",
+                        code="timeout",
+                    ) from None
+                if i < 0:
+                    raise ApiError(499, "the client disconnected")
                 self._absorb(i, event)
         finally:
+            watch.cancel()
             self.cancel()  # no-op for finished sequences; frees the slots of the others
         failed = [c.error for c in self.choices if c.error]
         if failed:

@@ -13,6 +13,7 @@ that asks for more hears so instead of getting something else.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -308,8 +309,16 @@ _UNION_HELP = {
 M = TypeVar("M", bound=BaseModel)
 
 
+MAX_JSON_DEPTH = 32  # arrays and objects inside each other; no request here needs more than 5
+# A JSON escape of a UTF-16 surrogate: "\\ud800" decodes to a str that is not Unicode text
+# (the tokenizer, the response's encoder and the log all fail on it), unless paired.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def parse_body(raw: bytes, model: type[M]) -> M:
-    """Bytes -> validated request, or an ``ApiError`` naming the field (never a stack trace)."""
+    """Bytes -> validated request, or an ``ApiError`` naming the field (never a stack trace):
+    not UTF-8, not JSON, nested deeper than ``MAX_JSON_DEPTH``, a number too long to convert, a
+    string with a lone surrogate, not an object, or not the model."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -320,12 +329,62 @@ def parse_body(raw: bytes, model: type[M]) -> M:
         raise ApiError(
             400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
         ) from None
+    except RecursionError:
+        raise ApiError(400, _too_deep()) from None
+    except ValueError:  # an integer of more digits than Python converts (int_max_str_digits)
+        raise ApiError(400, "the request body has a number with too many digits") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH or _SURROGATE_ESCAPE.search(text):
+        _check_values(data, surrogates=_SURROGATE_ESCAPE.search(text) is not None)
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise validation_error(e) from None
+
+
+def _too_deep() -> str:
+    return (
+        f"the request body is nested too deeply (more than {MAX_JSON_DEPTH} arrays or objects inside "
+        "each other)"
+    )
+
+
+def _check_values(data: dict[str, Any], surrogates: bool) -> None:
+    """Walk the parsed body (iteratively: no recursion for a hostile depth): refuse nesting past
+    ``MAX_JSON_DEPTH`` and, when the text had surrogate escapes, strings that are not Unicode."""
+    stack: list[tuple[Any, tuple[str, ...], int]] = [(data, (), 1)]
+    while stack:
+        value, loc, depth = stack.pop()
+        if isinstance(value, dict):
+            items: Any = value.items()
+        elif isinstance(value, list):
+            items = enumerate(value)
+        else:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, _too_deep(), param=loc[0] if loc else None)
+        for key, item in items:
+            where = (*loc, str(key))
+            if surrogates:
+                for s in (key, item) if isinstance(key, str) else (item,):
+                    if isinstance(s, str):
+                        _check_text(s, where)
+            if isinstance(item, dict | list):
+                stack.append((item, where, depth + 1))
+
+
+def _check_text(s: str, loc: tuple[str, ...]) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        field = ".".join(loc)
+        raise ApiError(
+            400,
+            f"{field}: a lone surrogate (\\u{ord(s[e.start]):04x}) at character {e.start} is not text; "
+            "send a character beyond U+FFFF as a surrogate pair, or as UTF-8",
+            param=loc[0],
+        ) from None
 
 
 def _is_union_tag(x: object) -> bool:

@@ -7,16 +7,32 @@ batching scheduler; Ray's proxy spreads requests over them. Two ways to start it
     serve run gpt2_edge.serve.ray_app:build bundle=BUNDLE replicas=2 # Ray's own CLI, any cluster
 
 Both make one ``ServeSettings`` (checked when made, as for a single server); each replica checks
-it again. Every node must see BUNDLE at the same path. The API key, when set, travels in the
-deployment's arguments (visible to whoever can read the Ray cluster's state). Needs the ``ray``
-extra.
+it again. Every node must see BUNDLE at the same path. The API key comes from
+``$GPT2_EDGE_API_KEY`` (``serve run ... api_key=KEY`` is refused: ``ps`` shows a command line to
+every user); it travels in the deployment's arguments (visible to whoever can read the Ray
+cluster's state). Needs the ``ray`` extra.
+
+Limits, as a single server's: each replica's scheduler answers 429 past ``max_batch +
+max_queue`` sequences; Ray hands a replica at most one request more than that
+(``max_ongoing_requests``) and holds at most ``max_queue`` more per proxy
+(``max_queued_requests``), answering 429 beyond, at once. The body timeout, the Host check and
+JSON-only bodies are the app's, so they hold here too; the sockets are Ray's proxy's (its own
+keep-alive; no header timeout or connection cap of ours).
+
+Draining: on SIGTERM, ``gpt2-edge serve --ray`` tells every replica (``DrainSignal``): /health
+says 503 ``draining`` and new completions get 503 while the requests in flight finish, for at
+most ``--drain-timeout`` seconds; then Ray stops the replicas. Under ``serve run`` Ray's own
+graceful shutdown (``graceful_shutdown_timeout_s`` = ``drain_timeout_s``) waits for them instead.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import threading
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -28,10 +44,43 @@ import ray
 from pydantic import BaseModel, ConfigDict, create_model
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 
 from .app import create_app
 from .model import ServedModel
-from .settings import API_KEY_ENV, ServeSettings
+from .settings import API_KEY_ENV, ServeSettings, SettingsError
+
+
+@ray.remote(num_cpus=0)
+class DrainSignal:
+    """The drain of ``gpt2-edge serve --ray``: the driver ``start``s it on SIGTERM; each replica
+    ``wait``s for that, then reports how many requests it has in flight until it has none."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.event: asyncio.Event | None = None
+        self.in_flight: dict[str, int] = {}
+
+    def _event(self) -> asyncio.Event:
+        if self.event is None:
+            self.event = asyncio.Event()
+        return self.event
+
+    async def wait(self) -> None:
+        await self._event().wait()
+
+    async def start(self) -> None:
+        self.started = True
+        self._event().set()
+
+    async def report(self, replica: str, in_flight: int) -> None:
+        self.in_flight[replica] = in_flight
+
+    async def reports(self) -> dict[str, int]:
+        return dict(self.in_flight)
+
+
+DRAIN_REPORT_S = 0.1  # how often a draining replica reports its requests in flight
 
 
 @serve.deployment(name="gpt2-edge")
@@ -39,31 +88,62 @@ from .settings import API_KEY_ENV, ServeSettings
 class Gpt2EdgeReplica:
     """One replica: one model, one scheduler, the whole HTTP app."""
 
-    def __init__(self, bundle: str, settings: dict[str, Any]) -> None:
-        replica = serve.get_replica_context().replica_id.unique_id
-        self.settings = ServeSettings(**{**settings, "replica": replica})
+    def __init__(self, bundle: str, settings: dict[str, Any], drain: Any = None) -> None:
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.settings = ServeSettings(**{**settings, "replica": self.replica})
         s = self.settings
         self.model = ServedModel.from_bundle(bundle, s.provider, threads=s.threads, name=s.model_name)
+        self.drain = drain
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self.model, self.settings)
+        app = create_app(self.model, self.settings)
+        if self.drain is not None:
+            inner = app.router.lifespan_context
+
+            @contextlib.asynccontextmanager
+            async def lifespan(a: Any) -> Any:
+                async with inner(a) as state:
+                    watch = asyncio.ensure_future(self._drain_when_told(a.state.served))
+                    try:
+                        yield state
+                    finally:
+                        watch.cancel()
+
+            app.router.lifespan_context = lifespan
+        return app
+
+    async def _drain_when_told(self, served: Any) -> None:
+        """Wait for the driver's drain; then /health says 503 and new completions get 503 (as a
+        single server's on SIGTERM), and the driver hears how many requests are still in flight."""
+        await self.drain.wait.remote()
+        served.draining = True
+        while True:
+            await self.drain.report.remote(self.replica, served.in_flight)
+            await asyncio.sleep(DRAIN_REPORT_S)
 
 
-def deployment(bundle: str | Path, settings: ServeSettings) -> Application:
-    """The Ray Serve application: ``settings.replicas`` copies of the app."""
+def deployment(bundle: str | Path, settings: ServeSettings, drain: Any = None) -> Application:
+    """The Ray Serve application: ``settings.replicas`` copies of the app. With ``drain`` (a
+    ``DrainSignal``), the replicas drain when it starts, and Ray's own shutdown is brief."""
     return Gpt2EdgeReplica.options(
         num_replicas=settings.replicas,
         ray_actor_options={"num_cpus": settings.replica_cpus},
         # Our own scheduler answers 429 past its queue; Ray should hand each replica that many
-        # requests and one more rather than hold them in its proxy.
+        # requests and one more rather than hold them in its proxy, ...
         max_ongoing_requests=settings.max_batch + settings.max_queue + 1,
-        graceful_shutdown_timeout_s=settings.drain_timeout_s,
-    ).bind(str(bundle), settings.as_dict())
+        # ... and hold no more than a queue's worth in each proxy: beyond, 429 at once (Ray's
+        # default is no limit: a request waited in the proxy for as long as the others took).
+        max_queued_requests=max(settings.max_queue, 1),
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
+        # The drain: DrainSignal's when there is one (it waited already), else Ray's.
+        graceful_shutdown_timeout_s=settings.drain_timeout_s if drain is None else 1.0,
+        graceful_shutdown_wait_loop_s=0.5,
+    ).bind(str(bundle), settings.as_dict(), drain)
 
 
 # `serve run`'s arguments: the bundle and every setting but where to listen (Ray's proxy binds;
 # `serve start` or the config file says where) and the replica's own id.
-_NOT_FROM_RUN = {"host", "port", "replica"}
+_NOT_FROM_RUN = {"host", "port", "replica", "api_key"}  # the key: $GPT2_EDGE_API_KEY
 _HINTS = get_type_hints(ServeSettings)
 BuildArgs: type[BaseModel] = create_model(
     "BuildArgs",
@@ -74,17 +154,29 @@ BuildArgs: type[BaseModel] = create_model(
 )
 
 
+class ApiKeyOnCommandLineError(SettingsError):
+    """``api_key=`` among ``serve run``'s arguments."""
+
+
 def build(args: dict[str, Any]) -> Application:
     """Application builder for Ray's ``serve run`` (arguments as ``key=value``; ``cors_origins``
-    comma-separated; ``api_key`` defaults to ``$GPT2_EDGE_API_KEY`` where ``serve run`` runs)."""
+    and ``allowed_hosts`` comma-separated). The API key is ``$GPT2_EDGE_API_KEY`` where ``serve
+    run`` runs; ``api_key=`` is refused (``ps`` would show it)."""
     args = dict(args)
-    if isinstance(args.get("cors_origins"), str):
-        args["cors_origins"] = [o for o in args["cors_origins"].split(",") if o]
+    if "api_key" in args:
+        raise ApiKeyOnCommandLineError(
+            "api_key",
+            f"must not be given on the command line, where `ps` shows it to every user; set ${API_KEY_ENV} "
+            "in the environment of `serve run` instead",
+        )
+    for name in ("cors_origins", "allowed_hosts"):
+        if isinstance(args.get(name), str):
+            args[name] = [o for o in args[name].split(",") if o]
     # Ray hands a dict of strings: pydantic converts them to the settings' types (and refuses
     # unknown keys), ServeSettings checks the values.
     values = BuildArgs.model_validate(args).model_dump()
     bundle = values.pop("bundle")
-    values["api_key"] = values["api_key"] or os.environ.get(API_KEY_ENV) or None
+    values["api_key"] = os.environ.get(API_KEY_ENV) or None
     return deployment(bundle, ServeSettings(**values))
 
 
@@ -104,16 +196,31 @@ def serve_with_ray(bundle: Path, settings: ServeSettings, address: str | None = 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
+        drain = DrainSignal.remote()  # type: ignore[attr-defined]
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(deployment(bundle.resolve(), settings), name="gpt2-edge", route_prefix="/")
+        serve.run(deployment(bundle.resolve(), settings, drain), name="gpt2-edge", route_prefix="/")
         print(
             f"gpt2-edge serve: {settings.replicas} Ray Serve replica(s) of {bundle} ({settings.provider}) "
             f"on http://{settings.host}:{settings.port}",
             flush=True,
         )
         stop.wait()
+        wait_for_drain(drain, settings.replicas, settings.drain_timeout_s)
     finally:
-        # Ray drains each replica (graceful_shutdown_timeout_s) before it stops.
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def wait_for_drain(drain: Any, replicas: int, timeout_s: float) -> bool:
+    """Start ``drain`` and wait until every replica reports no request in flight, for at most
+    ``timeout_s``; whether they all did."""
+    deadline = time.monotonic() + timeout_s
+    ray.get(drain.start.remote())
+    while True:
+        reports = ray.get(drain.reports.remote())
+        if len(reports) >= replicas and not any(reports.values()):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(DRAIN_REPORT_S)

@@ -28,6 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -56,6 +57,16 @@ class QueueFullError(Exception):
 
 class SchedulerClosedError(Exception):
     """The scheduler is shutting down and takes no new sequences."""
+
+
+class Reservation:
+    """Room for ``n`` sequences held in the scheduler's bound before they exist: a request takes
+    it before any work of its own (prompt scoring), then ``submit`` turns it into its sequences or
+    ``release`` gives it back. Either happens once."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.done = False
 
 
 @dataclass(frozen=True)
@@ -122,8 +133,11 @@ def top_logprobs(lp: np.ndarray, k: int) -> tuple[tuple[int, float], ...] | None
 class Scheduler:
     """Continuous batching over one KV cache of ``max_batch`` slots (see the module docstring).
 
-    At most ``max_batch + max_queue`` sequences are in the scheduler at once (running or
-    waiting); ``submit`` refuses more at once with ``QueueFullError``.
+    At most ``max_batch + max_queue`` sequences are in the scheduler at once (running, waiting,
+    or reserved by a request that is still scoring its prompts); ``reserve`` and ``submit``
+    refuse more at once with ``QueueFullError``. Work a request does beside the scheduler thread
+    (prompt scoring) runs in ``side_executor``, one job at a time, never in the event loop's
+    shared thread pool.
     """
 
     def __init__(
@@ -150,7 +164,9 @@ class Scheduler:
         self.metrics = metrics
         self._cond = threading.Condition()
         self._waiting: deque[SequenceHandle] = deque()
-        self._in_system = 0  # running + waiting, under _cond
+        self._in_system = 0  # running + waiting + reserved, under _cond
+        self._reserved = 0  # of which reserved, under _cond
+        self.side_executor: ThreadPoolExecutor | None = None  # made by start()
         self._n_active = 0
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -180,16 +196,49 @@ class Scheduler:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._closing
 
-    def submit(self, sequences: Sequence[SequenceHandle]) -> None:
-        """Queue ``sequences`` (one request's choices) together, or none of them."""
+    def _check_room(self, n: int) -> None:
+        """Under ``_cond``: refuse ``n`` more sequences when closed or full."""
+        if self._closing or self._thread is None or not self._thread.is_alive():
+            raise SchedulerClosedError("the server is shutting down")
+        if self._in_system + n > self.capacity:
+            raise QueueFullError(
+                f"the server is at capacity ({self._n_active} running, {len(self._waiting)} waiting, "
+                f"{self._reserved} reserved, room for {self.capacity}); retry later"
+            )
+
+    def check_room(self, n: int = 1) -> None:
+        """Raise ``QueueFullError`` / ``SchedulerClosedError`` now if ``n`` sequences would be
+        refused: a request checks before any work (the answer may change before it submits)."""
         with self._cond:
-            if self._closing or self._thread is None or not self._thread.is_alive():
-                raise SchedulerClosedError("the server is shutting down")
-            if self._in_system + len(sequences) > self.capacity:
-                raise QueueFullError(
-                    f"the server is at capacity ({self._n_active} running, {len(self._waiting)} waiting, "
-                    f"room for {self.capacity}); retry later"
-                )
+            self._check_room(n)
+
+    def reserve(self, n: int) -> Reservation:
+        """Hold room for ``n`` sequences (``submit`` them with it, or ``release`` it)."""
+        with self._cond:
+            self._check_room(n)
+            self._in_system += n
+            self._reserved += n
+        return Reservation(n)
+
+    def release(self, reservation: Reservation) -> None:
+        """Give back a reservation not submitted. Idempotent."""
+        with self._cond:
+            if not reservation.done:
+                reservation.done = True
+                self._in_system -= reservation.n
+                self._reserved -= reservation.n
+
+    def submit(self, sequences: Sequence[SequenceHandle], reservation: Reservation | None = None) -> None:
+        """Queue ``sequences`` (one request's choices) together, or none of them; with
+        ``reservation`` (of ``len(sequences)``), into the room it holds."""
+        with self._cond:
+            if reservation is not None:
+                if reservation.done or reservation.n != len(sequences):
+                    raise ValueError("a reservation is used once, for as many sequences as it holds")
+                reservation.done = True
+                self._in_system -= reservation.n
+                self._reserved -= reservation.n
+            self._check_room(len(sequences))
             for s in sequences:
                 s._wake = self._notify
                 self._waiting.append(s)
@@ -207,6 +256,7 @@ class Scheduler:
             raise RuntimeError("the scheduler was started already")
         self._cache = self.backend.new_cache(self.max_batch, self.n_ctx)
         self._free = list(range(self.max_batch))
+        self.side_executor = ThreadPoolExecutor(1, thread_name_prefix="gpt2-edge-scoring")
         self._thread = threading.Thread(target=self._run, name="gpt2-edge-scheduler", daemon=True)
         self._thread.start()
 
@@ -217,6 +267,8 @@ class Scheduler:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.side_executor is not None:
+            self.side_executor.shutdown(wait=False, cancel_futures=True)
 
     # the scheduler thread ----------------------------------------------------------------------
     def _run(self) -> None:

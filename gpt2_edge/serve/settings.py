@@ -47,6 +47,14 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20
     api_key: str | None = None  # when set, every route but /health needs `Authorization: Bearer`
     cors_origins: tuple[str, ...] = ()  # none: no CORS headers, browsers on other origins are refused
+    # Host names a keyless server answers for besides its loopback names (127.0.0.1, localhost,
+    # [::1], at the port it listens on): "name" (any port) or "name:port"; "*" any. With an API
+    # key any Host is answered. Refusing other names stops DNS rebinding from a browser.
+    allowed_hosts: tuple[str, ...] = ()
+    # slow and surplus clients (uvicorn; behind Ray Serve its proxy has the sockets)
+    header_timeout_s: float = 10.0  # from connecting (or the last response) to a whole request head
+    body_timeout_s: float = 30.0  # from the request head to the end of its body: else 408
+    max_connections: int = 256  # open connections at once; one more is answered 503 and closed
     # where it listens, and how long in-flight requests may finish on SIGTERM
     host: str = "127.0.0.1"  # loopback unless the operator says otherwise
     port: int = 8000
@@ -62,14 +70,17 @@ class ServeSettings:
             ("max_queue", 0, None),
             ("prefill_chunk", 0, None),
             ("max_body_bytes", 1, None),
-            ("port", 0, 65535),
+            ("port", 1, 65535),
             ("replicas", 1, None),
+            ("max_connections", 1, None),
         ):
             self._count(name, low, high)
         if self.threads is not None:
             self._count("threads", 1, None)
         for name, low, inclusive in (
             ("timeout_s", 0.0, False),
+            ("header_timeout_s", 0.0, False),
+            ("body_timeout_s", 0.0, False),
             ("drain_timeout_s", 0.0, True),
             ("replica_cpus", 0.0, False),
         ):
@@ -82,10 +93,11 @@ class ServeSettings:
                 raise SettingsError(name, f"must be a non-empty string, got {value!r}")
         if self.provider not in PROVIDERS:
             raise SettingsError("provider", f"must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
-        origins = self.cors_origins
-        if isinstance(origins, str) or not all(isinstance(o, str) and o for o in origins):
-            raise SettingsError("cors_origins", f"must be a list of origins (strings), got {origins!r}")
-        object.__setattr__(self, "cors_origins", tuple(origins))  # frozen: normalise once, here
+        for name, what in (("cors_origins", "origins"), ("allowed_hosts", "host names")):
+            values = getattr(self, name)
+            if isinstance(values, str) or not all(isinstance(v, str) and v.strip() for v in values):
+                raise SettingsError(name, f"must be a list of {what} (non-empty strings), got {values!r}")
+            object.__setattr__(self, name, tuple(values))  # frozen: normalise once, here
 
     def _count(self, name: str, low: int, high: int | None) -> None:
         value = getattr(self, name)
@@ -112,4 +124,5 @@ class ServeSettings:
         """Plain values (lists, not tuples) for a process boundary (Ray's deployment arguments)."""
         d = dataclasses.asdict(self)
         d["cors_origins"] = list(self.cors_origins)
+        d["allowed_hosts"] = list(self.allowed_hosts)
         return d
