@@ -113,14 +113,18 @@ class Served:
 def create_app(model: ServedModel, settings: ServeSettings | None = None) -> FastAPI:
     """The ASGI app serving ``model``; its scheduler runs while the app's lifespan does."""
     settings = settings or ServeSettings()
+    max_batch = settings.max_batch
+    if model.batch_variance and max_batch > 1:
+        log.warning("decoding one sequence at a time (--max-batch 1): %s", model.batch_variance)
+        max_batch = 1
     scheduler = Scheduler(
         model.backend,
         n_ctx=model.n_ctx,
-        max_batch=settings.max_batch,
+        max_batch=max_batch,
         max_queue=settings.max_queue,
         prefill_chunk=settings.prefill_chunk,
     )
-    metrics = Metrics(settings.max_batch, lambda: scheduler.queue_depth, lambda: scheduler.active)
+    metrics = Metrics(max_batch, lambda: scheduler.queue_depth, lambda: scheduler.active)
     scheduler.metrics = metrics
     served = Served(model, settings, scheduler, metrics, ChatTemplate.for_model(model))
 

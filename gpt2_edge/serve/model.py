@@ -8,6 +8,36 @@ from typing import Any
 from ..runtime.backends import load_backend
 from ..runtime.types import Backend
 
+# Precisions whose rows stay within 1.1e-5 of each other with the concatenating cache's left padding
+# (fp32: the attention sums only run in another order); the others move by up to a quantization
+# step (README, "Batch invariance and causality").
+CONCAT_BATCH_SAFE = ("fp32",)
+
+
+def batch_variance(backend: Any) -> str | None:
+    """Why rows decoded together on ``backend`` could change each other's tokens, or ``None``.
+
+    Measured on ONNX Runtime's CPU provider: the in-place cache is bitwise batch-invariant for
+    every precision except int8-dynamic bundles made with ONNX Runtime's per-tensor activation
+    scale (``DynamicQuantizeLinear``, before per-row scales); the concatenating cache only for fp32.
+    GPU providers and the TensorRT engine are not judged here (``scripts/gpu-check`` compares the
+    served output with ``Generator`` alone on them)."""
+    bundle = getattr(backend, "bundle", None)
+    if bundle is None or getattr(backend, "device", "cpu") != "cpu":
+        return None
+    quantization = bundle.manifest.get("quantization") or {}
+    if bundle.precision == "int8-dynamic" and not quantization.get("batch_invariant"):
+        return (
+            f"{bundle.path} is an int8-dynamic bundle with one activation scale per tensor (made before "
+            "per-row scales), so rows change each other's logits; quantize it again"
+        )
+    if bundle.kv_form == "concat" and bundle.precision not in CONCAT_BATCH_SAFE:
+        return (
+            f"{bundle.path} is a {bundle.precision} bundle with the concatenating KV cache, whose padded "
+            "rows can move a quantized activation by a step; use the in-place cache (the ort target)"
+        )
+    return None
+
 
 class ServedModel:
     """A backend (shared by the scheduler and prompt scoring; thread-safe), its tokenizer, eos id,
@@ -25,6 +55,9 @@ class ServedModel:
         # No text longer than this fits the context, whatever it tokenizes to: a prompt or a
         # /tokenize text is refused by its length before any tokenizing (a 1 MB body stays cheap).
         self.max_prompt_chars: int = n_ctx * tokenizer.max_token_bytes
+        # Set when rows decoded together could change each other's tokens: then the server
+        # decodes one sequence at a time, so a request's output never depends on the others.
+        self.batch_variance: str | None = batch_variance(backend)
 
     @classmethod
     def from_bundle(

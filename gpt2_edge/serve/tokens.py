@@ -53,7 +53,7 @@ def encode_text(model: ServedModel, text: str, param: str) -> list[int]:
             f"character {e.start}",
             param=param,
         ) from None
-    return model.tokenizer.encode(text)
+    return model.tokenizer.encode_batch([text])[0]  # lets go of the GIL, unlike encode
 
 
 def tokenizer_info(model: ServedModel, chat_template: str | None, config: dict[str, Any]) -> dict[str, Any]:
