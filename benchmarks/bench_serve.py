@@ -21,6 +21,11 @@ gaps that overlap the long prompt's prefill (from its arrival to its first token
 request's time to first token, and TTFT p99 over every request. The 900-token prompt needs a
 context of 1024 (``--model gpt2``, or a GPT-2-shaped bundle).
 
+``--scenario prefix``: a fresh server with the prefix cache on, then one with it off
+(``--no-prefix-cache``), each gets one ``--long-prompt-tokens`` prompt as warm-up, then another
+one ``1 + --rounds`` times, one request after the other (8 new tokens each). Reported: that
+prompt's first time to first token and the repeats' p50 (the repeats reuse its KV).
+
 One file past 400 lines: both scenarios share the server process, the streaming client and the
 report, and a benchmark reads best top to bottom.
 
@@ -28,6 +33,7 @@ report, and a benchmark reads best top to bottom.
     python -m benchmarks.bench_serve --model gpt2          # random GPT-2 124M weights (cached export)
     python -m benchmarks.bench_serve --bundle out/bundle --levels 1,4 --requests-per-client 2
     python -m benchmarks.bench_serve --model gpt2 --scenario long-prompt --prefill-chunks 0,128,256
+    python -m benchmarks.bench_serve --model gpt2 --scenario prefix --long-prompt-tokens 896 --rounds 3
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from gpt2_edge.measure import peak_rss_mib, quantile
 
@@ -118,7 +125,14 @@ def resolve_bundle(args: argparse.Namespace) -> Path:
 class Server:
     """``python -m gpt2_edge.serve`` in a child process on a free loopback port."""
 
-    def __init__(self, bundle: Path, max_batch: int, threads: int, prefill_chunk: int | None = None) -> None:
+    def __init__(
+        self,
+        bundle: Path,
+        max_batch: int,
+        threads: int,
+        prefill_chunk: int | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
@@ -128,6 +142,7 @@ class Server:
         ]  # fmt: skip
         if prefill_chunk is not None:
             cmd += ["--prefill-chunk", str(prefill_chunk)]
+        cmd += list(extra)
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
@@ -353,6 +368,42 @@ def bench_long_prompt(
     return out
 
 
+async def repeated_prompt_ttfts(url: str, bodies: list[dict], timeout: float) -> list[float]:
+    """Each body's time to first token (ms), one request after the other."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        return [(await one_request(client, url, body)).ttft_s * 1000 for body in bodies]
+
+
+def bench_prefix(
+    bundle: Path, args: argparse.Namespace, long_prompt: list[int], warm: list[int]
+) -> list[dict]:
+    """The same long prompt sent ``--rounds`` times, one after the other, after a warm-up with
+    another one: its first TTFT and the repeats', with the prefix cache on and off."""
+    body = {"max_tokens": 8, "min_tokens": 8, "temperature": 0, "stream": True}
+    out = []
+    for cache in ("on", "off"):
+        server = Server(bundle, 16, args.threads, extra=() if cache == "on" else ("--no-prefix-cache",))
+        try:
+            server.wait_ready()
+            bodies = [{**body, "prompt": warm}] + [{**body, "prompt": long_prompt}] * (1 + args.rounds)
+            ttft = asyncio.run(repeated_prompt_ttfts(server.url, bodies, args.level_timeout))[1:]
+        finally:
+            server.stop()
+        row = {
+            "prefix_cache": cache,
+            "prompt_tokens": len(long_prompt),
+            "first_ttft_ms": ttft[0],
+            "repeat_ttft_p50_ms": quantile(ttft[1:], 0.5),
+            "ratio": quantile(ttft[1:], 0.5) / ttft[0],
+            "errors": 0,
+        }
+        out.append(row)
+        print(f"  prefix cache {cache}: done", file=sys.stderr, flush=True)
+    return out
+
+
 def long_prompt_table(rows: list[LongPromptResult]) -> str:
     lines = [
         "| prefill chunk | streams | rounds | stream ITL p50 (ms) | stream ITL p99 / max during the long "
@@ -408,9 +459,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--scenario",
-        choices=["levels", "long-prompt", "all"],
+        choices=["levels", "long-prompt", "prefix", "all"],
         default="levels",
-        help="levels: batching on/off at --levels clients; long-prompt: a long prompt among running streams",
+        help="levels: batching on/off at --levels clients; long-prompt: a long prompt among running streams; "
+        "prefix: one long prompt repeated (--rounds), prefix cache on vs off",
     )
     p.add_argument("--levels", default="1,4,16", help="concurrent clients, comma-separated")
     p.add_argument("--modes", default="batching,one-at-a-time", help=f"of {', '.join(MODES)}")
@@ -472,8 +524,26 @@ def main(argv: list[str] | None = None) -> int:
             f"machine: {machine()}\n"
         )
         print(long_prompt_table(long_rows))
+    if args.scenario in ("prefix", "all"):
+        prefix_rows = bench_prefix(
+            bundle, args, ids[: args.long_prompt_tokens], ids[7 : 7 + args.long_prompt_tokens]
+        )
+        print(
+            f"\nbundle {bundle.name}: one {args.long_prompt_tokens}-token prompt (+8 new), sent "
+            f"{1 + args.rounds} times one after the other (after another one as warm-up); server threads "
+            f"{args.threads}, --max-batch 16, greedy\nmachine: {machine()}\n"
+        )
+        print("| prefix cache | first TTFT (ms) | repeated TTFT p50 (ms) | repeated / first |")
+        print("|---|---:|---:|---:|")
+        for r in prefix_rows:
+            print(
+                f"| {r['prefix_cache']} | {r['first_ttft_ms']:.1f} | {r['repeat_ttft_p50_ms']:.1f} | "
+                f"{r['ratio']:.1%} |"
+            )
+        results += [SimpleNamespace(**r) for r in prefix_rows]
     if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+        rows = [vars(r) if isinstance(r, SimpleNamespace) else asdict(r) for r in results]
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 1 if any(r.errors for r in results) else 0
 
 

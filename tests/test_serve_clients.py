@@ -453,8 +453,10 @@ def test_client_mistakes_get_a_400_naming_the_field(client, path, body, param, w
 
 def test_tokenize_refuses_a_long_text_before_tokenizing_it(client, model, monkeypatch):
     calls = []
-    encode = model.tokenizer.encode
-    monkeypatch.setattr(model.tokenizer, "encode", lambda text: calls.append(text) or encode(text))
+    encode_batch = model.tokenizer.encode_batch
+    monkeypatch.setattr(
+        model.tokenizer, "encode_batch", lambda texts: calls.extend(texts) or encode_batch(texts)
+    )
     r = post(client, "/tokenize", {"content": "x" * (model.max_prompt_chars + 1)})
     assert r.status_code == 400 and str(model.max_prompt_chars) in r.json()["error"]["message"]
     assert calls == []

@@ -85,7 +85,12 @@ class ConcatRunner(Protocol):
 
 
 class ConcatCache:
-    """Slots over a concatenating-form model: one left-padded batch, presents fed back as past."""
+    """Slots over a concatenating-form model: one left-padded batch, presents fed back as past.
+
+    It cannot roll a slot back (``truncate``) nor return every position's logits (``verify``):
+    ``can_verify`` is False, and speculative decoding runs plain steps on it."""
+
+    can_verify = False
 
     def __init__(self, runner: ConcatRunner, n_slots: int, capacity: int) -> None:
         self.runner = runner
@@ -219,6 +224,12 @@ class ConcatCache:
         self._next = self._next + active
         return logits[[row_of[s] for s in slots]]
 
+    def verify(self, slots: Sequence[int], chunks: Sequence[Sequence[int]]) -> np.ndarray:
+        raise CacheError("the concatenating KV cache cannot verify drafted tokens (no rollback)")
+
+    def truncate(self, slot: int, length: int) -> None:
+        raise CacheError("the concatenating KV cache cannot roll a slot back")
+
     def release(self, slot: int) -> None:
         if slot not in self._rows:
             return
@@ -270,7 +281,10 @@ class InPlaceRunner(Protocol):
 
 
 class InPlaceCache:
-    """Slots in buffers allocated once; each step writes only the new positions."""
+    """Slots in buffers allocated once; each step writes only the new positions. A slot rolls back
+    by its length alone (``truncate``), which makes speculative decoding's ``verify`` cheap."""
+
+    can_verify = True
 
     def __init__(self, runner: InPlaceRunner, n_slots: int, capacity: int) -> None:
         if not 0 < capacity <= runner.n_positions:
@@ -330,16 +344,19 @@ class InPlaceCache:
         _check_extend(self, slots, chunks)
         return self._chunks(slots, chunks)
 
+    def _one_pass(self, slots: Sequence[int], width: int) -> bool:
+        """Whether ``slots`` are a contiguous range (a generate call's batch) where every chunk
+        padded to ``width`` fits."""
+        return max(slots) - min(slots) + 1 == len(slots) and all(
+            self._len[s] + width <= self.capacity for s in slots
+        )
+
     def _chunks(self, slots: Sequence[int], chunks: Sequence[Sequence[int]]) -> np.ndarray:
-        """Each chunk after its slot's cached tokens: one pass over a contiguous range of slots
-        (a generate call's batch) where every padded chunk fits, else one pass per slot."""
-        order = sorted(range(len(slots)), key=lambda i: slots[i])
-        ranged = [slots[i] for i in order] == list(range(slots[order[0]], slots[order[-1]] + 1))
-        width = max(len(c) for c in chunks)
-        if ranged and all(self._len[s] + width <= self.capacity for s in slots):
+        """Each chunk after its slot's cached tokens: one pass where ``_one_pass`` allows, else one
+        pass per slot."""
+        if self._one_pass(slots, max(len(c) for c in chunks)):
             out = self._step({slots[i]: chunks[i] for i in range(len(slots))})
-            lo = min(slots)
-            return out[[s - lo for s in slots]]
+            return out[[s - min(slots) for s in slots]]
         return np.concatenate([self._step({s: c}) for s, c in zip(slots, chunks, strict=True)])
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
@@ -367,6 +384,27 @@ class InPlaceCache:
         self._len[lo:hi] += active
         return logits
 
+    def verify(self, slots: Sequence[int], chunks: Sequence[Sequence[int]]) -> np.ndarray:
+        """Append each chunk after its slot's tokens, as ``extend`` does, and return the logits at
+        every new position ``(len(slots), S, V)``, ``S`` the longest chunk (a shorter chunk's row
+        is padded past its end with logits that mean nothing). Speculative decoding feeds
+        ``[pending token, *drafted tokens]`` and rolls the rejected ones back with ``truncate``."""
+        _check_extend(self, slots, chunks)
+        S = max(len(c) for c in chunks)
+        if self._one_pass(slots, S):
+            out = self._step(dict(zip(slots, chunks, strict=True)), keep_all=True)
+            return out[[s - min(slots) for s in slots]]
+        rows = [self._step({s: c}, keep_all=True)[0] for s, c in zip(slots, chunks, strict=True)]
+        return np.stack([np.pad(r, ((0, S - len(r)), (0, 0))) for r in rows])
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep the first ``length`` tokens of ``slot`` (>= 1; at most what it holds): the rest are
+        forgotten in place, nothing is copied."""
+        held = int(self._len[slot])
+        if not 0 < length <= held:
+            raise CacheError(f"slot {slot} holds {held} tokens: cannot keep {length}")
+        self._len[slot] = length
+
     def release(self, slot: int) -> None:
         self._len[slot] = 0  # rows past a slot's length are never read: nothing to clear
 
@@ -380,3 +418,57 @@ class InPlaceCache:
     def full_logits(self, ids: np.ndarray) -> np.ndarray:
         """All logits ``(B, T, V)`` of unpadded sequences ``ids`` (perplexity, parity)."""
         return self._step({b: list(ids[b]) for b in range(ids.shape[0])}, keep_all=True)
+
+    # memory that follows the work (the server) ----------------------------------------------------
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one cached position of one slot takes over every layer's K and V."""
+        return sum(b.shape[1] * b.shape[3] * b.itemsize for b in self.buffers)
+
+    def reserve(self, capacity: int, n_slots: int | None = None, keep: Sequence[int] | None = None) -> None:
+        """Reallocate the buffers to ``n_slots`` rows (default: as many as now) of ``capacity``
+        tokens, larger or smaller. Row ``r`` kept (``r`` < both row counts) copies its first
+        ``keep[r]`` positions (default: what the slot holds; more keeps a released slot's rows,
+        which hold their last sequence until overwritten: the server's prefix cache), once; the
+        rest of the new buffers is never touched. The bindings are made again on the next step.
+        Every sequence held must fit: its slot below ``n_slots``, its length at most ``capacity``."""
+        n_slots = self.n_slots if n_slots is None else n_slots
+        if not 0 < capacity <= self.runner.n_positions or n_slots < 1:
+            raise CacheError(
+                f"{n_slots} slots of {capacity} tokens: out of range (1..{self.runner.n_positions} tokens)"
+            )
+        held = np.flatnonzero(self._len)
+        if held.size and (held.max() >= n_slots or self._len.max() > capacity):
+            raise CacheError(
+                f"slots {held.tolist()} hold up to {int(self._len.max())} tokens: they do not fit "
+                f"{n_slots} slots of {capacity}"
+            )
+        keep = self._len if keep is None else np.asarray(keep, np.int64)
+        rows = min(self.n_slots, n_slots)
+        buffers = self.runner.cache_arrays(n_slots, capacity)
+        for old, new in zip(self.buffers, buffers, strict=True):
+            for r in range(rows):
+                n = min(int(keep[r]), capacity, self.capacity)
+                if n:
+                    new[r, :, :n] = old[r, :, :n]
+        self._bindings.clear()  # they bind the old buffers, which go with them
+        self.buffers = buffers
+        length = np.zeros(n_slots, np.int64)
+        length[:rows] = self._len[:rows]
+        self._len, self.n_slots, self.capacity = length, n_slots, capacity
+
+    def copy_prefix(self, source: int, slot: int, length: int) -> None:
+        """Free ``slot`` takes the first ``length`` positions of ``source``'s rows and holds
+        ``length`` tokens; ``extend`` appends after them. ``source`` may be free (a released
+        slot's rows keep their last sequence until overwritten: the caller knows which tokens
+        they hold) or ``slot`` itself (nothing is copied)."""
+        if not (0 <= source < self.n_slots and 0 <= slot < self.n_slots):
+            raise CacheError(f"slots {source}, {slot}: out of range (0..{self.n_slots - 1})")
+        if self._len[slot]:
+            raise CacheError(f"slot {slot} is busy ({self._len[slot]} tokens); release it first")
+        if not 0 < length <= self.capacity:
+            raise CacheError(f"a prefix of {length} tokens does not fit a slot of {self.capacity}")
+        if source != slot:
+            for b in self.buffers:
+                b[slot, :, :length] = b[source, :, :length]
+        self._len[slot] = length

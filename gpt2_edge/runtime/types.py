@@ -25,6 +25,9 @@ class KVCache(Protocol):
 
     n_slots: int
     capacity: int  # tokens one slot can hold
+    # ``verify`` and ``truncate`` work (the in-place cache); a cache without the attribute, or with
+    # it False (the concatenating one), refuses them and speculative decoding runs plain steps.
+    can_verify: bool
 
     def length(self, slot: int) -> int:
         """Tokens held by ``slot`` (0 = free)."""
@@ -45,6 +48,16 @@ class KVCache(Protocol):
         one-shot prefill (the server's chunked prefill)."""
         ...
 
+    def verify(self, slots: Sequence[int], chunks: Sequence[Sequence[int]]) -> np.ndarray:
+        """Append a chunk to each of ``slots`` as ``extend`` does, and return the logits at every new
+        position ``(len(slots), S, V)``, ``S`` the longest chunk (speculative decoding's one pass
+        over ``[pending token, *drafted tokens]``)."""
+        ...
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep the first ``length`` tokens of ``slot`` (roll back rejected drafted tokens)."""
+        ...
+
     def release(self, slot: int) -> None:
         """Forget ``slot``'s sequence; the slot can be prefilled again."""
         ...
@@ -53,6 +66,33 @@ class KVCache(Protocol):
         """Slot ``i`` takes a copy of slot ``sources[i]``'s sequence, for ``i < len(sources)``
         (beam search)."""
         ...
+
+
+def can_verify(cache: object) -> bool:
+    """Whether ``cache`` takes ``verify`` and ``truncate`` (speculative decoding)."""
+    return bool(getattr(cache, "can_verify", False))
+
+
+class ResizableKVCache(KVCache, Protocol):
+    """A cache whose memory can follow its work (the in-place one): ``reserve`` reallocates it to
+    other row and token counts, ``copy_prefix`` starts a slot from positions another slot's rows
+    still hold (the server's prefix cache). The server's scheduler uses them where a cache has
+    them (``is_resizable``)."""
+
+    bytes_per_token: int  # one position of one slot, every layer's K and V
+
+    def reserve(self, capacity: int, n_slots: int | None = None, keep: Sequence[int] | None = None) -> None:
+        """``n_slots`` rows of ``capacity`` tokens; row ``r`` keeps its first ``keep[r]`` positions."""
+        ...
+
+    def copy_prefix(self, source: int, slot: int, length: int) -> None:
+        """Free ``slot`` takes ``source``'s first ``length`` positions and holds ``length`` tokens."""
+        ...
+
+
+def is_resizable(cache: object) -> bool:
+    """Whether ``cache`` takes ``reserve`` and ``copy_prefix``."""
+    return callable(getattr(cache, "reserve", None)) and callable(getattr(cache, "copy_prefix", None))
 
 
 class Backend(Protocol):

@@ -110,6 +110,14 @@ class Served:
             )
 
 
+def _kv_budget(budget: int | None, n_ctx: int) -> int | None:
+    """The KV budget, at least one whole context (so every request fits once it is alone)."""
+    if budget is not None and budget < n_ctx:
+        log.warning("--kv-budget %d is under the model's context: raised to %d tokens", budget, n_ctx)
+        return n_ctx
+    return budget
+
+
 def create_app(model: ServedModel, settings: ServeSettings | None = None) -> FastAPI:
     """The ASGI app serving ``model``; its scheduler runs while the app's lifespan does."""
     settings = settings or ServeSettings()
@@ -123,8 +131,17 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
         max_batch=max_batch,
         max_queue=settings.max_queue,
         prefill_chunk=settings.prefill_chunk,
+        kv_budget=_kv_budget(settings.kv_budget, model.n_ctx),
+        prefix_cache=settings.prefix_cache,
+        prefix_cache_blocks=settings.prefix_cache_blocks,
     )
-    metrics = Metrics(max_batch, lambda: scheduler.queue_depth, lambda: scheduler.active)
+    metrics = Metrics(
+        max_batch,
+        lambda: scheduler.queue_depth,
+        lambda: scheduler.active,
+        kv_tokens=lambda: scheduler.kv_tokens_allocated,
+        kv_budget=scheduler.kv_budget,
+    )
     scheduler.metrics = metrics
     served = Served(model, settings, scheduler, metrics, ChatTemplate.for_model(model))
 
@@ -262,6 +279,8 @@ async def health(request: Request) -> JSONResponse:
         "active": s.scheduler.active,
         "max_batch": s.scheduler.max_batch,
         "max_queue": s.scheduler.max_queue,
+        "kv_tokens_allocated": s.scheduler.kv_tokens_allocated,
+        "kv_budget": s.scheduler.kv_budget,
         "replica": s.settings.replica,
     }
     return JSONResponse(body, status_code=200 if live else 503)

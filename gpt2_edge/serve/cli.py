@@ -90,6 +90,28 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         f"default {d.prefill_chunk})",
     )
     p.add_argument(
+        "--kv-budget",
+        type=int,
+        metavar="TOKENS",
+        help="KV-cache positions at most (slots x tokens per slot), like llama-server's total context; the "
+        "cache grows to what the running sequences need within it and shrinks when idle; a request that "
+        "does not fit waits its turn (default: --max-batch x the model's context)",
+    )
+    p.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="do not reuse the KV of a prompt's leading tokens that another request already prefilled",
+    )
+    p.add_argument(
+        "--prefix-cache-blocks",
+        type=int,
+        default=d.prefix_cache_blocks,
+        metavar="N",
+        help="64-token blocks of prefix cache an idle server keeps (slots x tokens per slot; default "
+        f"{d.prefix_cache_blocks}); a busy one keeps prefixes in its free slots",
+    )
+    p.add_argument(
         "--api-key",
         help=f"require `Authorization: Bearer KEY` on every route but /health (better: set ${API_KEY_ENV}, "
         "which `ps` does not show)",
@@ -199,6 +221,8 @@ def _start_over_if_needed(args: argparse.Namespace) -> None:
         ("--max-batch", args.max_batch),
         ("--max-queue", args.max_queue),
         ("--prefill-chunk", args.prefill_chunk),
+        ("--kv-budget", args.kv_budget),
+        ("--prefix-cache-blocks", args.prefix_cache_blocks),
         ("--timeout", args.timeout),
         ("--max-body-bytes", args.max_body_bytes),
         ("--header-timeout", args.header_timeout),
@@ -217,6 +241,8 @@ def _start_over_if_needed(args: argparse.Namespace) -> None:
         argv += ["--cors-origin", origin]
     for host in args.allowed_host:
         argv += ["--allowed-host", host]
+    if not args.prefix_cache:
+        argv.append("--no-prefix-cache")
     if args.ray:
         argv.append("--ray")
     env = dict(os.environ)
@@ -262,6 +288,9 @@ def settings_from_args(args: argparse.Namespace, api_key: str | None) -> ServeSe
             max_batch=args.max_batch,
             max_queue=args.max_queue,
             prefill_chunk=args.prefill_chunk,
+            kv_budget=args.kv_budget,
+            prefix_cache=args.prefix_cache,
+            prefix_cache_blocks=args.prefix_cache_blocks,
             timeout_s=args.timeout,
             max_body_bytes=args.max_body_bytes,
             api_key=api_key,
@@ -324,7 +353,10 @@ def serve_uvicorn(bundle: Path, settings: ServeSettings, log_level: str = "info"
     print(
         f"gpt2-edge serve: {model.name} ({bundle}, {settings.provider}) on http://{settings.host}:{settings.port}"
         f" — max batch {settings.max_batch}, queue {settings.max_queue}, prefill chunk "
-        f"{settings.prefill_chunk or 'whole'}, auth {'on' if settings.api_key else 'off'}",
+        f"{settings.prefill_chunk or 'whole'}, KV budget "
+        f"{f'{settings.kv_budget} tokens' if settings.kv_budget else 'max batch x context'}, "
+        f"prefix cache {'on' if settings.prefix_cache else 'off'}, "
+        f"auth {'on' if settings.api_key else 'off'}",
         flush=True,
     )
     return run_app(app, settings, log_level, sockets=[sock])

@@ -13,10 +13,17 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1
 
 
 class Metrics:
-    """Requests by route and status, tokens in and out, queue depth, batch occupancy, and the
-    time-to-first-token and inter-token latency histograms."""
+    """Requests by route and status, tokens in and out, queue depth, batch occupancy, KV tokens
+    allocated, prefix-cache hits, and the time-to-first-token and inter-token latency histograms."""
 
-    def __init__(self, max_batch: int, queue_depth: Callable[[], float], active: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        max_batch: int,
+        queue_depth: Callable[[], float],
+        active: Callable[[], float],
+        kv_tokens: Callable[[], float] | None = None,
+        kv_budget: int | None = None,
+    ) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "gpt2_edge_requests",
@@ -39,6 +46,27 @@ class Metrics:
         )
         Gauge("gpt2_edge_batch_active", "Sequences holding a batch slot", registry=r).set_function(active)
         Gauge("gpt2_edge_batch_slots", "Batch slots (--max-batch)", registry=r).set(max_batch)
+        if kv_tokens is not None:
+            Gauge(
+                "gpt2_edge_kv_tokens_allocated",
+                "KV-cache positions allocated (slots x tokens per slot; a concatenating cache: held)",
+                registry=r,
+            ).set_function(kv_tokens)
+        if kv_budget is not None:
+            Gauge("gpt2_edge_kv_budget_tokens", "KV-cache positions at most (--kv-budget)", registry=r).set(
+                kv_budget
+            )
+        self.prefix_cache_lookups = Counter(
+            "gpt2_edge_prefix_cache_lookups",
+            "Admitted prompts looked up in the prefix cache, by result (hit, miss)",
+            ["result"],
+            registry=r,
+        )
+        self.prefix_cache_tokens = Counter(
+            "gpt2_edge_prefix_cache_reused_tokens",
+            "Prompt tokens not prefilled: their KV was reused",
+            registry=r,
+        )
         self.batch_occupancy = Histogram(
             "gpt2_edge_batch_occupancy",
             "Active sequences per decode step",

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import Gpt2EdgeError
 from ..runtime.backends import PROVIDERS
-from .scheduler import DEFAULT_PREFILL_CHUNK
+from .scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFIX_CACHE_BLOCKS
 
 API_KEY_ENV = "GPT2_EDGE_API_KEY"  # the key where `ps` does not show it (CLI, `serve run`)
 
@@ -42,6 +42,14 @@ class ServeSettings:
     # Prompt tokens prefilled per scheduler step: a long prompt is prefilled in chunks between the
     # running streams' decode steps instead of stalling them for its whole prefill. 0 = whole.
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    # KV memory: positions (slots x tokens per slot) at most; the cache grows to what the running
+    # sequences need within it and shrinks when idle. None: max_batch x the context (raised to one
+    # context when less). Like llama-server's total context, but allocated as the work needs it.
+    kv_budget: int | None = None
+    # A prompt starting with tokens another request prefilled reuses their KV (in-place bundles).
+    prefix_cache: bool = True
+    # What an idle server keeps of it: 64-token blocks (slots x tokens per slot it holds on to).
+    prefix_cache_blocks: int = DEFAULT_PREFIX_CACHE_BLOCKS
     # limits and protection
     timeout_s: float = 300.0  # per request, from arrival to its last token
     max_body_bytes: int = 1 << 20
@@ -73,10 +81,14 @@ class ServeSettings:
             ("port", 1, 65535),
             ("replicas", 1, None),
             ("max_connections", 1, None),
+            ("prefix_cache_blocks", 0, None),
         ):
             self._count(name, low, high)
-        if self.threads is not None:
-            self._count("threads", 1, None)
+        for name in ("threads", "kv_budget"):
+            if getattr(self, name) is not None:
+                self._count(name, 1, None)
+        if not isinstance(self.prefix_cache, bool):
+            raise SettingsError("prefix_cache", f"must be true or false, got {self.prefix_cache!r}")
         for name, low, inclusive in (
             ("timeout_s", 0.0, False),
             ("header_timeout_s", 0.0, False),
