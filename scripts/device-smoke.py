@@ -65,7 +65,7 @@ FAKE = "--fake" in sys.argv  # the script's own logic on a machine without a GPU
 @check("import cuda-python runtime")
 def _():
     if FAKE:
-        from tests.engine_fakes import FakeCuda
+        from tests.engine.engine_fakes import FakeCuda
 
         state["cuda"] = FakeCuda()
         return "FAKE CUDA (--fake): this run proves nothing about a GPU"

@@ -1,65 +1,25 @@
-"""Shared fixtures: tiny random GPT-2 checkpoints (2 layers, 64 wide) and a tiny tokenizer."""
+"""Shared fixtures: tiny random GPT-2 checkpoints (2 layers, 64 wide), a tiny tokenizer, and the
+bundles made from them (tests/bundles.py).
+
+This file imports without torch: the fixtures that need it import it when used, so only their tests
+skip in a torch-free environment (a device's install); the bundle fixtures read the bundles a run
+with torch made (GPT2_EDGE_TEST_BUNDLES). Plain helpers live in tests/helpers.py.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from gpt2_edge.runtime.tokenizer import Tokenizer
+from tests.bundles import CONCAT, INPLACE, TINY, TRT_TARGET, BundleFactory, BundleSpec, BundleUnavailableError
+from tests.helpers import SAMPLE_TEXT, random_gpt, tiny_config
 
-from gpt2_edge.model.checkpoint import save_checkpoint  # noqa: E402
-from gpt2_edge.model.config import GPTConfig  # noqa: E402
-from gpt2_edge.model.gpt import GPT  # noqa: E402
-from gpt2_edge.runtime.tokenizer import Tokenizer  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-
-# A small public-domain text for the tiny tokenizer (no files needed).
-SAMPLE_TEXT = (
-    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
-    "First Citizen:\nFirst, you know Caius Marcius is chief enemy to the people.\n\n"
-    "All:\nWe know't, we know't.\n\nFirst Citizen:\nLet us kill him, and we'll have corn at our own price.\n"
-    "Is't a verdict?\n\nAll:\nNo more talking on't; let it be done: away, away!\n\n"
-    "Second Citizen:\nOne word, good citizens.\n\nFirst Citizen:\nWe are accounted poor citizens, the "
-    "patricians good. What authority surfeits on would relieve us: if they would yield us but the "
-    "superfluity, while it were wholesome, we might guess they relieved us humanely.\n"
-) * 4
-
-# (n_layer, n_embd, n_head, vocab_size, n_positions): the configs parity tests sweep over.
-TINY_CONFIGS = [
-    (2, 64, 4, 300, 64),
-    (1, 32, 2, 97, 40),
-    (3, 48, 6, 128, 80),
-]
-
-
-def tiny_config(
-    n_layer: int = 2, n_embd: int = 64, n_head: int = 4, vocab_size: int = 300, n_positions: int = 64
-) -> GPTConfig:
-    return GPTConfig(
-        vocab_size=vocab_size,
-        n_positions=n_positions,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=n_head,
-        bos_token_id=vocab_size - 1,
-        eos_token_id=vocab_size - 1,
-    )
-
-
-def random_gpt(config: GPTConfig, seed: int = 0) -> GPT:
-    """A random GPT with non-trivial biases and LayerNorm parameters (zeros would hide bugs)."""
-    torch.manual_seed(seed)
-    model = GPT(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias") or "ln_" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+STRICT = "GPT2_EDGE_TEST_BUNDLES_STRICT"  # set: a bundle that can be neither read nor made fails the test
 
 
 @pytest.fixture(scope="session")
@@ -68,15 +28,65 @@ def tiny_tokenizer() -> Tokenizer:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_tokenizer: Tokenizer) -> GPT:
+def tiny_model(tiny_tokenizer: Tokenizer):
+    pytest.importorskip("torch")
     return random_gpt(tiny_config(vocab_size=tiny_tokenizer.vocab_size))
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model: GPT, tiny_tokenizer: Tokenizer
-) -> Path:
-    return save_checkpoint(tiny_model, tmp_path_factory.mktemp("ckpt") / "tiny", tiny_tokenizer)
+def tiny_checkpoint(bundle_factory: BundleFactory) -> Path:
+    """The checkpoint of ``tiny_model`` (same config, seed and tokenizer): the one the bundles are made of."""
+    pytest.importorskip("torch")
+    return bundle_factory.checkpoint(TINY)
+
+
+@pytest.fixture(scope="session")
+def bundle_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BundleFactory]:
+    factory = BundleFactory.from_environment(tmp_path_factory.mktemp("factory"))
+    yield factory
+    changed = factory.written_into()
+    assert not changed, (
+        "tests wrote into shared bundles (copy one with shutil.copytree before changing it, building an "
+        f"engine into it or running the TensorRT provider on it): {changed}"
+    )
+
+
+@pytest.fixture(scope="session")
+def make_bundle(bundle_factory: BundleFactory) -> Callable[..., Path]:
+    """``make_bundle(target="ort", kv_cache=None, precision="fp32", model=TINY, calib=None, **export)``
+    -> the path of that bundle (registered in tests/bundles.py SPECS; never write into it). Skips the
+    test where the bundle can be neither made (no torch) nor read (GPT2_EDGE_TEST_BUNDLES); fails it
+    instead with GPT2_EDGE_TEST_BUNDLES_STRICT=1."""
+
+    def make(*args, **kwargs) -> Path:
+        try:
+            if args and isinstance(args[0], BundleSpec | str):
+                return bundle_factory.get(*args)
+            return bundle_factory(*args, **kwargs)
+        except BundleUnavailableError as e:
+            if os.environ.get(STRICT):  # CI's torch-free run: the full run made every bundle it needs
+                pytest.fail(f"{STRICT} is set: {e}")
+            pytest.skip(str(e))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def inplace_bundle(make_bundle) -> Path:
+    """The tiny model's ort-target fp32 bundle (in-place KV cache)."""
+    return make_bundle(INPLACE)
+
+
+@pytest.fixture(scope="session")
+def concat_bundle(make_bundle) -> Path:
+    """The tiny model's ort-target fp32 bundle with the concatenating KV cache."""
+    return make_bundle(CONCAT)
+
+
+@pytest.fixture(scope="session")
+def trt_target_bundle(make_bundle) -> Path:
+    """The tiny model's tensorrt-target fp32 bundle (concatenating KV cache, TensorRT's op list)."""
+    return make_bundle(TRT_TARGET)
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +99,11 @@ def gpt2_bpe_files() -> tuple[Path, Path]:
 
 @pytest.fixture(autouse=True, scope="session")
 def _few_threads() -> None:
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    """Two torch threads at most (the machines running the suite are small); nothing without torch."""
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -106,22 +120,3 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         )
         for item in gpu_items:
             item.add_marker(pytest.mark.skip(reason=reason))
-
-
-def wait_healthy(proc, url: str, timeout_s: float, poll_s: float = 0.1) -> None:
-    """Wait until a server started as ``proc`` answers ``url/health`` with 200; fail with its output
-    if it exits or does not come up in ``timeout_s``."""
-    import time
-
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline, f"the server did not come up in {timeout_s:g} s"
-        time.sleep(poll_s)

@@ -4,7 +4,7 @@ Network flags, the ONNX parser's errors, workspace and TF32 settings, the timing
 serialized plan. The run-time calls (importing TensorRT, its version, the logger, I/O tensors)
 are in ``gpt2_edge.runtime.trt.api``, which the builder uses too. Everything else calls
 TensorRT's documented API directly, so a test hands in a fake module with the same names
-(``tests/engine_fakes.py``). Targets TensorRT 10.x (JetPack 6, x86-64) and 11.x (x86-64): both
+(``tests/engine/engine_fakes.py``). Targets TensorRT 10.x (JetPack 6, x86-64) and 11.x (x86-64): both
 build strongly typed networks, the only kind 11 has.
 """
 

@@ -9,7 +9,7 @@ activations per row and block of K, so no row or position sees another's values.
 Batch invariance (a row's logits the same alone or in a batch) was measured bitwise with blocks of
 32 on the tiny, default and 124M shapes; with blocks of 128 the CPU kernel takes another path for
 one row than for several (8-bit at 124M: 0.03 apart). Measure again before changing ``block_size``
-(tests/test_batch_invariance.py).
+(tests/runtime/test_batch_invariance.py).
 """
 
 from __future__ import annotations

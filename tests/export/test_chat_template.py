@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from gpt2_edge.export.bundle import export_bundle  # noqa: E402
-from gpt2_edge.runtime.bundle import Bundle  # noqa: E402
+from gpt2_edge.export.bundle import export_bundle
+from gpt2_edge.runtime.bundle import Bundle
 
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
 

@@ -3,7 +3,7 @@
 Importing TensorRT (with an install hint when it is missing), its version, a logger that keeps
 warnings and errors, and the engine's I/O tensors and profile shapes by name. Everything else
 calls TensorRT's documented API directly on the module ``import_tensorrt`` returns, so a test
-hands in a fake module with the same names (``tests/engine_fakes.py``). Targets TensorRT 10.x
+hands in a fake module with the same names (``tests/engine/engine_fakes.py``). Targets TensorRT 10.x
 (JetPack 6, x86-64) and 11.x (x86-64). The build's calls are in ``gpt2_edge.engine.trt_api``.
 """
 

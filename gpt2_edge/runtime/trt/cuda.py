@@ -4,7 +4,7 @@ cuda-python 12.8 and newer (and 13.x, which removed the old name) expose the run
 ``cuda.bindings.runtime``; older 12.x releases as ``cuda.cudart``. Both return a tuple
 ``(status, *values)`` from every call; ``Cuda`` checks the status and raises ``CudaError``
 naming the call, so the callers read like plain Python. Pointers are plain ``int`` device
-addresses. Tests substitute a fake with the same methods (``tests/engine_fakes.py``), and
+addresses. Tests substitute a fake with the same methods (``tests/engine/engine_fakes.py``), and
 ``scripts/device-smoke.py`` runs this class on a real GPU. No torch.
 """
 

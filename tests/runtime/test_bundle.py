@@ -9,18 +9,14 @@ import sys
 
 import pytest
 
-from gpt2_edge.cli import main
-from gpt2_edge.export.bundle import export_bundle
 from gpt2_edge.runtime.bundle import Bundle, BundleError
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory, tiny_checkpoint):
-    return export_bundle(
-        tiny_checkpoint, tmp_path_factory.mktemp("bb") / "bundle", target="tensorrt", log=lambda _: None
-    )
+def good(trt_target_bundle):
+    return trt_target_bundle
 
 
 @pytest.fixture
@@ -72,21 +68,6 @@ def test_not_a_bundle(tmp_path):
         Bundle.load(tmp_path / "nope")
     with pytest.raises(BundleError, match="bundle.json is missing"):
         Bundle.load(tmp_path)
-
-
-def test_cli_inspect(good, capsys):
-    assert main(["inspect", str(good)]) == 0
-    out = capsys.readouterr().out
-    assert "target tensorrt, precision fp32" in out
-    assert "past_key_values.0.key" in out and "'past_sequence_length'" in out
-    assert "parity (fp32)" in out and "passed True" in out
-
-
-def test_cli_damaged_bundle_is_one_line(copy, capsys):
-    (copy / "tokenizer.json").write_text("x")
-    assert main(["generate", str(copy), "--prompt", "hi"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "tokenizer.json is 1 bytes" in err
 
 
 def test_runtime_never_imports_torch(good):

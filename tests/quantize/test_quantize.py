@@ -15,8 +15,7 @@ from gpt2_edge.quantize.pipeline import PRECISIONS, GateError, quantize_bundle
 from gpt2_edge.runtime.bundle import Bundle
 from gpt2_edge.runtime.generator import Generator
 from gpt2_edge.runtime.sampling import GenerationConfig
-
-from .conftest import SAMPLE_TEXT, random_gpt, tiny_config
+from tests.helpers import SAMPLE_TEXT, random_gpt, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 quiet = dict(log=lambda _: None)
@@ -173,7 +172,7 @@ def test_cli_quantize_and_eval(wide_bundles, texts, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def shakespeare_texts(tmp_path_factory):
-    from .conftest import SHAKESPEARE
+    from tests.helpers import SHAKESPEARE
 
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} not present")

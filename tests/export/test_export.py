@@ -13,8 +13,7 @@ from gpt2_edge.export.bundle import export_bundle
 from gpt2_edge.export.graph import TENSORRT_OPS, op_census
 from gpt2_edge.export.validate import ParityError, validate_onnx
 from gpt2_edge.model.checkpoint import load_checkpoint, save_checkpoint
-
-from .conftest import TINY_CONFIGS, random_gpt, tiny_config
+from tests.helpers import TINY_CONFIGS, random_gpt, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

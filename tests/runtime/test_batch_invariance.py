@@ -24,43 +24,26 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from gpt2_edge.export.bundle import export_bundle
-from gpt2_edge.model.checkpoint import save_checkpoint
-from gpt2_edge.quantize.pipeline import quantize_bundle
 from gpt2_edge.runtime.bundle import Bundle
 from gpt2_edge.runtime.generator import Generator
 from gpt2_edge.runtime.sampling import GenerationConfig
 from gpt2_edge.runtime.session import OrtBackend
 
-from .conftest import SAMPLE_TEXT, random_gpt, tiny_config
-
 pytestmark = pytest.mark.filterwarnings("ignore")  # fp16 on the CPU provider warns it is slow
-quiet = dict(log=lambda _: None)
 
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-weight", "int8-qdq", "int4")
 CASES = [("inplace", p) for p in PRECISIONS if p != "fp16"] + [("concat", p) for p in PRECISIONS]
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory, tiny_tokenizer):
-    """Each (kv form, precision) bundle of one tiny random model, made on first use."""
-    d = tmp_path_factory.mktemp("bi")
-    calib = d / "calib.txt"
-    calib.write_text(SAMPLE_TEXT * 2)
-    ckpt = save_checkpoint(
-        random_gpt(tiny_config(vocab_size=tiny_tokenizer.vocab_size)), d / "c", tiny_tokenizer
-    )
+def bundles(make_bundle):
+    """Each (kv form, precision) bundle of the tiny model (tests/bundles.py), loaded on first use."""
     made: dict[tuple[str, str], OrtBackend] = {}
 
     def get(form: str, precision: str) -> OrtBackend:
         if (form, precision) not in made:
-            fp32 = d / f"{form}-fp32"
-            if not fp32.exists():
-                export_bundle(ckpt, fp32, target="ort", kv_cache=form, **quiet)
-            path = fp32
-            if precision != "fp32":
-                path = d / f"{form}-{precision}"
-                quantize_bundle(fp32, precision, path, calib_text=calib, force=True, **quiet)
+            calib = "sample-x2" if precision == "int8-qdq" else None
+            path = make_bundle(kv_cache=form, precision=precision, calib=calib)
             made[form, precision] = OrtBackend(Bundle.load(path), threads=2)
         return made[form, precision]
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gpt2_edge.model.generate import TorchBackend
 from gpt2_edge.runtime.generator import decode
 from gpt2_edge.runtime.sampling import GenerationConfig
-
-from .conftest import random_gpt, tiny_config
+from tests.helpers import random_gpt, tiny_config
 
 
 def char(token: int) -> str:
@@ -21,6 +19,9 @@ def detokenize(ids) -> str:
 
 @pytest.fixture(scope="module")
 def backend():
+    pytest.importorskip("torch")
+    from gpt2_edge.model.generate import TorchBackend
+
     return TorchBackend(random_gpt(tiny_config(), seed=5))
 
 

@@ -19,21 +19,18 @@ ray = pytest.importorskip("ray", reason="Ray Serve tests need the ray extra: pip
 pytest.importorskip("ray.serve", reason="Ray Serve tests need the ray extra: pip install 'gpt2-edge[ray]'")
 httpx = pytest.importorskip("httpx")
 
-from gpt2_edge.export.bundle import export_bundle  # noqa: E402
 from gpt2_edge.runtime.generator import Generator  # noqa: E402
 from gpt2_edge.runtime.sampling import GenerationConfig  # noqa: E402
-
-from .conftest import wait_healthy  # noqa: E402
+from tests.helpers import REPO, wait_healthy  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["First Citizen:", "All:\nSpeak", "We are accounted poor citizens, the patricians good.", "O"]
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tiny_checkpoint) -> Path:
-    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("ray") / "tiny", log=lambda _: None)
+def bundle(inplace_bundle) -> Path:
+    return inplace_bundle
 
 
 @pytest.fixture(scope="module")

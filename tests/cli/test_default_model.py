@@ -9,8 +9,7 @@ import pytest
 
 from gpt2_edge.cli import main
 from gpt2_edge.model.checkpoint import DEFAULT_MODEL_DIR, load_checkpoint, load_tokenizer
-
-from .conftest import SHAKESPEARE
+from tests.helpers import SHAKESPEARE
 
 
 def test_shipped_files_and_size():

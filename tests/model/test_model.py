@@ -8,8 +8,7 @@ import torch
 from gpt2_edge.model.checkpoint import reference_to_hf, save_checkpoint
 from gpt2_edge.model.config import PRESETS, GPTConfig, preset
 from gpt2_edge.model.gpt import GPT
-
-from .conftest import TINY_CONFIGS, random_gpt, tiny_config
+from tests.helpers import TINY_CONFIGS, random_gpt, tiny_config
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4  # DESIGN.md: reference vs Hugging Face, logits max abs diff

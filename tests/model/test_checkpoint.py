@@ -11,8 +11,7 @@ import torch
 
 from gpt2_edge.cli import main
 from gpt2_edge.model.checkpoint import CheckpointError, load_checkpoint, resolve_model_dir, save_checkpoint
-
-from .conftest import random_gpt, tiny_config
+from tests.helpers import random_gpt, tiny_config
 
 transformers = pytest.importorskip("transformers")
 

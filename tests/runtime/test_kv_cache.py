@@ -7,7 +7,6 @@ import threading
 import numpy as np
 import pytest
 
-from gpt2_edge.export.bundle import export_bundle
 from gpt2_edge.runtime.generator import Generator
 from gpt2_edge.runtime.kv_cache import CacheError, InPlaceCache
 from gpt2_edge.runtime.sampling import GenerationConfig
@@ -18,12 +17,8 @@ PROMPTS = ["First Citizen:", "All:\nSpeak", "We are accounted poor citizens, the
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory, tiny_checkpoint):
-    d = tmp_path_factory.mktemp("kv")
-    return {
-        kv: export_bundle(tiny_checkpoint, d / kv, kv_cache=kv, log=lambda _: None)
-        for kv in ("inplace", "concat")
-    }
+def bundles(inplace_bundle, concat_bundle):
+    return {"inplace": inplace_bundle, "concat": concat_bundle}
 
 
 @pytest.fixture(scope="module")

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
-from gpt2_edge.export.bundle import export_bundle
 from gpt2_edge.runtime.bundle import Bundle
 from gpt2_edge.runtime.session import OrtBackend, ProviderError
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.fixture(scope="module")
-def concat_bundle(tmp_path_factory, tiny_checkpoint):
-    out = tmp_path_factory.mktemp("prov") / "b"
-    return export_bundle(tiny_checkpoint, out, target="tensorrt", log=lambda _: None)
-
-
-def test_a_provider_that_falls_back_is_refused(concat_bundle, monkeypatch):
+def test_a_provider_that_falls_back_is_refused(trt_target_bundle, tmp_path, monkeypatch):
     """onnxruntime-gpu without libnvinfer retries on CUDA and only prints (seen on an H100)."""
     import onnxruntime as ort
 
@@ -38,13 +33,14 @@ def test_a_provider_that_falls_back_is_refused(concat_bundle, monkeypatch):
         match=r"TensorrtExecutionProvider is installed but failed to load .*"
         r"fell back to CUDAExecutionProvider",
     ):
-        OrtBackend(Bundle.load(concat_bundle), provider="tensorrt")
+        # a copy: the TensorRT provider's engine cache goes into the bundle's engines/
+        OrtBackend(Bundle.load(shutil.copytree(trt_target_bundle, tmp_path / "b")), provider="tensorrt")
 
 
-def test_inplace_bundles_refuse_gpu_providers(tiny_checkpoint, tmp_path, monkeypatch):
+def test_inplace_bundles_refuse_gpu_providers(inplace_bundle, monkeypatch):
     import onnxruntime as ort
 
-    b = export_bundle(tiny_checkpoint, tmp_path / "ip", log=lambda _: None)
+    b = inplace_bundle
     monkeypatch.setattr(
         ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )

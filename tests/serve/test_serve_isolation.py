@@ -29,7 +29,6 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from gpt2_edge.export.bundle import export_bundle  # noqa: E402
 from gpt2_edge.runtime.generator import Generator  # noqa: E402
 from gpt2_edge.serve.app import ServedModel, ServeSettings, create_app  # noqa: E402
 from tests.helpers import REPO, wait_healthy  # noqa: E402
@@ -51,8 +50,8 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tiny_checkpoint) -> Path:
-    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("isolation") / "tiny", log=lambda _: None)
+def bundle(inplace_bundle) -> Path:
+    return inplace_bundle
 
 
 @pytest.fixture(scope="module")

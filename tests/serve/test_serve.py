@@ -24,16 +24,13 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from gpt2_edge.export.bundle import export_bundle  # noqa: E402
 from gpt2_edge.runtime.generator import Generator  # noqa: E402
 from gpt2_edge.runtime.sampling import GenerationConfig  # noqa: E402
 from gpt2_edge.serve.app import ServedModel, ServeSettings, create_app  # noqa: E402
-
-from .conftest import wait_healthy  # noqa: E402
+from tests.helpers import REPO, wait_healthy  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [
     "First Citizen:",
     "All:\nSpeak",
@@ -47,8 +44,8 @@ KEY = "test-key-0123456789"
 
 # fixtures: one tiny bundle, servers started and stopped by the tests ----------------------------
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tiny_checkpoint) -> Path:
-    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("serve") / "tiny", log=lambda _: None)
+def bundle(inplace_bundle) -> Path:
+    return inplace_bundle
 
 
 @pytest.fixture(scope="module")
@@ -342,10 +339,10 @@ def test_greedy_equals_generator_whatever_the_batch(bundle, gen):
 
 
 @pytest.mark.parametrize("prefill_chunk", [0, 3])
-def test_concatenating_cache_joins_and_leaves_the_batch(tmp_path, tiny_checkpoint, gen, prefill_chunk):
+def test_concatenating_cache_joins_and_leaves_the_batch(concat_bundle, gen, prefill_chunk):
     """The tensorrt target's KV form (a left-padded batch re-padded on join/leave) under the scheduler,
     prompts whole or in chunks of 3 tokens between decode steps."""
-    concat = export_bundle(tiny_checkpoint, tmp_path / "concat", kv_cache="concat", log=lambda _: None)
+    concat = concat_bundle
     jobs = [(p, 6 + 4 * i) for i, p in enumerate(PROMPTS)]
     with serving(concat, delay=0.005, max_batch=4, prefill_chunk=prefill_chunk) as s:
 

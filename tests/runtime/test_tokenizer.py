@@ -1,12 +1,11 @@
-"""Our tokenizers-based GPT-2 tokenizer against transformers' slow pure-Python GPT2Tokenizer."""
+"""Our tokenizers-based GPT-2 tokenizer against transformers' slow pure-Python GPT2Tokenizer (where
+transformers is installed), and on its own."""
 
 from __future__ import annotations
 
 import pytest
 
 from gpt2_edge.runtime.tokenizer import Tokenizer, TokenizerError
-
-transformers = pytest.importorskip("transformers")
 
 BATTERY = [
     "Hello world",
@@ -33,6 +32,8 @@ def ours(gpt2_bpe_files) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def slow(gpt2_bpe_files):
+    """transformers' slow GPT2Tokenizer (the oracle; transformers is a dev dependency, not a device's)."""
+    transformers = pytest.importorskip("transformers")
     tok = transformers.GPT2Tokenizer(vocab_file=str(gpt2_bpe_files[0]), merges_file=str(gpt2_bpe_files[1]))
     assert not tok.is_fast
     return tok
@@ -63,6 +64,7 @@ def test_tokenizer_json_round_trip(ours, tmp_path):
     for text in BATTERY:
         assert again.encode(text) == ours.encode(text)
     # transformers can read what we write
+    transformers = pytest.importorskip("transformers")
     fast = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert fast.encode(BATTERY[5]) == ours.encode(BATTERY[5])
 

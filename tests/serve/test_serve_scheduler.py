@@ -11,7 +11,6 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from gpt2_edge.export.bundle import export_bundle
 from gpt2_edge.runtime.generator import Generator
 from gpt2_edge.runtime.sampling import GenerationConfig, openai_generation_config
 from gpt2_edge.serve.scheduler import Scheduler, SequenceHandle, TokenEvent
@@ -23,12 +22,8 @@ LONG = 48  # prompt tokens of the long request (the tiny model's context is 64)
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory, tiny_checkpoint) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("sched")
-    return {
-        kv: export_bundle(tiny_checkpoint, d / kv, kv_cache=kv, log=lambda _: None)
-        for kv in ("inplace", "concat")
-    }
+def bundles(inplace_bundle, concat_bundle) -> dict[str, Path]:
+    return {"inplace": inplace_bundle, "concat": concat_bundle}
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ from gpt2_edge.cli import main
 from gpt2_edge.model.checkpoint import load_checkpoint
 from gpt2_edge.model.evaluate import perplexity, sliding_windows, torch_logits_fn
 from gpt2_edge.model.train import TrainConfig, lr_at, read_text, train
-
-from .conftest import SAMPLE_TEXT
+from tests.helpers import SAMPLE_TEXT
 
 SMALL = dict(
     n_layer=1,

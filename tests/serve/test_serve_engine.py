@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,14 +19,12 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient
 
 from gpt2_edge.engine.builder import BuildOptions, build_engine
-from gpt2_edge.export.bundle import export_bundle
 from gpt2_edge.runtime.generator import Generator
 from gpt2_edge.runtime.sampling import GenerationConfig
 from gpt2_edge.runtime.trt.shapes import Limits
 from gpt2_edge.serve.app import ServedModel, ServeSettings, create_app
 from gpt2_edge.serve.cli import add_serve_arguments, settings_from_args
-
-from .engine_fakes import FAKE_GPU, fake_stack
+from tests.engine.engine_fakes import FAKE_GPU, fake_stack
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -43,12 +42,10 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory, tiny_checkpoint) -> tuple[Path, object, object]:
+def engine(tmp_path_factory, trt_target_bundle) -> tuple[Path, object, object]:
     """A tensorrt-target bundle of the tiny model with an engine for the fake GPU: batch <= 8, two
     lanes (the server's scheduler holds one, the reference Generator takes the other)."""
-    bundle = export_bundle(
-        tiny_checkpoint, tmp_path_factory.mktemp("serve-engine") / "b", target="tensorrt", log=lambda _: None
-    )
+    bundle = shutil.copytree(trt_target_bundle, tmp_path_factory.mktemp("serve-engine") / "b")
     trt, cuda = fake_stack()
     options = BuildOptions(limits=Limits(max_batch=8, lanes=2))
     build_engine(bundle, options=options, trt=trt, gpu=FAKE_GPU, log=lambda _: None)

@@ -19,8 +19,7 @@ from gpt2_edge.export.bundle import export_bundle
 from gpt2_edge.model.checkpoint import DEFAULT_MODEL_DIR, CheckpointError, load_checkpoint, save_checkpoint
 from gpt2_edge.runtime.bundle import Bundle, BundleError, sha256_file
 from gpt2_edge.runtime.sampling import GenerationConfig
-
-from .conftest import REPO, SAMPLE_TEXT, SHAKESPEARE, random_gpt, tiny_config
+from tests.helpers import REPO, SAMPLE_TEXT, SHAKESPEARE, random_gpt, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 quiet = dict(log=lambda _: None)

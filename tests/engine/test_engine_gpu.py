@@ -16,8 +16,6 @@ import numpy as np
 import pytest
 
 from gpt2_edge.engine.builder import BuildOptions, build_engine
-from gpt2_edge.export.bundle import export_bundle
-from gpt2_edge.quantize.pipeline import quantize_bundle
 from gpt2_edge.runtime.bundle import Bundle
 from gpt2_edge.runtime.generator import Generator
 from gpt2_edge.runtime.sampling import GenerationConfig
@@ -28,8 +26,7 @@ from gpt2_edge.runtime.trt.plan import read_manifest
 from gpt2_edge.runtime.trt.shapes import Limits
 from gpt2_edge.runtime.trt.system import current_gpu
 from gpt2_edge.tolerances import TOLERANCES
-
-from .conftest import SAMPLE_TEXT
+from tests.helpers import SAMPLE_TEXT
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore")]
 PROMPTS = ["First Citizen:", "All:\nSpeak", "We are accounted poor citizens, the patricians good."]
@@ -53,16 +50,14 @@ def _need_engine_stack() -> None:
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory, tiny_checkpoint) -> dict[str, Path]:
-    """fp32, fp16 and int8-qdq bundles of the tensorrt target (gates forced: a random model)."""
+def bundles(tmp_path_factory, make_bundle) -> dict[str, Path]:
+    """fp32, fp16 and int8-qdq bundles of the tensorrt target (gates forced: a random model; int8-qdq
+    calibrated on SAMPLE_TEXT), copied: the ``engines`` fixture builds into them."""
     root = tmp_path_factory.mktemp("gpu")
-    text = root / "calib.txt"
-    text.write_text(SAMPLE_TEXT)
-    quiet = {"log": lambda _: None}
-    fp32 = export_bundle(tiny_checkpoint, root / "fp32", target="tensorrt", **quiet)
-    fp16, _ = quantize_bundle(fp32, "fp16", root / "fp16", force=True, **quiet)
-    int8, _ = quantize_bundle(fp32, "int8-qdq", root / "int8", calib_text=text, force=True, **quiet)
-    return {"fp32": fp32, "fp16": fp16, "int8-qdq": int8}
+    return {
+        p: shutil.copytree(make_bundle(target="tensorrt", precision=p), root / p)
+        for p in ("fp32", "fp16", "int8-qdq")
+    }
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import pytest
 from gpt2_edge import contract
 from gpt2_edge.cli import main
 from gpt2_edge.engine.builder import BuildOptions, EngineBuildError, build_engine, engine_precision
-from gpt2_edge.export.bundle import export_bundle
 from gpt2_edge.runtime import session
 from gpt2_edge.runtime.bundle import Bundle
 from gpt2_edge.runtime.generator import Generator
@@ -44,19 +43,17 @@ from gpt2_edge.runtime.trt.shapes import (
     ort_profile_options,
     shape_ranges,
 )
-
-from .engine_fakes import FAKE_GPU, FakeParserError, fake_stack
+from tests.engine.engine_fakes import FAKE_GPU, FakeParserError, fake_stack
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 PROMPTS = ["First Citizen:", "All:\nSpeak", "We are accounted poor citizens, the patricians good."]
 
 
 @pytest.fixture(scope="module")
-def trt_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
-    """A tensorrt-target fp32 bundle of the tiny model (context 64)."""
-    return export_bundle(
-        tiny_checkpoint, tmp_path_factory.mktemp("trt") / "b", target="tensorrt", log=lambda _: None
-    )
+def trt_bundle(tmp_path_factory, trt_target_bundle) -> Path:
+    """A tensorrt-target fp32 bundle of the tiny model (context 64): this module's copy, which the
+    ``engine`` fixture builds an engine into."""
+    return shutil.copytree(trt_target_bundle, tmp_path_factory.mktemp("trt") / "b")
 
 
 @pytest.fixture(scope="module")
