@@ -163,3 +163,24 @@ def test_settings_take_every_provider_and_normalise():
     s = ServeSettings(cors_origins=["http://a.test"], timeout_s=5, prefill_chunk=0)
     assert s.cors_origins == ("http://a.test",) and s.timeout_s == 5.0 and isinstance(s.timeout_s, float)
     assert ServeSettings(**s.as_dict()) == s
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8-dynamic", "int8-weight", "int8-qdq", "int4"])
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_every_precision_served_batched_equals_generator_alone(make_bundle, precision, chunk):
+    """The server's continuous batch for every precision the in-place cache takes: greedy and
+    sampled outputs of 8 prompts of other lengths and contents sharing 4 slots equal `Generator`
+    alone (the precisions are batch-invariant and causal, tests/runtime/test_batch_invariance.py)."""
+    bundle = make_bundle(kv_cache="inplace", precision=precision, calib="sample-x2" if precision == "int8-qdq" else None)
+    gen = Generator.from_bundle(str(bundle), threads=1)
+    run = Run(gen, max_batch=4, max_queue=8, prefill_chunk=chunk)
+    text = gen.tokenizer.encode("We are accounted poor citizens, the patricians good. " * 4)
+    jobs = []
+    for i, n in enumerate((1, 40, 3, 17, 9, 26, 5, 33)):
+        cfg = openai_generation_config(max_tokens=4 + i, temperature=0.8 if i % 3 == 1 else 0, seed=i)
+        jobs.append((f"job{i}", text[i : i + n], cfg))
+    run.scheduler.start()
+    run.scheduler.submit([run.sequence(name, prompt, cfg) for name, prompt, cfg in jobs])
+    run.wait()
+    for name, prompt, cfg in jobs:
+        assert run.tokens[name] == run.alone(prompt, cfg), (precision, name)
