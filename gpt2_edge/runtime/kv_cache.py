@@ -17,6 +17,9 @@ In-place graph inputs, per row ``b`` of a step (a right-padded chunk of ``S`` to
 ``attention_mask[b]`` has ``T_b`` leading ones (``T_b`` = tokens cached after the step),
 ``position_ids[b, 0]`` is the first new token's position ``P_b``, so the row brings
 ``T_b - P_b`` tokens (0 = idle). ``logits_to_keep = 1`` returns each row's last new position.
+
+One file past 400 lines: the two cache forms share the slot rules (``_check_prefill``) and are
+read side by side; each is about 200 lines.
 """
 
 from __future__ import annotations

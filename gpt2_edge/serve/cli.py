@@ -4,6 +4,9 @@ Also runnable as ``python -m gpt2_edge.serve`` (same options): that entry never 
 The options become one ``ServeSettings``, which checks them; Ray Serve gets the same object.
 The main CLI imports this module to build its parser: the HTTP stack (fastapi, uvicorn; the
 ``serve`` extra) and Ray load only when a server starts.
+
+One file a little past 400 lines: the options, their mapping onto ``ServeSettings`` and the
+bind-before-load start-up are one command's parts.
 """
 
 from __future__ import annotations

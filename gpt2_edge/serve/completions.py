@@ -4,6 +4,9 @@ answer as one JSON body or as Server-Sent Events, with OpenAI's legacy logprobs 
 
 The request's tokens arrive from the scheduler thread through an ``asyncio.Queue`` of the
 request's event loop; nothing here blocks that loop (tokenizing and scoring run in threads).
+
+One file past 400 lines: a request's life (sequences, prompt scoring, streaming, the final
+response) shares its state; ``chat.py`` reuses it by subclassing.
 """
 
 from __future__ import annotations

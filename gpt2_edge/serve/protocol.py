@@ -8,6 +8,9 @@ guidellm, lm-evaluation-harness). The tokenizer routes take vLLM's and llama-ser
 OpenAI fields this server does not implement are
 accepted only at their neutral value, so a client that sends the defaults still works and one
 that asks for more hears so instead of getting something else.
+
+One file a little past 400 lines: every body the server takes (completions, chat, tokenize)
+and the JSON guards in front of them, so a reader finds the whole wire format in one place.
 """
 
 from __future__ import annotations

@@ -37,6 +37,11 @@ written) starts with those positions copied (or, in that very slot, kept) and pr
 rest: the same logits, as in-place bundles are batch-invariant and causal. New sequences take
 free slots without cached rows first, then the least recently used ones. An idle server keeps
 entries (most recent first) while rows x tokens stay within ``prefix_cache_blocks`` blocks.
+
+One file past 400 lines: admission within the KV budget, the prefix cache, chunked prefill,
+decode and release all act on one thread's state (slots, cache, queue); split, that state would
+be passed around every call. The request-side types (``SequenceHandle``, ``TokenEvent``) are here
+because the scheduler produces and consumes them.
 """
 
 from __future__ import annotations
