@@ -19,7 +19,9 @@ from ..runtime.bundle import MANIFEST, Bundle, sha256_file
 from ..runtime.session import OrtBackend
 from .accuracy import AccuracyReport, compare, eval_prompts
 from .calibrate import read_tokens, windows
-from .int8 import QdqOptions
+from .fp16 import to_fp16
+from .int4 import to_nbits
+from .int8 import QdqOptions, to_int8_dynamic, to_int8_qdq
 
 PRECISIONS = tuple(p for p in schema.PRECISIONS if p != "fp32")
 CALIB_WINDOWS = 32
@@ -202,21 +204,11 @@ def default_model_samples(base: Bundle) -> Samples | None:
 
 def _convert(src: Path, dst: Path, precision: str, external: bool, calib, qdq: QdqOptions) -> dict:
     if precision == "fp16":
-        from .fp16 import to_fp16
-
         return to_fp16(src, dst, external)
     if precision == "int8-dynamic":
-        from .int8 import to_int8_dynamic
-
         return to_int8_dynamic(src, dst, external)
     if precision == "int8-weight":
-        from .int4 import to_nbits
-
         return to_nbits(src, dst, bits=8, external_data=external)
     if precision == "int8-qdq":
-        from .int8 import to_int8_qdq
-
         return to_int8_qdq(src, dst, external, calib, qdq)
-    from .int4 import to_nbits
-
     return to_nbits(src, dst, bits=4, external_data=external)

@@ -12,14 +12,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..contract import TensorSpec
 from ..errors import Gpt2EdgeError
 from .manifest import SCHEMA_VERSION, ManifestError, kind_of, validate
-
-if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer
 
 MANIFEST = "bundle.json"
 __all__ = ["MANIFEST", "SCHEMA_VERSION", "Bundle", "BundleError", "sha256_file"]
@@ -84,8 +82,6 @@ class Bundle:
 
     def tokenizer(self) -> Tokenizer:
         """The bundle's ``tokenizer.json`` (the tokenizer module is torch-free)."""
-        from .tokenizer import Tokenizer
-
         return Tokenizer.from_file(self.path / "tokenizer.json")
 
     # Hugging Face's tokenizer settings, read only from files the manifest lists (so verified):
