@@ -102,7 +102,10 @@ def test_temperature_matches_hf(scores, t):
     # Ours shifts each row by its max first (a tiny temperature must not make inf - inf): the same
     # logits up to a per-row constant, so the same softmax, top-k and top-p.
     hf = hf_apply(lp.TemperatureLogitsWarper(t), scores)
-    np.testing.assert_allclose(apply_temperature(scores, t), hf - hf.max(-1, keepdims=True), rtol=1e-5, atol=1e-5)
+    ours = apply_temperature(scores, t)
+    np.testing.assert_allclose(
+        ours - ours.max(-1, keepdims=True), hf - hf.max(-1, keepdims=True), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("k", [1, 3, 10, 49, 50, 100])
