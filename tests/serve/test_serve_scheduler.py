@@ -110,8 +110,12 @@ def test_a_running_stream_keeps_its_pace_while_a_long_prompt_goes_in(gens, kv, c
 def test_chunked_prefill_of_many_prompts_equals_generator(gens, kv):
     """Eight prompts of 1..40 tokens, some sampled, into 4 slots with 5 prompt tokens per step: the
     budget splits prompts across steps and steps across prompts; every output equals Generator."""
-    gen = gens[kv]
-    run = Run(gen, max_batch=4, max_queue=8, prefill_chunk=5)
+    eight_prompts_equal_generator(gens[kv], prefill_chunk=5)
+
+
+def eight_prompts_equal_generator(gen: Generator, prefill_chunk: int) -> None:
+    """Eight prompts of 1..40 tokens, every third sampled, through 4 slots: each output = Generator."""
+    run = Run(gen, max_batch=4, max_queue=8, prefill_chunk=prefill_chunk)
     text = gen.tokenizer.encode("We are accounted poor citizens, the patricians good. " * 4)
     jobs = []
     for i, n in enumerate((1, 40, 3, 17, 9, 26, 5, 33)):
@@ -172,15 +176,4 @@ def test_every_precision_served_batched_equals_generator_alone(make_bundle, prec
     sampled outputs of 8 prompts of other lengths and contents sharing 4 slots equal `Generator`
     alone (the precisions are batch-invariant and causal, tests/runtime/test_batch_invariance.py)."""
     bundle = make_bundle(kv_cache="inplace", precision=precision, calib="sample-x2" if precision == "int8-qdq" else None)
-    gen = Generator.from_bundle(str(bundle), threads=1)
-    run = Run(gen, max_batch=4, max_queue=8, prefill_chunk=chunk)
-    text = gen.tokenizer.encode("We are accounted poor citizens, the patricians good. " * 4)
-    jobs = []
-    for i, n in enumerate((1, 40, 3, 17, 9, 26, 5, 33)):
-        cfg = openai_generation_config(max_tokens=4 + i, temperature=0.8 if i % 3 == 1 else 0, seed=i)
-        jobs.append((f"job{i}", text[i : i + n], cfg))
-    run.scheduler.start()
-    run.scheduler.submit([run.sequence(name, prompt, cfg) for name, prompt, cfg in jobs])
-    run.wait()
-    for name, prompt, cfg in jobs:
-        assert run.tokens[name] == run.alone(prompt, cfg), (precision, name)
+    eight_prompts_equal_generator(Generator.from_bundle(str(bundle), threads=1), prefill_chunk=chunk)
