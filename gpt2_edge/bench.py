@@ -5,7 +5,9 @@ batch 1, at batch 8 and at a long context, and the process's peak RSS. Each bund
 in its own subprocess (so peak RSS is its own), bundles alternate for ``--rounds`` rounds and
 the table shows medians: absolute numbers drift on a shared machine, alternation keeps the
 comparison fair. Prompts are random token ids (seeded); eos is suppressed so every run decodes
-the same number of tokens.
+the same number of tokens. With ``prompt_lookup`` each bundle also gets a row decoded with
+speculative decoding by prompt lookup (same prompts, alternated with the plain row), and the
+share of drafted tokens accepted at batch 1.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,7 @@ class BenchConfig:
     threads: int | None = None
     provider: str = "cpu"
     session_config: dict[str, str] = field(default_factory=dict)
+    prompt_lookup: int = 0  # > 0: also measure each bundle with speculative decoding (prompt lookup)
 
 
 @dataclass
@@ -56,6 +59,8 @@ class BenchResult:
     decode_long: float = 0.0  # tokens/s, batch 1, long context
     peak_rss_mib: float = 0.0
     lengths: dict[str, int] = field(default_factory=dict)
+    prompt_lookup: int = 0  # the speculative row's most drafted tokens per step (0: plain decoding)
+    acceptance: float = 0.0  # drafted tokens accepted, batch 1 (speculative rows)
 
 
 def measure(path: str, cfg: BenchConfig) -> BenchResult:
@@ -73,7 +78,8 @@ def measure(path: str, cfg: BenchConfig) -> BenchResult:
         return [int(t) for t in rng.integers(0, vocab, n)]
 
     def run(prompts: list[list[int]], max_new: int) -> dict[str, float]:
-        return gen.generate(prompts, GenerationConfig(max_new_tokens=max_new, ignore_eos=True))[0].timings
+        c = GenerationConfig(max_new_tokens=max_new, ignore_eos=True, prompt_lookup=cfg.prompt_lookup)
+        return gen.generate(prompts, c)[0].timings
 
     short = min(cfg.short_prompt, n_ctx - new)
     long = min(cfg.long_prompt, n_ctx - 1)
@@ -82,13 +88,14 @@ def measure(path: str, cfg: BenchConfig) -> BenchResult:
     ttft_short = statistics.median(run([prompt(short)], 1)["prefill_s"] for _ in range(3))
     ttft_long = statistics.median(run([prompt(long)], 1)["prefill_s"] for _ in range(2))
 
-    def rate(prompts: list[list[int]]) -> float:
+    def rate(prompts: list[list[int]]) -> tuple[float, float]:
+        """Decode tokens/s over the batch, and the share of drafted tokens accepted."""
         t = run(prompts, new)
-        return len(prompts) * (t["steps"] - 1) / t["decode_s"]
+        return len(prompts) * (t["steps"] - 1) / t["decode_s"], t.get("spec_acceptance", 0.0)
 
-    b1 = rate([prompt(short)])
-    bb = rate([prompt(short) for _ in range(cfg.batch)])
-    lc = rate([prompt(ctx)])
+    b1, b1_acceptance = rate([prompt(short)])
+    bb = rate([prompt(short) for _ in range(cfg.batch)])[0]
+    lc = rate([prompt(ctx)])[0]
     files = bundle.manifest["files"]
     mib = sum(f["bytes"] for n, f in files.items() if n.startswith(bundle.manifest["model_file"])) / 2**20
     return BenchResult(
@@ -104,6 +111,8 @@ def measure(path: str, cfg: BenchConfig) -> BenchResult:
         decode_long=lc,
         peak_rss_mib=peak_rss_mib() or 0.0,
         lengths={"short": short, "long": long, "context": ctx, "new": new, "batch": cfg.batch},
+        prompt_lookup=cfg.prompt_lookup,
+        acceptance=b1_acceptance,
     )
 
 
@@ -117,17 +126,18 @@ def _measure_in_subprocess(path: str, cfg: BenchConfig) -> BenchResult:
 
 
 def bench(paths: list[str], cfg: BenchConfig, rounds: int = 1, log=print) -> list[BenchResult]:
-    """Alternate the bundles for ``rounds`` rounds (one subprocess each); the per-bundle medians."""
+    """Alternate the bundles (and, with ``cfg.prompt_lookup``, plain and speculative decoding of
+    each) for ``rounds`` rounds, one subprocess each; the medians, one row per bundle and mode."""
     for p in paths:
         Bundle.load(p, verify=False)  # refuse a bad path before any timing
-    runs: dict[str, list[BenchResult]] = {p: [] for p in paths}
+    modes = [0] + ([cfg.prompt_lookup] if cfg.prompt_lookup else [])
+    runs: dict[tuple[str, int], list[BenchResult]] = {(p, m): [] for p in paths for m in modes}
     for r in range(rounds):
-        for p in paths:
-            log(f"round {r + 1}/{rounds}: {p}")
-            runs[p].append(_measure_in_subprocess(p, cfg))
+        for p, m in runs:
+            log(f"round {r + 1}/{rounds}: {p}" + (f" (prompt lookup {m})" if m else ""))
+            runs[p, m].append(_measure_in_subprocess(p, replace(cfg, prompt_lookup=m)))
     out = []
-    for p in paths:
-        rs = runs[p]
+    for rs in runs.values():
         med = {
             k: statistics.median(getattr(x, k) for x in rs)
             for k in (
@@ -138,6 +148,7 @@ def bench(paths: list[str], cfg: BenchConfig, rounds: int = 1, log=print) -> lis
                 "decode_batch",
                 "decode_long",
                 "peak_rss_mib",
+                "acceptance",
             )
         }
         out.append(BenchResult(**{**asdict(rs[0]), **med}))
@@ -147,17 +158,20 @@ def bench(paths: list[str], cfg: BenchConfig, rounds: int = 1, log=print) -> lis
 def table(results: list[BenchResult]) -> str:
     """The results as a markdown table."""
     r0 = results[0].lengths
+    spec = any(r.prompt_lookup for r in results)
     head = (
         f"| bundle | precision | KV cache | MiB | load s | TTFT {r0['short']} tok ms "
         f"| TTFT {r0['long']} tok ms | decode tok/s b1 | decode tok/s b{r0['batch']} "
-        f"| decode tok/s @{r0['context']} | peak RSS MiB |"
+        f"| decode tok/s @{r0['context']} | peak RSS MiB |" + (" accepted b1 |" if spec else "")
     )
-    lines = [head, "|" + "---|" * 3 + "---:|" * 8]
+    lines = [head, "|" + "---|" * 3 + "---:|" * (9 if spec else 8)]
     for r in results:
+        name = Path(r.bundle).name + (f" + prompt lookup {r.prompt_lookup}" if r.prompt_lookup else "")
+        accepted = (f" {100 * r.acceptance:.0f}% |" if r.prompt_lookup else " - |") if spec else ""
         lines.append(
-            f"| {Path(r.bundle).name} | {r.precision} | {r.kv_cache} | {r.mib:.1f} | {r.load_s:.2f} | "
+            f"| {name} | {r.precision} | {r.kv_cache} | {r.mib:.1f} | {r.load_s:.2f} | "
             f"{r.ttft_short_ms:.1f} | {r.ttft_long_ms:.1f} | {r.decode_b1:.1f} | {r.decode_batch:.1f} | "
-            f"{r.decode_long:.1f} | {r.peak_rss_mib:.0f} |"
+            f"{r.decode_long:.1f} | {r.peak_rss_mib:.0f} |{accepted}"
         )
     return "\n".join(lines)
 

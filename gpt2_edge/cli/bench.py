@@ -34,6 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="an ONNX Runtime session config entry (repeatable), e.g. session.disable_prepacking=1",
     )
+    p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure each bundle with speculative decoding by prompt lookup (up to N drafted "
+        "tokens per step): one more row per bundle, with the share of drafted tokens accepted",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--plot", metavar="PNG", help="also draw a chart (needs the plot extra)")
     p.set_defaults(func=run)
@@ -49,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         provider=args.provider,
         session_config=_key_values(args.session_config),
+        prompt_lookup=_non_negative("prompt-lookup", args.prompt_lookup),
     )
     if args.plot:
         require_pyplot()  # refuse before measuring, not after
@@ -68,6 +77,12 @@ def run(args: argparse.Namespace) -> int:
 def _positive(name: str, value: int) -> int:
     if value < 1:
         raise Gpt2EdgeError(f"--{name} must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(name: str, value: int) -> int:
+    if value < 0:
+        raise Gpt2EdgeError(f"--{name} must be >= 0, got {value}")
     return value
 
 

@@ -38,6 +38,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "for this GPU, `gpt2-edge build-engine`); onnx backend only (default: cpu)",
     )
     p.add_argument("--threads", type=int, help="CPU threads")
+    p.add_argument(
+        "--draft",
+        metavar="BUNDLE",
+        help="speculative decoding with this smaller bundle (same tokenizer, in-place KV cache) as the "
+        "draft model: the same greedy text, faster where it guesses right (onnx backend)",
+    )
+    p.add_argument(
+        "--draft-tokens",
+        type=int,
+        default=4,
+        help="most tokens the draft model proposes per step (default 4)",
+    )
     _add_generation_args(p)
     p.set_defaults(func=run)
 
@@ -64,6 +76,15 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         help="beam search stopping rule (as in transformers)",
     )
     g.add_argument("--truncate", action="store_true", help="left-truncate a prompt that does not fit")
+    g.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=0,
+        metavar="N",
+        help="speculative decoding by prompt lookup: draft up to N tokens per step from earlier text "
+        "that matches the last tokens, verified in one pass (the same greedy text; fastest when the "
+        "continuation quotes the prompt; in-place bundles; 0 = off)",
+    )
     g.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     g.add_argument("--json", action="store_true", help="print results as JSON")
 
@@ -86,6 +107,7 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
         num_beams=args.num_beams,
         length_penalty=args.length_penalty,
         early_stopping={"true": True, "false": False, "never": "never"}[args.early_stopping],
+        prompt_lookup=args.prompt_lookup,
     )
 
 
@@ -101,7 +123,13 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.model or 'the default model'} is not a bundle; make one with "
                 "`gpt2-edge export MODEL -o DIR`, or use --backend torch"
             )
-        gen = Generator.from_bundle(args.model, provider=args.provider, threads=args.threads)
+        gen = Generator.from_bundle(
+            args.model,
+            provider=args.provider,
+            threads=args.threads,
+            draft=args.draft,
+            draft_tokens=args.draft_tokens,
+        )
         if args.provider == "auto":
             print(f"provider: {gen.provider}", file=sys.stderr)
         if args.stream:
@@ -110,14 +138,23 @@ def run(args: argparse.Namespace) -> int:
             for piece in gen.stream(prompts[0], cfg):
                 print(piece, end="", flush=True)
             print()
-            _print_timings([gen.last_result], gen.load_s)
+            _print_timings([gen.last_result], gen.load_s, _speculative(cfg, gen))
             return 0
         results = gen.generate(prompts, cfg)
         load_s = gen.load_s
+        speculative = _speculative(cfg, gen)
     else:
+        if args.draft:
+            raise Gpt2EdgeError("--draft needs the onnx backend (a bundle)")
         results, load_s = _generate_with_torch(args.model, prompts, cfg, args.threads)
-    _print_results(prompts, results, args.json, load_s)
+        speculative = bool(cfg.prompt_lookup)
+    _print_results(prompts, results, args.json, load_s, speculative)
     return 0
+
+
+def _speculative(cfg: GenerationConfig, gen: Generator) -> bool:
+    """Whether speculative decoding was asked for (it runs where the KV cache can roll back)."""
+    return cfg.num_beams == 1 and bool(cfg.prompt_lookup or gen.draft is not None)
 
 
 def _generate_with_torch(
@@ -137,7 +174,9 @@ def _generate_with_torch(
     return generate(model, tok, prompts, cfg), load_s
 
 
-def _print_results(prompts: list[str], results: list[GenerationResult], as_json: bool, load_s: float) -> None:
+def _print_results(
+    prompts: list[str], results: list[GenerationResult], as_json: bool, load_s: float, speculative: bool
+) -> None:
     if as_json:
         out = [
             {
@@ -156,18 +195,31 @@ def _print_results(prompts: list[str], results: list[GenerationResult], as_json:
         if len(prompts) > 1:
             print(f"--- {p!r} [{r.finish_reason}]")
         print(r.text)
-    _print_timings(results, load_s)
+    _print_timings(results, load_s, speculative)
 
 
-def _print_timings(results: Sequence[GenerationResult], load_s: float) -> None:
-    """llama.cpp-style summary on stderr: load, prompt (time to first token), per-step decode."""
+def _print_timings(results: Sequence[GenerationResult], load_s: float, speculative: bool = False) -> None:
+    """llama.cpp-style summary on stderr: load, prompt (time to first token), per-step decode; with
+    speculative decoding, per token, and the passes and drafted/accepted tokens."""
     t = results[0].timings
     n = sum(len(r.token_ids) for r in results)
     ms = t["ms_per_token"]
-    rate = f" ({1000 / ms:.1f} steps/s)" if ms else ""
+    spec = ""
+    if "spec_passes" in t:
+        rate = f" ({1000 / ms:.1f} tokens/s)" if ms else ""
+        unit = "token"
+        spec = (
+            f" | speculative: {t['spec_passes']:.0f} passes, {t['spec_accepted']:.0f} of "
+            f"{t['spec_drafted']:.0f} drafted tokens accepted ({100 * t['spec_acceptance']:.0f}%)"
+        )
+    else:
+        rate = f" ({1000 / ms:.1f} steps/s)" if ms else ""
+        unit = "step"
+        if speculative:
+            spec = " | speculative: off (this KV cache cannot roll back: plain steps)"
     print(
         f"\nload {1000 * load_s:.0f} ms | time to first token {1000 * t['prefill_s']:.1f} ms "
         f"({max(r.prompt_tokens for r in results)} prompt tokens x {len(results)}) | "
-        f"{n} new tokens, {ms:.2f} ms per step{rate}",
+        f"{n} new tokens, {ms:.2f} ms per {unit}{rate}{spec}",
         file=sys.stderr,
     )

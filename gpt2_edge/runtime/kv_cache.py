@@ -392,6 +392,17 @@ class InPlaceCache:
         every new position ``(len(slots), S, V)``, ``S`` the longest chunk (a shorter chunk's row
         is padded past its end with logits that mean nothing). Speculative decoding feeds
         ``[pending token, *drafted tokens]`` and rolls the rejected ones back with ``truncate``."""
+        if len(slots) == 1 and 0 < (held := int(self._len[slots[0]])) and 0 < len(chunks[0]):
+            slot, S = slots[0], len(chunks[0])  # batch 1: ``_step``'s feeds, built directly
+            if 0 <= slot < self.n_slots and held + S <= self.capacity:
+                feeds = {
+                    "input_ids": np.array([chunks[0]], np.int64),
+                    "attention_mask": np.ones((1, held + S), np.int64),
+                    "position_ids": np.arange(held, held + S, dtype=np.int64)[None],
+                }
+                logits = self._binding(slot, slot + 1).run_all(feeds)
+                self._len[slot] = held + S
+                return logits
         _check_extend(self, slots, chunks)
         S = max(len(c) for c in chunks)
         if self._one_pass(slots, S):

@@ -36,6 +36,10 @@ class GenerationConfig:
     length_penalty: float = 1.0  # beam score = sum logprob / generated_length ** length_penalty
     early_stopping: bool | str = False  # True, False or "never", as in transformers
     ignore_eos: bool = False  # keep decoding past eos to max_new_tokens (benchmarks; vLLM, llama.cpp)
+    # Speculative decoding by prompt lookup: at most this many tokens drafted per step from an
+    # n-gram match in the prompt and text so far, verified in one pass (0 = off; in-place KV only).
+    # Greedy output is unchanged, sampling keeps the target's distribution (runtime.speculative).
+    prompt_lookup: int = 0
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -62,6 +66,8 @@ class GenerationConfig:
             raise Gpt2EdgeError(f"num_beams must be >= 1, got {self.num_beams}")
         if any(not s for s in self.stop):
             raise Gpt2EdgeError("stop strings must be non-empty")
+        if self.prompt_lookup < 0:
+            raise Gpt2EdgeError(f"prompt_lookup must be >= 0 (0 = off), got {self.prompt_lookup}")
 
     def _check_types(self) -> None:
         """Refuse values of the wrong type before they fail deep inside ``generate``: a float where a
@@ -71,7 +77,7 @@ class GenerationConfig:
         def put(name: str, value: object) -> None:
             object.__setattr__(self, name, value)  # frozen: normalise in place once, here
 
-        for name in ("max_new_tokens", "min_new_tokens", "top_k", "num_beams"):
+        for name in ("max_new_tokens", "min_new_tokens", "top_k", "num_beams", "prompt_lookup"):
             value = getattr(self, name)
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
                 raise Gpt2EdgeError(f"{name} must be an integer, got {value!r}")
@@ -190,7 +196,18 @@ class TokenChooser:
             x = apply_top_p(apply_top_k(apply_temperature(x, c.temperature), c.top_k), c.top_p)
         return x
 
+    def _plain_greedy(self, n_generated: int) -> bool:
+        """Greedy with no processor in effect: the argmax of the raw logits (no float64 copy)."""
+        c = self.config
+        return (
+            not c.do_sample
+            and c.repetition_penalty == 1.0
+            and not (n_generated < c.min_new_tokens and self.eos_token_id is not None)
+        )
+
     def __call__(self, logits: np.ndarray, seen: Sequence[Sequence[int]], n_generated: int) -> np.ndarray:
+        if self._plain_greedy(n_generated):
+            return np.argmax(logits, axis=-1)
         x = self.process(logits, seen, n_generated)
         if not self.config.do_sample:
             return np.argmax(x, axis=-1)
@@ -198,6 +215,63 @@ class TokenChooser:
         cdf = np.cumsum(probs, axis=-1)
         u = self.rng.random(len(x))[:, None] * cdf[:, -1:]
         return np.minimum((cdf <= u).sum(axis=-1), x.shape[-1] - 1)
+
+    def verify(
+        self,
+        logits: np.ndarray,
+        seen: Sequence[int],
+        n_generated: int,
+        draft: Sequence[int],
+        draft_probs: np.ndarray | None = None,
+    ) -> list[int]:
+        """The tokens one speculative step emits for one sequence: the accepted prefix of ``draft``
+        and one more (the target's own token where a drafted one is rejected, or the token after
+        a draft accepted whole).
+
+        ``logits`` ``(len(draft) + 1, V)``: the target's logits after the pending token and after
+        each drafted one; ``seen``: the prompt and the tokens generated so far (``n_generated``),
+        the processors' context, extended by each accepted token in turn. Greedy: a drafted token
+        is accepted when it is the token plain decoding picks there. Sampling: the speculative
+        sampling rule (Leviathan et al. 2023; Chen et al. 2023), so the emitted tokens have the
+        distribution ``p`` of plain sampling (after processors and warpers): accept a drafted ``x``
+        with probability ``min(1, p(x) / q(x))``, else draw from ``norm(max(0, p - q))``. ``q`` is
+        ``draft_probs[i]``, or a point mass at the drafted token (prompt lookup, greedy drafts).
+        """
+        out: list[int] = []
+        penalised = self.config.repetition_penalty != 1.0
+        for i in range(len(draft) + 1):
+            if self._plain_greedy(n_generated + i):
+                x = logits[i : i + 1]
+            else:
+                context = [list(seen) + out] if penalised else [seen]
+                x = self.process(logits[i : i + 1], context, n_generated + i)
+            if not self.config.do_sample:
+                out.append(int(np.argmax(x[0])))
+                if i == len(draft) or out[-1] != draft[i]:
+                    return out
+                continue
+            p = softmax(x)[0]
+            if i == len(draft):
+                out.append(self._draw(p))
+                return out
+            token = int(draft[i])
+            q = None if draft_probs is None else np.asarray(draft_probs[i], np.float64)
+            if self.rng.random() * (1.0 if q is None else q[token]) < p[token]:
+                out.append(token)
+                continue
+            residual = np.maximum(p - q, 0.0) if q is not None else p.copy()
+            if q is None:
+                residual[token] = 0.0
+            out.append(self._draw(residual if residual.sum() > 0 else p))
+            return out
+        raise AssertionError("unreachable")
+
+    def _draw(self, weights: np.ndarray) -> int:
+        """One token drawn from ``weights`` (non-negative, not necessarily normalised), by the
+        inverse CDF as ``__call__`` draws."""
+        cdf = np.cumsum(weights)
+        u = self.rng.random() * cdf[-1]
+        return int(min((cdf <= u).sum(), len(cdf) - 1))
 
 
 def openai_generation_config(

@@ -8,6 +8,11 @@ loop's: the chooser sees the prompt plus the generated ids (repetition penalty),
 strings end the sequence, and the text excludes the eos token and everything from a stop string
 on. Its pieces are ``stream_text``'s: a piece is held back while the text ends in an incomplete
 byte sequence (U+FFFD) or in what could still become a stop string, so they join to the final text.
+
+Each step costs O(1) in the length of the text (byte-level BPE, GPT-2's): only the ids since the
+last complete UTF-8 boundary are detokenized (with one earlier window of context, as vLLM and TGI
+do), stop strings are searched only where the text changed, and the text is joined once, at the
+end. The result is exactly that of detokenizing every generated id at every step.
 """
 
 from __future__ import annotations
@@ -19,16 +24,19 @@ import numpy as np
 from ..errors import Gpt2EdgeError
 from .sampling import GenerationConfig, TokenChooser
 
+REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 byte sequence decodes to
+
 
 def safe_text_length(text: str, stop: Sequence[str]) -> int:
     """How much of ``text`` can be shown now: not a trailing incomplete UTF-8 sequence (decoded as
-    U+FFFD), nor a suffix that could still grow into one of the ``stop`` strings."""
+    U+FFFD), nor a suffix that could still grow into one of the ``stop`` strings. Looks at the
+    end of ``text`` only (no copy of it)."""
     safe = len(text)
-    if text.endswith("\ufffd"):
-        safe = len(text.rstrip("\ufffd"))
+    while safe and text[safe - 1] == REPLACEMENT:
+        safe -= 1
     for s in stop:  # hold back a suffix that is a prefix of a stop string
         for k in range(min(len(s), safe), 0, -1):
-            if text[:safe].endswith(s[:k]):
+            if text.endswith(s[:k], 0, safe):
                 safe -= k
                 break
     return safe
@@ -61,8 +69,20 @@ class SequenceState:
         self.generated: list[int] = []
         self.finish_reason: str | None = None  # "eos", "stop" or "length" once finished
         self.text = ""  # the final text, once finished
-        self.piece = ""  # what the last ``append`` made showable
-        self._emitted = 0
+        self.piece = ""  # what the last ``append`` (or ``extend``) made showable
+        self._emitted = 0  # characters of the text shown so far
+        # The text so far is ``"".join(_parts)`` (``_done`` characters, ending on a complete
+        # character) + ``_tail`` (the ids from ``_read`` on, decoded in the context of the window
+        # ``_prefix:_read``, whose text is ``_prefix_text``). ``_win`` holds the last characters of
+        # the joined parts from ``_win_at`` on: enough for the pieces and the stop strings.
+        self._parts: list[str] = []
+        self._done = 0
+        self._tail = ""
+        self._prefix = self._read = 0
+        self._prefix_text = ""
+        self._win = ""
+        self._win_at = 0
+        self._longest_stop = max((len(s) for s in config.stop), default=0)
 
     @property
     def finished(self) -> bool:
@@ -79,25 +99,56 @@ class SequenceState:
             raise Gpt2EdgeError(f"the sequence already finished ({self.finish_reason})")
         self.generated.append(token)
         self.seen.append(token)
-        stop = self.config.stop
         if token == self.eos_token_id:
-            self._finish("eos", self.detokenize(self.generated[:-1]))
-        else:
-            text = self.detokenize(self.generated)
-            hits = [text.find(s) for s in stop if s in text]
-            if hits:
-                self._finish("stop", text[: min(hits)])
-            elif len(self.generated) >= self.config.max_new_tokens:
-                self._finish("length", text)
-            else:
-                safe = safe_text_length(text, stop)
-                self.piece = text[self._emitted : safe] if safe > self._emitted else ""
-                self._emitted = max(self._emitted, safe)
-                return self.piece
+            self._finish("eos", len(self._win) + len(self._tail))  # the text before the eos
+            return self._take_rest()
+        done_before = self._done
+        window = self.detokenize(self.generated[self._prefix :])
+        self._tail = window[len(self._prefix_text) :]
+        text = self._win + self._tail  # the text from ``_win_at`` on
+        # A stop string not found before lies (partly) in what changed: the old tail and the new ids.
+        search_from = max(0, done_before - self._longest_stop + 1 - self._win_at)
+        hits = [i for i in (text.find(s, search_from) for s in self.config.stop) if i >= 0]
+        if hits:
+            self._finish("stop", min(hits))
+            return self._take_rest()
+        if len(self.generated) >= self.config.max_new_tokens:
+            self._finish("length", len(text))
+            return self._take_rest()
+        safe = self._win_at + safe_text_length(text, self.config.stop)
+        self.piece = text[self._emitted - self._win_at : safe - self._win_at] if safe > self._emitted else ""
+        self._emitted = max(self._emitted, safe)
+        if not window.endswith(REPLACEMENT):  # a complete character ends the ids so far: commit them
+            self._parts.append(self._tail)
+            self._done += len(self._tail)
+            self._win = text
+            self._prefix, self._read = self._read, len(self.generated)
+            self._prefix_text, self._tail = self._tail, ""
+            keep_from = min(self._emitted, max(0, self._done - self._longest_stop))
+            if keep_from > self._win_at:
+                self._win = self._win[keep_from - self._win_at :]
+                self._win_at = keep_from
+        return self.piece
+
+    def extend(self, tokens: Sequence[int]) -> str:
+        """``append`` each of ``tokens`` until the sequence finishes (the rest are dropped); the text
+        they made showable, which is also ``self.piece`` (``len(self.generated)`` says how many
+        were taken)."""
+        pieces = []
+        for t in tokens:
+            pieces.append(self.append(int(t)))
+            if self.finished:
+                break
+        self.piece = "".join(pieces)
+        return self.piece
+
+    def _finish(self, reason: str, end: int) -> None:
+        """Finish with the text up to ``end`` (an index into ``_win + _tail``)."""
+        self.finish_reason = reason
+        committed = "".join(self._parts)
+        self.text = (committed + self._tail)[: self._win_at + end]
+
+    def _take_rest(self) -> str:
         self.piece = self.text[self._emitted :]
         self._emitted = len(self.text)
         return self.piece
-
-    def _finish(self, reason: str, text: str) -> None:
-        self.finish_reason = reason
-        self.text = text
