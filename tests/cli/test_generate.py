@@ -33,7 +33,9 @@ def test_cli_generate_json_and_stream(inplace_bundle, capsys):
     assert (
         len(out) == 2 and all(len(r["token_ids"]) == 5 for r in out) and out[0]["finish_reason"] == "length"
     )
-    assert main(["generate", str(inplace_bundle), "--prompt", "All:", "--max-new-tokens", "5", "--stream"]) == 0
+    assert (
+        main(["generate", str(inplace_bundle), "--prompt", "All:", "--max-new-tokens", "5", "--stream"]) == 0
+    )
     cap = capsys.readouterr()
     assert "ms per step" in cap.err and "time to first token" in cap.err
     assert main(["generate", str(inplace_bundle), "--prompt", "All:", "--max-new-tokens", "5"]) == 0
@@ -62,7 +64,18 @@ def test_cli_bad_input_is_one_line(inplace_bundle, capsys, args, msg):
 
 def test_cli_bare_temperature_zero_is_greedy(inplace_bundle, capsys):
     assert (
-        main(["generate", str(inplace_bundle), "--prompt", "All:", "--max-new-tokens", "6", "--temperature", "0"])
+        main(
+            [
+                "generate",
+                str(inplace_bundle),
+                "--prompt",
+                "All:",
+                "--max-new-tokens",
+                "6",
+                "--temperature",
+                "0",
+            ]
+        )
         == 0
     )
     zero = capsys.readouterr().out

@@ -175,5 +175,7 @@ def test_every_precision_served_batched_equals_generator_alone(make_bundle, prec
     """The server's continuous batch for every precision the in-place cache takes: greedy and
     sampled outputs of 8 prompts of other lengths and contents sharing 4 slots equal `Generator`
     alone (the precisions are batch-invariant and causal, tests/runtime/test_batch_invariance.py)."""
-    bundle = make_bundle(kv_cache="inplace", precision=precision, calib="sample-x2" if precision == "int8-qdq" else None)
+    bundle = make_bundle(
+        kv_cache="inplace", precision=precision, calib="sample-x2" if precision == "int8-qdq" else None
+    )
     eight_prompts_equal_generator(Generator.from_bundle(str(bundle), threads=1), prefill_chunk=chunk)
