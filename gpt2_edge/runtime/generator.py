@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import Gpt2EdgeError, Gpt2EdgeTypeError
 from .backends import load_backend
 from .beam import beam_search
+from .prefix_cache import KVStore
 from .sampling import GenerationConfig, TokenChooser
 from .sequence import SequenceState
 from .speculative import DraftModel, Speculator
@@ -57,12 +58,15 @@ def iter_decode(
     n_ctx: int,
     detokenize: Callable[[Sequence[int]], str],
     draft: DraftModel | None = None,
+    prefix_cache: KVStore | None = None,
 ) -> Generator_[list[SequenceState], None, list[GenerationResult]]:
     """The decode loop as a generator: yields every row's ``SequenceState`` after each step (its
     ``piece`` is the text that step made showable) and returns the results. Each row stops on its
     own (eos, a stop string, or the length) and leaves the batch. With ``config.prompt_lookup`` or a
     ``draft`` model, a step may add several tokens to a row (speculative decoding), on caches
-    that can roll back; the results' timings then count its passes and drafted/accepted tokens."""
+    that can roll back; the results' timings then count its passes and drafted/accepted tokens.
+    With a ``prefix_cache`` (in-place caches), prompts start from stored rows of earlier calls
+    that share their beginning, and each finished row is stored."""
     if config.num_beams != 1:
         raise Gpt2EdgeError("iter_decode is the num_beams=1 loop; beam search lives in runtime.beam")
     prompts = fit_context(prompts, config, n_ctx)
@@ -77,7 +81,12 @@ def iter_decode(
     # One cache per call, sized once for the longest continuation: never reallocated.
     cache = backend.new_cache(B, min(n_ctx, max(len(p) for p in prompts) + config.max_new_tokens))
     slots = list(range(B))
-    logits = cache.prefill(slots, prompts)
+    reusing = prefix_cache is not None and hasattr(cache, "read_prefix")
+    reused = 0
+    if reusing:
+        logits, reused = _prefill_reusing(cache, prompts, prefix_cache)
+    else:
+        logits = cache.prefill(slots, prompts)
     t_first = time.perf_counter()
     spec = None
     if (config.prompt_lookup or draft is not None) and can_verify(cache):
@@ -105,10 +114,37 @@ def iter_decode(
     timings = step_timings(t_first - t0, t_end - t_first, steps)
     if spec is not None:
         timings.update(spec.stats.as_timings())
+    if reusing:
+        timings["prefix_reused_tokens"] = float(reused)
+        for b, (r, p) in enumerate(zip(rows, prompts, strict=True)):
+            held = (list(p) + r.generated)[: cache.length(b)]
+            prefix_cache.store(held, lambda b=b, n=len(held): cache.read_prefix(b, n))
     return [
         GenerationResult(r.text, r.generated, r.finish_reason or "length", len(p), dict(timings))
         for r, p in zip(rows, prompts, strict=True)
     ]
+
+
+def _prefill_reusing(cache: Any, prompts: Sequence[Sequence[int]], store: KVStore) -> tuple[np.ndarray, int]:
+    """Prefill every prompt into slot = its index, starting from the longest stored prefix where
+    there is one (copied in, then only the rest is run): the last-position logits ``(B, V)`` and the
+    tokens reused. The same logits as ``cache.prefill`` (in-place bundles are causal and
+    batch-invariant, bitwise)."""
+    found = [store.lookup(p) for p in prompts]
+    fresh = [b for b, f in enumerate(found) if f is None]
+    reused = [b for b, f in enumerate(found) if f is not None]
+    parts: dict[int, np.ndarray] = {}
+    if fresh:
+        for b, row in zip(fresh, cache.prefill(fresh, [prompts[b] for b in fresh]), strict=True):
+            parts[b] = row
+    if reused:
+        for b in reused:
+            n, arrays = found[b]
+            cache.write_prefix(b, arrays, n)
+        rests = [prompts[b][found[b][0] :] for b in reused]
+        for b, row in zip(reused, cache.extend(reused, rests), strict=True):
+            parts[b] = row
+    return np.stack([parts[b] for b in range(len(prompts))]), sum(found[b][0] for b in reused)
 
 
 def decode(
@@ -120,6 +156,7 @@ def decode(
     n_ctx: int,
     detokenize: Callable[[Sequence[int]], str],
     draft: DraftModel | None = None,
+    prefix_cache: KVStore | None = None,
 ) -> list[GenerationResult]:
     """Continue every prompt: greedy / sampled (``num_beams=1``, speculative with
     ``config.prompt_lookup`` or a ``draft`` model) or beam search (never speculative)."""
@@ -133,7 +170,14 @@ def decode(
             for p in fitted
         ]
     it = iter_decode(
-        backend, prompts, config, eos_token_id=eos_token_id, n_ctx=n_ctx, detokenize=detokenize, draft=draft
+        backend,
+        prompts,
+        config,
+        eos_token_id=eos_token_id,
+        n_ctx=n_ctx,
+        detokenize=detokenize,
+        draft=draft,
+        prefix_cache=prefix_cache,
     )
     while True:
         try:
@@ -166,9 +210,12 @@ class Generator:
         n_ctx: int,
         load_s: float = 0.0,
         draft: DraftModel | None = None,
+        prefix_cache: int = 0,
     ) -> None:
         self.backend = backend
         self.draft = draft
+        # Opt-in: past calls' KV rows, up to this many tokens, reused by prompts that begin alike.
+        self.prefix_cache: KVStore | None = KVStore(prefix_cache) if prefix_cache else None
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
         self.n_ctx = n_ctx
@@ -186,6 +233,7 @@ class Generator:
         verify: bool = True,
         draft: str | Path | None = None,
         draft_tokens: int = 4,
+        prefix_cache: int = 0,
         **provider_options: Any,
     ) -> Generator:
         """Load and verify a bundle; ``provider`` is cpu, cuda, tensorrt or auto (ONNX Runtime), or
@@ -194,7 +242,11 @@ class Generator:
         ``draft``: a smaller in-place bundle with the same tokenizer that drafts up to
         ``draft_tokens`` tokens per step for every ``num_beams=1`` call (runtime.speculative; on the
         CPU provider). A bundle whose KV cache cannot roll back (concatenating, the TensorRT
-        engine) decodes plainly, draft or not. ``provider_options`` go to the backend
+        engine) decodes plainly, draft or not. ``prefix_cache``: keep up to this many tokens of
+        past calls' KV (prompt and continuation) and start a prompt that begins the same way from
+        them (exact token-id prefix of 32+ tokens; in-place bundles; the output is unchanged; the
+        memory is this many tokens x the model's KV bytes per token, 72 KiB at 124M fp32;
+        ``gen.prefix_cache.hits`` counts reuse). ``provider_options`` go to the backend
         (``runtime.backends.load_backend``).
         """
         t0 = time.perf_counter()
@@ -204,7 +256,15 @@ class Generator:
         if draft is not None:
             drafter = DraftModel.from_bundle(draft, draft_tokens, threads=threads, verify=verify).attach(b)
         load_s = time.perf_counter() - t0
-        return cls(backend, b.tokenizer(), b.eos_token_id, backend.n_ctx, load_s, draft=drafter)
+        return cls(
+            backend,
+            b.tokenizer(),
+            b.eos_token_id,
+            backend.n_ctx,
+            load_s,
+            draft=drafter,
+            prefix_cache=prefix_cache,
+        )
 
     @property
     def provider(self) -> str:
@@ -250,6 +310,7 @@ class Generator:
             n_ctx=self.n_ctx,
             detokenize=self.tokenizer.decode,
             draft=self.draft,
+            prefix_cache=self.prefix_cache,
         )
 
     def stream(self, prompt: Prompt, config: GenerationConfig | None = None) -> Iterator[str]:
@@ -277,6 +338,7 @@ class Generator:
             n_ctx=self.n_ctx,
             detokenize=self.tokenizer.decode,
             draft=self.draft,
+            prefix_cache=self.prefix_cache,
         )
 
         while True:

@@ -471,6 +471,24 @@ class InPlaceCache:
         length[:rows] = self._len[:rows]
         self._len, self.n_slots, self.capacity = length, n_slots, capacity
 
+    def read_prefix(self, slot: int, length: int) -> list[np.ndarray]:
+        """Copies of ``slot``'s first ``length`` positions, one array per buffer
+        ``[n_head, length, head_size]`` (a ``Generator``'s prefix cache keeps them across calls)."""
+        if not 0 <= slot < self.n_slots or not 0 < length <= self._len[slot]:
+            raise CacheError(f"slot {slot} holds {self.length(slot)} tokens: cannot read {length}")
+        return [b[slot, :, :length].copy() for b in self.buffers]
+
+    def write_prefix(self, slot: int, arrays: Sequence[np.ndarray], length: int) -> None:
+        """Free ``slot`` takes the first ``length`` positions of ``arrays`` (``read_prefix``'s,
+        from this model) and holds ``length`` tokens; ``extend`` appends after them."""
+        if not 0 <= slot < self.n_slots or self._len[slot]:
+            raise CacheError(f"slot {slot} is out of range or busy; release it first")
+        if len(arrays) != len(self.buffers) or not 0 < length <= min(self.capacity, arrays[0].shape[1]):
+            raise CacheError(f"a prefix of {length} tokens does not fit slot {slot} ({self.capacity} tokens)")
+        for b, a in zip(self.buffers, arrays, strict=True):
+            b[slot, :, :length] = a[:, :length]
+        self._len[slot] = length
+
     def copy_prefix(self, source: int, slot: int, length: int) -> None:
         """Free ``slot`` takes the first ``length`` positions of ``source``'s rows and holds
         ``length`` tokens; ``extend`` appends after them. ``source`` may be free (a released

@@ -5,8 +5,10 @@ A released slot of the in-place cache keeps its rows until a new sequence overwr
 sharing the longest prefix with a new prompt (``match``: exact token ids), and evicts least
 recently used entries first (``lru``). It holds no tensors and knows nothing of the model: the
 caller copies the matched positions (``InPlaceCache.copy_prefix``) and prefills only the rest.
-The server's scheduler uses it; a ``Generator`` could keep one beside a cache that lives across
-its calls the same way (``put`` on release, ``match`` before prefill).
+The server's scheduler uses it. A ``Generator`` made with ``prefix_cache=TOKENS`` keeps a
+``KVStore``: copies of past calls' KV rows (prompt and continuation), found by the same exact
+match and copied into the next call's cache before its prefill, evicted least recently used
+beyond ``TOKENS`` tokens in all.
 
 Because in-place bundles are batch-invariant and causal (bitwise), a prompt's first ``n``
 positions cached by another sequence are the positions its own prefill would have written: the
@@ -15,8 +17,9 @@ output is the same with or without reuse.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,3 +127,81 @@ class PrefixCache:
         self.reused_tokens += match.length
         if match.slot in self._entries:
             self._entries.move_to_end(match.slot)
+
+
+class KVStore:
+    """Past sequences' KV rows kept across calls, up to ``max_tokens`` tokens in all (a
+    ``Generator``'s opt-in prefix cache; thread-safe). Memory: ``max_tokens`` x the model's KV
+    bytes per token (2 x layers x width x 4 bytes in fp32: 72 KiB at GPT-2 124M).
+
+    ``lookup`` finds the entry sharing the longest prefix (at least ``min_match`` tokens, at most
+    the prompt's length - 1) and counts a hit or a miss; ``store`` keeps a finished sequence's
+    rows, replacing entries it extends and skipping one an entry already covers."""
+
+    def __init__(self, max_tokens: int, min_match: int = 32) -> None:
+        if max_tokens < 0:
+            raise ValueError(f"prefix_cache must be >= 0 tokens, got {max_tokens}")
+        self.max_tokens = max_tokens
+        self.index = PrefixCache(min_match)
+        self._kv: dict[int, list[np.ndarray]] = {}
+        self._ids = 0
+        self._lock = threading.Lock()
+
+    @property
+    def hits(self) -> int:
+        return self.index.hits
+
+    @property
+    def misses(self) -> int:
+        return self.index.misses
+
+    @property
+    def reused_tokens(self) -> int:
+        return self.index.reused_tokens
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.index.total_tokens
+
+    def lookup(self, prompt: Sequence[int]) -> tuple[int, list[np.ndarray]] | None:
+        """The longest stored prefix of ``prompt``: its length and the rows holding it (at least
+        that many positions; read them, never write), or None."""
+        with self._lock:
+            match = self.index.match(prompt)
+            self.index.record(match)
+            return None if match is None else (match.length, self._kv[match.slot])
+
+    def store(self, tokens: Sequence[int], rows: Callable[[], list[np.ndarray]]) -> bool:
+        """Keep ``tokens``' rows (``rows()`` copies them out of a cache, called only when they are
+        kept). True when stored."""
+        n = len(tokens)
+        if n < self.index.min_match or n > self.max_tokens:
+            return False
+        with self._lock:
+            for entry in self.index.lru():
+                held = self.index.tokens(entry)
+                if len(held) >= n and common_prefix(held, tokens) == n:
+                    return False  # already covered: a lookup will find it
+            arrays = rows()
+            for entry in self.index.lru():  # entries the new one extends are redundant now
+                held = self.index.tokens(entry)
+                if common_prefix(held, tokens) == len(held):
+                    self._drop(entry)
+            self._ids += 1
+            self.index.put(self._ids, tokens)
+            self._kv[self._ids] = arrays
+            while self.index.total_tokens > self.max_tokens:
+                self._drop(self.index.lru()[0])
+            return True
+
+    def _drop(self, entry: int) -> None:
+        self.index.drop(entry)
+        del self._kv[entry]
+
+    def clear(self) -> None:
+        with self._lock:
+            self.index.clear()
+            self._kv.clear()
