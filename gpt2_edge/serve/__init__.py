@@ -5,6 +5,8 @@ Serve replicas. Torch-free. By concern, as vLLM's OpenAI entry point:
     protocol.py     request bodies, their GenerationConfig, OpenAI's error shape
     model.py        ServedModel: a backend of any provider, its tokenizer, context and name
     scheduler.py    continuous batching over KV-cache slots, chunked prefill
+    admission.py    the KV memory: admission within the budget, the cache growing and shrinking,
+                    the prefix cache
     completions.py  one /v1/completions request: sequences, SSE, echo and logprobs, usage
     app.py          the routes and the app factory (create_app)
     middleware.py   request counter (and last-resort 500), Host check, JSON-only bodies, API key,

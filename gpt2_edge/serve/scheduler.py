@@ -4,8 +4,8 @@ The cache has ``max_batch`` slots of up to the model's full context. Each iterat
 scheduler thread:
 
 1. drops sequences whose client went away or gave up (their slots are free again at once),
-2. admits waiting sequences into free slots, oldest first, while their KV memory fits the budget
-   (below); a prompt that begins with tokens a slot's rows still hold starts from a copy of them,
+2. admits waiting sequences into free slots, oldest first, while their KV memory fits the budget;
+   a prompt that begins with tokens a slot's rows still hold starts from a copy of them,
 3. prefills at most ``prefill_chunk`` prompt tokens, oldest admission first: the first chunk of a
    prompt is a ``prefill`` of its slot, the next ones ``extend`` it; the logits of a prompt's last
    chunk give the sequence its first token, and it joins the decode batch,
@@ -20,28 +20,9 @@ is still going in holds its slot but is not decoded. The scheduler knows nothing
 asyncio: a sequence's ``sink`` is called from the scheduler thread with each ``TokenEvent`` (the
 app forwards it to its event loop). Torch-free.
 
-**KV memory that follows the work** (a resizable cache: the in-place one). The cache starts at
-one slot of ``INITIAL_CAPACITY`` tokens and grows (``reserve``: rows and tokens per slot in powers
-of two, the held positions copied once) when an admitted sequence needs more: rows up to its slot,
-tokens per slot up to its prompt + ``max_new_tokens``. ``kv_budget`` (tokens, default
-``max_batch`` x the context: the old fixed size) bounds rows x tokens per slot: a sequence that
-does not fit waits, and the ones behind it wait too (oldest first, so a long one is not starved);
-every sequence fits once it is alone. Idle, the cache shrinks back, keeping what the prefix cache
-may keep. A concatenating cache grows with its batch anyway; its admission keeps
-rows x the longest sequence within the budget.
-
-**Prefix cache** (``prefix_cache``; resizable caches). A released slot's rows keep its sequence
-until a new one overwrites them; ``PrefixCache`` remembers which tokens. A new prompt sharing at
-least ``prefix_block`` leading tokens with a released slot (or with what a running one has
-written) starts with those positions copied (or, in that very slot, kept) and prefills only the
-rest: the same logits, as in-place bundles are batch-invariant and causal. New sequences take
-free slots without cached rows first, then the least recently used ones. An idle server keeps
-entries (most recent first) while rows x tokens stay within ``prefix_cache_blocks`` blocks.
-
-One file past 400 lines: admission within the KV budget, the prefix cache, chunked prefill,
-decode and release all act on one thread's state (slots, cache, queue); split, that state would
-be passed around every call. The request-side types (``SequenceHandle``, ``TokenEvent``) are here
-because the scheduler produces and consumes them.
+KV memory (admission within ``kv_budget``, the cache growing and shrinking with the work) and the
+prefix cache are ``admission.KVMemory``'s; only this thread calls it. The request-side types
+(``SequenceHandle``, ``TokenEvent``) are here because the scheduler produces and consumes them.
 """
 
 from __future__ import annotations
@@ -59,10 +40,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import Gpt2EdgeError
-from ..runtime.prefix_cache import PrefixCache, PrefixMatch
 from ..runtime.sampling import GenerationConfig, log_softmax
 from ..runtime.sequence import SequenceState
-from ..runtime.types import Backend, KVCache, is_resizable
+from ..runtime.types import Backend
+from .admission import (
+    DEFAULT_PREFIX_BLOCK,
+    DEFAULT_PREFIX_CACHE_BLOCKS,
+    INITIAL_CAPACITY,
+    KVMemory,
+    Placement,
+)
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -70,9 +57,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("gpt2_edge.serve")
 
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per step; ServeSettings.prefill_chunk
-DEFAULT_PREFIX_BLOCK = 64  # tokens: the shortest prefix worth reusing, and the prefix cache's unit
-DEFAULT_PREFIX_CACHE_BLOCKS = 32  # ServeSettings.prefix_cache_blocks: what an idle server keeps
-INITIAL_CAPACITY = 128  # tokens per slot of a resizable cache when the server starts or goes idle
 
 
 class QueueFullError(Exception):
@@ -193,16 +177,16 @@ class Scheduler:
             raise Gpt2EdgeError(f"max_queue must be >= 0, got {max_queue}")
         if prefill_chunk < 0:
             raise Gpt2EdgeError(f"prefill_chunk must be >= 0 (0 = whole prompts), got {prefill_chunk}")
-        kv_budget = max_batch * n_ctx if kv_budget is None else kv_budget
-        if kv_budget < n_ctx:
-            raise Gpt2EdgeError(f"kv_budget must be >= the context ({n_ctx} tokens), got {kv_budget}")
-        if prefix_block < 1 or prefix_cache_blocks < 0 or initial_capacity < 1:
-            raise Gpt2EdgeError("prefix_block and initial_capacity must be >= 1, prefix_cache_blocks >= 0")
-        self.kv_budget = kv_budget
-        self.prefix_cache = prefix_cache
-        self.prefix_cache_tokens = prefix_cache_blocks * prefix_block
-        self.prefix_block = prefix_block
-        self.initial_capacity = min(initial_capacity, n_ctx)
+        self.kv = KVMemory(
+            backend,
+            n_ctx=n_ctx,
+            max_batch=max_batch,
+            kv_budget=kv_budget,
+            prefix_cache=prefix_cache,
+            prefix_cache_blocks=prefix_cache_blocks,
+            prefix_block=prefix_block,
+            initial_capacity=initial_capacity,
+        )
         self.idle_shrink_s = idle_shrink_s
         self.backend = backend
         self.n_ctx = n_ctx
@@ -219,15 +203,27 @@ class Scheduler:
         self._closing = False
         self._thread: threading.Thread | None = None
         # The scheduler thread's own state.
-        self._cache: KVCache | None = None
         self._free: list[int] = []  # a heap: the lowest slots first keeps a step's rows together
         self._active: dict[int, SequenceHandle] = {}  # slot -> the sequence holding it
         self._prefilling: dict[int, int] = {}  # slot -> prompt tokens in the cache, in admission order
-        self._need: dict[int, int] = {}  # slot -> the tokens its sequence may hold (prompt + new)
-        self._resizable = False
-        self._prefix: PrefixCache | None = None
-        self._shrunk = True  # the cache is at its idle size
-        self.kv_tokens_allocated = 0  # slots x tokens per slot (a concatenating cache: held)
+
+    @property
+    def metrics(self) -> Metrics | None:
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, metrics: Metrics | None) -> None:
+        self._metrics = self.kv.metrics = metrics
+
+    @property
+    def kv_budget(self) -> int:
+        """KV tokens (slots x tokens per slot) at most."""
+        return self.kv.kv_budget
+
+    @property
+    def kv_tokens_allocated(self) -> int:
+        """KV tokens allocated now (slots x tokens per slot; a concatenating cache: held)."""
+        return self.kv.tokens_allocated
 
     # the submitting side (any thread) -------------------------------------------------------
     @property
@@ -307,7 +303,7 @@ class Scheduler:
         ``n_ctx`` tokens says so to the caller) and start the scheduler thread (once)."""
         if self._thread is not None:
             raise RuntimeError("the scheduler was started already")
-        self._new_cache()
+        self.kv.new_cache()
         self._free = list(range(self.max_batch))
         self.side_executor = ThreadPoolExecutor(1, thread_name_prefix="gpt2-edge-scoring")
         self._thread = threading.Thread(target=self._run, name="gpt2-edge-scheduler", daemon=True)
@@ -328,11 +324,11 @@ class Scheduler:
         while True:
             with self._cond:
                 shrink = False
-                if self._idle() and not self._shrunk:
+                if self._idle() and not self.kv.shrunk:
                     self._cond.wait_for(lambda: not self._idle(), self.idle_shrink_s)
                     shrink = self._idle()
             if shrink:  # nothing to do for a while: give the memory back (out of the lock)
-                self._shrink()
+                self.kv.shrink()
                 continue
             with self._cond:
                 while self._idle():
@@ -350,7 +346,7 @@ class Scheduler:
             failed = False
             try:
                 with self._cond:
-                    plans = self._plan()
+                    plans = self.kv.plan(self._waiting, self._active, self._free)
                 self._admit(plans)
                 if self._prefilling:
                     self._prefill_step()
@@ -359,14 +355,14 @@ class Scheduler:
                     self._decode(decoding)
             except Exception as e:  # a failed step must not take the server down
                 log.exception("scheduler step failed")
-                self._cache = None  # its state is unknown now: nothing more is asked of it
+                self.kv.cache = None  # its state is unknown now: nothing more is asked of it
                 for slot in list(self._active):
                     self._fail(self._active[slot], f"generation failed: {type(e).__name__}")
                     self._leave(slot, "error")
                 failed = True
             if failed:  # out of the handler, whose traceback held the old cache (an engine lane, say)
                 try:
-                    self._new_cache()
+                    self.kv.new_cache()
                 except Exception:  # no cache, no server: /health says "down" from now on
                     log.exception("the scheduler cannot make a new KV cache; it stops")
                     with self._cond:
@@ -379,194 +375,30 @@ class Scheduler:
             while self._waiting:
                 self._fail(self._waiting.popleft(), "the server shut down before the sequence started")
                 self._in_system -= 1
-        self._cache = None  # what it holds (an engine's lane, say) goes back now
+        self.kv.cache = None  # what it holds (an engine's lane, say) goes back now
 
     def _idle(self) -> bool:
         """Under ``_cond``: nothing to do but wait."""
         return not self._closing and not self._waiting and not self._active
 
-    # KV memory and the prefix cache (the scheduler thread) ------------------------------------
-    def _new_cache(self) -> None:
-        """A cache of ``max_batch`` x ``n_ctx`` (a backend that cannot hold it says so now); a
-        resizable one is shrunk at once to its idle size, before anything touched its memory."""
-        self._cache = cache = self.backend.new_cache(self.max_batch, self.n_ctx)
-        self._resizable = is_resizable(cache)
-        self._prefix = PrefixCache(self.prefix_block) if self._resizable and self.prefix_cache else None
-        if self._resizable:
-            cache.reserve(self.initial_capacity, 1)  # type: ignore[attr-defined]
-        self._shrunk = True
-        self._count_kv()
-
-    def _count_kv(self) -> None:
-        cache = self._cache
-        if cache is None:
-            self.kv_tokens_allocated = 0
-        elif self._resizable:
-            self.kv_tokens_allocated = cache.n_slots * cache.capacity
-        else:
-            lengths = [cache.length(s) for s in self._active]
-            self.kv_tokens_allocated = len(lengths) * max(lengths, default=0)
-
-    def _written(self, slot: int) -> list[int]:
-        """The tokens whose positions ``slot``'s rows hold."""
-        assert self._cache is not None
-        state = self._active[slot].state
-        n = self._cache.length(slot)
-        return (state.prompt + state.generated)[:n] if n > len(state.prompt) else state.prompt[:n]
-
-    def _need_of(self, s: SequenceHandle) -> int:
-        return min(len(s.state.prompt) + s.state.config.max_new_tokens, self.n_ctx)
-
-    def _pow2(self, n: int, start: int, cap: int) -> int:
-        size = start
-        while size < n:
-            size *= 2
-        return min(size, cap)
-
-    def _shape(self, rows: int, tokens: int) -> tuple[int, int] | None:
-        """Rows and tokens per slot (powers of two where the budget allows) for at least
-        ``rows`` x ``tokens``; None when even those do not fit the budget."""
-        if rows * tokens > self.kv_budget:
-            return None
-        r, t = self._pow2(rows, 1, self.max_batch), self._pow2(tokens, self.initial_capacity, self.n_ctx)
-        if r * t <= self.kv_budget:
-            return r, t
-        return (rows, t) if rows * t <= self.kv_budget else (rows, tokens)
-
-    def _plan(self) -> list[tuple[SequenceHandle, int, PrefixMatch | None]]:
-        """Under ``_cond``: take the waiting sequences that fit, oldest first, each with its slot
-        and the prefix it starts from; stop at the first that does not fit."""
-        plans: list[tuple[SequenceHandle, int, PrefixMatch | None]] = []
-        taken = set(self._active)
-        needs = list(self._need.values())
-        free = sorted(self._free)
-        while self._waiting and len(taken) < self.max_batch:
-            s = self._waiting[0]
-            plan = self._place(s, taken, needs, [f for f in free if f not in taken])
-            if plan is None:
-                break
-            self._waiting.popleft()
-            plans.append((s, *plan))
-            taken.add(plan[0])
-            needs.append(self._need_of(s))
-        return plans
-
-    def _place(
-        self, s: SequenceHandle, taken: set[int], needs: list[int], free: list[int]
-    ) -> tuple[int, PrefixMatch | None] | None:
-        """A slot for ``s`` (and the prefix it reuses) whose memory fits the budget, or None."""
-        need = self._need_of(s)
-        tokens = max([need, *needs])
-        if not self._resizable:
-            return (free[0], None) if self._shape(len(taken) + 1, tokens) is not None else None
-        cache = self._cache
-        assert cache is not None
-        match = None
-        if self._prefix is not None:
-            # Rows written by running sequences are final; slots planned this round are not sources.
-            running = [(slot, self._written(slot)) for slot in self._active if cache.length(slot)]
-            match = self._prefix.match(s.state.prompt, running, skip=taken)
-        rows_now = cache.n_slots
-        plain = [f for f in free if self._prefix is None or f not in self._prefix]
-        cached = [f for f in (self._prefix.lru() if self._prefix else []) if f in free]
-        candidates: list[tuple[int, PrefixMatch | None]] = []
-        if match is not None and match.slot in free:
-            candidates.append((match.slot, match))  # its own rows: nothing to copy
-        # a slot without cached rows, unless that grows the cache and an old entry's slot does not
-        below = [f for f in cached if f < rows_now and (match is None or f != match.slot)]
-        if plain and (plain[0] < rows_now or not below):
-            candidates.append((plain[0], match))
-        elif below:
-            candidates.append((below[0], match))
-        elif cached:
-            candidates.append((cached[0], match))  # the least recently used entry goes
-        candidates.append((free[0], None))  # the last resort: the lowest slot, nothing reused
-        for slot, m in candidates:
-            rows = max([slot, *taken, *([m.slot] if m is not None else [])]) + 1
-            if self._shape(rows, tokens) is not None:
-                if self._prefix is not None:
-                    self._prefix.record(m)
-                    if self.metrics is not None:
-                        self.metrics.prefix_cache_lookups.labels(result="hit" if m else "miss").inc()
-                        if m is not None:
-                            self.metrics.prefix_cache_tokens.inc(m.length)
-                return slot, m
-        return None
-
-    def _admit(self, plans: list[tuple[SequenceHandle, int, PrefixMatch | None]]) -> None:
-        """Give each planned sequence its slot; grow the cache once for all of them; copy the
+    # the scheduler thread's steps ----------------------------------------------------------------
+    def _admit(self, plans: list[Placement]) -> None:
+        """Give each planned sequence its slot; the cache grows once for all of them and copies the
         prefixes they reuse."""
         if not plans:
             return
         for s, slot, _ in plans:
             self._free.remove(slot)
             self._active[slot] = s
-            self._prefilling[slot] = 0
-            self._need[slot] = self._need_of(s)
         heapq.heapify(self._free)
         self._n_active = len(self._active)
-        self._shrunk = False
-        cache = self._cache
-        assert cache is not None
-        if self._resizable:
-            sources = [m.slot for _, _, m in plans if m is not None]
-            rows = max([*self._active, *sources]) + 1
-            tokens = max(self._need.values())
-            if rows > cache.n_slots or tokens > cache.capacity:
-                grown = (max(rows, cache.n_slots), max(tokens, cache.capacity))
-                if grown[0] * grown[1] <= self.kv_budget:
-                    grown = self._shape(*grown) or grown
-                else:
-                    grown = self._shape(rows, tokens) or (rows, tokens)
-                self._resize(*grown)
-            for _, slot, m in plans:
-                if m is not None:
-                    cache.copy_prefix(m.slot, slot, m.length)  # type: ignore[attr-defined]
-                    self._prefilling[slot] = m.length
-            for _, slot, _ in plans:
-                if self._prefix is not None:
-                    self._prefix.drop(slot)  # its rows are this sequence's now
-        self._count_kv()
-
-    def _resize(self, rows: int, tokens: int) -> None:
-        """Reallocate the cache, keeping what its sequences and the prefix cache's entries hold
-        (entries that no longer fit are cut or dropped)."""
-        cache = self._cache
-        assert cache is not None
-        keep = [cache.length(r) for r in range(cache.n_slots)]
-        if self._prefix is not None:
-            for slot in self._prefix.lru():
-                if slot >= rows:
-                    self._prefix.drop(slot)
-                else:
-                    self._prefix.truncate(slot, tokens)
-                    if slot in self._prefix:
-                        keep[slot] = max(keep[slot], len(self._prefix.tokens(slot)))
-        cache.reserve(tokens, rows, keep)  # type: ignore[attr-defined]
-        self._count_kv()
-
-    def _shrink(self) -> None:
-        """Idle: back to the smallest cache that keeps the most recent prefix-cache entries
-        within ``prefix_cache_tokens`` (rows x tokens per slot)."""
-        self._shrunk = True
-        if not self._resizable or self._cache is None:
-            return
-        rows, tokens = 1, self.initial_capacity
-        if self._prefix is not None:
-            for slot in reversed(self._prefix.lru()):  # most recent first
-                r = max(rows, slot + 1)
-                t = self._pow2(len(self._prefix.tokens(slot)), self.initial_capacity, self.n_ctx)
-                t = max(tokens, t)
-                if r * t > max(self.prefix_cache_tokens, self.initial_capacity):
-                    continue
-                rows, tokens = r, t
-        if (rows, tokens) != (self._cache.n_slots, self._cache.capacity):
-            self._resize(rows, tokens)
+        self._prefilling.update(self.kv.admit(plans, self._active))
 
     def _prefill_step(self) -> None:
         """Up to ``prefill_chunk`` prompt tokens (0: all), oldest admission first; a prompt whose
         last chunk went in gets its first token from that chunk's logits."""
-        assert self._cache is not None
+        cache = self.kv.cache
+        assert cache is not None
         budget = self.prefill_chunk or self.n_ctx * self.max_batch
         first: dict[int, list[int]] = {}  # slot -> its prompt's first chunk (prefill)
         more: dict[int, list[int]] = {}  # slot -> a later chunk (extend)
@@ -578,7 +410,7 @@ class Scheduler:
             (more if done else first)[slot] = chunk
             budget -= len(chunk)
         logits: dict[int, np.ndarray] = {}
-        for chunks, run in ((first, self._cache.prefill), (more, self._cache.extend)):
+        for chunks, run in ((first, cache.prefill), (more, cache.extend)):
             if chunks:
                 logits.update(zip(chunks, run(list(chunks), list(chunks.values())), strict=True))
         for slot, chunk in (*first.items(), *more.items()):
@@ -588,14 +420,15 @@ class Scheduler:
                 self._advance(slot, logits[slot])
 
     def _decode(self, slots: list[int]) -> None:
-        assert self._cache is not None
-        logits = self._cache.decode(slots, [self._active[s].state.generated[-1] for s in slots])
+        cache = self.kv.cache
+        assert cache is not None
+        logits = cache.decode(slots, [self._active[s].state.generated[-1] for s in slots])
         if self.metrics is not None:
             self.metrics.batch_occupancy.observe(len(slots))
         for i, slot in enumerate(slots):
             self._advance(slot, logits[i])
-        if not self._resizable:
-            self._count_kv()
+        if not self.kv.resizable:
+            self.kv.count(self._active)
 
     def _advance(self, slot: int, logits: np.ndarray) -> None:
         """Pick, record and send one sequence's next token; release its slot when it finished."""
@@ -621,14 +454,10 @@ class Scheduler:
             self._leave(slot, s.state.finish_reason or "length")
 
     def _leave(self, slot: int, reason: str) -> None:
-        if self._cache is not None:
-            if self._prefix is not None and reason != "error":
-                self._prefix.put(slot, self._written(slot))  # its rows stay until overwritten
-            self._cache.release(slot)
+        self.kv.leave(slot, self._active[slot].state, keep=reason != "error")
         heapq.heappush(self._free, slot)
         del self._active[slot]
         self._prefilling.pop(slot, None)
-        self._need.pop(slot, None)
         self._n_active = len(self._active)
         with self._cond:
             self._in_system -= 1

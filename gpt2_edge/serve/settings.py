@@ -14,7 +14,8 @@ from typing import Any
 
 from ..errors import Gpt2EdgeError
 from ..runtime.backends import PROVIDERS
-from .scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_PREFIX_CACHE_BLOCKS
+from .admission import DEFAULT_PREFIX_CACHE_BLOCKS
+from .scheduler import DEFAULT_PREFILL_CHUNK
 
 API_KEY_ENV = "GPT2_EDGE_API_KEY"  # the key where `ps` does not show it (CLI, `serve run`)
 

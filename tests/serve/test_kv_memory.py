@@ -5,7 +5,6 @@ server shrinks back; outputs stay those of Generator alone."""
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
 import numpy as np
@@ -17,8 +16,9 @@ from gpt2_edge.runtime.generator import Generator
 from gpt2_edge.runtime.kv_cache import CacheError, InPlaceCache
 from gpt2_edge.runtime.sampling import GenerationConfig
 from gpt2_edge.runtime.types import is_resizable
-from gpt2_edge.serve.scheduler import Scheduler, SequenceHandle, TokenEvent
+from gpt2_edge.serve.scheduler import Scheduler
 from gpt2_edge.serve.settings import ServeSettings, SettingsError
+from tests.serve.helpers import Run
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -33,42 +33,6 @@ def gen(inplace_bundle) -> Generator:
 @pytest.fixture(scope="module")
 def concat_gen(concat_bundle) -> Generator:
     return Generator.from_bundle(str(concat_bundle), threads=1)
-
-
-class Run:
-    """Sequences submitted to a scheduler; their tokens, and the largest KV allocation and active
-    count seen at any token."""
-
-    def __init__(self, gen: Generator, **scheduler) -> None:
-        self.gen = gen
-        self.scheduler = Scheduler(gen.backend, n_ctx=gen.backend.n_ctx, **scheduler)
-        self.tokens: dict[str, list[int]] = {}
-        self.pending = 0
-        self.done = threading.Condition()
-        self.peak_kv = 0
-        self.peak_active = 0
-
-    def sequence(self, name: str, prompt: list[int], config: GenerationConfig) -> SequenceHandle:
-        self.tokens[name] = []
-
-        def sink(event: TokenEvent) -> None:
-            assert event.error is None, event.error
-            self.tokens[name].append(event.token)
-            self.peak_kv = max(self.peak_kv, self.scheduler.kv_tokens_allocated)
-            self.peak_active = max(self.peak_active, self.scheduler.active)
-            if event.finish_reason is not None:
-                with self.done:
-                    self.pending -= 1
-                    self.done.notify_all()
-
-        self.pending += 1
-        return SequenceHandle(
-            prompt, config, sink, eos_token_id=self.gen.eos_token_id, detokenize=self.gen.tokenizer.decode
-        )
-
-    def wait(self, timeout: float = 60) -> None:
-        with self.done:
-            assert self.done.wait_for(lambda: self.pending == 0, timeout), "the sequences did not finish"
 
 
 def greedy(n: int) -> GenerationConfig:

@@ -4,8 +4,6 @@ Generator alone (in-place bundles are batch-invariant and causal: checked bitwis
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
@@ -14,8 +12,7 @@ pytest.importorskip("fastapi")
 from gpt2_edge.runtime.generator import Generator
 from gpt2_edge.runtime.prefix_cache import PrefixCache, PrefixMatch, common_prefix
 from gpt2_edge.runtime.sampling import GenerationConfig, openai_generation_config
-from gpt2_edge.serve.metrics import Metrics
-from gpt2_edge.serve.scheduler import Scheduler, SequenceHandle, TokenEvent
+from tests.serve.helpers import Run
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -55,41 +52,6 @@ def test_prefix_cache_matches_the_longest_prefix_and_evicts_lru():
 
 
 # the server's scheduler ---------------------------------------------------------------------------
-class Run:
-    def __init__(self, gen: Generator, **scheduler) -> None:
-        self.gen = gen
-        self.metrics = Metrics(4, lambda: 0, lambda: 0)
-        self.scheduler = Scheduler(
-            gen.backend, n_ctx=gen.backend.n_ctx, metrics=self.metrics, prefix_block=8, **scheduler
-        )
-        self.tokens: dict[str, list[int]] = {}
-        self.pending = 0
-        self.done = threading.Condition()
-
-    def sequence(self, name: str, prompt: list[int], config: GenerationConfig) -> SequenceHandle:
-        self.tokens[name] = []
-
-        def sink(event: TokenEvent) -> None:
-            assert event.error is None, event.error
-            self.tokens[name].append(event.token)
-            if event.finish_reason is not None:
-                with self.done:
-                    self.pending -= 1
-                    self.done.notify_all()
-
-        self.pending += 1
-        return SequenceHandle(
-            prompt, config, sink, eos_token_id=self.gen.eos_token_id, detokenize=self.gen.tokenizer.decode
-        )
-
-    def wait(self, timeout: float = 60) -> None:
-        with self.done:
-            assert self.done.wait_for(lambda: self.pending == 0, timeout), "the sequences did not finish"
-
-    def hits(self) -> float:
-        return self.metrics.prefix_cache_lookups.labels(result="hit")._value.get()
-
-
 def jobs_sharing_a_prefix(gen: Generator) -> list[tuple[str, list[int], GenerationConfig]]:
     system = gen.tokenizer.encode(SYSTEM)[:24]
     asks = ["Citizen: What?", "All: We know't.", "O", "Second Citizen: One word."]
@@ -110,7 +72,7 @@ def test_outputs_with_prefix_cache_equal_without_and_generator(gen, prefix_cache
     alone, with and without the prefix cache; with it, the later ones hit."""
     jobs = jobs_sharing_a_prefix(gen)
     alone = {name: gen.generate(prompt, cfg)[0].token_ids for name, prompt, cfg in jobs}
-    run = Run(gen, max_batch=4, max_queue=16, prefill_chunk=chunk, prefix_cache=prefix_cache)
+    run = Run(gen, max_batch=4, max_queue=16, prefill_chunk=chunk, prefix_cache=prefix_cache, prefix_block=8)
     run.scheduler.start()
     try:
         for name, prompt, cfg in jobs:  # one after the other

@@ -4,7 +4,6 @@ both front ends share."""
 from __future__ import annotations
 
 import math
-import threading
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,9 @@ pytest.importorskip("fastapi")
 
 from gpt2_edge.runtime.generator import Generator
 from gpt2_edge.runtime.sampling import GenerationConfig, openai_generation_config
-from gpt2_edge.serve.scheduler import Scheduler, SequenceHandle, TokenEvent
+from gpt2_edge.serve.scheduler import TokenEvent
 from gpt2_edge.serve.settings import ServeSettings, SettingsError
+from tests.serve.helpers import Run
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -29,48 +29,6 @@ def bundles(inplace_bundle, concat_bundle) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def gens(bundles) -> dict[str, Generator]:
     return {kv: Generator.from_bundle(str(b), threads=1) for kv, b in bundles.items()}
-
-
-class Run:
-    """Sequences submitted to a scheduler, their events in one log (in the order the scheduler
-    thread sent them), and a way to wait for all of them."""
-
-    def __init__(self, gen: Generator, **scheduler) -> None:
-        self.gen = gen
-        self.scheduler = Scheduler(gen.backend, n_ctx=gen.backend.n_ctx, **scheduler)
-        self.log: list[tuple[str, TokenEvent | None]] = []
-        self.tokens: dict[str, list[int]] = {}
-        self.pending = 0
-        self.done = threading.Condition()
-
-    def sequence(
-        self, name: str, prompt: list[int], config: GenerationConfig, on_event=None
-    ) -> SequenceHandle:
-        self.tokens[name] = []
-
-        def sink(event: TokenEvent) -> None:
-            self.log.append((name, event))
-            assert event.error is None, event.error
-            self.tokens[name].append(event.token)
-            if on_event is not None:
-                on_event(event)
-            if event.finish_reason is not None:
-                with self.done:
-                    self.pending -= 1
-                    self.done.notify_all()
-
-        self.pending += 1
-        return SequenceHandle(
-            prompt, config, sink, eos_token_id=self.gen.eos_token_id, detokenize=self.gen.tokenizer.decode
-        )
-
-    def wait(self, timeout: float = 60) -> None:
-        with self.done:
-            assert self.done.wait_for(lambda: self.pending == 0, timeout), "the sequences did not finish"
-        self.scheduler.close()
-
-    def alone(self, prompt: list[int], config: GenerationConfig) -> list[int]:
-        return self.gen.generate(prompt, config)[0].token_ids
 
 
 @pytest.mark.parametrize("kv", ["inplace", "concat"])
@@ -97,7 +55,7 @@ def test_a_running_stream_keeps_its_pace_while_a_long_prompt_goes_in(gens, kv, c
     stream = run.sequence("stream", gen.tokenizer.encode("O"), stream_cfg, on_event=submit_long)
     run.scheduler.start()
     run.scheduler.submit([stream])
-    run.wait()
+    run.wait(close=True)
     names = [name for name, _ in run.log]
     after = names[names.index("submitted") :]
     between = after[: after.index("long")].count("stream")
@@ -123,7 +81,7 @@ def eight_prompts_equal_generator(gen: Generator, prefill_chunk: int) -> None:
         jobs.append((f"job{i}", text[i : i + n], cfg))
     run.scheduler.start()
     run.scheduler.submit([run.sequence(name, prompt, cfg) for name, prompt, cfg in jobs])
-    run.wait()
+    run.wait(close=True)
     for name, prompt, cfg in jobs:
         assert run.tokens[name] == run.alone(prompt, cfg), name
 

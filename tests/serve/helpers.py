@@ -1,0 +1,83 @@
+"""What the server's tests share: ``Run``, sequences submitted to a scheduler without HTTP."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from gpt2_edge.runtime.generator import Generator
+from gpt2_edge.runtime.sampling import GenerationConfig
+from gpt2_edge.serve.metrics import Metrics
+from gpt2_edge.serve.scheduler import Scheduler, SequenceHandle, TokenEvent
+
+
+class Run:
+    """Sequences submitted to a scheduler (made with ``**scheduler``, and metrics): their tokens and
+    events, every event in one log (in the order the scheduler thread sent them), the largest KV
+    allocation and active count seen at any token, and a way to wait for all of them."""
+
+    def __init__(self, gen: Generator, **scheduler) -> None:
+        self.gen = gen
+        self.scheduler = Scheduler(gen.backend, n_ctx=gen.backend.n_ctx, **scheduler)
+        self.metrics = Metrics(self.scheduler.max_batch, lambda: 0, lambda: 0)
+        self.scheduler.metrics = self.metrics
+        self.log: list[tuple[str, TokenEvent | None]] = []
+        self.tokens: dict[str, list[int]] = {}
+        self.events: dict[str, list[TokenEvent]] = {}
+        self.pending = 0
+        self.done = threading.Condition()
+        self.peak_kv = 0
+        self.peak_active = 0
+
+    def sequence(
+        self,
+        name: str,
+        prompt: list[int],
+        config: GenerationConfig,
+        on_event: Callable[[TokenEvent], None] | None = None,
+        logprobs: int | None = None,
+    ) -> SequenceHandle:
+        self.tokens[name] = []
+        self.events[name] = []
+
+        def sink(event: TokenEvent) -> None:
+            self.log.append((name, event))
+            assert event.error is None, event.error
+            self.tokens[name].append(event.token)
+            self.events[name].append(event)
+            self.peak_kv = max(self.peak_kv, self.scheduler.kv_tokens_allocated)
+            self.peak_active = max(self.peak_active, self.scheduler.active)
+            if on_event is not None:
+                on_event(event)
+            if event.finish_reason is not None:
+                with self.done:
+                    self.pending -= 1
+                    self.done.notify_all()
+
+        self.pending += 1
+        return SequenceHandle(
+            prompt,
+            config,
+            sink,
+            eos_token_id=self.gen.eos_token_id,
+            detokenize=self.gen.tokenizer.decode,
+            logprobs=logprobs,
+        )
+
+    def wait(self, timeout: float = 60, close: bool = False) -> None:
+        """Until every sequence submitted finished (``close``: then close the scheduler)."""
+        with self.done:
+            assert self.done.wait_for(lambda: self.pending == 0, timeout), "the sequences did not finish"
+        if close:
+            self.scheduler.close()
+
+    def alone(self, prompt: list[int], config: GenerationConfig) -> list[int]:
+        """The tokens ``Generator`` alone gives."""
+        return self.gen.generate(prompt, config)[0].token_ids
+
+    def text(self, name: str) -> str:
+        """What the sequence's pieces join to."""
+        return "".join(e.text for e in self.events[name])
+
+    def hits(self) -> float:
+        return self.metrics.prefix_cache_lookups.labels(result="hit")._value.get()
