@@ -68,6 +68,11 @@ class GenerationConfig:
             raise Gpt2EdgeError("stop strings must be non-empty")
         if self.prompt_lookup < 0:
             raise Gpt2EdgeError(f"prompt_lookup must be >= 0 (0 = off), got {self.prompt_lookup}")
+        if self.prompt_lookup and self.num_beams != 1:
+            raise Gpt2EdgeError(
+                f"prompt_lookup (speculative decoding) needs num_beams=1, got num_beams={self.num_beams}; "
+                "drop one of them"
+            )
 
     def _check_types(self) -> None:
         """Refuse values of the wrong type before they fail deep inside ``generate``: a float where a

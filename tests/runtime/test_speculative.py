@@ -76,6 +76,8 @@ def test_generation_config_checks_prompt_lookup():
     for bad in (-1, 2.5, True):
         with pytest.raises(Gpt2EdgeError, match="prompt_lookup"):
             GenerationConfig(prompt_lookup=bad)
+    with pytest.raises(Gpt2EdgeError, match="needs num_beams=1"):
+        GenerationConfig(prompt_lookup=4, num_beams=2)
 
 
 # the cache: verify and truncate ---------------------------------------------------------------
