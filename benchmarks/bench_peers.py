@@ -354,6 +354,18 @@ def optimum(engine: str, threads: int) -> Runner:
     return run
 
 
+def _spread(values: list[float]) -> tuple[float, float, float] | None:
+    """Median, minimum and maximum of one figure over the rounds (None: never measured)."""
+    return (statistics.median(values), min(values), max(values)) if values else None
+
+
+def _cell(v: tuple[float, float, float] | None, f: str) -> str:
+    if v is None:
+        return "n/a"
+    med, lo, hi = v
+    return f"{med:{f}} ({lo:{f}}-{hi:{f}})"
+
+
 FAMILIES = {"ours": ours, "llama": llama, "ct2": ct2, "ortgpt2": ortgpt2, "optimum": optimum}
 
 
@@ -422,29 +434,20 @@ def main() -> None:
             print(f"round {r + 1}: {e}: {runs[e][-1]}", file=sys.stderr)
 
     keys = ("b1", "b8", "long", "ttft_short_ms", "ttft_long_ms", "rss_b1_mib")
-    med = {
-        e: {
-            k: statistics.median([x[k] for x in rs if x[k] is not None])
-            if any(x[k] is not None for x in rs)
-            else None
-            for k in keys
-        }
-        for e, rs in runs.items()
-        if rs
+    spread: dict[str, dict[str, tuple[float, float, float] | None]] = {
+        e: {k: _spread([x[k] for x in rs if x[k] is not None]) for k in keys} for e, rs in runs.items() if rs
     }
     print(
-        f"\nGPT-2 124M shape, random weights, {args.threads} threads, {args.rounds} rounds (medians); "
-        f"decode tok/s, TTFT ms, peak RSS MiB"
+        f"\nGPT-2 124M shape, random weights, {args.threads} threads, {args.rounds} rounds: median "
+        "(min-max over rounds); decode tok/s, TTFT ms, peak RSS MiB"
     )
     print("| engine | class | b1 tok/s | b8 tok/s | @896 tok/s | TTFT 32 ms | TTFT 896 ms | RSS b1 MiB |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
-    for e, m in med.items():
-        print(
-            f"| {e} | {ENGINES[e][1]} | {fmt(m['b1'], '.1f')} | {fmt(m['b8'], '.1f')} | "
-            f"{fmt(m['long'], '.1f')} | {fmt(m['ttft_short_ms'], '.0f')} | {fmt(m['ttft_long_ms'], '.0f')} | "
-            f"{fmt(m['rss_b1_mib'], '.0f')} |"
-        )
+    for e, m in spread.items():
+        cells = [
+            _cell(m[k], f) for k, f in zip(keys, (".1f", ".1f", ".1f", ".0f", ".0f", ".0f"), strict=True)
+        ]
+        print(f"| {e} | {ENGINES[e][1]} | " + " | ".join(cells) + " |")
     print(
         "\nours / fastest peer of the same class: median over rounds of the per-round ratio "
         "(decode: >1 = ours faster; TTFT and RSS: <1 = ours lower)"
@@ -455,7 +458,7 @@ def main() -> None:
             continue
         for k in keys:
             peers = [e for e in runs if ENGINES[e][1] == cls and ENGINES[e][0] != "ours" and runs[e]]
-            best, best_ratio = None, None
+            best, best_ratio, best_range = None, None, (0.0, 0.0)
             for e in peers:
                 ratios = [
                     a[k] / b[k]
@@ -465,12 +468,14 @@ def main() -> None:
                 if not ratios:
                     continue
                 r = statistics.median(ratios)
+                r_range = (min(ratios), max(ratios))
                 # the fastest peer: for decode rates the smallest ours/peer, for TTFT and RSS the largest
                 lower_is_better = k.startswith(("ttft", "rss"))
                 if best_ratio is None or (r > best_ratio if lower_is_better else r < best_ratio):
-                    best, best_ratio = e, r
+                    best, best_ratio, best_range = e, r, r_range
             if best is not None:
-                print(f"  {cls:5} {k:14} vs {best:22} {best_ratio:.2f}")
+                lo, hi = best_range
+                print(f"  {cls:5} {k:14} vs {best:22} {best_ratio:.2f} (rounds {lo:.2f}-{hi:.2f})")
     for e, why in skipped.items():
         print(f"skipped {e}: {why}")
 
