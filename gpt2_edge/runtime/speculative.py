@@ -234,17 +234,24 @@ class Speculator:
             ]
             if made:
                 plans.append(next((p for p in made if p.want), made[0]))
-        width = self._width(plans, len(slots))
+        # A sampled sequence drafts what its own rate is worth (or a probe), whatever else is in the
+        # pass: its draws, and so a seed's tokens, do not depend on the other sequences. Greedy ones
+        # fill the pass's width (their tokens do not depend on how many were drafted).
+        own = {
+            p.index: p.want or int(p.source.probe_due()) for p in plans if choosers[p.index].config.do_sample
+        }
+        width = max([self._width([p for p in plans if p.index not in own], len(slots)), *own.values()])
         by_model: dict[int, int] = {}  # index -> drafted tokens asked of the draft model
         for plan in plans if width else []:
+            n = own.get(plan.index, plan.tokens(width))
+            if not n:
+                continue
             row = self._rows[slots[plan.index]]
             row.drafted_by = plan.key
             if plan.at is not None:
-                drafts[plan.index] = PromptLookup.continuation(
-                    states[plan.index].seen, plan.at, plan.tokens(width)
-                )
+                drafts[plan.index] = PromptLookup.continuation(states[plan.index].seen, plan.at, n)
             else:
-                by_model[plan.index] = plan.tokens(width)
+                by_model[plan.index] = n
         if by_model:
             for i, d in self._model_drafts(slots, states, choosers, by_model).items():
                 drafts[i] = d

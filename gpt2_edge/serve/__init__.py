@@ -5,6 +5,7 @@ Serve replicas. Torch-free. By concern, as vLLM's OpenAI entry point:
     protocol.py     request bodies, their GenerationConfig, OpenAI's error shape
     model.py        ServedModel: a backend of any provider, its tokenizer, context and name
     scheduler.py    continuous batching over KV-cache slots, chunked prefill
+    sequences.py    what a request hands the scheduler: SequenceHandle, TokenEvent, Reservation
     admission.py    the KV memory: admission within the budget, the cache growing and shrinking,
                     the prefix cache
     completions.py  one /v1/completions request: sequences, SSE, echo and logprobs, usage

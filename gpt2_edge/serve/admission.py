@@ -38,7 +38,7 @@ from ..runtime.types import Backend, KVCache, is_resizable
 
 if TYPE_CHECKING:
     from .metrics import Metrics
-    from .scheduler import SequenceHandle
+    from .sequences import SequenceHandle
 
 DEFAULT_PREFIX_BLOCK = 64  # tokens: the shortest prefix worth reusing, and the prefix cache's unit
 DEFAULT_PREFIX_CACHE_BLOCKS = 32  # ServeSettings.prefix_cache_blocks: what an idle server keeps

@@ -134,6 +134,7 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
         kv_budget=_kv_budget(settings.kv_budget, model.n_ctx),
         prefix_cache=settings.prefix_cache,
         prefix_cache_blocks=settings.prefix_cache_blocks,
+        prompt_lookup=settings.prompt_lookup,
     )
     metrics = Metrics(
         max_batch,

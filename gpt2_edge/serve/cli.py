@@ -115,6 +115,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         f"{d.prefix_cache_blocks}); a busy one keeps prefixes in its free slots",
     )
     p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=d.prompt_lookup,
+        metavar="N",
+        help="speculative decoding for requests that do not set `prompt_lookup`: draft up to N tokens per "
+        "step from the prompt and the text so far, verified in one pass; the same tokens, more per step "
+        "where the text repeats its prompt (in-place bundles; 0 = off, the default)",
+    )
+    p.add_argument(
         "--api-key",
         help=f"require `Authorization: Bearer KEY` on every route but /health (better: set ${API_KEY_ENV}, "
         "which `ps` does not show)",
@@ -226,6 +235,7 @@ def _start_over_if_needed(args: argparse.Namespace) -> None:
         ("--prefill-chunk", args.prefill_chunk),
         ("--kv-budget", args.kv_budget),
         ("--prefix-cache-blocks", args.prefix_cache_blocks),
+        ("--prompt-lookup", args.prompt_lookup),
         ("--timeout", args.timeout),
         ("--max-body-bytes", args.max_body_bytes),
         ("--header-timeout", args.header_timeout),
@@ -294,6 +304,7 @@ def settings_from_args(args: argparse.Namespace, api_key: str | None) -> ServeSe
             kv_budget=args.kv_budget,
             prefix_cache=args.prefix_cache,
             prefix_cache_blocks=args.prefix_cache_blocks,
+            prompt_lookup=args.prompt_lookup,
             timeout_s=args.timeout,
             max_body_bytes=args.max_body_bytes,
             api_key=api_key,
@@ -359,6 +370,7 @@ def serve_uvicorn(bundle: Path, settings: ServeSettings, log_level: str = "info"
         f"{settings.prefill_chunk or 'whole'}, KV budget "
         f"{f'{settings.kv_budget} tokens' if settings.kv_budget else 'max batch x context'}, "
         f"prefix cache {'on' if settings.prefix_cache else 'off'}, "
+        f"prompt lookup {settings.prompt_lookup or 'off'}, "
         f"auth {'on' if settings.api_key else 'off'}",
         flush=True,
     )

@@ -200,8 +200,9 @@ class Completion:
         return self.model.tokenizer.decode(self.prompts[i])
 
     def generation_config(self, choice: int) -> GenerationConfig:
-        """How to generate choice ``choice``."""
-        return self.req.generation_config(choice)
+        """How to generate choice ``choice`` (speculative decoding: the server's default unless the
+        request says)."""
+        return self.req.generation_config(choice, self.scheduler.prompt_lookup)
 
     def reserve(self) -> None:
         """Hold the scheduler's room for every choice before any work of this request's own

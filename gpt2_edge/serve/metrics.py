@@ -14,7 +14,8 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1
 
 class Metrics:
     """Requests by route and status, tokens in and out, queue depth, batch occupancy, KV tokens
-    allocated, prefix-cache hits, and the time-to-first-token and inter-token latency histograms."""
+    allocated, prefix-cache hits, drafted and accepted tokens of speculative decoding, and the
+    time-to-first-token and inter-token latency histograms."""
 
     def __init__(
         self,
@@ -67,6 +68,16 @@ class Metrics:
             "Prompt tokens not prefilled: their KV was reused",
             registry=r,
         )
+        self.spec_drafted_tokens = Counter(
+            "gpt2_edge_spec_decode_draft_tokens",
+            "Tokens drafted for speculative decoding (prompt lookup) and verified",
+            registry=r,
+        )
+        self.spec_accepted_tokens = Counter(
+            "gpt2_edge_spec_decode_accepted_tokens",
+            "Drafted tokens the model accepted (each one a decode step saved)",
+            registry=r,
+        )
         self.batch_occupancy = Histogram(
             "gpt2_edge_batch_occupancy",
             "Active sequences per decode step",
@@ -81,7 +92,7 @@ class Metrics:
         )
         self.inter_token_latency = Histogram(
             "gpt2_edge_inter_token_latency_seconds",
-            "Between two tokens of one sequence",
+            "Between two steps that give one sequence tokens (a speculative step may give several)",
             buckets=ITL_BUCKETS,
             registry=r,
         )

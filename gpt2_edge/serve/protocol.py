@@ -4,7 +4,8 @@ mapping to ``GenerationConfig``, and OpenAI's error shape. Nothing here runs a m
 Fields follow OpenAI's legacy ``/v1/completions`` and its chat completions; ``top_k``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos`` and ``stream_options.continuous_usage_stats``
 are extensions (as in vLLM, whose names the clients that benchmark and evaluate servers send:
-guidellm, lm-evaluation-harness). The tokenizer routes take vLLM's and llama-server's names.
+guidellm, lm-evaluation-harness), and so is ``prompt_lookup`` (speculative decoding, this
+server's own). The tokenizer routes take vLLM's and llama-server's names.
 OpenAI fields this server does not implement are
 accepted only at their neutral value, so a client that sends the defaults still works and one
 that asks for more hears so instead of getting something else.
@@ -15,6 +16,7 @@ and the JSON guards in front of them, so a reader finds the whole wire format in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from typing import Annotated, Any, ClassVar, TypeVar
@@ -22,6 +24,7 @@ from typing import Annotated, Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..runtime.sampling import GenerationConfig, openai_generation_config
+from .scheduler import MAX_PROMPT_LOOKUP
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_LOGPROBS = 5  # as OpenAI's legacy completions
@@ -85,6 +88,10 @@ class CompletionRequest(_Strict):
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
     min_tokens: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False  # vLLM's: decode past the end-of-text token up to max_tokens
+    # Speculative decoding: draft up to this many tokens per step from the prompt and the text so
+    # far (prompt lookup), verified in one pass; the same tokens. None: the server's default
+    # (--prompt-lookup); 0: off.
+    prompt_lookup: Annotated[int, Field(ge=0, le=MAX_PROMPT_LOOKUP)] | None = None
     # OpenAI fields accepted at their neutral value only
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -127,10 +134,11 @@ class CompletionRequest(_Strict):
     def stop_strings(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
-    def generation_config(self, choice: int = 0) -> GenerationConfig:
+    def generation_config(self, choice: int = 0, prompt_lookup: int = 0) -> GenerationConfig:
         """How to generate choice ``choice`` of this request. Choice i of a seeded request uses
-        seed + i: the n choices differ, and a request's choice 0 repeats whatever else is in the batch."""
-        return openai_generation_config(
+        seed + i: the n choices differ, and a request's choice 0 repeats whatever else is in the batch.
+        ``prompt_lookup``: the server's default, for a request that does not say."""
+        config = openai_generation_config(
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
@@ -141,6 +149,8 @@ class CompletionRequest(_Strict):
             stop=self.stop_strings,
             ignore_eos=self.ignore_eos,
         )
+        lookup = prompt_lookup if self.prompt_lookup is None else self.prompt_lookup
+        return dataclasses.replace(config, prompt_lookup=lookup) if lookup else config
 
 
 class TokenizeRequest(_Strict):
@@ -229,6 +239,7 @@ class ChatCompletionRequest(_Strict):
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
     min_tokens: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
+    prompt_lookup: Annotated[int, Field(ge=0, le=MAX_PROMPT_LOOKUP)] | None = None
     # OpenAI fields accepted at their neutral value only
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -249,6 +260,7 @@ class ChatCompletionRequest(_Strict):
         "repetition_penalty",
         "min_tokens",
         "ignore_eos",
+        "prompt_lookup",
         "presence_penalty",
         "frequency_penalty",
         "logit_bias",

@@ -10,7 +10,8 @@ scheduler thread:
    prompt is a ``prefill`` of its slot, the next ones ``extend`` it; the logits of a prompt's last
    chunk give the sequence its first token, and it joins the decode batch,
 4. runs one ``decode`` over every slot whose prompt is in, picking each slot's next token with
-   that sequence's own chooser (its own seed), and
+   that sequence's own chooser (its own seed); where a sequence asks for speculative decoding
+   (``GenerationConfig.prompt_lookup``), one ``Speculator.step`` instead, below, and
 5. hands each new token to the sequence's sink and releases the slots of finished sequences.
 
 So a request joins the running batch at the next step and leaves it the step it finishes, and a
@@ -20,9 +21,23 @@ is still going in holds its slot but is not decoded. The scheduler knows nothing
 asyncio: a sequence's ``sink`` is called from the scheduler thread with each ``TokenEvent`` (the
 app forwards it to its event loop). Torch-free.
 
+**Speculative decoding** (prompt lookup; in-place caches, which roll back). When any sequence in
+the step has ``prompt_lookup``, the step is ``runtime.speculative.Speculator.step``: each such
+sequence drafts up to k tokens from its own prompt and text (as many as its acceptance rate makes
+worth it), one pass verifies every row's draft (rows verify different numbers of tokens; the others
+take one token, as in a plain step) and rolls the rejected positions back. A sequence then gets
+several tokens in one step: each is its own ``TokenEvent`` (with its log-probability), appended in
+order until the sequence finishes, so eos, a stop string or ``max_new_tokens`` inside an accepted
+draft end the text exactly where plain decoding ends it. Greedy tokens are plain decoding's (up
+to the last-bit caveat of ``runtime.speculative``'s "Numerics", which also applies to rows without
+drafts in a verifying pass); sampled ones keep the target's distribution and a seed's tokens. A
+concatenating cache (the TensorRT engine, the ``tensorrt`` target) decodes plainly.
+
 KV memory (admission within ``kv_budget``, the cache growing and shrinking with the work) and the
 prefix cache are ``admission.KVMemory``'s; only this thread calls it. The request-side types
-(``SequenceHandle``, ``TokenEvent``) are here because the scheduler produces and consumes them.
+(``SequenceHandle``, ``TokenEvent``, ``Reservation``, the refusals) are ``sequences.py``'s,
+imported here too. A little past 400 lines: the submitting side and the thread's loop and steps
+share one lock and one state.
 """
 
 from __future__ import annotations
@@ -32,17 +47,16 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import Gpt2EdgeError
-from ..runtime.sampling import GenerationConfig, log_softmax
-from ..runtime.sequence import SequenceState
-from ..runtime.types import Backend
+from ..runtime.sampling import log_softmax
+from ..runtime.speculative import Speculator
+from ..runtime.types import Backend, can_verify
 from .admission import (
     DEFAULT_PREFIX_BLOCK,
     DEFAULT_PREFIX_CACHE_BLOCKS,
@@ -50,96 +64,34 @@ from .admission import (
     KVMemory,
     Placement,
 )
+from .sequences import (
+    QueueFullError,
+    Reservation,
+    SchedulerClosedError,
+    SequenceHandle,
+    TokenEvent,
+    top_logprobs,
+)
 
 if TYPE_CHECKING:
     from .metrics import Metrics
 
+__all__ = [
+    "DEFAULT_PREFILL_CHUNK",
+    "MAX_PROMPT_LOOKUP",
+    "QueueFullError",
+    "Reservation",
+    "Scheduler",
+    "SchedulerClosedError",
+    "SequenceHandle",
+    "TokenEvent",
+    "top_logprobs",
+]
+
 log = logging.getLogger("gpt2_edge.serve")
 
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per step; ServeSettings.prefill_chunk
-
-
-class QueueFullError(Exception):
-    """No room for more sequences: the caller answers 429 and the client retries later."""
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class SchedulerClosedError(Exception):
-    """The scheduler is shutting down and takes no new sequences."""
-
-
-class Reservation:
-    """Room for ``n`` sequences held in the scheduler's bound before they exist: a request takes
-    it before any work of its own (prompt scoring), then ``submit`` turns it into its sequences or
-    ``release`` gives it back. Either happens once."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.done = False
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One step of one sequence, as its sink receives it.
-
-    ``text`` is what can be shown now (``""`` while a character or a possible stop string is
-    incomplete); the texts of a sequence's events join to its final text. A sequence's last event
-    has ``finish_reason`` (``eos``, ``stop`` or ``length``), or ``error`` with no token.
-    """
-
-    token: int | None
-    text: str
-    logprob: float | None = None  # log-probability of ``token`` under the model (when asked for)
-    top_logprobs: tuple[tuple[int, float], ...] | None = None  # the k most likely tokens
-    finish_reason: str | None = None
-    error: str | None = None
-
-
-class SequenceHandle:
-    """A sequence submitted to the scheduler; the submitter may ``cancel`` it at any time."""
-
-    def __init__(
-        self,
-        prompt: Sequence[int],
-        config: GenerationConfig,
-        sink: Callable[[TokenEvent], None],
-        *,
-        eos_token_id: int | None,
-        detokenize: Callable[[Sequence[int]], str],
-        logprobs: int | None = None,
-    ) -> None:
-        """``logprobs``: None for none, k >= 0 for the chosen token's log-probability and the k
-        most likely alternatives at each step."""
-        self.state = SequenceState(prompt, config, eos_token_id, detokenize)
-        self.sink = sink
-        self.logprobs = logprobs
-        self.submitted_at = time.perf_counter()
-        self.last_token_at: float | None = None
-        self._cancelled = threading.Event()
-        self._wake: Callable[[], None] = lambda: None
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def cancel(self) -> None:
-        """Stop generating; the scheduler frees the slot before its next step. Idempotent."""
-        if not self._cancelled.is_set():
-            self._cancelled.set()
-            self._wake()
-
-
-def top_logprobs(lp: np.ndarray, k: int) -> tuple[tuple[int, float], ...] | None:
-    """The ``k`` most likely ``(token, logprob)`` pairs of one row of log-probabilities, best first."""
-    if k <= 0:
-        return None
-    k = min(k, lp.shape[-1])
-    best = np.argpartition(-lp, k - 1)[:k]
-    best = best[np.argsort(-lp[best], kind="stable")]
-    return tuple((int(t), float(lp[t])) for t in best)
+MAX_PROMPT_LOOKUP = 32  # drafted tokens per step at most (ServeSettings.prompt_lookup, the request field)
 
 
 class Scheduler:
@@ -167,16 +119,22 @@ class Scheduler:
         prefix_block: int = DEFAULT_PREFIX_BLOCK,
         initial_capacity: int = INITIAL_CAPACITY,
         idle_shrink_s: float = 1.0,
+        prompt_lookup: int = 0,
     ) -> None:
         """``kv_budget``: KV tokens (slots x tokens per slot) at most, None = ``max_batch`` x
         ``n_ctx``; at least ``n_ctx``. ``idle_shrink_s``: how long the scheduler is idle before
-        its cache shrinks."""
+        its cache shrinks. ``prompt_lookup``: the drafted tokens per step at most of a request that
+        does not say (the app reads it; each sequence's own ``config.prompt_lookup`` decides)."""
         if max_batch < 1:
             raise Gpt2EdgeError(f"max_batch must be >= 1, got {max_batch}")
         if max_queue < 0:
             raise Gpt2EdgeError(f"max_queue must be >= 0, got {max_queue}")
         if prefill_chunk < 0:
             raise Gpt2EdgeError(f"prefill_chunk must be >= 0 (0 = whole prompts), got {prefill_chunk}")
+        if not 0 <= prompt_lookup <= MAX_PROMPT_LOOKUP:
+            raise Gpt2EdgeError(
+                f"prompt_lookup must be in 0..{MAX_PROMPT_LOOKUP} (0 = off), got {prompt_lookup}"
+            )
         self.kv = KVMemory(
             backend,
             n_ctx=n_ctx,
@@ -193,6 +151,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        self.prompt_lookup = prompt_lookup
         self.metrics = metrics
         self._cond = threading.Condition()
         self._waiting: deque[SequenceHandle] = deque()
@@ -206,6 +165,7 @@ class Scheduler:
         self._free: list[int] = []  # a heap: the lowest slots first keeps a step's rows together
         self._active: dict[int, SequenceHandle] = {}  # slot -> the sequence holding it
         self._prefilling: dict[int, int] = {}  # slot -> prompt tokens in the cache, in admission order
+        self._spec: Speculator | None = None  # beside a cache that rolls back
 
     @property
     def metrics(self) -> Metrics | None:
@@ -303,7 +263,7 @@ class Scheduler:
         ``n_ctx`` tokens says so to the caller) and start the scheduler thread (once)."""
         if self._thread is not None:
             raise RuntimeError("the scheduler was started already")
-        self.kv.new_cache()
+        self._new_cache()
         self._free = list(range(self.max_batch))
         self.side_executor = ThreadPoolExecutor(1, thread_name_prefix="gpt2-edge-scoring")
         self._thread = threading.Thread(target=self._run, name="gpt2-edge-scheduler", daemon=True)
@@ -355,14 +315,14 @@ class Scheduler:
                     self._decode(decoding)
             except Exception as e:  # a failed step must not take the server down
                 log.exception("scheduler step failed")
-                self.kv.cache = None  # its state is unknown now: nothing more is asked of it
+                self.kv.cache = self._spec = None  # its state is unknown now: nothing more is asked of it
                 for slot in list(self._active):
                     self._fail(self._active[slot], f"generation failed: {type(e).__name__}")
                     self._leave(slot, "error")
                 failed = True
             if failed:  # out of the handler, whose traceback held the old cache (an engine lane, say)
                 try:
-                    self.kv.new_cache()
+                    self._new_cache()
                 except Exception:  # no cache, no server: /health says "down" from now on
                     log.exception("the scheduler cannot make a new KV cache; it stops")
                     with self._cond:
@@ -375,13 +335,17 @@ class Scheduler:
             while self._waiting:
                 self._fail(self._waiting.popleft(), "the server shut down before the sequence started")
                 self._in_system -= 1
-        self.kv.cache = None  # what it holds (an engine's lane, say) goes back now
+        self.kv.cache = self._spec = None  # what it holds (an engine's lane, say) goes back now
 
     def _idle(self) -> bool:
         """Under ``_cond``: nothing to do but wait."""
         return not self._closing and not self._waiting and not self._active
 
     # the scheduler thread's steps ----------------------------------------------------------------
+    def _new_cache(self) -> None:
+        cache = self.kv.new_cache()
+        self._spec = Speculator(cache) if can_verify(cache) else None
+
     def _admit(self, plans: list[Placement]) -> None:
         """Give each planned sequence its slot; the cache grows once for all of them and copies the
         prefixes they reuse."""
@@ -417,44 +381,59 @@ class Scheduler:
             self._prefilling[slot] += len(chunk)
             if self._prefilling[slot] == len(self._active[slot].state.prompt):
                 del self._prefilling[slot]
-                self._advance(slot, logits[slot])
+                first_logits = logits[slot][None]
+                self._advance(slot, [self._active[slot].state.choose(first_logits[0])], first_logits)
 
     def _decode(self, slots: list[int]) -> None:
         cache = self.kv.cache
         assert cache is not None
-        logits = cache.decode(slots, [self._active[s].state.generated[-1] for s in slots])
         if self.metrics is not None:
             self.metrics.batch_occupancy.observe(len(slots))
-        for i, slot in enumerate(slots):
-            self._advance(slot, logits[i])
+        states = [self._active[s].state for s in slots]
+        if self._spec is not None and any(state.config.prompt_lookup for state in states):
+            for slot, r in zip(slots, self._spec.step(slots, states), strict=True):
+                self._advance(slot, r.tokens, r.logits, r.drafted)
+        else:
+            logits = cache.decode(slots, [state.generated[-1] for state in states])
+            for i, slot in enumerate(slots):
+                self._advance(slot, [states[i].choose(logits[i])], logits[i : i + 1])
         if not self.kv.resizable:
             self.kv.count(self._active)
 
-    def _advance(self, slot: int, logits: np.ndarray) -> None:
-        """Pick, record and send one sequence's next token; release its slot when it finished."""
+    def _advance(self, slot: int, tokens: list[int], logits: np.ndarray, drafted: int = 0) -> None:
+        """Record and send one sequence's new ``tokens`` (``logits``: the model's, each was chosen
+        from), in order, until it finishes; then release its slot."""
         s = self._active[slot]
-        token = s.state.choose(logits)
-        logprob, top = None, None
-        if s.logprobs is not None:
-            # The model's own distribution (before temperature / top-k / top-p), as OpenAI reports.
-            lp = log_softmax(np.asarray(logits, np.float64))
-            logprob = float(lp[token])
-            top = top_logprobs(lp, s.logprobs)
-        piece = s.state.append(token)
         now = time.perf_counter()
-        if self.metrics is not None:
+        m = self.metrics
+        if m is not None:
             if s.last_token_at is None:
-                self.metrics.time_to_first_token.observe(now - s.submitted_at)
+                m.time_to_first_token.observe(now - s.submitted_at)
             else:
-                self.metrics.inter_token_latency.observe(now - s.last_token_at)
-            self.metrics.generation_tokens.inc()
+                m.inter_token_latency.observe(now - s.last_token_at)
+            if drafted:
+                m.spec_drafted_tokens.inc(drafted)
+                m.spec_accepted_tokens.inc(len(tokens) - 1)
         s.last_token_at = now
-        self._send(s, TokenEvent(token, piece, logprob, top, s.state.finish_reason))
-        if s.state.finished:
-            self._leave(slot, s.state.finish_reason or "length")
+        for token, row in zip(tokens, logits, strict=True):
+            logprob, top = None, None
+            if s.logprobs is not None:
+                # The model's own distribution (before temperature / top-k / top-p), as OpenAI reports.
+                lp = log_softmax(np.asarray(row, np.float64))
+                logprob = float(lp[token])
+                top = top_logprobs(lp, s.logprobs)
+            piece = s.state.append(token)
+            if m is not None:
+                m.generation_tokens.inc()
+            self._send(s, TokenEvent(token, piece, logprob, top, s.state.finish_reason))
+            if s.state.finished:
+                self._leave(slot, s.state.finish_reason or "length")
+                return
 
     def _leave(self, slot: int, reason: str) -> None:
         self.kv.leave(slot, self._active[slot].state, keep=reason != "error")
+        if self._spec is not None:
+            self._spec.release(slot)
         heapq.heappush(self._free, slot)
         del self._active[slot]
         self._prefilling.pop(slot, None)

@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import Gpt2EdgeError
 from ..runtime.backends import PROVIDERS
 from .admission import DEFAULT_PREFIX_CACHE_BLOCKS
-from .scheduler import DEFAULT_PREFILL_CHUNK
+from .scheduler import DEFAULT_PREFILL_CHUNK, MAX_PROMPT_LOOKUP
 
 API_KEY_ENV = "GPT2_EDGE_API_KEY"  # the key where `ps` does not show it (CLI, `serve run`)
 
@@ -51,6 +51,10 @@ class ServeSettings:
     prefix_cache: bool = True
     # What an idle server keeps of it: 64-token blocks (slots x tokens per slot it holds on to).
     prefix_cache_blocks: int = DEFAULT_PREFIX_CACHE_BLOCKS
+    # Speculative decoding by prompt lookup for requests that do not say (their `prompt_lookup`):
+    # up to this many tokens drafted per step from the prompt and the text so far, verified in one
+    # pass (in-place bundles; others decode plainly). 0: off.
+    prompt_lookup: int = 0
     # limits and protection
     timeout_s: float = 300.0  # per request, from arrival to its last token
     max_body_bytes: int = 1 << 20
@@ -83,6 +87,7 @@ class ServeSettings:
             ("replicas", 1, None),
             ("max_connections", 1, None),
             ("prefix_cache_blocks", 0, None),
+            ("prompt_lookup", 0, MAX_PROMPT_LOOKUP),
         ):
             self._count(name, low, high)
         for name in ("threads", "kv_budget"):

@@ -107,6 +107,8 @@ def eight_prompts_equal_generator(gen: Generator, prefill_chunk: int) -> None:
         ({"api_key": ""}, "api_key"),
         ({"host": ""}, "host"),
         ({"cors_origins": "http://a.test"}, "cors_origins"),
+        ({"prompt_lookup": -1}, "prompt_lookup"),
+        ({"prompt_lookup": 33}, "prompt_lookup"),
     ],
 )
 def test_settings_refuse_bad_values_naming_the_field(changes, field):
