@@ -215,7 +215,8 @@ class Generator:
         self.backend = backend
         self.draft = draft
         # Opt-in: past calls' KV rows, up to this many tokens, reused by prompts that begin alike.
-        self.prefix_cache: KVStore | None = KVStore(prefix_cache) if prefix_cache else None
+        store = KVStore(prefix_cache)  # checks the size
+        self.prefix_cache: KVStore | None = store if store.max_tokens else None
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
         self.n_ctx = n_ctx
@@ -249,6 +250,7 @@ class Generator:
         ``gen.prefix_cache.hits`` counts reuse). ``provider_options`` go to the backend
         (``runtime.backends.load_backend``).
         """
+        KVStore(prefix_cache)  # a bad size is refused before the model loads
         t0 = time.perf_counter()
         backend = load_backend(path, provider, threads=threads, verify=verify, **provider_options)
         b = backend.bundle

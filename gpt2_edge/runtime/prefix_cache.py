@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import Gpt2EdgeError
+
 
 def common_prefix(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) -> int:
     """How many leading token ids ``a`` and ``b`` share."""
@@ -139,8 +141,8 @@ class KVStore:
     rows, replacing entries it extends and skipping one an entry already covers."""
 
     def __init__(self, max_tokens: int, min_match: int = 32) -> None:
-        if max_tokens < 0:
-            raise ValueError(f"prefix_cache must be >= 0 tokens, got {max_tokens}")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
+            raise Gpt2EdgeError(f"prefix_cache must be a number of tokens >= 0 (0 = off), got {max_tokens!r}")
         self.max_tokens = max_tokens
         self.index = PrefixCache(min_match)
         self._kv: dict[int, list[np.ndarray]] = {}

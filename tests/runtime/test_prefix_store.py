@@ -102,3 +102,12 @@ def test_a_reused_prefill_gives_bitwise_the_same_logits(make_bundle, precision):
     store.store(doc, lambda: seed.read_prefix(0, len(doc)))
     got, reused = _prefill_reusing(backend.new_cache(3, 64), prompts, store)
     assert reused == 40 + 35 and np.array_equal(got, want)
+
+
+def test_a_bad_size_is_refused_in_one_line(inplace_bundle):
+    from gpt2_edge.errors import Gpt2EdgeError
+
+    for bad in (-1, 2.5, True, "64"):
+        with pytest.raises(Gpt2EdgeError, match="prefix_cache must be a number of tokens"):
+            Generator.from_bundle(str(inplace_bundle), threads=1, prefix_cache=bad)
+    assert Generator.from_bundle(str(inplace_bundle), threads=1, prefix_cache=0).prefix_cache is None
