@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import Gpt2EdgeError
 from .types import Backend
 
@@ -75,8 +77,7 @@ class DraftModel:
     MIN_COST = 0.1
 
     def __init__(self, backend: Backend, max_tokens: int = 4, cost: float = 0.25) -> None:
-        if max_tokens < 1:
-            raise Gpt2EdgeError(f"a draft model drafts >= 1 token per step, got {max_tokens}")
+        _check_tokens(max_tokens)
         self.backend = backend
         self.max_tokens = max_tokens
         self.cost = cost
@@ -90,6 +91,7 @@ class DraftModel:
         from the target's next pass (2x slower per target step on 2 cores, measured)."""
         from .backends import load_backend
 
+        _check_tokens(max_tokens)  # before the load
         no_spin = {"session.intra_op.allow_spinning": "0"}
         backend = load_backend(path, "cpu", threads=threads, verify=verify, session_config=no_spin)
         if getattr(backend.bundle, "kv_form", None) != "inplace":
@@ -124,3 +126,8 @@ def _weight_bytes(bundle: Any) -> int:
     """The bytes of a bundle's model files (graph and external weights)."""
     files = bundle.manifest["files"]
     return sum(f["bytes"] for name, f in files.items() if name.startswith(bundle.manifest["model_file"]))
+
+
+def _check_tokens(max_tokens: object) -> None:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
+        raise Gpt2EdgeError(f"a draft model drafts an integer >= 1 tokens per step, got {max_tokens!r}")

@@ -182,6 +182,9 @@ def test_a_draft_needs_the_targets_tokenizer_and_to_be_cheap(make_bundle, draft_
     other.save(tmp_path)
     with pytest.raises(Gpt2EdgeError, match="another tokenizer"):
         draft_models["same"].check_tokenizer(SimpleNamespace(dims={"vocab_size": 300}, path=tmp_path))
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(Gpt2EdgeError, match="drafts an integer >= 1"):
+            Generator.from_bundle(str(bundle), threads=1, draft=str(bundle), draft_tokens=bad)
 
 
 def test_the_scheduler_hook_with_sequences_joining_and_leaving(make_bundle, tiny_tokenizer):
