@@ -4,10 +4,17 @@ The backend holds no per-sequence state: each caller gets its own KV cache from
 ``new_cache`` (in place or concatenating, as the bundle's graph was built), so one backend
 serves concurrent ``generate`` calls (``InferenceSession.run`` is thread-safe). KV tensors are
 bound with IO binding and never travel through Python lists; only logits come back to the host.
+
+Memory (README, "Memory"; ``python -m benchmarks.bench_memory`` measures each choice): on the
+CPU the weights are memory-mapped from the bundle's file instead of parsed and copied
+(``runtime.mapped``: a tied LM head gets a mapping of its own, packed first), and the heap's
+free pages go back to the system after loading (``release_free_memory``). ONNX Runtime's
+prepacking stays on: it pays in decode speed in every precision.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,6 +24,7 @@ import numpy as np
 from ..errors import Gpt2EdgeError
 from .bundle import Bundle
 from .kv_cache import ConcatCache, InPlaceCache
+from .mapped import MappedModel, mapped_model, release_free_memory
 from .trt import system as trt_system
 from .trt.api import major
 from .trt.plan import digest, gpu_key
@@ -131,7 +139,11 @@ def _provider_hint(provider: str) -> str:
     }.get(provider, "see `gpt2-edge doctor`")
 
 
-# ONNX Runtime session config entries per bundle precision (measured: README, "Memory").
+# ONNX Runtime session config entries per bundle precision (measured: README, "Memory"). None
+# is set: ``session.disable_prepacking=1`` saves 147 MiB at fp32 (the tied head's packed copy)
+# and nothing in the int8/int4 precisions, and costs decode speed in all of them (MatMulNBits
+# without its packed weights runs ~20x slower); pass it as ``session_config`` where memory
+# matters more than speed at batch > 1.
 SESSION_DEFAULTS: dict[str, dict[str, str]] = {}
 
 
@@ -149,10 +161,15 @@ class OrtBackend:
         trt_max_batch: int = 8,
         trt_max_context: int | None = None,
         session_config: dict[str, str] | None = None,
+        map_weights: bool | None = None,
     ) -> None:
         """``provider``: cpu | cuda | tensorrt | auto. ``session_config``: ONNX Runtime session
         config entries over this precision's defaults (``SESSION_DEFAULTS``), e.g.
-        ``{"session.disable_prepacking": "0"}``. TensorRT engines are cached under
+        ``{"session.disable_prepacking": "1"}``. ``map_weights`` (CPU; default: yes unless the
+        environment sets ``GPT2_EDGE_MAP_WEIGHTS=0``): map the weights from the bundle's file
+        instead of copying them (``mapped_model``; the file must not be rewritten in place while
+        the session lives: bundles are replaced whole, by rename).
+        TensorRT engines are cached under
         ``trt_cache_dir`` (default ``BUNDLE/engines/ort-trt-cache``), keyed by GPU, TensorRT and
         ONNX Runtime versions and shape ranges, because they are built for the GPU they run on;
         the provider is given batch 1..``trt_max_batch`` and 1..``trt_max_context`` tokens (default:
@@ -188,12 +205,33 @@ class OrtBackend:
         if self.provider in ("tensorrt", "cuda"):
             providers.append(PROVIDERS["cuda"])
         providers.append(PROVIDERS["cpu"])
+        model: str | bytes = str(bundle.model_file)
+        self.mapped: MappedModel | None = None
+        if map_weights is None:
+            map_weights = os.environ.get("GPT2_EDGE_MAP_WEIGHTS", "1") != "0"
+        if self.provider == "cpu" and map_weights:
+            # A tied head gets its own mapping only where prepacking then releases it.
+            prepacking = self.session_config.get("session.disable_prepacking", "0") != "1"
+            self.mapped = mapped_model(bundle.model_file, untie=prepacking)
+            if self.mapped is not None:
+                model = self.mapped.proto
+                so.add_session_config_entry(
+                    "session.model_external_initializers_file_folder_path", str(bundle.model_file.parent)
+                )
         try:
-            self.session = ort.InferenceSession(str(bundle.model_file), so, providers=providers)
+            try:
+                self.session = ort.InferenceSession(model, so, providers=providers)
+            except Exception:
+                if self.mapped is None:
+                    raise
+                self.mapped = None  # the rewritten graph was refused: load the file as it is
+                self.session = ort.InferenceSession(str(bundle.model_file), so, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise Gpt2EdgeError(
                 f"onnxruntime cannot load {bundle.model_file}: {str(e).splitlines()[0]}; re-export the bundle"
             ) from None
+        release_free_memory()  # what parsing the graph (and copying weights, if not mapped) freed
+        self._trimmed = False  # until the first cache: callers load a tokenizer after the backend
         bundle.check_session(self.session)
         active = self.session.get_providers()
         if PROVIDERS[self.provider] not in active:
@@ -225,6 +263,9 @@ class OrtBackend:
     # caches -----------------------------------------------------------------------------------
     def new_cache(self, n_slots: int, capacity: int) -> ConcatCache | InPlaceCache:
         """A KV cache of ``n_slots`` sequences of up to ``capacity`` tokens, owned by the caller."""
+        if not getattr(self, "_trimmed", True):  # the first cache: the tokenizer is loaded by now
+            self._trimmed = True
+            release_free_memory()
         if self.kv_form == "inplace":
             return InPlaceCache(self, n_slots, capacity)
         return ConcatCache(self, n_slots, capacity)
