@@ -26,7 +26,17 @@ context of 1024 (``--model gpt2``, or a GPT-2-shaped bundle).
 one ``1 + --rounds`` times, one request after the other (8 new tokens each). Reported: that
 prompt's first time to first token and the repeats' p50 (the repeats reuse its KV).
 
-One file past 400 lines: both scenarios share the server process, the streaming client and the
+``--scenario grounded``: speculative decoding (prompt lookup) in the continuous batch. Two servers
+run side by side, one plain and one with ``--prompt-lookup K`` (``--prompt-lookup``, 8); each round
+sends ``--clients`` (4) concurrent streaming clients, ``--requests-per-client`` requests each, to
+one and then the other (ABBA over ``--rounds``), with the same grounded prompts: benchmarks/
+bench_speculative.py's ``quote`` workload (a held-out passage of gpt2_edge/default_model/
+heldout.txt, a blank line, its first tokens) and, on the shipped model, ``self-quote`` (a passage,
+the model's own continuation, the passage again), greedy, ``--max-tokens`` new tokens (eos
+ignored). Reported: each round's output tokens/s of both and their ratio, the median ratio and its
+range, the drafted tokens accepted (/metrics), and whether the two servers' texts were identical.
+
+One file past 400 lines: the scenarios share the server process, the streaming client and the
 report, and a benchmark reads best top to bottom.
 
     python -m benchmarks.bench_serve                       # the shipped default model
@@ -34,6 +44,8 @@ report, and a benchmark reads best top to bottom.
     python -m benchmarks.bench_serve --bundle out/bundle --levels 1,4 --requests-per-client 2
     python -m benchmarks.bench_serve --model gpt2 --scenario long-prompt --prefill-chunks 0,128,256
     python -m benchmarks.bench_serve --model gpt2 --scenario prefix --long-prompt-tokens 896 --rounds 3
+    python -m benchmarks.bench_serve --scenario grounded --rounds 6        # the shipped model
+    python -m benchmarks.bench_serve --model gpt2 --scenario grounded --rounds 4
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -70,6 +83,7 @@ class RequestResult:
     gaps_s: list[float]
     tokens: int
     arrivals: list[float] = field(default_factory=list)  # perf_counter of each chunk
+    text: str = ""
 
 
 @dataclass
@@ -183,6 +197,7 @@ async def one_request(
     gaps: list[float] = []
     arrivals: list[float] = []
     tokens = 0
+    text = []
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
@@ -200,6 +215,7 @@ async def one_request(
                 continue
             now = time.perf_counter()
             arrivals.append(now)
+            text += [c["text"] for c in event["choices"]]
             if first is None:
                 first = now
                 if on_first is not None:
@@ -209,7 +225,7 @@ async def one_request(
             last = now
     if first is None:
         raise RuntimeError("the stream had no chunk")
-    return RequestResult(first - t0, gaps, tokens, arrivals)
+    return RequestResult(first - t0, gaps, tokens, arrivals, "".join(text))
 
 
 async def run_level(url: str, body: dict, clients: int, per_client: int, timeout: float) -> tuple:
@@ -404,6 +420,100 @@ def bench_prefix(
     return out
 
 
+def grounded_prompts(bundle: Path, args: argparse.Namespace) -> list[tuple[list[int], int]]:
+    """bench_speculative's grounded prompts for this bundle, each with its max_tokens."""
+    from benchmarks.bench_speculative import workloads
+    from gpt2_edge import Generator
+
+    gen = Generator.from_bundle(str(bundle), threads=args.threads)
+    kind = "shipped" if gen.n_ctx < 2 * 120 + args.max_tokens else "124m"  # the passage's length
+    w = workloads(gen, kind, args.max_tokens, args.prompts)
+    prompts = [p for name in ("quote", "self-quote") if name in w for p in w[name][0]]
+    return [(p, min(args.max_tokens, gen.n_ctx - len(p))) for p in prompts]
+
+
+async def grounded_round(url: str, bodies: list[list[dict]], timeout: float) -> tuple[list, float]:
+    """Every client sends its bodies one after the other; all clients at once."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+
+        async def client_loop(mine: list[dict]) -> list[RequestResult]:
+            return [await one_request(client, url, body) for body in mine]
+
+        t0 = time.perf_counter()
+        results = await asyncio.wait_for(asyncio.gather(*(client_loop(b) for b in bodies)), timeout)
+        return [x for mine in results for x in mine], time.perf_counter() - t0
+
+
+def spec_counters(url: str) -> tuple[float, float]:
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line[:1] != "#"}
+    return (
+        values.get("gpt2_edge_spec_decode_draft_tokens_total", 0.0),
+        values.get("gpt2_edge_spec_decode_accepted_tokens_total", 0.0),
+    )
+
+
+def bench_grounded(bundle: Path, args: argparse.Namespace) -> dict:
+    """Plain vs prompt lookup, two servers side by side, rounds interleaved ABBA."""
+    prompts = grounded_prompts(bundle, args)
+    bodies = [
+        [
+            {
+                "prompt": prompts[(c + args.clients * j) % len(prompts)][0],
+                "max_tokens": prompts[(c + args.clients * j) % len(prompts)][1],
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            for j in range(args.requests_per_client)
+        ]
+        for c in range(args.clients)
+    ]
+    lookup = ("--prompt-lookup", str(args.prompt_lookup))
+    servers = {m: Server(bundle, 16, args.threads, extra=x) for m, x in (("plain", ()), ("lookup", lookup))}
+    rates: dict[str, list[float]] = {"plain": [], "lookup": []}
+    texts: dict[str, list[str]] = {}
+    try:
+        for server in servers.values():
+            server.wait_ready()
+            asyncio.run(grounded_round(server.url, [b[:1] for b in bodies], args.level_timeout))  # warm-up
+        before = spec_counters(servers["lookup"].url)
+        for r in range(args.rounds):
+            for mode in ("plain", "lookup") if r % 2 == 0 else ("lookup", "plain"):
+                results, wall = asyncio.run(grounded_round(servers[mode].url, bodies, args.level_timeout))
+                rates[mode].append(sum(x.tokens for x in results) / wall)
+                texts.setdefault(mode, [x.text for x in results])
+            print(
+                f"  round {r + 1}: plain {rates['plain'][-1]:.1f}, lookup {rates['lookup'][-1]:.1f} tok/s",
+                file=sys.stderr,
+                flush=True,
+            )
+        after = spec_counters(servers["lookup"].url)
+    finally:
+        for server in servers.values():
+            server.stop()
+    ratios = [b / a for a, b in zip(rates["plain"], rates["lookup"], strict=True)]
+    drafted, accepted = after[0] - before[0], after[1] - before[1]
+    return {
+        "prompts": len(prompts),
+        "clients": args.clients,
+        "rounds": args.rounds,
+        "plain_tok_s": rates["plain"],
+        "lookup_tok_s": rates["lookup"],
+        "ratios": ratios,
+        "ratio_median": statistics.median(ratios),
+        "acceptance": accepted / drafted if drafted else 0.0,
+        "identical": texts["plain"] == texts["lookup"],
+        "errors": 0,
+    }
+
+
 def long_prompt_table(rows: list[LongPromptResult]) -> str:
     lines = [
         "| prefill chunk | streams | rounds | stream ITL p50 (ms) | stream ITL p99 / max during the long "
@@ -459,10 +569,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--scenario",
-        choices=["levels", "long-prompt", "prefix", "all"],
+        choices=["levels", "long-prompt", "prefix", "grounded", "all"],
         default="levels",
         help="levels: batching on/off at --levels clients; long-prompt: a long prompt among running streams; "
-        "prefix: one long prompt repeated (--rounds), prefix cache on vs off",
+        "prefix: one long prompt repeated (--rounds), prefix cache on vs off; grounded: prompt lookup on vs "
+        "off at --clients clients on prompts the continuation quotes",
     )
     p.add_argument("--levels", default="1,4,16", help="concurrent clients, comma-separated")
     p.add_argument("--modes", default="batching,one-at-a-time", help=f"of {', '.join(MODES)}")
@@ -475,6 +586,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--streams", type=int, default=4, help="streams running when the long prompt arrives")
     g.add_argument("--stream-tokens", type=int, default=96, help="new tokens per stream (exactly)")
     g.add_argument("--rounds", type=int, default=5, help="long prompts sent, one per round")
+    g = p.add_argument_group("grounded scenario")
+    g.add_argument("--clients", type=int, default=4, help="concurrent streaming clients")
+    g.add_argument("--prompt-lookup", type=int, default=8, help="the speculating server's --prompt-lookup")
+    g.add_argument("--prompts", type=int, default=8, help="grounded prompts per workload")
     p.add_argument("--threads", type=int, default=2, help="server's ONNX Runtime threads")
     p.add_argument("--level-timeout", type=float, default=120.0, help="seconds one level (round) may take")
     p.add_argument("--json", help="also write the results here")
@@ -491,12 +606,13 @@ def main(argv: list[str] | None = None) -> int:
     from gpt2_edge.runtime.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(bundle / "tokenizer.json")
-    need = max(args.prompt_tokens, args.long_prompt_tokens if args.scenario != "levels" else 0)
+    long_scenario = args.scenario in ("long-prompt", "prefix", "all")
+    need = max(args.prompt_tokens, args.long_prompt_tokens if long_scenario else 0)
     ids = tok.encode(PROMPT_TEXT * (1 + need // 16))
     if len(ids) < need:
         p.error(f"the prompt text has only {len(ids)} tokens")
     prompt = ids[: args.prompt_tokens]
-    if args.scenario != "levels":
+    if long_scenario:
         n_ctx = Bundle.load(bundle, verify=False).context_length
         if args.long_prompt_tokens + 8 > n_ctx or args.prompt_tokens + args.stream_tokens > n_ctx:
             p.error(
@@ -541,6 +657,23 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['ratio']:.1%} |"
             )
         results += [SimpleNamespace(**r) for r in prefix_rows]
+    if args.scenario in ("grounded", "all"):
+        g = bench_grounded(bundle, args)
+        print(
+            f"\nbundle {bundle.name}: {g['clients']} streaming clients x {args.requests_per_client} requests "
+            f"per round, {g['prompts']} grounded prompts, up to {args.max_tokens} new tokens each, greedy; "
+            f"plain vs --prompt-lookup {args.prompt_lookup}, {g['rounds']} rounds ABBA; server threads "
+            f"{args.threads}, --max-batch 16\nmachine: {machine()}\n"
+        )
+        print("| round | plain tok/s | prompt lookup tok/s | ratio |")
+        print("|---:|---:|---:|---:|")
+        for i, (a, b, q) in enumerate(zip(g["plain_tok_s"], g["lookup_tok_s"], g["ratios"], strict=True)):
+            print(f"| {i + 1} | {a:.1f} | {b:.1f} | {q:.2f} |")
+        print(
+            f"\nmedian ratio {g['ratio_median']:.2f} (range {min(g['ratios']):.2f}-{max(g['ratios']):.2f}); "
+            f"drafted tokens accepted {g['acceptance']:.0%}; texts identical: {g['identical']}"
+        )
+        results.append(SimpleNamespace(**g))
     if args.json:
         rows = [vars(r) if isinstance(r, SimpleNamespace) else asdict(r) for r in results]
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -19,7 +19,10 @@ n-gram length, and for the draft model): the number that maximises expected toke
 fixed cost model of a verifying pass, 0 (a plain step, ``KVCache.decode``) when drafting does not
 pay, with an occasional one-token probe; so text without matches costs about what plain decoding
 costs. The policy depends on the tokens only (never on timings), so a seeded sampled request is
-reproducible.
+reproducible; a sampled sequence drafts what its own rate says whatever else shares the pass (the
+server's batch), so its draws, and a seed's tokens, are the same alone and in any batch. Greedy
+sequences fill the pass's width, which stays within what runs as one pass (every padded chunk
+fits its slot, the slots one range; else a plain step).
 
 Numerics: on ONNX Runtime's CPU provider a one-token step multiplies attention probabilities by V
 with MLAS's M = 1 kernel and a chunk of two or more tokens with its GEMM; they sum in another
@@ -240,7 +243,13 @@ class Speculator:
         own = {
             p.index: p.want or int(p.source.probe_due()) for p in plans if choosers[p.index].config.do_sample
         }
-        width = max([self._width([p for p in plans if p.index not in own], len(slots)), *own.values()])
+        # Their width runs as one pass only where every row's padded chunk fits its slot and the
+        # slots are one range (the server's batch may have gaps): else the cache verifies row by
+        # row, a pass each, and a plain step costs less.
+        one_range = max(slots) - min(slots) + 1 == len(slots)
+        fits = min(self.cache.capacity - len(s.seen) for s in states) if one_range else 0
+        greedy = self._width([p for p in plans if p.index not in own], len(slots))
+        width = max([min(greedy, fits), *own.values()])
         by_model: dict[int, int] = {}  # index -> drafted tokens asked of the draft model
         for plan in plans if width else []:
             n = own.get(plan.index, plan.tokens(width))

@@ -9,6 +9,7 @@ fp32 tiny bundles: a verified chunk and a one-token step agree there to the last
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import numpy as np
 import pytest
@@ -208,3 +209,24 @@ def test_the_server_default_and_a_request_that_turns_it_off(inplace_bundle, gen)
         assert metric(s, "gpt2_edge_spec_decode_draft_tokens_total") == 0
         assert post(s, body).json()["choices"][0]["text"] == want
         assert metric(s, "gpt2_edge_spec_decode_draft_tokens_total") > 0
+
+
+def test_the_option_reaches_the_settings_and_ray(inplace_bundle, capsys):
+    import argparse
+
+    from gpt2_edge.serve.cli import add_serve_arguments, main, settings_from_args
+    from gpt2_edge.serve.settings import ServeSettings
+
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    assert settings_from_args(p.parse_args(["b"]), None).prompt_lookup == 0
+    s = settings_from_args(p.parse_args(["b", "--prompt-lookup", "8"]), None)
+    assert s.prompt_lookup == 8 and ServeSettings(**s.as_dict()) == s
+    assert main([str(inplace_bundle), "--prompt-lookup", "33"]) == 2
+    assert "--prompt-lookup must be <= 32" in capsys.readouterr().err
+    if importlib.util.find_spec("ray") is not None:
+        from gpt2_edge.serve.ray_app import BuildArgs
+
+        assert (
+            BuildArgs.model_validate({"bundle": "b", "prompt_lookup": "6"}).model_dump()["prompt_lookup"] == 6
+        )
