@@ -429,6 +429,8 @@ class Scheduler:
             if s.state.finished:
                 self._leave(slot, s.state.finish_reason or "length")
                 return
+            if s.cancelled:  # the rest of this step's tokens go nowhere; the slot is freed next
+                return
 
     def _leave(self, slot: int, reason: str) -> None:
         self.kv.leave(slot, self._active[slot].state, keep=reason != "error")

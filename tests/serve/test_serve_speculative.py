@@ -230,3 +230,43 @@ def test_the_option_reaches_the_settings_and_ray(inplace_bundle, capsys):
         assert (
             BuildArgs.model_validate({"bundle": "b", "prompt_lookup": "6"}).model_dump()["prompt_lookup"] == 6
         )
+
+
+def test_a_sequence_cancelled_mid_step_frees_its_slot_for_the_next(gen):
+    """Cancelled at the first of several tokens one step gave it: no more events, its slot is free,
+    and the sequence that takes the slot next gets plain decoding's tokens."""
+    _, prompt, cfg = jobs(gen)[3]
+    dry = Run(gen, max_batch=1)
+    steps: list[float] = []  # decode steps so far, at each event
+    dry.scheduler.start()
+    dry.scheduler.submit(
+        [
+            dry.sequence(
+                "a", prompt, cfg, on_event=lambda e: steps.append(dry.metrics.batch_occupancy._sum.get())
+            )
+        ]
+    )
+    dry.wait(close=True)
+    first = next(i for i in range(1, len(steps)) if steps[i] == steps[i - 1]) - 1  # of a multi-token step
+
+    run = Run(gen, max_batch=1, max_queue=4)
+    cancelled = run.sequence("cancelled", prompt, cfg)
+    run_sink = cancelled.sink
+
+    def sink(event) -> None:
+        run_sink(event)
+        if len(run.events["cancelled"]) == first + 1:
+            cancelled.cancel()
+            with run.done:
+                run.pending -= 1
+                run.done.notify_all()
+
+    cancelled.sink = sink
+    nxt = jobs(gen)[4]
+    run.scheduler.start()
+    run.scheduler.submit([cancelled, run.sequence("next", nxt[1], nxt[2])])
+    run.wait(close=True)
+    assert len(run.events["cancelled"]) == first + 1
+    assert run.tokens["next"] == plain(gen, nxt[1], nxt[2]).token_ids
+    assert run.metrics.sequences_finished.labels(reason="cancelled")._value.get() == 1
+    assert run.scheduler.active == 0
