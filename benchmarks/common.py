@@ -38,12 +38,12 @@ def bundle_of(
     checkpoint: Path, target: str = "ort", fuse_attention: bool = True, kv_cache: str | None = None
 ) -> Path:
     """Our bundle of ``checkpoint`` (cached): ``ort`` target in place by default."""
-    from gpt2_edge.export.bundle import export_bundle
-
     kv = kv_cache or ("inplace" if target == "ort" else "concat")
     out = CACHE / f"{checkpoint.name}-{target}-{kv}{'' if fuse_attention else '-nomha'}-bundle"
     if (out / "bundle.json").is_file():
-        return out
+        return out  # before importing the export side (torch): peak RSS must not count it
+    from gpt2_edge.export.bundle import export_bundle
+
     return export_bundle(
         checkpoint, out, target=target, overwrite=True, fuse_attention=fuse_attention, kv_cache=kv
     )
@@ -51,9 +51,9 @@ def bundle_of(
 
 def variant_of(bundle: Path, precision: str) -> Path:
     """A precision variant of ``bundle`` (cached; the gate is skipped: random weights)."""
-    from gpt2_edge.quantize.pipeline import quantize_bundle
-
     out = bundle.with_name(f"{bundle.name}-{precision}")
     if (out / "bundle.json").is_file():
-        return out
+        return out  # before importing the quantizers (onnx, torch)
+    from gpt2_edge.quantize.pipeline import quantize_bundle
+
     return quantize_bundle(bundle, precision, out, force=True, overwrite=True)[0]

@@ -23,7 +23,7 @@ PROVIDERS = (*ORT_PROVIDERS, ENGINE_PROVIDER)
 
 
 def load_backend(
-    path: str | Path,
+    path: str | Path | Bundle,
     provider: str = "cpu",
     *,
     threads: int | None = None,
@@ -37,11 +37,12 @@ def load_backend(
     also be an engine directory). ``threads``: ONNX Runtime's intra-op threads (ignored by the
     engine). ``options`` go to the backend: ``OrtBackend``'s ``session_config``, ``trt_fp16``,
     ``trt_cache_dir``, ``trt_workspace_mib``, ``trt_max_batch``, ``trt_max_context``; the engine's
-    ``lane_timeout_s``. Every backend has ``bundle``, ``n_ctx`` and ``provider``.
+    ``lane_timeout_s``. Every backend has ``bundle``, ``n_ctx`` and ``provider``. ``path`` may be
+    a ``Bundle`` already loaded (ONNX Runtime providers).
     """
     if provider == ENGINE_PROVIDER:
-        return TrtEngineBackend(path, verify=verify, **options)
+        return TrtEngineBackend(path.path if isinstance(path, Bundle) else path, verify=verify, **options)
     if provider not in ORT_PROVIDERS:
         raise Gpt2EdgeError(f"provider must be one of {', '.join(PROVIDERS)}; got {provider!r}")
-    bundle = Bundle.load(path, verify=verify)
+    bundle = path if isinstance(path, Bundle) else Bundle.load(path, verify=verify)
     return OrtBackend(bundle, provider=provider, threads=threads, **options)

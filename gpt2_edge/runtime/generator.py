@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import Gpt2EdgeError, Gpt2EdgeTypeError
-from .backends import load_backend
+from .backends import ORT_PROVIDERS, load_backend
 from .beam import beam_search
+from .bundle import Bundle
 from .prefix_cache import KVStore
 from .sampling import GenerationConfig, TokenChooser
 from .sequence import SequenceState
@@ -252,7 +253,15 @@ class Generator:
         """
         KVStore(prefix_cache)  # a bad size is refused before the model loads
         t0 = time.perf_counter()
-        backend = load_backend(path, provider, threads=threads, verify=verify, **provider_options)
+        tokenizer = None
+        if provider in ORT_PROVIDERS:
+            # The tokenizer first: parsing tokenizer.json peaks at ~40 MiB, which then does not land
+            # on top of the loaded weights (peak RSS at batch 1: README, "Memory").
+            bundle = Bundle.load(path, verify=verify)
+            tokenizer = bundle.tokenizer()
+            backend = load_backend(bundle, provider, threads=threads, **provider_options)
+        else:
+            backend = load_backend(path, provider, threads=threads, verify=verify, **provider_options)
         b = backend.bundle
         drafter = None
         if draft is not None:
@@ -260,7 +269,7 @@ class Generator:
         load_s = time.perf_counter() - t0
         return cls(
             backend,
-            b.tokenizer(),
+            tokenizer or b.tokenizer(),
             b.eos_token_id,
             backend.n_ctx,
             load_s,
