@@ -30,11 +30,11 @@ def expected_tokens(rate: float, most: int) -> list[float]:
     return out
 
 
-def pass_cost(rows: int, width: int) -> float:
+def pass_cost(rows: int, width: int, token_cost: float = TOKEN_COST) -> float:
     """A pass over ``rows`` sequences each drafting up to ``width`` tokens, in plain steps. Every
-    row is padded to the widest, so the drafted positions cost ``rows * width`` (a conservative
-    guess for batches: it holds where the model is compute-bound)."""
-    return 1.0 if width == 0 else 1 + PASS_COST + TOKEN_COST * rows * width
+    row is padded to the widest, so the drafted positions cost ``rows * width`` x ``token_cost``
+    (the default: a conservative guess for batches; ``Speculator`` measures it for a batch)."""
+    return 1.0 if width == 0 else 1 + PASS_COST + token_cost * rows * width
 
 
 def draft_length(rate: float, most: int, expected: list[float] | None = None, each: float = 0.0) -> int:

@@ -22,7 +22,9 @@ costs. The policy depends on the tokens only (never on timings), so a seeded sam
 reproducible; a sampled sequence drafts what its own rate says whatever else shares the pass (the
 server's batch), so its draws, and a seed's tokens, are the same alone and in any batch. Greedy
 sequences fill the pass's width, which stays within what runs as one pass (every padded chunk
-fits its slot, the slots one range; else a plain step).
+fits its slot, the slots one range; else a plain step); in a batch that width weighs the expected
+tokens against the measured cost of a verifying pass per padded position (every row pays for the
+widest draft: where batching already uses the compute, as on a small CPU, drafting stops paying).
 
 Numerics: on ONNX Runtime's CPU provider a one-token step multiplies attention probabilities by V
 with MLAS's M = 1 kernel and a chunk of two or more tokens with its GEMM; they sum in another
@@ -39,6 +41,7 @@ per decode iteration in place of ``decode`` + ``choose`` (see ``Speculator``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,11 +49,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import Gpt2EdgeError
-from .draft_policy import NGRAM_PRIOR, PRIOR, Plan, Probes, Source, pass_cost
+from .draft_policy import KEEP, NGRAM_PRIOR, PASS_COST, PRIOR, TOKEN_COST, Plan, Probes, Source, pass_cost
 from .drafters import DraftModel, PromptLookup
 from .sampling import TokenChooser
 from .sequence import SequenceState
 from .types import KVCache, can_verify
+
+DRIFT = 0.02  # per plain batch step: how fast a measured pass cost returns to the prior
 
 
 @dataclass
@@ -124,6 +129,12 @@ class Speculator:
 
     def __post_init__(self) -> None:
         self.can_verify = can_verify(self.cache)
+        # A batch's pass cost per drafted position, measured (greedy widths only use it, and they
+        # never change the tokens): rows -> a plain step's seconds, and the cost per row x drafted
+        # token in plain steps, both averaged; the cost drifts back to the prior while nothing is
+        # verified, so a batch that stopped drafting tries again now and then.
+        self._plain_s: dict[int, float] = {}
+        self.token_cost = TOKEN_COST
         self._rows: dict[int, _Row] = {}
         self._draft_cache: KVCache | None = None
         if self.draft is not None and self.can_verify:
@@ -150,11 +161,13 @@ class Speculator:
         drafts = self._drafts(slots, states, choosers)
         pending = [s.seen[-1] for s in states]
         self.stats.passes += 1
+        t0 = time.perf_counter()
         if not any(drafts):
             logits = self.cache.decode(slots, pending)[:, None]  # plain decoding's own step
         else:
             self.stats.verify_passes += 1
             logits = self.cache.verify(slots, [[t, *d] for t, d in zip(pending, drafts, strict=True)])
+        self._measure(len(slots), max(len(d) for d in drafts), time.perf_counter() - t0)
         plain = None
         n = len(states[0].generated)
         if (
@@ -266,8 +279,18 @@ class Speculator:
                 drafts[i] = d
         return drafts
 
-    @staticmethod
-    def _width(plans: list[Plan], rows: int) -> int:
+    def _measure(self, rows: int, width: int, seconds: float) -> None:
+        if rows < 2:
+            return
+        plain = self._plain_s.get(rows)
+        if width == 0:
+            self._plain_s[rows] = seconds if plain is None else KEEP * plain + (1 - KEEP) * seconds
+            self.token_cost += (TOKEN_COST - self.token_cost) * DRIFT
+        elif plain is not None:
+            seen = min(max((seconds / plain - 1 - PASS_COST) / (rows * width), 0.01), 1.0)
+            self.token_cost = KEEP * self.token_cost + (1 - KEEP) * seen
+
+    def _width(self, plans: list[Plan], rows: int) -> int:
         """The pass's drafted width: the one that maximises the batch's expected tokens per pass
         cost (0: a plain step). A lone sequence whose rate does not pay probes one token now and
         then (a batch does not: a probe would widen every row)."""
@@ -280,7 +303,7 @@ class Speculator:
         for width in range(1, max([p.most for p in plans]) + 1):
             tokens = rows - len(plans) + sum(e[p.tokens(width)] for p, e in zip(plans, expected, strict=True))
             drafting = max([p.each * p.tokens(width) for p in plans])  # the draft model's batched passes
-            value = tokens / (pass_cost(rows, width) + drafting)
+            value = tokens / (pass_cost(rows, width, self.token_cost) + drafting)
             if value > best + 1e-12:
                 best, best_width = value, width
         return best_width

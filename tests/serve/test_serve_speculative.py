@@ -270,3 +270,22 @@ def test_a_sequence_cancelled_mid_step_frees_its_slot_for_the_next(gen):
     assert run.tokens["next"] == plain(gen, nxt[1], nxt[2]).token_ids
     assert run.metrics.sequences_finished.labels(reason="cancelled")._value.get() == 1
     assert run.scheduler.active == 0
+
+
+def test_a_batch_drafts_less_where_verifying_costs_more(gen):
+    """The batch's pass cost per padded drafted position is measured: slow verifying passes (here
+    told, not timed) make a batch of four with good drafts stop drafting; the prior returns while
+    plain steps run."""
+    from gpt2_edge.runtime.draft_policy import TOKEN_COST, Plan, Source
+    from gpt2_edge.runtime.speculative import Speculator
+
+    spec_ = Speculator(gen.backend.new_cache(4, 16))
+    plans = [Plan(i, 3, Source.new(0.9), 8, 0) for i in range(4)]
+    assert spec_._width(plans, 4) > 0
+    spec_._measure(4, 0, 0.010)  # a plain step of four rows: 10 ms
+    for _ in range(20):
+        spec_._measure(4, 2, 0.040)  # drafting two: four times a plain step
+    assert spec_.token_cost > 0.3 and spec_._width(plans, 4) == 0
+    for _ in range(300):
+        spec_._measure(4, 0, 0.010)
+    assert abs(spec_.token_cost - TOKEN_COST) < 0.01 and spec_._width(plans, 4) > 0
