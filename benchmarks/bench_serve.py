@@ -670,7 +670,9 @@ def main(argv: list[str] | None = None) -> int:
         for i, (a, b, q) in enumerate(zip(g["plain_tok_s"], g["lookup_tok_s"], g["ratios"], strict=True)):
             print(f"| {i + 1} | {a:.1f} | {b:.1f} | {q:.2f} |")
         print(
-            f"\nmedian ratio {g['ratio_median']:.2f} (range {min(g['ratios']):.2f}-{max(g['ratios']):.2f}); "
+            f"\nmedian tok/s: plain {statistics.median(g['plain_tok_s']):.1f}, prompt lookup "
+            f"{statistics.median(g['lookup_tok_s']):.1f}; "
+            f"median ratio {g['ratio_median']:.2f} (range {min(g['ratios']):.2f}-{max(g['ratios']):.2f}); "
             f"drafted tokens accepted {g['acceptance']:.0%}; texts identical: {g['identical']}"
         )
         results.append(SimpleNamespace(**g))
