@@ -22,8 +22,9 @@ from ..runtime.bundle import MANIFEST, sha256_file
 from ..runtime.manifest import TARGETS
 from .fusions import optimize_for_ort
 from .graph import KV_FORMS, checked_census, save_model
+from .memory import release_memory
 from .onnx import DEFAULT_OPSET, export_onnx, weight_bytes
-from .validate import validate_onnx
+from .validate import record_reference, validate_onnx
 from .writer import EXTERNAL_DATA_THRESHOLD, finalize, producer_versions
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "TARGETS", "export_bundle", "weights_sha256"]
@@ -104,6 +105,11 @@ def _export(
         # (peak memory); the final model.onnx is inline or external by the threshold.
         export_onnx(model, raw, opset=opset, external_data=True)
         timings["export_s"] = time.perf_counter() - t0
+        # The PyTorch side of the parity check now, then the model is freed: the graph passes and
+        # ONNX Runtime never share memory with it (peak memory of the large sizes).
+        reference = record_reference(model, kv_cache=kv_cache) if validate else None
+        del model
+        release_memory()
         log(
             f"exported {c.n_layer} layers x {c.n_embd} to ONNX opset {opset} in {timings['export_s']:.1f} s"
             + (" (external data)" if external else "")
@@ -136,12 +142,13 @@ def _export(
         timings["graph_s"] = time.perf_counter() - t1
         census = checked_census(final, specs_in, specs_out, tensorrt=target == "tensorrt")
         shutil.rmtree(raw.parent)
+        release_memory()
         bar.update()
         bar.stage(STAGES[3])
         report = None
         if validate:
             t2 = time.perf_counter()
-            report = validate_onnx(final, model, "fp32", kv_cache=kv_cache)
+            report = validate_onnx(final, reference, "fp32", kv_cache=kv_cache)
             timings["validate_s"] = time.perf_counter() - t2
             log(
                 f"parity vs PyTorch: max |Δlogits| {report.max_abs_logits:.2e}, top-1 "

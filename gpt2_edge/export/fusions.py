@@ -7,6 +7,9 @@ share their pattern matching (attention sites, the head's producers) and read in
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,33 @@ from .graph import (
     producers_consumers,
     save_model,
 )
+
+
+@contextlib.contextmanager
+def working_directory(path: Path) -> Iterator[None]:
+    """Run with ``path`` as the working directory: ONNX's ``numpy_helper.to_array`` and shape
+    inference resolve a tensor's external data against it when the caller passes no base
+    directory, as ONNX Runtime's fusions and quantizers do; so they read the few tensors they
+    need from disk, one at a time, instead of a model with every weight loaded. Process-wide:
+    export and quantize run it on their one thread."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+# optimize_model's list at opt_level 2: ConstantSharing changes the graph from run to run; the
+# others break the Python fusions' patterns.
+ORT_DISABLED_OPTIMIZERS = [
+    "ConstantSharing",
+    "MatMulScaleFusion",
+    "MatMulAddFusion",
+    "MatmulTransposeFusion",
+    "GemmActivationFusion",
+    "BiasSoftmaxFusion",
+]
 
 
 def optimize_for_ort(
@@ -59,30 +89,41 @@ def optimize_for_ort(
         )
         if done:
             src = src.with_name("fused_" + src.name)
-            if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-                onnx.save(model, str(src))
-            else:
-                save_model(model, src, external_data)
+            onnx.save(model, str(src))  # its weights: still the .data file beside it
         del model
-    opt = optimizer.optimize_model(
-        str(src), model_type="gpt2", num_heads=n_head, hidden_size=n_embd, opt_level=2, use_gpu=False
+    # What optimizer.optimize_model(opt_level=2) does, in two steps that keep the weights on disk:
+    # ONNX Runtime's own passes write their graph with external data, then the Python fusions run
+    # on its structure alone. optimize_model would load every weight into the proto and its shape
+    # inference copies it again (gpt2-medium peaked at 8x its weights).
+    ort_graph = src.with_name("ort_" + src.name)
+    optimizer.optimize_by_onnxruntime(
+        str(src),
+        use_gpu=False,
+        optimized_model_path=str(ort_graph),
+        opt_level=2,
+        disabled_optimizers=ORT_DISABLED_OPTIMIZERS,
+        save_as_external_data=True,
     )
-    model = opt.model
-    retie_head(model)
+    model = onnx.load(str(ort_graph), load_external_data=False)
+    with working_directory(src.parent):
+        model = optimizer.optimize_by_fusion(model, "gpt2", num_heads=n_head, hidden_size=n_embd).model
+    retie_head(model, base_dir=src.parent)
     fuse_head_transpose(model)
     add_logits_to_keep(model, inplace=kv_cache == "inplace")
     name_dims(model, list(specs))
-    save_model(model, dst, external_data)
+    save_model(model, dst, external_data, base_dir=src.parent)
     census = op_census(onnx.load(str(dst), load_external_data=False))
     return {op: n for op, n in census.items() if op.split(":")[-1] in ORT_FUSED_OPS}
 
 
-def retie_head(model: onnx.ModelProto) -> bool:
+def retie_head(model: onnx.ModelProto, base_dir: Path | None = None) -> bool:
     """Undo constant folding of ``Transpose(wte)`` into a second ``[n_embd, vocab]`` copy.
 
     ORT's optimizer folds it (124M: +148 MiB on disk); the runtime folds it again in memory
     at load, so a file with the Transpose is smaller and runs the same. Returns whether it changed.
+    ``base_dir``: where the graph's external data lies (only the two tensors are read).
     """
+    where = str(base_dir) if base_dir is not None else ""
     producers, _ = producers_consumers(model)
     inits = {t.name: t for t in model.graph.initializer}
     head = producers.get("logits")
@@ -93,7 +134,7 @@ def retie_head(model: onnx.ModelProto) -> bool:
         if n.op_type == "Gather" and n.input[0] in inits and n.input[0] != b.name:
             w = inits[n.input[0]]
             if list(w.dims) == list(b.dims)[::-1] and np.array_equal(
-                numpy_helper.to_array(w).T, numpy_helper.to_array(b)
+                numpy_helper.to_array(w, where).T, numpy_helper.to_array(b, where)
             ):
                 out = f"{w.name}_transposed"
                 tr = onnx.helper.make_node(

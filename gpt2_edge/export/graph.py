@@ -153,16 +153,67 @@ def name_nodes_by_module(model: onnx.ModelProto) -> None:
         node.name = base if used[base] == 1 else f"{base}_{used[base] - 1}"
 
 
-def save_model(model: onnx.ModelProto, dst: Path, external_data: bool) -> None:
-    """Save, with all weights in ``<name>.data`` when ``external_data`` (past protobuf's 2 GB)."""
-    if external_data:
-        onnx.save_model(
-            model,
-            str(dst),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=dst.name + ".data",
-            size_threshold=1024,
-        )
-    else:
+DATA_ALIGNMENT = 4096  # tensors start on page boundaries in .data files, so they can be mapped
+INLINE_MAX_BYTES = 1024  # smaller tensors stay inside model.onnx (onnx.save's own threshold)
+
+
+def save_model(model: onnx.ModelProto, dst: Path, external_data: bool, base_dir: Path | None = None) -> None:
+    """Save, with all weights in ``<name>.data`` when ``external_data`` (past protobuf's 2 GB).
+
+    ``model`` may name external data under ``base_dir`` (a graph loaded with
+    ``load_external_data=False``): its tensors are copied one at a time, never all loaded, so
+    saving a multi-GB model takes memory for its largest tensor only.
+    """
+    dst = Path(dst)
+    external = [t for t in _initializers(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external and base_dir is None:
+        raise GraphError(f"{len(external)} tensors name external data, but no base_dir to read it from")
+    if not external_data:
+        for t in external:  # a model under the threshold: its weights go inline
+            t.raw_data = _read_external(t, Path(base_dir))
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
         onnx.save_model(model, str(dst))
+        return
+    data = dst.with_name(dst.name + ".data")
+    for t in external:
+        if (Path(base_dir) / _external_info(t)["location"]).resolve() == data.resolve():
+            raise GraphError(f"{data} would overwrite the external data it is read from")
+    with open(data, "wb") as out:
+        for t in _initializers(model):
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                blob = _read_external(t, Path(base_dir))
+            elif t.HasField("raw_data") and len(t.raw_data) >= INLINE_MAX_BYTES:
+                blob = t.raw_data
+            else:
+                continue
+            offset = -out.tell() % DATA_ALIGNMENT + out.tell()
+            out.seek(offset)
+            out.write(blob)
+            del blob
+            t.ClearField("raw_data")
+            _point_at(t, data.name, offset, out.tell() - offset)
+    onnx.save_model(model, str(dst))
+
+
+def _initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return list(model.graph.initializer)
+
+
+def _external_info(t: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _read_external(t: onnx.TensorProto, base_dir: Path) -> bytes:
+    info = _external_info(t)
+    with open(base_dir / info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        return f.read(int(info["length"])) if "length" in info else f.read()
+
+
+def _point_at(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del t.external_data[:]
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    t.data_location = onnx.TensorProto.EXTERNAL

@@ -5,6 +5,10 @@ decoding together through the runtime's own cache (``runtime/kv_cache.py``), a s
 a new one joining mid-run, idle slots, and a slot filled to its last position. The
 concatenating form also runs a left-padded batch and 16+ greedy decode steps that feed
 ``present`` back as ``past`` on both sides. Names are checked first, then shapes, then values.
+
+The PyTorch side never depends on the ONNX side (both are fed the reference's tokens), so it is
+recorded first (``record_reference``) and replayed against the graph: an export of a large model
+frees the torch model before ONNX Runtime loads the graph, and never holds the two at once.
 """
 
 from __future__ import annotations
@@ -105,9 +109,79 @@ def check_same_dims(bundle: Bundle, source: str | Path) -> None:
         )
 
 
+class Reference:
+    """The PyTorch side of the parity cases: recorded once with the model, then replayed in the
+    same order without it. Each call returns what the model returned for that call."""
+
+    def __init__(self, config: GPTConfig, model: GPT | None, case: tuple) -> None:
+        self.config = config
+        self.model = model  # None once recorded
+        self.case = case  # (kv_cache, decode_steps, seed, kv_dtype) of the recorded cases
+        self._outputs: list = []
+        self._at = 0
+        self._last_run: int | None = None
+        self._kv: dict[tuple[int, ...], list] = {}  # sequence -> its torch KV cache, while recording
+
+    def _call(self, fn, *args):  # type: ignore[no-untyped-def]
+        if self.model is not None:
+            out = fn(self.model, *args)
+            self._outputs.append(out)
+            return out
+        if self._at >= len(self._outputs):
+            raise Gpt2EdgeError("the reference was recorded for other parity cases; record it again")
+        out = self._outputs[self._at]
+        self._at += 1
+        return out
+
+    def full(self, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        return self._call(_torch_full, ids)
+
+    def next(self, ids: list[int]) -> np.ndarray:
+        """Last-position logits of the sequence ``ids`` alone. Recording extends the KV cache of
+        ``ids[:-1]`` when an earlier call computed it (decode steps: one token, not the whole
+        sequence again; gpt2-xl's reference took minutes without it)."""
+        ids = list(ids)
+        if self.model is None:
+            return self._call(_torch_next, ids)
+        past = self._kv.pop(tuple(ids[:-1]), None)
+        logits, present = _torch_step(self.model, ids, past)
+        self._kv[tuple(ids)] = present
+        self._outputs.append(logits)
+        return logits
+
+    def run(self, ids, mask, pos, past) -> tuple[np.ndarray, list[np.ndarray]]:  # type: ignore[no-untyped-def]
+        """One pass with ``past``; a replay ignores its arguments. Only the last pass's presents
+        are kept (the cases compare those; earlier ones only fed the next pass): gpt2-xl's would
+        be ~1 GiB over 16 decode steps."""
+        out = self._call(_torch_run, ids, mask, pos, past)
+        if self.model is not None:
+            if self._last_run is not None:
+                self._outputs[self._last_run] = (self._outputs[self._last_run][0], [])
+            self._last_run = len(self._outputs) - 1
+        return out
+
+    def replay(self) -> Reference:
+        """The recorded outputs, from the start, without the model."""
+        r = Reference(self.config, None, self.case)
+        r._outputs = self._outputs
+        return r
+
+
+def record_reference(
+    model: GPT, kv_cache: str = "concat", decode_steps: int = 16, seed: int = 0, kv_dtype: str = "float32"
+) -> Reference:
+    """Run the parity cases' PyTorch side with ``model`` and keep its outputs (a few MiB): the
+    ONNX side can then be checked (``validate_onnx``) after ``model`` is freed."""
+    model = model.float().eval()
+    ref = Reference(model.config, model, (kv_cache, decode_steps, seed, kv_dtype))
+    stub = _StubBackend(model.config, kv_cache, kv_dtype)
+    _run_cases(stub, ref, _Tally(), ParityReport(tolerance="-"), kv_cache, decode_steps, seed, kv_dtype)
+    return ref.replay()
+
+
 def validate_onnx(
     onnx_path: str | Path,
-    model: GPT,
+    model: GPT | Reference,
     tolerance: str = "fp32",
     decode_steps: int = 16,
     seed: int = 0,
@@ -117,26 +191,86 @@ def validate_onnx(
 ) -> ParityReport:
     """Compare ``onnx_path`` (ONNX Runtime, CPU) with ``model``; ``ParityError`` when out of tolerance.
 
+    ``model``: the PyTorch model, or its outputs recorded by ``record_reference`` with the same
+    ``kv_cache``, ``decode_steps``, ``seed`` and ``kv_dtype``.
     ``kv_cache``: the graph's KV form (``concat`` or ``inplace``); the graph's inputs and outputs
     are first checked against the contract of that form (names, dtypes, ranks, dims).
     """
-    model = model.float().eval()
+    case = (kv_cache, decode_steps, seed, kv_dtype)
+    if isinstance(model, Reference):
+        if model.case != case:
+            raise Gpt2EdgeError(f"the reference was recorded for cases {model.case}, not {case}")
+        reference = model.replay()
+    else:
+        reference = record_reference(model, kv_cache, decode_steps, seed, kv_dtype)
     tol = TOLERANCES[tolerance]
-    rng = np.random.default_rng(seed)
     tally = _Tally()
     rep = ParityReport(tolerance=tolerance)
-    backend = _backend(Path(onnx_path), model, kv_dtype, kv_cache)
-    greedy_same = _slot_cases(backend, model, rng, tally, rep)
-    if kv_cache == "concat":
-        greedy_same &= _concat_cases(backend.session, model, rng, tally, rep, decode_steps, kv_dtype)
+    backend = _backend(Path(onnx_path), reference.config, kv_dtype, kv_cache)
+    greedy_same = _run_cases(backend, reference, tally, rep, kv_cache, decode_steps, seed, kv_dtype)
     return _verdict(rep, tally, tol, greedy_same, onnx_path, tolerance, raise_on_failure)
 
 
-def _backend(path: Path, model: GPT, kv_dtype: str, kv_cache: str) -> OrtBackend:
+def _run_cases(backend, ref: Reference, tally, rep, kv_cache, decode_steps, seed, kv_dtype) -> bool:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(seed)
+    greedy_same = _slot_cases(backend, ref, rng, tally, rep)
+    if kv_cache == "concat":
+        greedy_same &= _concat_cases(backend.session, ref, rng, tally, rep, decode_steps, kv_dtype)
+    return greedy_same
+
+
+class _StubBackend:
+    """Stands in for ONNX Runtime while the reference is recorded: zeros of the right shapes."""
+
+    def __init__(self, config: GPTConfig, kv_cache: str, kv_dtype: str) -> None:
+        self.c, self.kv_cache, self.kv_dtype = config, kv_cache, np.dtype(kv_dtype)
+        self.session = self
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        return np.zeros((*ids.shape, self.c.vocab_size), np.float32)
+
+    def new_cache(self, n_slots: int, capacity: int) -> _StubCache:
+        return _StubCache(self, n_slots, capacity)
+
+    def get_inputs(self) -> list:
+        return []
+
+    def run(self, _names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        b, s = feeds["input_ids"].shape
+        p = feeds["past_key_values.0.key"].shape[2]
+        kv = np.zeros((b, self.c.n_head, p + s, self.c.head_size), self.kv_dtype)
+        return [np.zeros((b, s, self.c.vocab_size), np.float32)] + [kv] * (2 * self.c.n_layer)
+
+
+class _StubCache:
+    def __init__(self, backend: _StubBackend, n_slots: int, capacity: int) -> None:
+        self.backend, self._len = backend, [0] * n_slots
+        if backend.kv_cache == "inplace":
+            c = backend.c
+            shape = (n_slots, c.n_head, capacity, c.head_size)
+            self.buffers = [np.zeros(shape, backend.kv_dtype)] * (2 * c.n_layer)
+
+    def length(self, slot: int) -> int:
+        return self._len[slot]
+
+    def prefill(self, slots, prompts) -> np.ndarray:  # type: ignore[no-untyped-def]
+        for s, p in zip(slots, prompts, strict=True):
+            self._len[s] = len(p)
+        return np.zeros((len(slots), self.backend.c.vocab_size), np.float32)
+
+    def decode(self, slots, tokens) -> np.ndarray:  # type: ignore[no-untyped-def]
+        for s in slots:
+            self._len[s] += 1
+        return np.zeros((len(slots), self.backend.c.vocab_size), np.float32)
+
+    def release(self, slot: int) -> None:
+        self._len[slot] = 0
+
+
+def _backend(path: Path, c: GPTConfig, kv_dtype: str, kv_cache: str) -> OrtBackend:
     """The runtime's own backend over a bare graph: a manifest in memory with the contract."""
     import onnx
 
-    c = model.config
     keep = any(i.name == "logits_to_keep" for i in onnx.load(str(path), load_external_data=False).graph.input)
     dims = c.bundle_dims()
     io = {
@@ -176,20 +310,36 @@ def _torch_full(model: GPT, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarra
 
 
 @torch.no_grad()
+def _torch_step(model: GPT, ids: list[int], past: list | None) -> tuple[np.ndarray, list]:
+    """Last-position logits of ``ids`` and its KV cache; with ``past`` (the cache of
+    ``ids[:-1]``) only the last token runs."""
+    n = len(ids)
+    new = ids[-1:] if past else ids
+    p = n - len(new)
+    logits, present = model(
+        torch.tensor([new], dtype=torch.long),
+        torch.ones(1, n, dtype=torch.long),
+        torch.arange(p, n).unsqueeze(0),
+        past,
+    )
+    return logits[0, -1].float().numpy(), present
+
+
+@torch.no_grad()
 def _torch_next(model: GPT, ids: list[int]) -> np.ndarray:
     t = torch.tensor([ids], dtype=torch.long)
     return model(t)[0][0, -1].float().numpy()
 
 
 def _slot_cases(
-    backend: OrtBackend, model: GPT, rng: np.random.Generator, tally: _Tally, rep: ParityReport
+    backend: OrtBackend, ref: Reference, rng: np.random.Generator, tally: _Tally, rep: ParityReport
 ) -> bool:
     """Whole-sequence logits, then slots through the runtime cache against each sequence alone."""
-    c = model.config
+    c = ref.config
     for n in sorted({1, 2, 7, min(33, c.n_positions // 2)}):
         ids = rng.integers(0, c.vocab_size, (1, n), dtype=np.int64)
         o = backend.logits(ids)
-        r, _ = _torch_full(model, ids)
+        r, _ = ref.full(ids)
         if o.shape != r.shape:
             raise ParityError(f"prefill {n}: logits shape {o.shape}, reference {r.shape}")
         tally.logits(o[0], r[0])
@@ -202,10 +352,10 @@ def _slot_cases(
 
     def check(slots: list[int], logits: np.ndarray) -> None:
         nonlocal greedy_same
-        ref = np.stack([_torch_next(model, seqs[s]) for s in slots])
-        tally.logits(logits, ref)
-        greedy_same &= bool((logits.argmax(-1) == ref.argmax(-1)).all())
-        for s, tok in zip(slots, ref.argmax(-1), strict=True):
+        ref_logits = np.stack([ref.next(seqs[s]) for s in slots])
+        tally.logits(logits, ref_logits)
+        greedy_same &= bool((logits.argmax(-1) == ref_logits.argmax(-1)).all())
+        for s, tok in zip(slots, ref_logits.argmax(-1), strict=True):
             seqs[s].append(int(tok))
 
     check([0, 1, 2], cache.prefill([0, 1, 2], [seqs[0], seqs[1], seqs[2]]))
@@ -232,16 +382,16 @@ def _slot_cases(
         for s in range(4):
             n = cache.length(s)
             ids = np.array([seqs[s][:n]], np.int64)
-            _, pres = _torch_full(model, ids)
-            for buf, ref in zip(cache.buffers, pres, strict=True):
-                d = np.abs(buf[s, :, :n].astype(np.float32) - ref[0])
+            _, pres = ref.full(ids)
+            for buf, want in zip(cache.buffers, pres, strict=True):
+                d = np.abs(buf[s, :, :n].astype(np.float32) - want[0])
                 tally.max_present = max(tally.max_present, float(d.max()))
     return greedy_same
 
 
 def _concat_cases(
     sess,
-    model: GPT,
+    ref: Reference,
     rng: np.random.Generator,
     tally: _Tally,
     rep: ParityReport,
@@ -249,7 +399,7 @@ def _concat_cases(
     kv_dtype: str,
 ) -> bool:
     """The raw graph: present tensors compared, a left-padded batch, present -> past decoding."""
-    c = model.config
+    c = ref.config
     kvd = np.dtype(kv_dtype)
     # 2. left-padded batch, then greedy decode with present -> past on each side
     lengths = [5, 9, 2]
@@ -258,7 +408,7 @@ def _concat_cases(
     ids, mask, pos = left_pad(prompts, pad)
     empty_b = [np.zeros((len(lengths), c.n_head, 0, c.head_size), kvd) for _ in range(2 * c.n_layer)]
     o, o_past = _ort_run(sess, c.n_layer, ids, mask, pos, empty_b)
-    r, r_past = _torch_run(model, ids, mask, pos, [e.astype(np.float32) for e in empty_b])
+    r, r_past = ref.run(ids, mask, pos, [e.astype(np.float32) for e in empty_b])
     real = mask.astype(bool)
     tally.logits(o[real], r[real])
     rep.cases.append(f"left-padded batch {lengths}")
@@ -271,7 +421,7 @@ def _concat_cases(
         mask = np.concatenate([mask, np.ones((len(lengths), 1), np.int64)], 1)
         pos = pos[:, -1:] + 1
         o, o_past = _ort_run(sess, c.n_layer, feed, mask, pos, o_past)
-        r, r_past = _torch_run(model, feed, mask, pos, [p.astype(np.float32) for p in r_past])
+        r, r_past = ref.run(feed, mask, pos, [p.astype(np.float32) for p in r_past])
         tally.logits(o[:, 0], r[:, 0])
         o_tok, r_tok = o[:, 0].argmax(-1), r[:, 0].argmax(-1)
         greedy_same &= bool((o_tok == r_tok).all())

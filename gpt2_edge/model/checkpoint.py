@@ -72,16 +72,68 @@ def resolve_model_dir(model: str | Path | None) -> Path:
         ) from None
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Every tensor of a safetensors file, read with plain reads into tensors of their own.
+
+    Not ``safetensors.torch.load_file``: it copies out of a memory map of the whole file, whose
+    pages count in the process's resident size too, so loading peaked at twice the weights.
+    """
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(
+            f"{path} is truncated or not a safetensors file ({why}); re-download or re-save it"
+        )
 
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path} is truncated or not a safetensors file ({e}); re-download or re-save it"
-        ) from None
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad("no header")
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise bad(f"a header of {n} bytes in a file of {size}")
+            try:
+                header = json.loads(f.read(n))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise bad(f"the header is not JSON: {e}") from None
+            if not isinstance(header, dict):
+                raise bad("the header is not an object")
+            header.pop("__metadata__", None)
+            out = {}
+            for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                dtype = _SAFETENSORS_DTYPES.get(meta.get("dtype"))
+                if dtype is None:
+                    raise bad(f"{name}: dtype {meta.get('dtype')!r}")
+                begin, end = meta["data_offsets"]
+                shape = [int(d) for d in meta["shape"]]
+                nbytes = torch.Size(shape).numel() * dtype.itemsize
+                if end - begin != nbytes or 8 + n + end > size:
+                    raise bad(f"{name}: {end - begin} bytes at {begin} for shape {shape} {meta['dtype']}")
+                buf = torch.empty(nbytes, dtype=torch.uint8)
+                f.seek(8 + n + begin)
+                if nbytes and f.readinto(memoryview(buf.numpy())) != nbytes:
+                    raise bad(f"{name} is cut short")
+                out[name] = buf.view(dtype).reshape(shape)
+            return out
+    except (KeyError, TypeError, ValueError) as e:
+        raise bad(f"{type(e).__name__}: {e}") from None
+    except OSError as e:
+        raise bad(str(e)) from None
 
 
 def _read_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -128,12 +180,17 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def hf_to_reference(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """Map Hugging Face GPT-2 keys/layouts onto ``GPT.state_dict()``; errors name every mismatch."""
+    """Map Hugging Face GPT-2 keys/layouts onto ``GPT.state_dict()``; errors name every mismatch.
+
+    Empties ``sd`` as it goes: each transposed weight replaces its original, so loading holds the
+    weights about once, not twice (gpt2-xl: 6.2 GB).
+    """
     expected = gpt_shapes(config)
     out: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     lm_head = None
-    for key, t in sd.items():
+    for key in list(sd):
+        t = sd.pop(key)
         if key == "lm_head.weight":
             lm_head = t
             continue

@@ -19,31 +19,37 @@ from pathlib import Path
 
 import onnx
 
-from ..export.fusions import untie_head
+from ..export.fusions import untie_head, working_directory
+from ..export.graph import save_model
 
 
 def to_nbits(
     src: Path, dst: Path, bits: int, external_data: bool, block_size: int = 32, accuracy_level: int | None = 4
 ) -> dict:
+    """``bits``-bit ``MatMulNBits`` weights. The fp32 weights are read from ``src``'s external
+    data one at a time (the graph is loaded without them), so the peak is about the quantized
+    model plus one fp32 weight."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    model = onnx.load(str(src))
-    untied = untie_head(model)
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    model = onnx.load(str(src), load_external_data=False)
     # 4-bit also quantizes the embedding tables (GatherBlockQuantized); ORT does that at 4 bits only.
     ops = ("MatMul", "Gather") if bits == 4 else ("MatMul",)
     # ERROR: it warns that the opset is raised to 21 "but may not be a valid model"; the result is
     # checked by running it (contract, accuracy gate), which that warning cannot know.
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
-    q = MatMulNBitsQuantizer(
-        model,
-        bits=bits,
-        block_size=block_size,
-        is_symmetric=True,
-        accuracy_level=accuracy_level,
-        op_types_to_quantize=ops,
-    )
-    q.process()
-    q.model.save_model_to_file(str(dst), use_external_data_format=external_data)
+    with working_directory(src.parent):  # where ORT's quantizer finds each weight's data
+        untied = untie_head(model)
+        q = MatMulNBitsQuantizer(
+            model,
+            bits=bits,
+            block_size=block_size,
+            is_symmetric=True,
+            accuracy_level=accuracy_level,
+            op_types_to_quantize=ops,
+        )
+        q.process()
+    save_model(q.model.model, dst, external_data, base_dir=src.parent)
     return {
         "method": "onnxruntime MatMulNBitsQuantizer",
         "bits": bits,

@@ -27,7 +27,7 @@ from onnx import numpy_helper
 
 from .. import contract
 from ..errors import Gpt2EdgeError
-from ..export.fusions import untie_head
+from ..export.fusions import untie_head, working_directory
 from ..export.graph import producers_consumers, save_model
 
 LN_OPS = {"LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3)}  # (gamma, beta) input index
@@ -153,10 +153,18 @@ def per_row_int8(model: onnx.ModelProto) -> int:
 
 
 def to_int8_dynamic(src: Path, dst: Path, external_data: bool, quantize_embeddings: bool = True) -> dict:
-    """int8 per-channel weights, activations quantized per row (token) on every call."""
-    model = onnx.load(str(src))
-    untied = untie_head(model)
-    replaced = per_row_int8(model)
+    """int8 per-channel weights, activations quantized per row (token) on every call.
+
+    The fp32 weights are read from ``src``'s external data one at a time (the graph is loaded
+    without them), so the peak is about the int8 model plus one fp32 weight.
+    """
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    model = onnx.load(str(src), load_external_data=False)
+    with working_directory(src.parent):
+        untied = untie_head(model)
+        replaced = per_row_int8(model)
+    # what is left in fp32 (embeddings, LayerNorms, biases): into memory for ORT's quantizer
+    onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
     if quantize_embeddings:
         # the embedding tables: int8 weights dequantized after the Gather (weight-only: rows stay apart)
         from onnxruntime.quantization import QuantType, quantize_dynamic
