@@ -1,59 +1,128 @@
-"""Export time and peak memory for full-size shapes (random weights), one fresh process each.
+"""Export, quantize and generate for full-size shapes (random weights): time, peak memory and disk
+per size and precision, each step in a fresh process (its own peak RSS, VmHWM).
 
-python -m benchmarks.bench_export [--presets gpt2 gpt2-medium] [--targets ort tensorrt]
+python -m benchmarks.bench_export [--presets gpt2-medium gpt2-large gpt2-xl] [--targets ort]
+    [--precisions int8-dynamic int4] [--threads 2] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
 
 from benchmarks.common import CACHE, random_checkpoint
 
-CHILD = """
-import json, resource, sys, time
+# Each child prints one JSON line last: its result and its own peak RSS.
+PEAK = "[int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]"
+EXPORT = f"""
+import json, sys, time
 from gpt2_edge.export.bundle import export_bundle
 t0 = time.perf_counter()
 out = export_bundle(sys.argv[1], sys.argv[2], target=sys.argv[3], overwrite=True, log=lambda m: None)
 m = json.load(open(out / "bundle.json"))
-print(json.dumps({"seconds": time.perf_counter() - t0, "timings": m["made_by"]["timings"],
-                  "bytes": {k: v["bytes"] for k, v in m["files"].items()}, "fused": m["graph"]["fused_ops"],
+print(json.dumps({{"seconds": time.perf_counter() - t0, "timings": m["made_by"]["timings"],
+                  "bytes": {{k: v["bytes"] for k, v in m["files"].items()}},
                   "max_abs_logits": m["validation"]["max_abs_logits"],
-                  "top1": m["validation"]["top1_agreement"], "greedy": m["validation"]["greedy_identical"],
-                  "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+                  "greedy": m["validation"]["greedy_identical"], "peak_kib": {PEAK}}}))
 """
+QUANTIZE = f"""
+import json, sys, time
+from gpt2_edge.quantize.pipeline import quantize_bundle
+t0 = time.perf_counter()
+src, precision, dst = sys.argv[1:4]
+out, _ = quantize_bundle(src, precision, dst, force=True, overwrite=True, log=lambda m: None)
+m = json.load(open(out / "bundle.json"))
+print(json.dumps({{"seconds": time.perf_counter() - t0,
+                  "bytes": {{k: v["bytes"] for k, v in m["files"].items()}}, "peak_kib": {PEAK}}}))
+"""
+GENERATE = f"""
+import json, sys, time
+from gpt2_edge.runtime.generator import Generator
+from gpt2_edge.runtime.sampling import GenerationConfig
+t0 = time.perf_counter()
+g = Generator.from_bundle(sys.argv[1], threads=int(sys.argv[2]))
+load = time.perf_counter() - t0
+t1 = time.perf_counter()
+r = g.generate("The meaning of life is", GenerationConfig(max_new_tokens=16))[0]
+ms = 1000 * (time.perf_counter() - t1) / max(1, len(r.token_ids))
+print(json.dumps({{"load_s": load, "ms_per_token": ms,
+                  "tokens": len(r.token_ids), "peak_kib": {PEAK}}}))
+"""
+
+
+def child(code: str, *args: str) -> tuple[dict, float]:
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"failed: {args}\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1]), time.perf_counter() - t0
+
+
+def gib(kib: float) -> str:
+    return f"{kib / 2**20:.2f} GiB"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--presets", nargs="+", default=["gpt2", "gpt2-medium"])
-    ap.add_argument("--targets", nargs="+", default=["ort", "tensorrt"])
+    ap.add_argument("--presets", nargs="+", default=["gpt2-medium", "gpt2-large", "gpt2-xl"])
+    ap.add_argument("--targets", nargs="+", default=["ort"])
+    ap.add_argument("--precisions", nargs="*", default=["int8-dynamic", "int4"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--keep", action="store_true", help="keep the bundles (default: remove each size's)")
+    ap.add_argument("--json", help="append each size's results to this file (JSON lines)")
     args = ap.parse_args()
     for preset in args.presets:
         ckpt = random_checkpoint(preset)
+        weights = (ckpt / "model.safetensors").stat().st_size
         for target in args.targets:
             out = CACHE / f"export-{preset}-{target}"
-            t0 = time.perf_counter()
-            res = subprocess.run(
-                [sys.executable, "-c", CHILD, str(ckpt), str(out), target],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            wall = time.perf_counter() - t0
-            r = json.loads(res.stdout.strip().splitlines()[-1])
-            mib = sum(r["bytes"].values()) / 2**20
-            peak = r["peak_kib"]
+            r, wall = child(EXPORT, str(ckpt), str(out), target)
+            row = {
+                "preset": preset,
+                "target": target,
+                "fp32_weights_bytes": weights,
+                "export": r,
+                "wall_s": wall,
+            }
+            t = r["timings"]
             print(
-                f"{preset:<12} {target:<9} wall {wall:6.1f} s (export {r['timings']['export_s']:.1f}, "
-                f"graph {r['timings']['graph_s']:.1f}, validate {r['timings'].get('validate_s', 0):.1f}) | "
-                f"peak RSS "
-                f"{peak / 2**20:.2f} GiB | bundle {mib:.0f} MiB | max |dlogits| {r['max_abs_logits']:.2e}, "
-                f"top-1 {100 * r['top1']:.1f}%, greedy identical {r['greedy']} | fused {r['fused'] or '-'}"
+                f"{preset:<12} {target:<8} fp32 export {wall:6.1f} s (export {t['export_s']:.0f}, graph "
+                f"{t['graph_s']:.0f}, validate {t.get('validate_s', 0):.0f}) | peak {gib(r['peak_kib'])} = "
+                f"{r['peak_kib'] * 1024 / weights:.2f}x weights | "
+                f"disk {sum(r['bytes'].values()) / 2**20:.0f} MiB"
+                f" | max |dlogits| {r['max_abs_logits']:.1e}, greedy identical {r['greedy']}",
+                flush=True,
             )
+            variants = {"fp32": out}
+            for precision in args.precisions:
+                q_out = CACHE / f"export-{preset}-{target}-{precision}"
+                q, q_wall = child(QUANTIZE, str(out), precision, str(q_out))
+                variants[precision] = q_out
+                row[precision] = q
+                print(
+                    f"{preset:<12} {target:<8} {precision:<12} quantize {q_wall:6.1f} s | peak "
+                    f"{gib(q['peak_kib'])} | disk {sum(q['bytes'].values()) / 2**20:.0f} MiB",
+                    flush=True,
+                )
+            for precision, bundle in variants.items():
+                g, _ = child(GENERATE, str(bundle), str(args.threads))
+                row.setdefault("generate", {})[precision] = g
+                print(
+                    f"{preset:<12} {target:<8} {precision:<12} generate: load {g['load_s']:.1f} s, "
+                    f"{g['ms_per_token']:.0f} ms/token ({g['tokens']} tokens, {args.threads} threads) | "
+                    f"peak RSS {gib(g['peak_kib'])}",
+                    flush=True,
+                )
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if not args.keep:
+                for bundle in variants.values():
+                    shutil.rmtree(bundle, ignore_errors=True)
 
 
 if __name__ == "__main__":
