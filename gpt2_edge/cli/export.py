@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--external-data-threshold",
         type=int,
         default=EXTERNAL_DATA_THRESHOLD,
-        help="weights above this many bytes go to model.onnx.data (default: 1.8e9)",
+        help="weights above this many bytes go to model.onnx.data (default: 1e9)",
     )
     p.add_argument(
         "--no-fuse-attention",

@@ -12,7 +12,7 @@ from pathlib import Path
 from .. import DEFAULT_MODEL_DIR, contract
 from ..errors import Gpt2EdgeError
 from ..export.graph import checked_census, unsupported_by_tensorrt
-from ..export.writer import finalize, producer_versions, write_manifest
+from ..export.writer import EXTERNAL_DATA_THRESHOLD, finalize, producer_versions, write_manifest
 from ..fsutil import check_output, staging_dir
 from ..runtime import manifest as schema
 from ..runtime.bundle import MANIFEST, Bundle, sha256_file
@@ -36,6 +36,11 @@ class GateError(Gpt2EdgeError):
         self.report = report
 
 
+# A variant's weights over its fp32 bundle's (measured at gpt2-xl, rounded up): whether they will
+# pass the external-data threshold, decided before converting.
+SIZE_RATIO = {"fp16": 0.5, "int8-dynamic": 0.3, "int8-weight": 0.3, "int8-qdq": 0.3, "int4": 0.2}
+
+
 def quantize_bundle(
     src: str | Path,
     precision: str,
@@ -49,11 +54,15 @@ def quantize_bundle(
     threads: int | None = None,
     progress: bool = False,
     log: Callable[[str], object] = print,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> tuple[Path, AccuracyReport | None]:
     """Write the ``precision`` variant of fp32 bundle ``src`` to ``out`` if it passes its gate.
 
     The gate needs held-out text (``eval_text``), int8-qdq calibration text (``calib_text``); a
     bundle of the shipped default model uses the samples shipped with it when none is given.
+    The variant's weights are ONNX external data when ``src``'s are and the variant's are
+    expected past ``external_data_threshold`` bytes (else inline: int8 GEMMs read inline weights
+    faster, README "Measured speed and accuracy").
     ``out`` may not be ``src``, contain it or lie inside it; ``overwrite`` replaces an earlier
     bundle only. ``progress`` shows the gate's progress on a terminal.
     """
@@ -101,7 +110,8 @@ def quantize_bundle(
             "fp32 (it casts around most kernels). The gate below runs on the CPU all the same."
         )
 
-    external = (base.path / (base.manifest["model_file"] + ".data")).is_file()
+    data = base.path / (base.manifest["model_file"] + ".data")
+    external = data.is_file() and data.stat().st_size * SIZE_RATIO[precision] > external_data_threshold
     with staging_dir(target_dir) as tmp:
         t0 = time.perf_counter()
         dst = tmp / "model.onnx"

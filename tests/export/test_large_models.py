@@ -206,14 +206,20 @@ def test_external_data_bundle_with_changed_weights_is_refused(twins, tmp_path):
         Bundle.load(b, verify=True)
 
 
-@pytest.mark.parametrize("precision", ["int8-dynamic", "int4"])
+@pytest.mark.parametrize("precision", ["int8-dynamic", "int4", "int8-weight"])
 def test_quantizing_an_external_data_bundle_equals_quantizing_the_inline_one(twins, tmp_path, precision):
+    """Same logits and graph whether the variant of an external-data bundle is written as external
+    data (threshold 0) or inline (its weights under the threshold: the default for the tiny model)."""
     from gpt2_edge.quantize.pipeline import quantize_bundle
 
     inline, ext = twins
-    a, _ = quantize_bundle(inline, precision, tmp_path / "a", force=True, log=lambda _: None)
-    b, _ = quantize_bundle(ext, precision, tmp_path / "b", force=True, log=lambda _: None)
+    quiet = dict(force=True, log=lambda _: None)
+    a, _ = quantize_bundle(inline, precision, tmp_path / "a", **quiet)
+    b, _ = quantize_bundle(ext, precision, tmp_path / "b", external_data_threshold=0, **quiet)
+    c, _ = quantize_bundle(ext, precision, tmp_path / "c", **quiet)
     assert (b / "model.onnx.data").is_file() and not (a / "model.onnx.data").exists()
-    Bundle.load(b, verify=True)
-    assert np.array_equal(_logits(b), _logits(a))
-    assert op_census(onnx.load(str(a / "model.onnx"))) == op_census(onnx.load(str(b / "model.onnx")))
+    assert not (c / "model.onnx.data").exists()
+    for other in (b, c):
+        Bundle.load(other, verify=True)
+        assert np.array_equal(_logits(other), _logits(a))
+        assert op_census(onnx.load(str(a / "model.onnx"))) == op_census(onnx.load(str(other / "model.onnx")))
