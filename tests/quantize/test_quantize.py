@@ -223,12 +223,14 @@ def test_external_data_bundles_quantize(tmp_path, tiny_checkpoint, texts, precis
         tiny_checkpoint, tmp_path / "fp32", target=target, external_data_threshold=0, **quiet
     )
     assert (fp32 / "model.onnx.data").is_file()
-    out, rep = quantize_bundle(
-        fp32, precision, tmp_path / "q", calib_text=texts[0], eval_text=texts[1], force=True, **quiet
-    )
-    assert (out / "model.onnx.data").is_file() and rep.top1_agreement > 0.5
-    res = Generator.from_bundle(str(out)).generate("All:", GenerationConfig(max_new_tokens=4))[0]
-    assert len(res.token_ids) == 4
+    kw = dict(calib_text=texts[0], eval_text=texts[1], force=True, **quiet)
+    # threshold 0: the variant is external data too; default: its weights are small, so inline
+    for name, threshold, external in (("q", 0, True), ("inline", None, False)):
+        extra = {} if threshold is None else {"external_data_threshold": threshold}
+        out, rep = quantize_bundle(fp32, precision, tmp_path / name, **kw, **extra)
+        assert (out / "model.onnx.data").is_file() is external and rep.top1_agreement > 0.5
+        res = Generator.from_bundle(str(out)).generate("All:", GenerationConfig(max_new_tokens=4))[0]
+        assert len(res.token_ids) == 4
 
 
 def test_int8_dynamic_scales_activations_per_row(wide_bundles, tmp_path):
