@@ -26,11 +26,6 @@ TEXT = "We are accounted poor citizens, the patricians good. What authority surf
 
 
 @pytest.fixture(scope="module")
-def gen(inplace_bundle) -> Generator:
-    return Generator.from_bundle(str(inplace_bundle), threads=1)
-
-
-@pytest.fixture(scope="module")
 def concat_gen(concat_bundle) -> Generator:
     return Generator.from_bundle(str(concat_bundle), threads=1)
 

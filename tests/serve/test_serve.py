@@ -42,17 +42,7 @@ PROMPTS = [
 KEY = "test-key-0123456789"
 
 
-# fixtures: one tiny bundle, servers started and stopped by the tests ----------------------------
-@pytest.fixture(scope="module")
-def bundle(inplace_bundle) -> Path:
-    return inplace_bundle
-
-
-@pytest.fixture(scope="module")
-def gen(bundle) -> Generator:
-    return Generator.from_bundle(str(bundle), threads=1)
-
-
+# servers started and stopped by the tests (the bundle and gen fixtures: conftest.py) --------------
 class SlowCache:
     """A KV cache that sleeps before every step: long requests without a big model."""
 

@@ -29,7 +29,6 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from gpt2_edge.runtime.generator import Generator  # noqa: E402
 from gpt2_edge.serve.app import ServedModel, ServeSettings, create_app  # noqa: E402
 from tests.helpers import REPO, wait_healthy  # noqa: E402
 
@@ -47,16 +46,6 @@ from .test_serve import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(scope="module")
-def bundle(inplace_bundle) -> Path:
-    return inplace_bundle
-
-
-@pytest.fixture(scope="module")
-def gen(bundle) -> Generator:
-    return Generator.from_bundle(str(bundle), threads=1)
 
 
 class ServerProcess:

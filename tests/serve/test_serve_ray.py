@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -26,11 +25,6 @@ from tests.helpers import REPO, wait_healthy  # noqa: E402
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
 
 PROMPTS = ["First Citizen:", "All:\nSpeak", "We are accounted poor citizens, the patricians good.", "O"]
-
-
-@pytest.fixture(scope="module")
-def bundle(inplace_bundle) -> Path:
-    return inplace_bundle
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,6 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 LENGTHS = (20, 7, 33, 12, 25, 16, 9)
 
 
-@pytest.fixture(scope="module")
-def gen(inplace_bundle) -> Generator:
-    return Generator.from_bundle(str(inplace_bundle), threads=1)
-
-
 def prompts(vocab: int, seed: int = 0) -> list[list[int]]:
     """Random prompts of 4..22 tokens that repeat their beginning (prompt lookup finds matches)."""
     rng = np.random.default_rng(seed)
