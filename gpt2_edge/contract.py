@@ -47,9 +47,12 @@ def inputs(
     kv_dtype: str = "float32",
     kv_cache: str = "concat",
     logits_to_keep: bool = False,
+    step_invariant: bool = False,
 ) -> list[TensorSpec]:
     """The graph's inputs. ``kv_cache``: ``concat`` (past of any length) or ``inplace`` (past
-    and present are the same ``[batch, heads, capacity, head_size]`` buffer)."""
+    and present are the same ``[batch, heads, capacity, head_size]`` buffer). ``step_invariant``
+    (in-place graphs of the ``ort`` target): an int64 scalar, 1 = a position's logits do not
+    depend on how many tokens its pass carries (``export.fusions.add_step_invariance``)."""
     past = CACHE if kv_cache == "inplace" else PAST
     specs = [
         TensorSpec("input_ids", "int64", (BATCH, SEQ)),
@@ -59,6 +62,8 @@ def inputs(
     specs += [TensorSpec(n, kv_dtype, (BATCH, n_head, past, head_size)) for n in past_names(n_layer)]
     if logits_to_keep:
         specs.append(TensorSpec("logits_to_keep", "int64", ()))
+    if step_invariant:
+        specs.append(TensorSpec("step_invariant", "int64", ()))
     return specs
 
 

@@ -50,6 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=4,
         help="most tokens the draft model proposes per step (default 4)",
     )
+    p.add_argument(
+        "--step-invariant",
+        action="store_true",
+        help="compute attention as for a chunk in every step, so speculative decoding gives bitwise "
+        "plain decoding's tokens for every precision (in-place bundles, cpu; slower at long contexts)",
+    )
     _add_generation_args(p)
     p.set_defaults(func=run)
 
@@ -129,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
             draft=args.draft,
             draft_tokens=args.draft_tokens,
+            step_invariant=args.step_invariant,
         )
         if args.provider == "auto":
             print(f"provider: {gen.provider}", file=sys.stderr)

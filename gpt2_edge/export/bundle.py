@@ -115,7 +115,14 @@ def _export(
             + (" (external data)" if external else "")
         )
         keep = target == "ort"  # the interchange (tensorrt) graph keeps the plain contract
-        specs_in = contract.inputs(c.n_layer, c.n_head, c.head_size, kv_cache=kv_cache, logits_to_keep=keep)
+        specs_in = contract.inputs(
+            c.n_layer,
+            c.n_head,
+            c.head_size,
+            kv_cache=kv_cache,
+            logits_to_keep=keep,
+            step_invariant=keep and kv_cache == "inplace",
+        )
         specs_out = contract.outputs(
             c.n_layer, c.n_head, c.head_size, c.vocab_size, kv_cache=kv_cache, logits_to_keep=keep
         )

@@ -110,6 +110,8 @@ def optimize_for_ort(
     retie_head(model, base_dir=src.parent)
     fuse_head_transpose(model)
     add_logits_to_keep(model, inplace=kv_cache == "inplace")
+    if kv_cache == "inplace":
+        add_step_invariance(model)
     name_dims(model, list(specs))
     save_model(model, dst, external_data, base_dir=src.parent)
     census = op_census(onnx.load(str(dst), load_external_data=False))
@@ -386,6 +388,91 @@ def fuse_attention_inplace(model: onnx.ModelProto, n_head: int, n_layer: int) ->
     ]
     _replace_attention(model, sites, fused, prologue)
     return len(sites)
+
+
+STEP_INVARIANT = "step_invariant"  # the optional input add_step_invariance makes
+
+
+def add_step_invariance(model: onnx.ModelProto) -> int:
+    """A ``step_invariant`` input (int64 scalar; 0 keeps the graph's behaviour) for in-place
+    graphs: when 1, every active row gives each ``GroupQueryAttention`` one more query row than it has
+    tokens (a copy of its last one: ``Pad``, mode ``edge``), and the extra row's output is
+    sliced off. The extra row's key/value land one position past the row's tokens, where
+    nothing reads them (the runtime makes the cache buffers one position longer).
+
+    Why: ONNX Runtime's CPU attention multiplies probabilities by V with MLAS's one-row kernel
+    when a row has one query and with its GEMM for two or more, and the two sum in another
+    order. With the extra row a position's logits are bitwise the same whether it is decoded
+    alone, verified in a speculative chunk or beside other rows' chunks; it costs a few percent
+    at short contexts and more at long ones (README). Returns the number of layers changed.
+    """
+    mk = onnx.helper.make_node
+    i32, i64 = onnx.TensorProto.INT32, onnx.TensorProto.INT64
+    producers, consumers = producers_consumers(model)
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    if not gqa:
+        return 0
+    x = STEP_INVARIANT
+    prologue = [
+        _const("si/zero", np.array(0, np.int64)),
+        _const("si/zeros4", np.zeros(4, np.int64)),
+        _const("si/zeros1", np.zeros(1, np.int64)),
+        _const("si/shape1", np.array([1], np.int64)),
+        _const("si/axis1", np.array([1], np.int64)),
+        mk("Greater", [x, "si/zero"], ["si/on_b"], name="/si/Greater"),
+        mk("Cast", ["si/on_b"], ["si/on"], name="/si/Cast", to=i64),
+        mk("Greater", ["kv/query_len", "si/zero"], ["si/active_b"], name="/si/Greater_1"),
+        mk("Cast", ["si/active_b"], ["si/active"], name="/si/Cast_1", to=i64),
+        mk("Mul", ["si/active", "si/on"], ["si/extra64"], name="/si/Mul"),
+        mk("Cast", ["si/extra64"], ["si/extra"], name="/si/Cast_2", to=i32),
+        mk("Add", ["kv/seqlens_k", "si/extra"], ["si/seqlens_k"], name="/si/Add"),
+        mk("Add", ["kv/query_seqlens", "si/extra"], ["si/query_seqlens"], name="/si/Add_1"),
+        mk("Cast", ["si/on"], ["si/on32"], name="/si/Cast_3", to=i32),
+        mk("Add", ["kv/total_sequence_length", "si/on32"], ["si/total"], name="/si/Add_2"),
+        mk("Reshape", ["si/on", "si/shape1"], ["si/on1"], name="/si/Reshape"),
+        # Pad's pads for (B, S, E): [0, 0, 0, 0, on, 0]
+        mk("Concat", ["si/zeros4", "si/on1", "si/zeros1"], ["si/pads"], name="/si/Concat", axis=0),
+        mk("Shape", ["input_ids"], ["si/S1"], name="/si/Shape", start=1, end=2),
+    ]
+    nodes = list(model.graph.node)
+    added: list[onnx.NodeProto] = list(prologue)
+    for n in gqa:
+        sources = [producers.get(n.input[i]) for i in range(3)]
+        split = sources[0]
+        if (
+            split is not None
+            and split.op_type == "Split"
+            and all(s is split for s in sources)
+            and list(split.output) == list(n.input[:3])
+        ):
+            padded = f"{split.input[0]}/si_padded"
+            added.append(
+                mk("Pad", [split.input[0], "si/pads"], [padded], name=f"{split.name}/si_Pad", mode="edge")
+            )
+            split.input[0] = padded
+        else:
+            for i in range(3):
+                padded = f"{n.input[i]}/si_padded"
+                added.append(
+                    mk("Pad", [n.input[i], "si/pads"], [padded], name=f"{n.name}/si_Pad_{i}", mode="edge")
+                )
+                n.input[i] = padded
+        n.input[5], n.input[6], n.input[16] = "si/seqlens_k", "si/total", "si/query_seqlens"
+        out = n.output[0]
+        n.output[0] = f"{out}/si_full"
+        added.append(
+            mk("Slice", [n.output[0], "si/zeros1", "si/S1", "si/axis1"], [out], name=f"{n.name}/si_Slice")
+        )
+    del consumers
+    model.graph.node.extend(added)
+    model.graph.input.append(onnx.helper.make_tensor_value_info(x, i64, []))
+    _topological_sort(model)
+    # shapes recorded for the padded tensors no longer hold (S + 1 rows): let ORT infer them
+    stale = {t for n in nodes if n.op_type in ("Split", "GroupQueryAttention") for t in (*n.input, *n.output)}
+    kept = [v for v in model.graph.value_info if v.name not in stale]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    return len(gqa)
 
 
 def add_logits_to_keep(model: onnx.ModelProto, inplace: bool) -> None:

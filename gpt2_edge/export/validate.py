@@ -76,8 +76,9 @@ def _session(path: Path, threads: int = 0):
 
 def _ort_run(sess, n_layer: int, ids, mask, pos, past) -> tuple[np.ndarray, list[np.ndarray]]:
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-    if any(i.name == "logits_to_keep" for i in sess.get_inputs()):
-        feeds["logits_to_keep"] = np.array(0, np.int64)
+    for name in ("logits_to_keep", "step_invariant"):
+        if any(i.name == name for i in sess.get_inputs()):
+            feeds[name] = np.array(0, np.int64)
     for i in range(n_layer):
         feeds[f"past_key_values.{i}.key"] = past[2 * i]
         feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
@@ -271,11 +272,13 @@ def _backend(path: Path, c: GPTConfig, kv_dtype: str, kv_cache: str) -> OrtBacke
     """The runtime's own backend over a bare graph: a manifest in memory with the contract."""
     import onnx
 
-    keep = any(i.name == "logits_to_keep" for i in onnx.load(str(path), load_external_data=False).graph.input)
+    names = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+    keep, invariant = "logits_to_keep" in names, "step_invariant" in names
     dims = c.bundle_dims()
     io = {
         "inputs": [
-            s.as_dict() for s in contract.inputs(c.n_layer, c.n_head, c.head_size, kv_dtype, kv_cache, keep)
+            s.as_dict()
+            for s in contract.inputs(c.n_layer, c.n_head, c.head_size, kv_dtype, kv_cache, keep, invariant)
         ],
         "outputs": [
             s.as_dict()

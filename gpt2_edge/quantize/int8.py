@@ -219,7 +219,7 @@ def _inputs_for(model: onnx.ModelProto, window: np.ndarray) -> dict[str, np.ndar
             # in place, the past is a buffer with room for the window; concatenating, it is empty
             inplace = vi.type.tensor_type.shape.dim[2].dim_param == contract.CACHE
             feeds[vi.name] = np.zeros((1, dims[1], window.shape[1] if inplace else 0, dims[3]), np.float32)
-        elif vi.name == "logits_to_keep":
+        elif vi.name in ("logits_to_keep", "step_invariant"):
             feeds[vi.name] = np.array(0, np.int64)
     return feeds
 

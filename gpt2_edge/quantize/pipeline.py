@@ -123,7 +123,10 @@ def quantize_bundle(
             "kv_cache": base.kv_form,
             "logits_to_keep": any(s.name == "logits_to_keep" for s in base.inputs),
         }
-        specs_in = contract.inputs(d["n_layer"], d["n_head"], d["head_size"], kv, **form)
+        invariant = any(s.name == "step_invariant" for s in base.inputs)
+        specs_in = contract.inputs(
+            d["n_layer"], d["n_head"], d["head_size"], kv, **form, step_invariant=invariant
+        )
         specs_out = contract.outputs(d["n_layer"], d["n_head"], d["head_size"], d["vocab_size"], kv, **form)
         census = checked_census(dst, specs_in, specs_out)
         target = base.target

@@ -236,6 +236,7 @@ class Generator:
         draft: str | Path | None = None,
         draft_tokens: int = 4,
         prefix_cache: int = 0,
+        step_invariant: bool = False,
         **provider_options: Any,
     ) -> Generator:
         """Load and verify a bundle; ``provider`` is cpu, cuda, tensorrt or auto (ONNX Runtime), or
@@ -248,10 +249,21 @@ class Generator:
         past calls' KV (prompt and continuation) and start a prompt that begins the same way from
         them (exact token-id prefix of 32+ tokens; in-place bundles; the output is unchanged; the
         memory is this many tokens x the model's KV bytes per token, 72 KiB at 124M fp32;
-        ``gen.prefix_cache.hits`` counts reuse). ``provider_options`` go to the backend
+        ``gen.prefix_cache.hits`` counts reuse). ``step_invariant``: attention runs as for a
+        chunk in every pass, so a position's logits are bitwise the same whether it is decoded
+        alone, verified in a speculative chunk or prefilled: greedy speculative decoding then gives
+        exactly plain decoding's tokens, for every precision (in-place bundles on the CPU
+        provider; slower at long contexts: README). ``provider_options`` go to the backend
         (``runtime.backends.load_backend``).
         """
         KVStore(prefix_cache)  # a bad size is refused before the model loads
+        if step_invariant:
+            if provider != "cpu":
+                raise Gpt2EdgeError(
+                    f"step invariance is for in-place bundles on the CPU provider, not {provider!r}; "
+                    "drop --step-invariant or use --provider cpu"
+                )
+            provider_options["step_invariant"] = True
         t0 = time.perf_counter()
         tokenizer = None
         if provider in ORT_PROVIDERS:

@@ -236,9 +236,15 @@ def _check_meaning(m: dict[str, Any], problems: list[str]) -> None:
         return
     form = m.get("kv_cache", "concat")
     keep = any(s["name"] == "logits_to_keep" for s in m["io"]["inputs"])
+    invariant = any(s["name"] == "step_invariant" for s in m["io"]["inputs"])
     want = {
         "inputs": contract.inputs(
-            d["n_layer"], d["n_head"], d["head_size"], kv_cache=form, logits_to_keep=keep
+            d["n_layer"],
+            d["n_head"],
+            d["head_size"],
+            kv_cache=form,
+            logits_to_keep=keep,
+            step_invariant=invariant,
         ),
         "outputs": contract.outputs(
             d["n_layer"], d["n_head"], d["head_size"], d["vocab_size"], kv_cache=form, logits_to_keep=keep

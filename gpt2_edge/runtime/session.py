@@ -162,13 +162,17 @@ class OrtBackend:
         trt_max_context: int | None = None,
         session_config: dict[str, str] | None = None,
         map_weights: bool | None = None,
+        step_invariant: bool = False,
     ) -> None:
         """``provider``: cpu | cuda | tensorrt | auto. ``session_config``: ONNX Runtime session
         config entries over this precision's defaults (``SESSION_DEFAULTS``), e.g.
         ``{"session.disable_prepacking": "1"}``. ``map_weights`` (CPU; default: yes unless the
         environment sets ``GPT2_EDGE_MAP_WEIGHTS=0``): map the weights from the bundle's file
         instead of copying them (``mapped_model``; the file must not be rewritten in place while
-        the session lives: bundles are replaced whole, by rename).
+        the session lives: bundles are replaced whole, by rename). ``step_invariant``: every pass
+        computes attention as a chunk does, so a position's logits are bitwise the same decoded
+        alone, verified in a speculative chunk or beside other rows' chunks (in-place bundles with
+        the ``step_invariant`` input; slower at long contexts: README).
         TensorRT engines are cached under
         ``trt_cache_dir`` (default ``BUNDLE/engines/ort-trt-cache``), keyed by GPU, TensorRT and
         ONNX Runtime versions and shape ranges, because they are built for the GPU they run on;
@@ -187,6 +191,15 @@ class OrtBackend:
                 "the CPU provider only; for CUDA or TensorRT export with `--kv-cache concat` or "
                 "`--target tensorrt`"
             )
+        self.has_step_invariant = any(s.name == "step_invariant" for s in bundle.inputs)
+        if step_invariant and not self.has_step_invariant:
+            raise Gpt2EdgeError(
+                f"{bundle.path} cannot decode step-invariantly: its graph has no `step_invariant` input "
+                "(in-place bundles of the `ort` target exported since this release have it); re-export "
+                "it, or leave step invariance off"
+            )
+        self.step_invariant = bool(step_invariant)
+        self._invariant_feed = np.array(int(self.step_invariant), np.int64)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         self.session_config = {**SESSION_DEFAULTS.get(bundle.precision, {}), **(session_config or {})}
@@ -278,6 +291,8 @@ class OrtBackend:
             io.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
         if self.has_logits_to_keep:
             io.bind_cpu_input("logits_to_keep", np.array(0 if keep_all else 1, np.int64))
+        if self.has_step_invariant:
+            io.bind_cpu_input("step_invariant", self._invariant_feed)
         for name, value in zip(self.past_names, past, strict=True):
             io.bind_ortvalue_input(name, value)
         io.bind_output("logits", "cpu")
@@ -315,7 +330,8 @@ class OrtBackend:
 
     # the in-place form (kv_cache.InPlaceRunner) --------------------------------------------------
     def cache_arrays(self, n_slots: int, capacity: int) -> list[np.ndarray]:
-        shape = (n_slots, self.n_head, capacity, self.head_size)
+        # step invariance writes one (never read) position past a row's tokens: room for it
+        shape = (n_slots, self.n_head, capacity + int(self.step_invariant), self.head_size)
         return [np.zeros(shape, self.kv_dtype) for _ in self.past_names]
 
     def inplace_binding(self, cache: list[np.ndarray]) -> _InPlaceBinding:
@@ -356,6 +372,8 @@ class _InPlaceBinding:
         self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
         if backend.has_logits_to_keep:
             self.io.bind_cpu_input("logits_to_keep", np.array(1, np.int64))
+        if backend.has_step_invariant:
+            self.io.bind_cpu_input("step_invariant", backend._invariant_feed)
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Last-position logits ``(rows, V)`` (a view of the binding's own buffer: copy to keep)."""
@@ -371,6 +389,8 @@ class _InPlaceBinding:
             io.bind_cpu_input(name, value)
         if self.backend.has_logits_to_keep:
             io.bind_cpu_input("logits_to_keep", np.array(0, np.int64))
+        if self.backend.has_step_invariant:
+            io.bind_cpu_input("step_invariant", self.backend._invariant_feed)
         io.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
         for past, present, value in zip(
             self.backend.past_names, self.backend.present_names, self.values, strict=True
