@@ -149,6 +149,45 @@ class Speculator:
         if row is not None and row.draft_len and self._draft_cache is not None:
             self._draft_cache.release(slot)
 
+    def follow(self) -> None:
+        """Give the draft model's cache the target cache's shape again: as many slots, as many
+        tokens per slot (at most the draft's context). The server's cache grows and shrinks with its
+        work (``reserve``); the draft rows of running sequences are kept (they never hold more
+        tokens than their target rows). ``step`` calls it too, before the draft model runs."""
+        cache, draft = self._draft_cache, self.draft
+        if cache is None or draft is None:
+            return
+        shape = (self.cache.n_slots, min(self.cache.capacity, draft.backend.n_ctx))
+        if (cache.n_slots, cache.capacity) != shape:
+            cache.reserve(shape[1], shape[0])  # type: ignore[attr-defined]
+
+    @property
+    def draft_tokens_allocated(self) -> int:
+        """The draft model's KV positions allocated (slots x tokens per slot; 0 without one)."""
+        cache = self._draft_cache
+        return cache.n_slots * cache.capacity if cache is not None else 0
+
+    def feed_draft(self, slots: Sequence[int], states: Sequence[SequenceState], upto: Sequence[int]) -> None:
+        """Run the draft model over each sequence's ``seen[:upto]`` not yet in its draft rows (one
+        pass for the rows it starts, one for those it extends): the server feeds a prompt's chunks
+        as it prefills them, so the first draft does not prefill the whole prompt at once. A slot
+        whose tokens would not fit the draft's cache is left to ``step`` (which skips it)."""
+        if self._draft_cache is None:
+            return
+        self.follow()
+        cache = self._draft_cache
+        first: dict[int, list[int]] = {}
+        more: dict[int, list[int]] = {}
+        for slot, state, n in zip(slots, states, upto, strict=True):
+            row = self._row(slot, state)
+            if row.draft_len < n <= cache.capacity:
+                (more if row.draft_len else first)[slot] = state.seen[row.draft_len : n]
+        for chunks, run in ((first, cache.prefill), (more, cache.extend)):
+            if chunks:
+                run(list(chunks), list(chunks.values()))
+                for slot in chunks:
+                    self._rows[slot].draft_len = cache.length(slot)
+
     def step(
         self,
         slots: Sequence[int],
@@ -318,6 +357,7 @@ class Speculator:
         """Greedy drafts of the draft model for the sequences ``ask`` names (index -> how many):
         first the tokens its cache misses (the prompt, or the last accepted ones) in one pass,
         then one pass per further drafted token."""
+        self.follow()
         cache = self._draft_cache
         assert cache is not None
         ask = {i: n for i, n in ask.items() if len(states[i].seen) + n - 1 <= cache.capacity}
