@@ -135,6 +135,7 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
         prefix_cache=settings.prefix_cache,
         prefix_cache_blocks=settings.prefix_cache_blocks,
         prompt_lookup=settings.prompt_lookup,
+        draft=model.draft,
     )
     metrics = Metrics(
         max_batch,
@@ -142,6 +143,7 @@ def create_app(model: ServedModel, settings: ServeSettings | None = None) -> Fas
         lambda: scheduler.active,
         kv_tokens=lambda: scheduler.kv_tokens_allocated,
         kv_budget=scheduler.kv_budget,
+        draft_kv_tokens=(lambda: scheduler.draft_kv_tokens_allocated) if model.draft is not None else None,
     )
     scheduler.metrics = metrics
     served = Served(model, settings, scheduler, metrics, ChatTemplate.for_model(model))
@@ -282,6 +284,7 @@ async def health(request: Request) -> JSONResponse:
         "max_queue": s.scheduler.max_queue,
         "kv_tokens_allocated": s.scheduler.kv_tokens_allocated,
         "kv_budget": s.scheduler.kv_budget,
+        "draft_kv_tokens_allocated": s.scheduler.draft_kv_tokens_allocated,
         "replica": s.settings.replica,
     }
     return JSONResponse(body, status_code=200 if live else 503)

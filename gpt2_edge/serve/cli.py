@@ -5,7 +5,7 @@ The options become one ``ServeSettings``, which checks them; Ray Serve gets the 
 The main CLI imports this module to build its parser: the HTTP stack (fastapi, uvicorn; the
 ``serve`` extra) and Ray load only when a server starts.
 
-One file a little past 400 lines: the options, their mapping onto ``ServeSettings`` and the
+One file of about 450 lines: the options, their mapping onto ``ServeSettings`` and the
 bind-before-load start-up are one command's parts.
 """
 
@@ -24,6 +24,7 @@ from ..errors import Gpt2EdgeError
 from ..runtime.backends import PROVIDERS
 from .connections import bind
 from .model import ServedModel
+from .scheduler import MAX_DRAFT_TOKENS
 from .settings import API_KEY_ENV, ServeSettings, SettingsError
 
 __all__ = ["API_KEY_ENV", "add_serve", "main", "register", "resolve_bundle", "run", "run_app"]
@@ -122,6 +123,22 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="speculative decoding for requests that do not set `prompt_lookup`: draft up to N tokens per "
         "step from the prompt and the text so far, verified in one pass; the same tokens, more per step "
         "where the text repeats its prompt (in-place bundles; 0 = off, the default)",
+    )
+    p.add_argument(
+        "--draft",
+        metavar="BUNDLE",
+        help="speculative decoding with a draft model for every request: this smaller bundle (the same "
+        "tokenizer, in-place KV cache) drafts tokens the served model verifies in one pass; the same "
+        "greedy text and the same sampled distribution, more tokens per step where it guesses right "
+        "(in-place bundles on ONNX Runtime; the draft runs on the CPU). Its KV cache follows the "
+        "server's: the same slots and tokens per slot, at its own bytes per token",
+    )
+    p.add_argument(
+        "--draft-tokens",
+        type=int,
+        metavar="K",
+        help=f"most tokens the draft model proposes per step, 1..{MAX_DRAFT_TOKENS} (with --draft; "
+        f"default {d.draft_tokens}); fewer where its acceptance rate says so",
     )
     p.add_argument(
         "--api-key",
@@ -236,6 +253,8 @@ def _start_over_if_needed(args: argparse.Namespace) -> None:
         ("--kv-budget", args.kv_budget),
         ("--prefix-cache-blocks", args.prefix_cache_blocks),
         ("--prompt-lookup", args.prompt_lookup),
+        ("--draft", args.draft),
+        ("--draft-tokens", args.draft_tokens),
         ("--timeout", args.timeout),
         ("--max-body-bytes", args.max_body_bytes),
         ("--header-timeout", args.header_timeout),
@@ -266,13 +285,15 @@ def _start_over_if_needed(args: argparse.Namespace) -> None:
     os.execve(sys.executable, argv, env)
 
 
-def resolve_bundle(bundle: str | None, log: Any = print) -> Path:
-    """The bundle to serve: the given one, or the shipped default model's (exported on first use)."""
+def resolve_bundle(bundle: str | None, log: Any = print, option: str | None = None) -> Path:
+    """The bundle to serve: the given one, or the shipped default model's (exported on first use).
+    ``option``: the option that named it (``--draft``), for the refusal."""
     if bundle:
         path = Path(bundle)
         if not (path / "bundle.json").is_file():
             raise ServeError(
-                f"{path} is not a bundle (no bundle.json); make one with `gpt2-edge export -o {path}`"
+                f"{option + ' ' if option else ''}{path} is not a bundle (no bundle.json); make one with "
+                f"`gpt2-edge export -o {path}`"
             )
         return path
     path = default_bundle_dir()
@@ -305,6 +326,8 @@ def settings_from_args(args: argparse.Namespace, api_key: str | None) -> ServeSe
             prefix_cache=args.prefix_cache,
             prefix_cache_blocks=args.prefix_cache_blocks,
             prompt_lookup=args.prompt_lookup,
+            draft=args.draft,
+            draft_tokens=DEFAULTS.draft_tokens if args.draft_tokens is None else args.draft_tokens,
             timeout_s=args.timeout,
             max_body_bytes=args.max_body_bytes,
             api_key=api_key,
@@ -331,6 +354,11 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, api_key)
     if not args.ray and settings.replicas != 1:
         raise ServeError("--replicas needs --ray (one process serves one model; Ray Serve runs several)")
+    if settings.draft is None and args.draft_tokens is not None:
+        raise ServeError("--draft-tokens needs --draft (the draft model's bundle)")
+    if settings.draft is not None:
+        draft = resolve_bundle(settings.draft, option="--draft")  # a look for bundle.json, before binding
+        settings = settings.replace(draft=str(draft.resolve()))  # every Ray replica finds it there too
     if args.bundle:
         bundle = resolve_bundle(args.bundle)  # a look for bundle.json
     # The address before anything slow: a port in use (or not ours) is one line now, not a
@@ -358,7 +386,12 @@ def serve_uvicorn(bundle: Path, settings: ServeSettings, log_level: str = "info"
     sock = sock or bind(settings.host, settings.port)
     try:
         model = ServedModel.from_bundle(
-            bundle, provider=settings.provider, threads=settings.threads, name=settings.model_name
+            bundle,
+            provider=settings.provider,
+            threads=settings.threads,
+            name=settings.model_name,
+            draft=settings.draft,
+            draft_tokens=settings.draft_tokens,
         )
         app = create_app(model, settings)
     except BaseException:
@@ -371,6 +404,7 @@ def serve_uvicorn(bundle: Path, settings: ServeSettings, log_level: str = "info"
         f"{f'{settings.kv_budget} tokens' if settings.kv_budget else 'max batch x context'}, "
         f"prefix cache {'on' if settings.prefix_cache else 'off'}, "
         f"prompt lookup {settings.prompt_lookup or 'off'}, "
+        f"draft {f'{settings.draft} (up to {settings.draft_tokens} tokens)' if settings.draft else 'off'}, "
         f"auth {'on' if settings.api_key else 'off'}",
         flush=True,
     )

@@ -24,6 +24,7 @@ class Metrics:
         active: Callable[[], float],
         kv_tokens: Callable[[], float] | None = None,
         kv_budget: int | None = None,
+        draft_kv_tokens: Callable[[], float] | None = None,
     ) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
@@ -57,6 +58,13 @@ class Metrics:
             Gauge("gpt2_edge_kv_budget_tokens", "KV-cache positions at most (--kv-budget)", registry=r).set(
                 kv_budget
             )
+        if draft_kv_tokens is not None:
+            Gauge(
+                "gpt2_edge_draft_kv_tokens_allocated",
+                "The draft model's KV-cache positions allocated (--draft; the server's slots x tokens per "
+                "slot, not counted in --kv-budget)",
+                registry=r,
+            ).set_function(draft_kv_tokens)
         self.prefix_cache_lookups = Counter(
             "gpt2_edge_prefix_cache_lookups",
             "Admitted prompts looked up in the prefix cache, by result (hit, miss)",
@@ -70,7 +78,7 @@ class Metrics:
         )
         self.spec_drafted_tokens = Counter(
             "gpt2_edge_spec_decode_draft_tokens",
-            "Tokens drafted for speculative decoding (prompt lookup) and verified",
+            "Tokens drafted for speculative decoding (prompt lookup or the draft model) and verified",
             registry=r,
         )
         self.spec_accepted_tokens = Counter(

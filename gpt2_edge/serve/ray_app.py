@@ -7,7 +7,7 @@ batching scheduler; Ray's proxy spreads requests over them. Two ways to start it
     serve run gpt2_edge.serve.ray_app:build bundle=BUNDLE replicas=2 # Ray's own CLI, any cluster
 
 Both make one ``ServeSettings`` (checked when made, as for a single server); each replica checks
-it again. Every node must see BUNDLE at the same path. The API key comes from
+it again. Every node must see BUNDLE (and a ``draft`` bundle) at the same path. The API key comes from
 ``$GPT2_EDGE_API_KEY`` (``serve run ... api_key=KEY`` is refused: ``ps`` shows a command line to
 every user); it travels in the deployment's arguments (visible to whoever can read the Ray
 cluster's state). Needs the ``ray`` extra.
@@ -92,7 +92,14 @@ class Gpt2EdgeReplica:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.settings = ServeSettings(**{**settings, "replica": self.replica})
         s = self.settings
-        self.model = ServedModel.from_bundle(bundle, s.provider, threads=s.threads, name=s.model_name)
+        self.model = ServedModel.from_bundle(
+            bundle,
+            s.provider,
+            threads=s.threads,
+            name=s.model_name,
+            draft=s.draft,
+            draft_tokens=s.draft_tokens,
+        )
         self.drain = drain
 
     def __serve_build_asgi_app__(self) -> Any:

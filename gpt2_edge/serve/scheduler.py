@@ -33,11 +33,20 @@ to the last-bit caveat of ``runtime.speculative``'s "Numerics", which also appli
 drafts in a verifying pass); sampled ones keep the target's distribution and a seed's tokens. A
 concatenating cache (the TensorRT engine, the ``tensorrt`` target) decodes plainly.
 
+**A draft model** (``draft``, ``gpt2-edge serve --draft``) drafts for every sequence, beside prompt
+lookup where a sequence asks for that too (``Speculator`` picks a source per step). Its own
+in-place cache has the scheduler's cache's shape (``Speculator.follow`` after each growth and idle
+shrink), one row per slot: a prompt's draft rows are prefilled chunk by chunk as its prompt goes
+in (from position 0, also where the prefix cache copied the target's rows), rolled back with the
+target's on rejection, released with the slot. Its memory is not in ``kv_budget`` (a budget of
+positions; the draft's positions are the same ones): it adds the draft's KV bytes per position
+to each (``Speculator.draft_tokens_allocated``).
+
 KV memory (admission within ``kv_budget``, the cache growing and shrinking with the work) and the
 prefix cache are ``admission.KVMemory``'s; only this thread calls it. The request-side types
 (``SequenceHandle``, ``TokenEvent``, ``Reservation``, the refusals) are ``sequences.py``'s,
-imported here too. A little past 400 lines: the submitting side and the thread's loop and steps
-share one lock and one state.
+imported here too. About 500 lines: the submitting side and the thread's loop and steps share one
+lock and one state.
 """
 
 from __future__ import annotations
@@ -55,7 +64,7 @@ import numpy as np
 
 from ..errors import Gpt2EdgeError
 from ..runtime.sampling import log_softmax
-from ..runtime.speculative import Speculator
+from ..runtime.speculative import DraftModel, Speculator
 from ..runtime.types import Backend, can_verify
 from .admission import (
     DEFAULT_PREFIX_BLOCK,
@@ -78,6 +87,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_PREFILL_CHUNK",
+    "MAX_DRAFT_TOKENS",
     "MAX_PROMPT_LOOKUP",
     "QueueFullError",
     "Reservation",
@@ -92,6 +102,7 @@ log = logging.getLogger("gpt2_edge.serve")
 
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per step; ServeSettings.prefill_chunk
 MAX_PROMPT_LOOKUP = 32  # drafted tokens per step at most (ServeSettings.prompt_lookup, the request field)
+MAX_DRAFT_TOKENS = 32  # a draft model's tokens per step at most (ServeSettings.draft_tokens)
 
 
 class Scheduler:
@@ -120,11 +131,14 @@ class Scheduler:
         initial_capacity: int = INITIAL_CAPACITY,
         idle_shrink_s: float = 1.0,
         prompt_lookup: int = 0,
+        draft: DraftModel | None = None,
     ) -> None:
         """``kv_budget``: KV tokens (slots x tokens per slot) at most, None = ``max_batch`` x
         ``n_ctx``; at least ``n_ctx``. ``idle_shrink_s``: how long the scheduler is idle before
         its cache shrinks. ``prompt_lookup``: the drafted tokens per step at most of a request that
-        does not say (the app reads it; each sequence's own ``config.prompt_lookup`` decides)."""
+        does not say (the app reads it; each sequence's own ``config.prompt_lookup`` decides).
+        ``draft``: a draft model for every sequence (its cache beside the scheduler's; needs a
+        cache that rolls back)."""
         if max_batch < 1:
             raise Gpt2EdgeError(f"max_batch must be >= 1, got {max_batch}")
         if max_queue < 0:
@@ -152,6 +166,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.prompt_lookup = prompt_lookup
+        self.draft = draft
         self.metrics = metrics
         self._cond = threading.Condition()
         self._waiting: deque[SequenceHandle] = deque()
@@ -184,6 +199,13 @@ class Scheduler:
     def kv_tokens_allocated(self) -> int:
         """KV tokens allocated now (slots x tokens per slot; a concatenating cache: held)."""
         return self.kv.tokens_allocated
+
+    @property
+    def draft_kv_tokens_allocated(self) -> int:
+        """The draft model's KV tokens allocated now (its cache has the scheduler's cache's shape,
+        its context permitting); 0 without a draft model."""
+        spec = self._spec
+        return spec.draft_tokens_allocated if spec is not None else 0
 
     # the submitting side (any thread) -------------------------------------------------------
     @property
@@ -289,6 +311,8 @@ class Scheduler:
                     shrink = self._idle()
             if shrink:  # nothing to do for a while: give the memory back (out of the lock)
                 self.kv.shrink()
+                if self._spec is not None:
+                    self._spec.follow()  # the draft model's cache too
                 continue
             with self._cond:
                 while self._idle():
@@ -344,7 +368,12 @@ class Scheduler:
     # the scheduler thread's steps ----------------------------------------------------------------
     def _new_cache(self) -> None:
         cache = self.kv.new_cache()
-        self._spec = Speculator(cache) if can_verify(cache) else None
+        if self.draft is not None and not can_verify(cache):
+            raise Gpt2EdgeError(
+                "a draft model needs a KV cache that rolls back (an in-place bundle on ONNX Runtime); "
+                "this backend's concatenates"
+            )
+        self._spec = Speculator(cache, draft=self.draft) if can_verify(cache) else None
 
     def _admit(self, plans: list[Placement]) -> None:
         """Give each planned sequence its slot; the cache grows once for all of them and copies the
@@ -357,6 +386,8 @@ class Scheduler:
         heapq.heapify(self._free)
         self._n_active = len(self._active)
         self._prefilling.update(self.kv.admit(plans, self._active))
+        if self._spec is not None:
+            self._spec.follow()  # the draft model's cache grows with the scheduler's
 
     def _prefill_step(self) -> None:
         """Up to ``prefill_chunk`` prompt tokens (0: all), oldest admission first; a prompt whose
@@ -377,6 +408,7 @@ class Scheduler:
         for chunks, run in ((first, cache.prefill), (more, cache.extend)):
             if chunks:
                 logits.update(zip(chunks, run(list(chunks), list(chunks.values())), strict=True))
+        self._feed_draft([*first, *more])
         for slot, chunk in (*first.items(), *more.items()):
             self._prefilling[slot] += len(chunk)
             if self._prefilling[slot] == len(self._active[slot].state.prompt):
@@ -384,13 +416,28 @@ class Scheduler:
                 first_logits = logits[slot][None]
                 self._advance(slot, [self._active[slot].state.choose(first_logits[0])], first_logits)
 
+    def _feed_draft(self, slots: list[int]) -> None:
+        """The draft model prefills what the scheduler's cache now holds of these prompts, chunk by
+        chunk as they go in, so a long prompt's draft rows do not all go in within one decode step (a
+        prefix-cache hit's copied positions go in with its first chunk: the draft's cache keeps no
+        prefix cache). Only for sequences that may draft (a third token to emit at least)."""
+        cache = self.kv.cache
+        if self._spec is None or self.draft is None or cache is None:
+            return
+        feed = [s for s in slots if self._active[s].state.config.max_new_tokens > 2]
+        if feed:
+            states = [self._active[s].state for s in feed]
+            self._spec.feed_draft(feed, states, [cache.length(s) for s in feed])
+
     def _decode(self, slots: list[int]) -> None:
         cache = self.kv.cache
         assert cache is not None
         if self.metrics is not None:
             self.metrics.batch_occupancy.observe(len(slots))
         states = [self._active[s].state for s in slots]
-        if self._spec is not None and any(state.config.prompt_lookup for state in states):
+        if self._spec is not None and (
+            self.draft is not None or any(state.config.prompt_lookup for state in states)
+        ):
             for slot, r in zip(slots, self._spec.step(slots, states), strict=True):
                 self._advance(slot, r.tokens, r.logits, r.drafted)
         else:

@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import Gpt2EdgeError
 from ..runtime.backends import PROVIDERS
 from .admission import DEFAULT_PREFIX_CACHE_BLOCKS
-from .scheduler import DEFAULT_PREFILL_CHUNK, MAX_PROMPT_LOOKUP
+from .scheduler import DEFAULT_PREFILL_CHUNK, MAX_DRAFT_TOKENS, MAX_PROMPT_LOOKUP
 
 API_KEY_ENV = "GPT2_EDGE_API_KEY"  # the key where `ps` does not show it (CLI, `serve run`)
 
@@ -55,6 +55,12 @@ class ServeSettings:
     # up to this many tokens drafted per step from the prompt and the text so far, verified in one
     # pass (in-place bundles; others decode plainly). 0: off.
     prompt_lookup: int = 0
+    # Speculative decoding with a draft model for every request: a smaller bundle (same tokenizer,
+    # in-place KV cache; a path every replica sees) drafts up to draft_tokens tokens per step, run
+    # greedily on the CPU over its own cache of the server's cache's shape (beside the KV budget:
+    # its positions are the same ones, at its own bytes per position). None: off.
+    draft: str | None = None
+    draft_tokens: int = 4
     # limits and protection
     timeout_s: float = 300.0  # per request, from arrival to its last token
     max_body_bytes: int = 1 << 20
@@ -88,6 +94,7 @@ class ServeSettings:
             ("max_connections", 1, None),
             ("prefix_cache_blocks", 0, None),
             ("prompt_lookup", 0, MAX_PROMPT_LOOKUP),
+            ("draft_tokens", 1, MAX_DRAFT_TOKENS),
         ):
             self._count(name, low, high)
         for name in ("threads", "kv_budget"):
@@ -103,7 +110,13 @@ class ServeSettings:
             ("replica_cpus", 0.0, False),
         ):
             self._number(name, low, inclusive)
-        for name, optional in (("host", False), ("model_name", True), ("api_key", True), ("replica", True)):
+        for name, optional in (
+            ("host", False),
+            ("model_name", True),
+            ("api_key", True),
+            ("replica", True),
+            ("draft", True),
+        ):
             value = getattr(self, name)
             if value is None and optional:
                 continue
