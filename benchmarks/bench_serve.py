@@ -35,6 +35,8 @@ heldout.txt, a blank line, its first tokens) and, on the shipped model, ``self-q
 the model's own continuation, the passage again), greedy, ``--max-tokens`` new tokens (eos
 ignored). Reported: each round's output tokens/s of both and their ratio, the median ratio and its
 range, the drafted tokens accepted (/metrics), and whether the two servers' texts were identical.
+With ``--draft BUNDLE`` the speculating server also drafts with that model (``serve --draft``, up to
+``--draft-tokens``); ``--prompt-lookup 0 --draft BUNDLE`` measures the draft model alone.
 
 One file past 400 lines: the scenarios share the server process, the streaming client and the
 report, and a benchmark reads best top to bottom.
@@ -476,6 +478,8 @@ def bench_grounded(bundle: Path, args: argparse.Namespace) -> dict:
         for c in range(args.clients)
     ]
     lookup = ("--prompt-lookup", str(args.prompt_lookup))
+    if args.draft:
+        lookup += ("--draft", args.draft, "--draft-tokens", str(args.draft_tokens))
     servers = {m: Server(bundle, 16, args.threads, extra=x) for m, x in (("plain", ()), ("lookup", lookup))}
     rates: dict[str, list[float]] = {"plain": [], "lookup": []}
     texts: dict[str, list[str]] = {}
@@ -510,6 +514,7 @@ def bench_grounded(bundle: Path, args: argparse.Namespace) -> dict:
         "ratio_median": statistics.median(ratios),
         "acceptance": accepted / drafted if drafted else 0.0,
         "identical": texts["plain"] == texts["lookup"],
+        "draft": args.draft,
         "errors": 0,
     }
 
@@ -590,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--clients", type=int, default=4, help="concurrent streaming clients")
     g.add_argument("--prompt-lookup", type=int, default=8, help="the speculating server's --prompt-lookup")
     g.add_argument("--prompts", type=int, default=8, help="grounded prompts per workload")
+    g.add_argument("--draft", metavar="BUNDLE", help="the speculating server's draft model (serve --draft)")
+    g.add_argument("--draft-tokens", type=int, default=4, help="the speculating server's --draft-tokens")
     p.add_argument("--threads", type=int, default=2, help="server's ONNX Runtime threads")
     p.add_argument("--level-timeout", type=float, default=120.0, help="seconds one level (round) may take")
     p.add_argument("--json", help="also write the results here")
@@ -659,18 +666,21 @@ def main(argv: list[str] | None = None) -> int:
         results += [SimpleNamespace(**r) for r in prefix_rows]
     if args.scenario in ("grounded", "all"):
         g = bench_grounded(bundle, args)
+        spec = f"--prompt-lookup {args.prompt_lookup}" + (
+            f" --draft {Path(args.draft).name} --draft-tokens {args.draft_tokens}" if args.draft else ""
+        )
         print(
             f"\nbundle {bundle.name}: {g['clients']} streaming clients x {args.requests_per_client} requests "
             f"per round, {g['prompts']} grounded prompts, up to {args.max_tokens} new tokens each, greedy; "
-            f"plain vs --prompt-lookup {args.prompt_lookup}, {g['rounds']} rounds ABBA; server threads "
+            f"plain vs {spec}, {g['rounds']} rounds ABBA; server threads "
             f"{args.threads}, --max-batch 16\nmachine: {machine()}\n"
         )
-        print("| round | plain tok/s | prompt lookup tok/s | ratio |")
+        print("| round | plain tok/s | speculative tok/s | ratio |")
         print("|---:|---:|---:|---:|")
         for i, (a, b, q) in enumerate(zip(g["plain_tok_s"], g["lookup_tok_s"], g["ratios"], strict=True)):
             print(f"| {i + 1} | {a:.1f} | {b:.1f} | {q:.2f} |")
         print(
-            f"\nmedian tok/s: plain {statistics.median(g['plain_tok_s']):.1f}, prompt lookup "
+            f"\nmedian tok/s: plain {statistics.median(g['plain_tok_s']):.1f}, speculative "
             f"{statistics.median(g['lookup_tok_s']):.1f}; "
             f"median ratio {g['ratio_median']:.2f} (range {min(g['ratios']):.2f}-{max(g['ratios']):.2f}); "
             f"drafted tokens accepted {g['acceptance']:.0%}; texts identical: {g['identical']}"
