@@ -285,6 +285,7 @@ async def health(request: Request) -> JSONResponse:
         "kv_tokens_allocated": s.scheduler.kv_tokens_allocated,
         "kv_budget": s.scheduler.kv_budget,
         "draft_kv_tokens_allocated": s.scheduler.draft_kv_tokens_allocated,
+        "step_invariant": s.model.step_invariant,
         "replica": s.settings.replica,
     }
     return JSONResponse(body, status_code=200 if live else 503)

@@ -25,7 +25,7 @@ from ..runtime.backends import PROVIDERS
 from .connections import bind
 from .model import ServedModel
 from .scheduler import MAX_DRAFT_TOKENS
-from .settings import API_KEY_ENV, ServeSettings, SettingsError
+from .settings import API_KEY_ENV, STEP_INVARIANT, ServeSettings, SettingsError
 
 __all__ = ["API_KEY_ENV", "add_serve", "main", "register", "resolve_bundle", "run", "run_app"]
 
@@ -139,6 +139,16 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help=f"most tokens the draft model proposes per step, 1..{MAX_DRAFT_TOKENS} (with --draft; "
         f"default {d.draft_tokens}); fewer where its acceptance rate says so",
+    )
+    p.add_argument(
+        "--step-invariant",
+        choices=STEP_INVARIANT,
+        default=d.step_invariant,
+        help="compute attention as for a chunk in every pass, so a row's tokens are bitwise the same whether "
+        "it verifies drafts, decodes one token or is padded beside rows that verify: greedy speculation is "
+        "plain decoding, and a plain request never depends on a drafting neighbour (costs attention time, "
+        "more at long contexts); auto (default): on when --prompt-lookup or --draft is set and the bundle "
+        "has the input",
     )
     p.add_argument(
         "--api-key",
@@ -255,6 +265,7 @@ def _start_over_if_needed(args: argparse.Namespace) -> None:
         ("--prompt-lookup", args.prompt_lookup),
         ("--draft", args.draft),
         ("--draft-tokens", args.draft_tokens),
+        ("--step-invariant", args.step_invariant),
         ("--timeout", args.timeout),
         ("--max-body-bytes", args.max_body_bytes),
         ("--header-timeout", args.header_timeout),
@@ -328,6 +339,7 @@ def settings_from_args(args: argparse.Namespace, api_key: str | None) -> ServeSe
             prompt_lookup=args.prompt_lookup,
             draft=args.draft,
             draft_tokens=DEFAULTS.draft_tokens if args.draft_tokens is None else args.draft_tokens,
+            step_invariant=args.step_invariant,
             timeout_s=args.timeout,
             max_body_bytes=args.max_body_bytes,
             api_key=api_key,
@@ -392,6 +404,7 @@ def serve_uvicorn(bundle: Path, settings: ServeSettings, log_level: str = "info"
             name=settings.model_name,
             draft=settings.draft,
             draft_tokens=settings.draft_tokens,
+            step_invariant=settings.step_invariance(),
         )
         app = create_app(model, settings)
     except BaseException:
@@ -405,6 +418,7 @@ def serve_uvicorn(bundle: Path, settings: ServeSettings, log_level: str = "info"
         f"prefix cache {'on' if settings.prefix_cache else 'off'}, "
         f"prompt lookup {settings.prompt_lookup or 'off'}, "
         f"draft {f'{settings.draft} (up to {settings.draft_tokens} tokens)' if settings.draft else 'off'}, "
+        f"step invariance {'on' if model.step_invariant else 'off'}, "
         f"auth {'on' if settings.api_key else 'off'}",
         flush=True,
     )

@@ -62,6 +62,7 @@ class ServedModel:
         self.n_ctx = n_ctx
         self.name = name
         self.draft = draft
+        self.step_invariant: bool = bool(getattr(backend, "step_invariant", False))
         self.vocab_size: int = tokenizer.vocab_size
         # No text longer than this fits the context, whatever it tokenizes to: a prompt or a
         # /tokenize text is refused by its length before any tokenizing (a 1 MB body stays cheap).
@@ -84,6 +85,7 @@ class ServedModel:
         verify: bool = True,
         draft: str | Path | None = None,
         draft_tokens: int = 4,
+        step_invariant: bool | None = False,
         **options: Any,
     ) -> ServedModel:
         """Load and verify the bundle at ``path`` on ``provider`` (any of
@@ -92,13 +94,24 @@ class ServedModel:
 
         ``draft``: a smaller bundle with the same tokenizer and the in-place KV cache that drafts up
         to ``draft_tokens`` tokens per step for every request (on ONNX Runtime's CPU provider);
-        the target must roll back too (an in-place bundle on ONNX Runtime). Every refusal is one
-        ``Gpt2EdgeError`` that says what to change."""
+        the target must roll back too (an in-place bundle on ONNX Runtime). ``step_invariant``:
+        True = every pass computes attention as for a chunk (``OrtBackend``; refused where the
+        bundle cannot), None = so where the bundle can (an in-place bundle with the input, on the
+        CPU provider), False = off. Every refusal is one ``Gpt2EdgeError`` that says what to change."""
         if draft is not None and provider == ENGINE_PROVIDER:
             raise Gpt2EdgeError(
                 "a draft model (--draft) needs a target whose KV cache rolls back: the TensorRT engine's "
                 "concatenates (serve an in-place bundle on an ONNX Runtime provider)"
             )
+        if step_invariant is None:
+            step_invariant = provider == "cpu" and _has_step_invariant(path)
+        if step_invariant:
+            if provider != "cpu":
+                raise Gpt2EdgeError(
+                    f"step invariance is for in-place bundles on the cpu provider, not {provider!r}; "
+                    "use --step-invariant off (or auto)"
+                )
+            options["step_invariant"] = True
         backend: Any = load_backend(path, provider, threads=threads, verify=verify, **options)
         bundle = backend.bundle
         drafter = None
@@ -118,3 +131,13 @@ class ServedModel:
             name or bundle.path.name,
             draft=drafter,
         )
+
+
+def _has_step_invariant(path: str | Path) -> bool:
+    """Whether the bundle at ``path`` has the ``step_invariant`` input (read from its manifest)."""
+    from ..runtime.bundle import Bundle
+
+    try:
+        return any(s.name == "step_invariant" for s in Bundle.load(path, verify=False).inputs)
+    except Gpt2EdgeError:
+        return False  # load_backend reports what is wrong with the bundle

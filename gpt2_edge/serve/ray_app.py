@@ -99,6 +99,7 @@ class Gpt2EdgeReplica:
             name=s.model_name,
             draft=s.draft,
             draft_tokens=s.draft_tokens,
+            step_invariant=s.step_invariance(),
         )
         self.drain = drain
 

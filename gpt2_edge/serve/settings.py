@@ -17,6 +17,7 @@ from ..runtime.backends import PROVIDERS
 from .admission import DEFAULT_PREFIX_CACHE_BLOCKS
 from .scheduler import DEFAULT_PREFILL_CHUNK, MAX_DRAFT_TOKENS, MAX_PROMPT_LOOKUP
 
+STEP_INVARIANT = ("auto", "on", "off")
 API_KEY_ENV = "GPT2_EDGE_API_KEY"  # the key where `ps` does not show it (CLI, `serve run`)
 
 
@@ -61,6 +62,12 @@ class ServeSettings:
     # its positions are the same ones, at its own bytes per position). None: off.
     draft: str | None = None
     draft_tokens: int = 4
+    # Step invariance (runtime: OrtBackend's step_invariant): every pass computes attention as for
+    # a chunk, so a row's logits are bitwise the same whether it verifies a draft, decodes one
+    # token, or is padded beside rows that verify: greedy speculation is plain decoding, and a
+    # plain request never depends on a drafting neighbour. "auto": on when the server drafts for
+    # every request (prompt_lookup or draft) and the bundle has the input; "on": required; "off".
+    step_invariant: str = "auto"
     # limits and protection
     timeout_s: float = 300.0  # per request, from arrival to its last token
     max_body_bytes: int = 1 << 20
@@ -122,6 +129,10 @@ class ServeSettings:
                 continue
             if not isinstance(value, str) or not value:
                 raise SettingsError(name, f"must be a non-empty string, got {value!r}")
+        if self.step_invariant not in STEP_INVARIANT:
+            raise SettingsError(
+                "step_invariant", f"must be one of {', '.join(STEP_INVARIANT)}, got {self.step_invariant!r}"
+            )
         if self.provider not in PROVIDERS:
             raise SettingsError("provider", f"must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
         for name, what in (("cors_origins", "origins"), ("allowed_hosts", "host names")):
@@ -146,6 +157,13 @@ class ServeSettings:
         if value < low or (value == low and not inclusive):
             raise SettingsError(name, f"must be {'>=' if inclusive else '>'} {low:g}, got {value:g}")
         object.__setattr__(self, name, float(value))
+
+    def step_invariance(self) -> bool | None:
+        """What ``ServedModel.from_bundle`` is asked: True (required), False, or None (where the
+        bundle allows it): "auto" is on when every request is drafted for by default."""
+        if self.step_invariant != "auto":
+            return self.step_invariant == "on"
+        return None if (self.prompt_lookup or self.draft is not None) else False
 
     def replace(self, **changes: Any) -> ServeSettings:
         """A copy with ``changes``, checked again."""
