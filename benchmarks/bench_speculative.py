@@ -7,6 +7,8 @@ random GPT-2 124M-shaped weights (benchmarks/common.py). Workloads, per model:
   passage's first tokens, so a model that quotes continues with the passage; greedy.
 - ``self-quote`` (shipped model): a passage, the model's own greedy continuation of it, a blank line
   and the passage again: the continuation repeats text already in the prompt; greedy.
+- ``continue``: a held-out passage's first 32 tokens, greedy: a continuation that is not in the
+  prompt (what a draft model, ``--draft``, is for).
 - ``random``: random token ids, greedy (whatever the model does; a random model loops).
 - ``random-sampled``: random token ids, sampled at temperature 1 (same seed with and without):
   continuations with almost no n-gram match, the worst case for drafting.
@@ -18,7 +20,9 @@ medians of both rates, drafted tokens accepted, tokens per target pass, and whet
 was identical token for token.
 
     python -m benchmarks.bench_speculative [--models shipped,124m] [--rounds 5] [--new-tokens 64]
-        [--threads 2] [--prompt-lookup 8]
+        [--threads 2] [--prompt-lookup 8] [--draft BUNDLE [--draft-tokens 4]]
+
+With ``--draft`` the B side is the draft model (no prompt lookup) on the same target session.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ def workloads(gen, model: str, new: int, n_prompts: int) -> dict[str, tuple[list
     out: dict[str, tuple[list[list[int]], dict]] = {}
     quote = [ids[s : s + passage] + sep + ids[s : s + 5] for s in starts]
     out["quote"] = (quote, greedy)
+    out["continue"] = ([ids[s : s + 32] for s in starts], greedy)  # ungrounded: what a draft model is for
     if model == "shipped":
         p_len = max(8, (n_ctx - 2 * new - len(sep)) // 2)
         selfq = []
@@ -101,21 +106,32 @@ def bench_model(model: str, args: argparse.Namespace) -> list[dict]:
 
     path = shipped_bundle() if model == "shipped" else bundle_of(random_checkpoint("gpt2"))
     gen = Generator.from_bundle(str(path), threads=args.threads)
+    # B: prompt lookup, or (--draft) the draft model on the same session, no prompt lookup
+    gen_b, lookup_b = gen, args.prompt_lookup
+    if args.draft:
+        from gpt2_edge.runtime.drafters import DraftModel
+
+        draft = DraftModel.from_bundle(args.draft, args.draft_tokens, threads=args.threads).attach(
+            gen.backend.bundle
+        )
+        gen_b, lookup_b = Generator(gen.backend, gen.tokenizer, gen.eos_token_id, gen.n_ctx, draft=draft), 0
     rows = []
     for name, (prompts, fields) in workloads(gen, model, args.new_tokens, args.prompts).items():
         run(gen, prompts[:1], fields, 0)  # warm-up: first-run allocations and kernel choices
-        run(gen, prompts[:1], fields, args.prompt_lookup)
+        run(gen_b, prompts[:1], fields, lookup_b)
         ratios, rate_a, rate_b, identical = [], [], [], True
         total = dict(passes=0.0, drafted=0.0, accepted=0.0, emitted=0.0)
         t0 = time.perf_counter()
         for r in range(args.rounds):
             ta = sa = tb = sb = 0.0
             for p in prompts:
-                order = (0, args.prompt_lookup) if r % 2 == 0 else (args.prompt_lookup, 0)
+                order = ("a", "b") if r % 2 == 0 else ("b", "a")
                 got = {}
-                for lookup in order:
-                    got[lookup] = run(gen, [p], fields, lookup)
-                (n_a, s_a, ids_a, _), (n_b, s_b, ids_b, st) = got[0], got[args.prompt_lookup]
+                for which in order:
+                    got[which] = (
+                        run(gen, [p], fields, 0) if which == "a" else run(gen_b, [p], fields, lookup_b)
+                    )
+                (n_a, s_a, ids_a, _), (n_b, s_b, ids_b, st) = got["a"], got["b"]
                 ta, sa, tb, sb = ta + n_a, sa + s_a, tb + n_b, sb + s_b
                 identical &= ids_a == ids_b or bool(fields.get("do_sample"))
                 for k in total:
@@ -164,8 +180,15 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4, help="prompts per workload")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-lookup", type=int, default=8, help="most drafted tokens per step")
+    ap.add_argument("--draft", help="compare a draft model (this bundle) with plain decoding instead")
+    ap.add_argument("--draft-tokens", type=int, default=4)
     args = ap.parse_args()
-    print(f"prompt lookup {args.prompt_lookup}, {args.threads} threads, {args.rounds} rounds, batch 1")
+    b = (
+        f"draft {args.draft} ({args.draft_tokens} tokens)"
+        if args.draft
+        else f"prompt lookup {args.prompt_lookup}"
+    )
+    print(f"{b}, {args.threads} threads, {args.rounds} rounds, batch 1")
     print(HEAD, flush=True)
     rows = [r for m in args.models.split(",") for r in bench_model(m.strip(), args)]
     print("\n" + HEAD)
