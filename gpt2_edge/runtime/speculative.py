@@ -26,13 +26,21 @@ fits its slot, the slots one range; else a plain step); in a batch that width we
 tokens against the measured cost of a verifying pass per padded position (every row pays for the
 widest draft: where batching already uses the compute, as on a small CPU, drafting stops paying).
 
+A lone greedy sequence also watches the clock: where its drafting steps (draft model included)
+measure slower per emitted token than its plain steps, it stops drafting but for a probe every
+``GUARD_PROBE`` steps (its tokens do not depend on drafting; a sampled one keeps the token-only
+policy). That catches what the fixed cost model cannot see, e.g. a draft model whose passes are
+mostly fixed cost (a small target: README).
+
 Numerics: on ONNX Runtime's CPU provider a one-token step multiplies attention probabilities by V
 with MLAS's M = 1 kernel and a chunk of two or more tokens with its GEMM; they sum in another
 order, so a verified position's logits differ from a one-token step's in the last bits (fp32:
 ~2e-6 at 124M), which a variant that quantizes activations can turn into a quantization step.
-Chunks of any length agree with each other bitwise. Greedy speculative output therefore equals plain
-decoding except where the two best tokens are that close; measured on the shipped model (64-token
-continuations): fp32 72/72 identical, int8-dynamic 66/72, int8-weight 69/72, int4 71/72.
+Chunks of any length agree with each other bitwise. A backend made with ``step_invariant=True``
+gives every pass the GEMM (runtime.session): greedy speculative output then equals plain decoding
+bitwise, for every precision; without it, except where the two best tokens are that close
+(measured on the shipped model, 72 continuations of 64 tokens: fp32 72/72 identical, int8-dynamic
+71/72, int8-weight 70/72, int4 67/72; with it 72/72 each).
 
 A concatenating KV cache (``tensorrt`` target, the TensorRT engine, the PyTorch reference) cannot
 roll back: ``Speculator.step`` then runs plain steps. The server's scheduler calls ``step`` once
@@ -56,6 +64,8 @@ from .sequence import SequenceState
 from .types import KVCache, can_verify
 
 DRIFT = 0.02  # per plain batch step: how fast a measured pass cost returns to the prior
+GUARD_PROBE = 32  # a lone greedy sequence's steps between a drafting probe and a plain measure
+GUARD_MARGIN = 0.05  # drafting steps may cost this much more per token before they stop
 
 
 @dataclass
@@ -126,6 +136,7 @@ class Speculator:
     max_ngram: int = 3
     min_ngram: int = 1
     stats: SpeculationStats = field(default_factory=SpeculationStats)
+    clock: Any = None  # seconds for the lone greedy guard (default time.perf_counter)
 
     def __post_init__(self) -> None:
         self.can_verify = can_verify(self.cache)
@@ -135,6 +146,13 @@ class Speculator:
         # verified, so a batch that stopped drafting tries again now and then.
         self._plain_s: dict[int, float] = {}
         self.token_cost = TOKEN_COST
+        # A lone greedy sequence's seconds per emitted token over whole steps (drafting included),
+        # averaged apart for steps that drafted (True) and plain ones (False): the guard.
+        self._lone_s: dict[bool, float | None] = {True: None, False: None}
+        self._lone_seen = {True: 0, False: 0}  # the first of each is a warm-up (the draft's prefill)
+        self._lone_steps = 0
+        if self.clock is None:
+            self.clock = time.perf_counter
         self._rows: dict[int, _Row] = {}
         self._draft_cache: KVCache | None = None
         if self.draft is not None and self.can_verify:
@@ -197,7 +215,9 @@ class Speculator:
         """One target pass over ``slots``: each sequence's next tokens (at least one). ``choosers``:
         one per sequence (default: each state's own; ``iter_decode`` passes its batch's one)."""
         choosers = list(choosers) if choosers is not None else [s.chooser for s in states]
-        drafts = self._drafts(slots, states, choosers)
+        lone = len(slots) == 1 and not choosers[0].config.do_sample
+        t_step = self.clock()
+        drafts = self._drafts(slots, states, choosers, guard=lone)
         pending = [s.seen[-1] for s in states]
         self.stats.passes += 1
         t0 = time.perf_counter()
@@ -235,7 +255,29 @@ class Speculator:
             self.stats.accepted += accepted
             self.stats.tokens += len(tokens)
             out.append(StepResult(tokens, logits[i, : len(tokens)], len(d)))
+        if lone:
+            per_token, kind = (self.clock() - t_step) / len(out[0].tokens), bool(drafts[0])
+            self._lone_seen[kind] += 1
+            if not kind or self._lone_seen[kind] > 1:  # a first drafting step prefills the draft
+                seen = self._lone_s[kind]
+                self._lone_s[kind] = per_token if seen is None else KEEP * seen + (1 - KEEP) * per_token
         return out
+
+    def _guard(self) -> bool:
+        """Whether a lone greedy sequence may draft this step: not where its drafting steps measured
+        slower per token than its plain ones (but for a probe every ``GUARD_PROBE`` steps), and a
+        plain step now and then to keep that measure fresh. Drafting is measured first, then one
+        plain step."""
+        self._lone_steps += 1
+        probe = self._lone_steps % GUARD_PROBE == 0
+        drafting, plain = self._lone_s[True], self._lone_s[False]
+        if drafting is None:
+            return True  # measure drafting first
+        if plain is None:
+            return False  # then one plain step
+        if drafting > plain * (1 + GUARD_MARGIN):
+            return probe
+        return not probe
 
     # drafting ---------------------------------------------------------------------------------
     def _row(self, slot: int, state: SequenceState) -> _Row:
@@ -262,10 +304,14 @@ class Speculator:
         return self.draft.max_tokens if self._draft_cache is not None and self.draft else 0
 
     def _drafts(
-        self, slots: Sequence[int], states: Sequence[SequenceState], choosers: Sequence[TokenChooser]
+        self,
+        slots: Sequence[int],
+        states: Sequence[SequenceState],
+        choosers: Sequence[TokenChooser],
+        guard: bool = False,
     ) -> list[list[int]]:
         drafts: list[list[int]] = [[] for _ in slots]
-        if not self.can_verify:
+        if not self.can_verify or (guard and not self._guard()):
             return drafts
         plans: list[Plan] = []
         cost = self.draft.cost if self.draft is not None else 0.0  # one draft pass, in target passes

@@ -8,6 +8,7 @@ text equals detokenizing everything at every step.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 from collections import Counter
@@ -408,3 +409,37 @@ def test_incremental_text_equals_detokenizing_everything(tiny_tokenizer):
             if new.finished or old.reason:
                 break
         assert (new.text, new.finish_reason) == (old.text, old.reason)
+
+
+@pytest.mark.parametrize("verify_cost", [10.0, 1.0])
+def test_a_lone_greedy_sequence_stops_drafting_where_drafting_measures_slower(
+    make_bundle, tiny_tokenizer, monkeypatch, verify_cost
+):
+    """The guard times whole steps (here a fake clock: a plain step costs 1, a verifying pass
+    ``verify_cost``): where drafting costs more per token than plain steps, a lone greedy sequence
+    drafts only in probes; where it pays, it keeps drafting. The tokens are plain decoding's."""
+    import types
+
+    from gpt2_edge.runtime import kv_cache, speculative
+
+    gen = Generator.from_bundle(str(make_bundle(spec())), threads=1)
+    p = prompts(tiny_tokenizer.vocab_size)[4]  # 11 tokens: 50 new fit the tiny model's 64
+    cfg = GenerationConfig(max_new_tokens=50, ignore_eos=True)
+    plain = gen.generate(p, cfg)[0].token_ids
+    now = [0.0]
+    for name, cost in (("decode", 1.0), ("verify", verify_cost)):
+        real = getattr(kv_cache.InPlaceCache, name)
+
+        def timed(self, *a, _real=real, _cost=cost, **k):
+            now[0] += _cost
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(kv_cache.InPlaceCache, name, timed)
+    monkeypatch.setattr(speculative, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    r = gen.generate(p, dataclasses.replace(cfg, prompt_lookup=4))[0]
+    assert r.token_ids == plain
+    steps, drafted = r.timings["spec_passes"], r.timings["spec_drafted"]
+    if verify_cost > 1:  # two drafting steps measured, one plain, then probes every 32 steps only
+        assert r.timings["spec_verify_passes"] <= 2 + 1 + steps // 32
+    else:
+        assert r.timings["spec_verify_passes"] > steps // 2 and drafted > 20
