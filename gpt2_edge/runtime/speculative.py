@@ -26,11 +26,13 @@ fits its slot, the slots one range; else a plain step); in a batch that width we
 tokens against the measured cost of a verifying pass per padded position (every row pays for the
 widest draft: where batching already uses the compute, as on a small CPU, drafting stops paying).
 
-A lone greedy sequence also watches the clock: where its drafting steps (draft model included)
-measure slower per emitted token than its plain steps, it stops drafting but for a probe every
-``GUARD_PROBE`` steps (its tokens do not depend on drafting; a sampled one keeps the token-only
-policy). That catches what the fixed cost model cannot see, e.g. a draft model whose passes are
-mostly fixed cost (a small target: README).
+With a draft model, a lone greedy sequence also watches the clock: where its drafting steps
+(the draft's passes included) measure slower per emitted token than its plain steps (medians of
+the last few), it stops drafting but for a probe every ``GUARD_PROBE`` steps (its tokens do not
+depend on drafting; a sampled one keeps the token-only policy). That catches what the cost model,
+which weighs a draft pass by its share of weight bytes, cannot see: passes that are mostly fixed
+cost (a small target: README). Prompt lookup costs no pass and is not guarded (timing noise on a
+small model cost it more than it saved).
 
 Numerics: on ONNX Runtime's CPU provider a one-token step multiplies attention probabilities by V
 with MLAS's M = 1 kernel and a chunk of two or more tokens with its GEMM; they sum in another
@@ -49,7 +51,9 @@ per decode iteration in place of ``decode`` + ``choose`` (see ``Speculator``).
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +70,7 @@ from .types import KVCache, can_verify
 DRIFT = 0.02  # per plain batch step: how fast a measured pass cost returns to the prior
 GUARD_PROBE = 32  # a lone greedy sequence's steps between a drafting probe and a plain measure
 GUARD_MARGIN = 0.05  # drafting steps may cost this much more per token before they stop
+GUARD_SAMPLES = 8  # steps of each kind the guard's medians are over
 
 
 @dataclass
@@ -146,10 +151,11 @@ class Speculator:
         # verified, so a batch that stopped drafting tries again now and then.
         self._plain_s: dict[int, float] = {}
         self.token_cost = TOKEN_COST
-        # A lone greedy sequence's seconds per emitted token over whole steps (drafting included),
-        # averaged apart for steps that drafted (True) and plain ones (False): the guard.
-        self._lone_s: dict[bool, float | None] = {True: None, False: None}
-        self._lone_seen = {True: 0, False: 0}  # the first of each is a warm-up (the draft's prefill)
+        # With a draft model, a lone greedy sequence's seconds per emitted token over whole steps
+        # (drafting included), the last GUARD_SAMPLES apart for steps that drafted (True) and plain
+        # ones (False): the guard compares their medians.
+        self._lone_s: dict[bool, deque[float]] = {k: deque(maxlen=GUARD_SAMPLES) for k in (True, False)}
+        self._lone_seen = {True: 0, False: 0}  # the first drafting step is a warm-up (the draft's prefill)
         self._lone_steps = 0
         if self.clock is None:
             self.clock = time.perf_counter
@@ -217,6 +223,7 @@ class Speculator:
         choosers = list(choosers) if choosers is not None else [s.chooser for s in states]
         lone = len(slots) == 1 and not choosers[0].config.do_sample
         t_step = self.clock()
+        lone = lone and self._draft_cache is not None  # prompt lookup's drafts cost no pass
         drafts = self._drafts(slots, states, choosers, guard=lone)
         pending = [s.seen[-1] for s in states]
         self.stats.passes += 1
@@ -259,23 +266,22 @@ class Speculator:
             per_token, kind = (self.clock() - t_step) / len(out[0].tokens), bool(drafts[0])
             self._lone_seen[kind] += 1
             if not kind or self._lone_seen[kind] > 1:  # a first drafting step prefills the draft
-                seen = self._lone_s[kind]
-                self._lone_s[kind] = per_token if seen is None else KEEP * seen + (1 - KEEP) * per_token
+                self._lone_s[kind].append(per_token)
         return out
 
     def _guard(self) -> bool:
-        """Whether a lone greedy sequence may draft this step: not where its drafting steps measured
-        slower per token than its plain ones (but for a probe every ``GUARD_PROBE`` steps), and a
-        plain step now and then to keep that measure fresh. Drafting is measured first, then one
-        plain step."""
+        """Whether a lone greedy sequence with a draft model may draft this step: not where its
+        drafting steps measured slower per token than its plain ones (medians; but for a probe
+        every ``GUARD_PROBE`` steps), and a plain step now and then to keep that measure fresh.
+        Drafting is measured first, then two plain steps."""
         self._lone_steps += 1
         probe = self._lone_steps % GUARD_PROBE == 0
         drafting, plain = self._lone_s[True], self._lone_s[False]
-        if drafting is None:
-            return True  # measure drafting first
-        if plain is None:
-            return False  # then one plain step
-        if drafting > plain * (1 + GUARD_MARGIN):
+        if len(drafting) < 2:
+            return True
+        if len(plain) < 2:
+            return False
+        if statistics.median(drafting) > statistics.median(plain) * (1 + GUARD_MARGIN):
             return probe
         return not probe
 
