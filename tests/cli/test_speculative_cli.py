@@ -65,3 +65,16 @@ def test_bench_adds_a_prompt_lookup_row(make_bundle, capsys):
     assert [r["prompt_lookup"] for r in rows] == [0, 4]
     assert rows[1]["decode_b1"] > 0 and 0 <= rows[1]["acceptance"] <= 1
     assert main(["bench", bundle, "--prompt-lookup", "-2"]) == 2
+
+
+def test_generate_step_invariant(make_bundle, concat_bundle, capsys):
+    """`--step-invariant`: the same tokens as plain decoding (with prompt lookup too); a bundle
+    without the graph input is one line, exit 2."""
+    bundle = str(make_bundle(spec()))
+    plain, _ = generate(capsys, bundle)
+    for flags in (["--step-invariant"], ["--step-invariant", "--prompt-lookup", "4"]):
+        out, _ = generate(capsys, bundle, *flags)
+        assert out["token_ids"] == plain["token_ids"]
+    assert main(["generate", str(concat_bundle), "--prompt", PROMPT, "--step-invariant"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no `step_invariant` input" in lines[0], lines
