@@ -374,6 +374,7 @@ class _InPlaceBinding:
             self.io.bind_cpu_input("logits_to_keep", np.array(1, np.int64))
         if backend.has_step_invariant:
             self.io.bind_cpu_input("step_invariant", backend._invariant_feed)
+        self._io_all: Any = None  # run_all's binding, made at its first call
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Last-position logits ``(rows, V)`` (a view of the binding's own buffer: copy to keep)."""
@@ -383,19 +384,23 @@ class _InPlaceBinding:
         return self.logits[:, 0]
 
     def run_all(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """Logits at every position ``(rows, S, V)`` (perplexity, parity): a one-off binding."""
-        io = self.backend.session.io_binding()
+        """Logits at every position ``(rows, S, V)`` (perplexity, parity, speculative verification):
+        a second binding, made once, whose logits ONNX Runtime allocates at each run's shape."""
+        io = self._io_all
+        if io is None:
+            io = self._io_all = self.backend.session.io_binding()
+            if self.backend.has_logits_to_keep:
+                io.bind_cpu_input("logits_to_keep", np.array(0, np.int64))
+            if self.backend.has_step_invariant:
+                io.bind_cpu_input("step_invariant", self.backend._invariant_feed)
+            io.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
+            for past, present, value in zip(
+                self.backend.past_names, self.backend.present_names, self.values, strict=True
+            ):
+                io.bind_ortvalue_input(past, value)
+                io.bind_ortvalue_output(present, value)
         for name, value in feeds.items():
             io.bind_cpu_input(name, value)
-        if self.backend.has_logits_to_keep:
-            io.bind_cpu_input("logits_to_keep", np.array(0, np.int64))
-        if self.backend.has_step_invariant:
-            io.bind_cpu_input("step_invariant", self.backend._invariant_feed)
-        io.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
-        for past, present, value in zip(
-            self.backend.past_names, self.backend.present_names, self.values, strict=True
-        ):
-            io.bind_ortvalue_input(past, value)
-            io.bind_ortvalue_output(present, value)
+        io.bind_output("logits", "cpu")  # a fresh tensor each run (the last one's array keeps its own)
         self.backend.session.run_with_iobinding(io)
         return io.get_outputs()[0].numpy()
