@@ -81,3 +81,36 @@ class Run:
 
     def hits(self) -> float:
         return self.metrics.prefix_cache_lookups.labels(result="hit")._value.get()
+
+
+def first_multi_token_event(
+    gen: Generator, prompt: list[int], config: GenerationConfig, **scheduler
+) -> tuple[Run, int]:
+    """A dry run of one sequence through a one-slot scheduler (``**scheduler``: e.g. a draft), and
+    the index of its first event from a step that gave it several tokens."""
+    dry = Run(gen, max_batch=1, **scheduler)
+    steps: list[float] = []  # decode steps so far, at each event
+
+    def count(_event: TokenEvent) -> None:
+        steps.append(dry.metrics.batch_occupancy._sum.get())
+
+    dry.scheduler.start()
+    dry.scheduler.submit([dry.sequence("a", prompt, config, on_event=count)])
+    dry.wait(close=True)
+    return dry, next(i for i in range(1, len(steps)) if steps[i] == steps[i - 1]) - 1
+
+
+def cancel_at(run: Run, handle: SequenceHandle, name: str, events: int) -> None:
+    """Make ``handle`` (sequence ``name`` of ``run``) cancel itself at its ``events``-th event, as a
+    client that goes away then; ``run.wait`` no longer waits for it."""
+    deliver = handle.sink
+
+    def sink(event: TokenEvent) -> None:
+        deliver(event)
+        if len(run.events[name]) == events:
+            handle.cancel()
+            with run.done:
+                run.pending -= 1
+                run.done.notify_all()
+
+    handle.sink = sink

@@ -33,7 +33,7 @@ from gpt2_edge.runtime.sampling import GenerationConfig, openai_generation_confi
 from gpt2_edge.runtime.speculative import DraftModel  # noqa: E402
 from gpt2_edge.serve.app import ServedModel, ServeSettings, create_app  # noqa: E402
 from tests.bundles import ModelSpec, spec  # noqa: E402
-from tests.serve.helpers import Run  # noqa: E402
+from tests.serve.helpers import Run, cancel_at, first_multi_token_event  # noqa: E402
 from tests.serve.test_serve import Server, metric, post, stream  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -203,32 +203,10 @@ def test_a_sequence_cancelled_mid_step_frees_its_slot_and_draft_rows(gen, drafts
     rows are its own, not the cancelled one's)."""
     draft = drafts["same"]
     _, prompt, cfg = jobs(gen)[0]
-    dry = Run(gen, max_batch=1, draft=draft)
-    steps: list[float] = []  # decode steps so far, at each event
-    dry.scheduler.start()
-    dry.scheduler.submit(
-        [
-            dry.sequence(
-                "a", prompt, cfg, on_event=lambda e: steps.append(dry.metrics.batch_occupancy._sum.get())
-            )
-        ]
-    )
-    dry.wait(close=True)
-    first = next(i for i in range(1, len(steps)) if steps[i] == steps[i - 1]) - 1  # of a multi-token step
-
+    dry, first = first_multi_token_event(gen, prompt, cfg, draft=draft)
     run = Run(gen, max_batch=1, max_queue=4, draft=draft)
     cancelled = run.sequence("cancelled", prompt, cfg)
-    run_sink = cancelled.sink
-
-    def sink(event) -> None:
-        run_sink(event)
-        if len(run.events["cancelled"]) == first + 1:
-            cancelled.cancel()
-            with run.done:
-                run.pending -= 1
-                run.done.notify_all()
-
-    cancelled.sink = sink
+    cancel_at(run, cancelled, "cancelled", first + 1)
     _, nxt, nxt_cfg = jobs(gen)[2]
     run.scheduler.start()
     run.scheduler.submit([cancelled, run.sequence("next", nxt, nxt_cfg)])

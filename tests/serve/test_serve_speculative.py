@@ -19,7 +19,7 @@ pytest.importorskip("fastapi")
 
 from gpt2_edge.runtime.generator import Generator  # noqa: E402
 from gpt2_edge.runtime.sampling import GenerationConfig, log_softmax, openai_generation_config  # noqa: E402
-from tests.serve.helpers import Run  # noqa: E402
+from tests.serve.helpers import Run, cancel_at, first_multi_token_event  # noqa: E402
 from tests.serve.test_serve import joined, metric, post, serving, stream  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -231,32 +231,10 @@ def test_a_sequence_cancelled_mid_step_frees_its_slot_for_the_next(gen):
     """Cancelled at the first of several tokens one step gave it: no more events, its slot is free,
     and the sequence that takes the slot next gets plain decoding's tokens."""
     _, prompt, cfg = jobs(gen)[3]
-    dry = Run(gen, max_batch=1)
-    steps: list[float] = []  # decode steps so far, at each event
-    dry.scheduler.start()
-    dry.scheduler.submit(
-        [
-            dry.sequence(
-                "a", prompt, cfg, on_event=lambda e: steps.append(dry.metrics.batch_occupancy._sum.get())
-            )
-        ]
-    )
-    dry.wait(close=True)
-    first = next(i for i in range(1, len(steps)) if steps[i] == steps[i - 1]) - 1  # of a multi-token step
-
+    _, first = first_multi_token_event(gen, prompt, cfg)
     run = Run(gen, max_batch=1, max_queue=4)
     cancelled = run.sequence("cancelled", prompt, cfg)
-    run_sink = cancelled.sink
-
-    def sink(event) -> None:
-        run_sink(event)
-        if len(run.events["cancelled"]) == first + 1:
-            cancelled.cancel()
-            with run.done:
-                run.pending -= 1
-                run.done.notify_all()
-
-    cancelled.sink = sink
+    cancel_at(run, cancelled, "cancelled", first + 1)
     nxt = jobs(gen)[4]
     run.scheduler.start()
     run.scheduler.submit([cancelled, run.sequence("next", nxt[1], nxt[2])])
