@@ -221,9 +221,9 @@ class Speculator:
         """One target pass over ``slots``: each sequence's next tokens (at least one). ``choosers``:
         one per sequence (default: each state's own; ``iter_decode`` passes its batch's one)."""
         choosers = list(choosers) if choosers is not None else [s.chooser for s in states]
-        lone = len(slots) == 1 and not choosers[0].config.do_sample
+        # the guard: a lone greedy sequence with a draft model (prompt lookup's drafts cost no pass)
+        lone = len(slots) == 1 and self._draft_cache is not None and not choosers[0].config.do_sample
         t_step = self.clock()
-        lone = lone and self._draft_cache is not None  # prompt lookup's drafts cost no pass
         drafts = self._drafts(slots, states, choosers, guard=lone)
         pending = [s.seen[-1] for s in states]
         self.stats.passes += 1
