@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 
 from gpt2_edge.runtime.generator import Generator
-from gpt2_edge.runtime.sampling import GenerationConfig
+from gpt2_edge.runtime.sampling import GenerationConfig, openai_generation_config
 from gpt2_edge.serve.metrics import Metrics
 from gpt2_edge.serve.scheduler import Scheduler, SequenceHandle, TokenEvent
 
@@ -114,3 +115,24 @@ def cancel_at(run: Run, handle: SequenceHandle, name: str, events: int) -> None:
                 run.done.notify_all()
 
     handle.sink = sink
+
+
+def alone_and_beside(
+    gen: Generator, prompt: list[int], config: GenerationConfig, others: list[list[int]], **scheduler
+) -> tuple[Run, Run]:
+    """Sequence "s" through its own scheduler (``**scheduler``) alone, then beside ``others``:
+    greedy and sampled requests of other lengths, some drafting by prompt lookup."""
+    runs = []
+    for beside in ([], others):
+        run = Run(gen, max_batch=len(others) + 1, **scheduler)
+        run.scheduler.start()
+        seqs = [run.sequence("s", prompt, config)]
+        for i, q in enumerate(beside):
+            c = openai_generation_config(
+                max_tokens=20 + i, temperature=0.9 * (i % 2), seed=i, ignore_eos=True
+            )
+            seqs.append(run.sequence(f"o{i}", q, dataclasses.replace(c, prompt_lookup=3 * (i % 3))))
+        run.scheduler.submit(seqs)
+        run.wait(close=True)
+        runs.append(run)
+    return runs[0], runs[1]

@@ -33,7 +33,7 @@ from gpt2_edge.runtime.sampling import GenerationConfig, openai_generation_confi
 from gpt2_edge.runtime.speculative import DraftModel  # noqa: E402
 from gpt2_edge.serve.app import ServedModel, ServeSettings, create_app  # noqa: E402
 from tests.bundles import ModelSpec, spec  # noqa: E402
-from tests.serve.helpers import Run, cancel_at, first_multi_token_event  # noqa: E402
+from tests.serve.helpers import Run, alone_and_beside, cancel_at, first_multi_token_event  # noqa: E402
 from tests.serve.test_serve import Server, metric, post, stream  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -174,27 +174,15 @@ def test_a_seeded_sampled_sequence_is_the_same_alone_and_in_any_batch(gen, draft
     vocab = gen.tokenizer.vocab_size
     p = prompts(vocab, seed=3)[1]
     cfg = openai_generation_config(max_tokens=30, temperature=0.8, seed=11, ignore_eos=True)
-    runs = []
-    for others in (0, 5):
-        run = Run(gen, max_batch=6, draft=drafts["same"])
-        run.scheduler.start()
-        seqs = [run.sequence("s", p, cfg)]
-        for i, q in enumerate(prompts(vocab, seed=4)[:others]):
-            c = openai_generation_config(
-                max_tokens=20 + i, temperature=0.9 * (i % 2), seed=i, ignore_eos=True
-            )
-            seqs.append(run.sequence(f"o{i}", q, dataclasses.replace(c, prompt_lookup=3 * (i % 3))))
-        run.scheduler.submit(seqs)
-        run.wait(close=True)
-        runs.append(run)
-    assert runs[0].tokens["s"] == runs[1].tokens["s"]
-    m = runs[1].metrics
+    alone, beside = alone_and_beside(gen, p, cfg, prompts(vocab, seed=4)[:5], draft=drafts["same"])
+    assert alone.tokens["s"] == beside.tokens["s"]
+    m = beside.metrics
     assert 0 < m.spec_accepted_tokens._value.get() < m.spec_drafted_tokens._value.get()
     again = Run(gen, max_batch=2, draft=drafts["same"])
     again.scheduler.start()
     again.scheduler.submit([again.sequence("s", p, cfg)])
     again.wait(close=True)
-    assert again.tokens["s"] == runs[0].tokens["s"]
+    assert again.tokens["s"] == alone.tokens["s"]
 
 
 def test_a_sequence_cancelled_mid_step_frees_its_slot_and_draft_rows(gen, drafts):

@@ -19,7 +19,7 @@ pytest.importorskip("fastapi")
 
 from gpt2_edge.runtime.generator import Generator  # noqa: E402
 from gpt2_edge.runtime.sampling import GenerationConfig, log_softmax, openai_generation_config  # noqa: E402
-from tests.serve.helpers import Run, cancel_at, first_multi_token_event  # noqa: E402
+from tests.serve.helpers import Run, alone_and_beside, cancel_at, first_multi_token_event  # noqa: E402
 from tests.serve.test_serve import joined, metric, post, serving, stream  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -127,21 +127,9 @@ def test_a_seeded_sampled_sequence_is_the_same_alone_and_in_any_batch(gen):
     cfg = dataclasses.replace(
         openai_generation_config(max_tokens=30, temperature=0.7, seed=11, ignore_eos=True), prompt_lookup=5
     )
-    runs = []
-    for others in (0, 4):
-        run = Run(gen, max_batch=5)
-        run.scheduler.start()
-        seqs = [run.sequence("s", p, cfg)]
-        for i, q in enumerate(prompts(vocab, seed=4)[:others]):
-            c = openai_generation_config(
-                max_tokens=20 + i, temperature=0.9 * (i % 2), seed=i, ignore_eos=True
-            )
-            seqs.append(run.sequence(f"o{i}", q, dataclasses.replace(c, prompt_lookup=3 * (i % 3))))
-        run.scheduler.submit(seqs)
-        run.wait(close=True)
-        runs.append(run)
-    assert runs[0].tokens["s"] == runs[1].tokens["s"]
-    assert runs[1].metrics.spec_drafted_tokens._value.get() > 0
+    alone, beside = alone_and_beside(gen, p, cfg, prompts(vocab, seed=4)[:4])
+    assert alone.tokens["s"] == beside.tokens["s"]
+    assert beside.metrics.spec_drafted_tokens._value.get() > 0
 
 
 # HTTP: the request field, the server default, streaming, usage, metrics ---------------------------
