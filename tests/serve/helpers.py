@@ -6,10 +6,24 @@ import dataclasses
 import threading
 from collections.abc import Callable
 
+import pytest
+
 from gpt2_edge.runtime.generator import Generator
 from gpt2_edge.runtime.sampling import GenerationConfig, openai_generation_config
 from gpt2_edge.serve.metrics import Metrics
 from gpt2_edge.serve.scheduler import Scheduler, SequenceHandle, TokenEvent
+
+# The scheduler shapes served-equals-Generator tests run through: whole prompts, chunked prefill,
+# and a cache that starts small and grows within a budget of two contexts, with the prefix cache.
+SCHEDULER_SHAPES = pytest.mark.parametrize(
+    "scheduler",
+    [
+        {"prefill_chunk": 0},
+        {"prefill_chunk": 5},
+        {"prefill_chunk": 5, "initial_capacity": 8, "kv_budget": 128, "prefix_block": 4},
+    ],
+    ids=["whole", "chunked", "budget"],
+)
 
 
 class Run:

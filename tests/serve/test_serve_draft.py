@@ -33,7 +33,7 @@ from gpt2_edge.runtime.sampling import GenerationConfig, openai_generation_confi
 from gpt2_edge.runtime.speculative import DraftModel  # noqa: E402
 from gpt2_edge.serve.app import ServedModel, ServeSettings, create_app  # noqa: E402
 from tests.bundles import ModelSpec, spec  # noqa: E402
-from tests.serve.helpers import Run, alone_and_beside, cancel_at, first_multi_token_event  # noqa: E402
+from tests.serve.helpers import SCHEDULER_SHAPES, Run, alone_and_beside, cancel_at, first_multi_token_event  # noqa: E402
 from tests.serve.test_serve import Server, metric, post, stream  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -107,16 +107,7 @@ def check_draft_rows(run: Run, draft: DraftModel) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("name", ["same", "other"])
-@pytest.mark.parametrize(
-    "scheduler",
-    [
-        {"prefill_chunk": 0},
-        {"prefill_chunk": 5},
-        # a cache that starts small and grows within a budget of two contexts, and the prefix cache
-        {"prefill_chunk": 5, "initial_capacity": 8, "kv_budget": 128, "prefix_block": 4},
-    ],
-    ids=["whole", "chunked", "budget"],
-)
+@SCHEDULER_SHAPES
 def test_served_greedy_with_a_draft_equals_the_generator_with_it(gen, drafts, name, scheduler):
     """Eight sequences through three slots, joining and leaving, drafted by the model (and by prompt
     lookup where they ask): the tokens, text and finish of ``Generator`` with the same draft, which

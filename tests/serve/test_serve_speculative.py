@@ -19,7 +19,7 @@ pytest.importorskip("fastapi")
 
 from gpt2_edge.runtime.generator import Generator  # noqa: E402
 from gpt2_edge.runtime.sampling import GenerationConfig, log_softmax, openai_generation_config  # noqa: E402
-from tests.serve.helpers import Run, alone_and_beside, cancel_at, first_multi_token_event  # noqa: E402
+from tests.serve.helpers import SCHEDULER_SHAPES, Run, alone_and_beside, cancel_at, first_multi_token_event  # noqa: E402
 from tests.serve.test_serve import joined, metric, post, serving, stream  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -55,16 +55,7 @@ def plain(gen: Generator, prompt: list[int], cfg: GenerationConfig):
     return gen.generate(prompt, dataclasses.replace(cfg, prompt_lookup=0))[0]
 
 
-@pytest.mark.parametrize(
-    "scheduler",
-    [
-        {"prefill_chunk": 0},
-        {"prefill_chunk": 5},
-        # a cache that starts small and grows within a budget of two contexts, and the prefix cache
-        {"prefill_chunk": 5, "initial_capacity": 8, "kv_budget": 128, "prefix_block": 4},
-    ],
-    ids=["whole", "chunked", "budget"],
-)
+@SCHEDULER_SHAPES
 def test_served_greedy_with_prompt_lookup_equals_plain_generator(gen, scheduler):
     """Seven sequences through three slots, joining and leaving, each drafting up to its own k: the
     tokens, the joined pieces, the finish and the log-probabilities are plain decoding's."""
