@@ -162,7 +162,7 @@ class OrtBackend:
         trt_max_context: int | None = None,
         session_config: dict[str, str] | None = None,
         map_weights: bool | None = None,
-        step_invariant: bool = False,
+        step_invariant: bool | None = False,
     ) -> None:
         """``provider``: cpu | cuda | tensorrt | auto. ``session_config``: ONNX Runtime session
         config entries over this precision's defaults (``SESSION_DEFAULTS``), e.g.
@@ -172,7 +172,8 @@ class OrtBackend:
         the session lives: bundles are replaced whole, by rename). ``step_invariant``: every pass
         computes attention as a chunk does, so a position's logits are bitwise the same decoded
         alone, verified in a speculative chunk or beside other rows' chunks (in-place bundles with
-        the ``step_invariant`` input; slower at long contexts: README).
+        the ``step_invariant`` input; slower at long contexts: README); None: so where the bundle
+        has the input.
         TensorRT engines are cached under
         ``trt_cache_dir`` (default ``BUNDLE/engines/ort-trt-cache``), keyed by GPU, TensorRT and
         ONNX Runtime versions and shape ranges, because they are built for the GPU they run on;
@@ -192,6 +193,8 @@ class OrtBackend:
                 "`--target tensorrt`"
             )
         self.has_step_invariant = any(s.name == "step_invariant" for s in bundle.inputs)
+        if step_invariant is None:
+            step_invariant = self.has_step_invariant
         if step_invariant and not self.has_step_invariant:
             raise Gpt2EdgeError(
                 f"{bundle.path} cannot decode step-invariantly: its graph has no `step_invariant` input "

@@ -103,15 +103,13 @@ class ServedModel:
                 "a draft model (--draft) needs a target whose KV cache rolls back: the TensorRT engine's "
                 "concatenates (serve an in-place bundle on an ONNX Runtime provider)"
             )
-        if step_invariant is None:
-            step_invariant = provider == "cpu" and _has_step_invariant(path)
-        if step_invariant:
-            if provider != "cpu":
-                raise Gpt2EdgeError(
-                    f"step invariance is for in-place bundles on the cpu provider, not {provider!r}; "
-                    "use --step-invariant off (or auto)"
-                )
-            options["step_invariant"] = True
+        if step_invariant and provider != "cpu":
+            raise Gpt2EdgeError(
+                f"step invariance is for in-place bundles on the cpu provider, not {provider!r}; "
+                "use --step-invariant off (or auto)"
+            )
+        if provider == "cpu" and step_invariant is not False:
+            options["step_invariant"] = step_invariant  # None: OrtBackend's "where the bundle has it"
         backend: Any = load_backend(path, provider, threads=threads, verify=verify, **options)
         bundle = backend.bundle
         drafter = None
@@ -131,13 +129,3 @@ class ServedModel:
             name or bundle.path.name,
             draft=drafter,
         )
-
-
-def _has_step_invariant(path: str | Path) -> bool:
-    """Whether the bundle at ``path`` has the ``step_invariant`` input (read from its manifest)."""
-    from ..runtime.bundle import Bundle
-
-    try:
-        return any(s.name == "step_invariant" for s in Bundle.load(path, verify=False).inputs)
-    except Gpt2EdgeError:
-        return False  # load_backend reports what is wrong with the bundle
