@@ -1,6 +1,7 @@
 """gpt2-edge: GPT-2 from a PyTorch checkpoint to ONNX, quantized variants and a torch-free runtime.
 
-``from gpt2_edge import Generator, GenerationConfig`` is the runtime's front door. The names are
+``from gpt2_edge import Generator, GenerationConfig`` is the runtime's front door (``load_model``
+gives the ``Model`` it, the server and every command build on). The names are
 loaded on first use, so importing the package costs nothing and never pulls in torch.
 """
 
@@ -20,12 +21,24 @@ _LAZY = {
     "GenerationConfig": "gpt2_edge.runtime.sampling",
     "Bundle": "gpt2_edge.runtime.bundle",
     "Tokenizer": "gpt2_edge.runtime.tokenizer",
+    "Model": "gpt2_edge.runtime.loader",
+    "load_model": "gpt2_edge.runtime.loader",
 }
-__all__ = ["DEFAULT_MODEL_DIR", "Bundle", "GenerationConfig", "Generator", "Tokenizer", "__version__"]
+__all__ = [
+    "DEFAULT_MODEL_DIR",
+    "Bundle",
+    "GenerationConfig",
+    "Generator",
+    "Model",
+    "Tokenizer",
+    "__version__",
+    "load_model",
+]
 
 if TYPE_CHECKING:
     from .runtime.bundle import Bundle
     from .runtime.generator import Generator
+    from .runtime.loader import Model, load_model
     from .runtime.sampling import GenerationConfig
     from .runtime.tokenizer import Tokenizer
 

@@ -69,8 +69,8 @@ def measure(path: str, cfg: BenchConfig) -> BenchResult:
     options = {"session_config": cfg.session_config} if cfg.session_config else {}  # ONNX Runtime's
     gen = Generator.from_bundle(path, provider=cfg.provider, threads=cfg.threads, verify=False, **options)
     load_s = time.perf_counter() - t0
-    bundle = gen.backend.bundle
-    n_ctx, vocab = gen.n_ctx, bundle.dims["vocab_size"]
+    bundle = gen.model.bundle
+    n_ctx, vocab = gen.n_ctx, bundle.dims.vocab_size
     new = min(cfg.new_tokens, n_ctx // 2)
     rng = np.random.default_rng(0)
 
@@ -96,8 +96,7 @@ def measure(path: str, cfg: BenchConfig) -> BenchResult:
     b1, b1_acceptance = rate([prompt(short)])
     bb = rate([prompt(short) for _ in range(cfg.batch)])[0]
     lc = rate([prompt(ctx)])[0]
-    files = bundle.manifest["files"]
-    mib = sum(f["bytes"] for n, f in files.items() if n.startswith(bundle.manifest["model_file"])) / 2**20
+    mib = bundle.manifest.model_bytes() / 2**20
     return BenchResult(
         bundle=str(path),
         precision=bundle.precision,

@@ -146,7 +146,7 @@ def run_demo(
     bundle = export_bundle(
         plan.source, plan.outputs["fp32"], target="ort", overwrite=True, log=log.append, progress=progress
     )
-    exported = Exported(bundle, log, Bundle.load(bundle, verify=False).manifest["validation"])
+    exported = Exported(bundle, log, Bundle.load(bundle, verify=False).manifest.validation)
     on_step(exported)
 
     variants: dict[str, Variant] = {}
@@ -197,5 +197,5 @@ def _first_difference(ids: Sequence[int], base: Sequence[int]) -> int | None:
 
 
 def _mib(bundle: Path) -> float:
-    files = Bundle.load(bundle, verify=False).manifest["files"].values()
-    return sum(f["bytes"] for f in files) / 2**20
+    files = Bundle.load(bundle, verify=False).manifest.files.values()
+    return sum(f.bytes for f in files) / 2**20

@@ -71,7 +71,8 @@ def _made_from(model: str | None) -> str | None:
     """The fp32 bundle a quantized bundle was made from, when it is still here."""
     if not is_bundle(model):
         return None
-    made_from = (Bundle.load(model, verify=False).manifest.get("quantization") or {}).get("from")
+    quantization = Bundle.load(model, verify=False).manifest.quantization
+    made_from = quantization.source if quantization is not None else None
     return made_from if made_from and is_bundle(made_from) else None
 
 

@@ -20,18 +20,18 @@ def run(args: argparse.Namespace) -> int:
     b = Bundle.load(args.bundle)
     m = b.manifest
     if args.json:
-        print(json.dumps(m, indent=2))
+        print(json.dumps(m.to_dict(), indent=2))
         return 0
     d = b.dims
-    print(f"bundle {b.path}  (schema {m['schema_version']}, target {b.target}, precision {b.precision})")
+    print(f"bundle {b.path}  (schema {m.schema_version}, target {b.target}, precision {b.precision})")
     print(
-        f"model  {d['n_layer']} layers, {d['n_embd']} wide, {d['n_head']} heads x {d['head_size']}, "
-        f"vocab {d['vocab_size']}, context {d['n_positions']}"
+        f"model  {d.n_layer} layers, {d.n_embd} wide, {d.n_head} heads x {d.head_size}, "
+        f"vocab {d.vocab_size}, context {d.n_positions}"
     )
-    total = sum(f["bytes"] for f in m["files"].values())
+    total = sum(f.bytes for f in m.files.values())
     print(f"files  ({total / 2**20:.1f} MiB)")
-    for name, f in m["files"].items():
-        print(f"  {name:<22} {f['bytes'] / 2**20:>9.2f} MiB  sha256 {f['sha256'][:16]}")
+    for name, f in m.files.items():
+        print(f"  {name:<22} {f.bytes / 2**20:>9.2f} MiB  sha256 {f.sha256[:16]}")
     print("inputs")
     for s in b.inputs[:5]:
         print(f"  {s.name:<28} {s.dtype:<8} {list(s.shape)}")
@@ -42,22 +42,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {s.name:<28} {s.dtype:<8} {list(s.shape)}")
     if len(b.outputs) > 3:
         print(f"  ... {len(b.outputs) - 3} more present.*")
-    g = m.get("graph", {})
+    g = m.graph
     if g:
         census = ", ".join(f"{k} {v}" for k, v in list(g["op_census"].items())[:12])
         print(f"ops    {census}{' ...' if len(g['op_census']) > 12 else ''}")
         print(f"fused  {g.get('fused_ops') or 'none'}")
-    v = m.get("validation")
+    v = m.validation
     if v:
         print(
             f"parity ({v['tolerance']}): max |dlogits| {v['max_abs_logits']:.2e}, max |dpresent| "
             f"{v['max_abs_present']:.2e}, top-1 {100 * v['top1_agreement']:.2f}%, greedy identical "
             f"{v['greedy_identical']}, {v['positions_compared']} positions, passed {v['passed']}"
         )
-    if m.get("accuracy"):
-        print(f"accuracy {m['accuracy']}")
-    made = m.get("made_by", {})
-    print(f"made   {made.get('exporter', '')} opset {made.get('opset', '')}; {made.get('graph', '')}")
-    print("with   " + ", ".join(f"{k} {v}" for k, v in m.get("producers", {}).items()))
-    print(f"gen    eos {m['generation']['eos_token_id']}, context {m['generation']['context_length']}")
+    if m.accuracy:
+        print(f"accuracy {m.accuracy}")
+    made = m.made_by
+    print(f"made   {made.exporter} opset {made.opset}; {made.graph}")
+    print("with   " + ", ".join(f"{k} {v}" for k, v in m.producers.items()))
+    print(f"gen    eos {m.generation.eos_token_id}, context {m.generation.context_length}")
     return 0

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from ..model.checkpoint import load_checkpoint  # imports torch
 
     b = Bundle.load(args.bundle)
-    source = args.model or b.manifest.get("made_by", {}).get("source")
+    source = args.model or b.manifest.made_by.source
     if args.model is None and (source is None or not Path(source).is_dir()):
         raise Gpt2EdgeError(f"the bundle's source checkpoint {source!r} is not here; pass MODEL")
     check_same_dims(b, source)

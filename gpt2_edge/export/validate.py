@@ -25,6 +25,7 @@ from ..model.checkpoint import resolve_model_dir
 from ..model.config import GPTConfig
 from ..model.gpt import GPT
 from ..runtime.bundle import Bundle
+from ..runtime.manifest import SCHEMA_VERSION, GenerationInfo, Manifest, ModelDims
 from ..runtime.session import OrtBackend
 from ..runtime.types import left_pad
 from ..tolerances import TOLERANCES
@@ -101,8 +102,8 @@ def check_same_dims(bundle: Bundle, source: str | Path) -> None:
     message would be about a missing input name or a shape)."""
     config = GPTConfig.load(resolve_model_dir(source))
     keys = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")
-    dims = bundle.dims
-    differ = [f"{k} {dims[k]} vs {getattr(config, k)}" for k in keys if dims[k] != getattr(config, k)]
+    pairs = {k: (getattr(bundle.dims, k), getattr(config, k)) for k in keys}
+    differ = [f"{k} {ours} vs {theirs}" for k, (ours, theirs) in pairs.items() if ours != theirs]
     if differ:
         raise Gpt2EdgeError(
             f"{bundle.path} was not exported from {source}: their dims differ (bundle vs checkpoint: "
@@ -274,29 +275,20 @@ def _backend(path: Path, c: GPTConfig, kv_dtype: str, kv_cache: str) -> OrtBacke
 
     names = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
     keep, invariant = "logits_to_keep" in names, "step_invariant" in names
-    dims = c.bundle_dims()
-    io = {
-        "inputs": [
-            s.as_dict()
-            for s in contract.inputs(c.n_layer, c.n_head, c.head_size, kv_dtype, kv_cache, keep, invariant)
-        ],
-        "outputs": [
-            s.as_dict()
-            for s in contract.outputs(
-                c.n_layer, c.n_head, c.head_size, c.vocab_size, kv_dtype, kv_cache, keep
-            )
-        ],
-    }
-    manifest = {
-        "model_file": path.name,
-        "model": dims,
-        "io": io,
-        "kv_cache": kv_cache,
-        "kv_dtype": kv_dtype,
-        "precision": "fp32" if kv_dtype == "float32" else "fp16",
-        "target": "ort",
-        "generation": {"eos_token_id": c.eos_token_id, "context_length": c.n_positions},
-    }
+    dims = (c.n_layer, c.n_head, c.head_size)
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        model_file=path.name,
+        model=ModelDims(**c.bundle_dims()),
+        inputs=tuple(contract.inputs(*dims, kv_dtype, kv_cache, keep, invariant)),
+        outputs=tuple(contract.outputs(*dims, c.vocab_size, kv_dtype, kv_cache, keep)),
+        files={},  # not a bundle on disk: nothing to verify
+        generation=GenerationInfo(c.eos_token_id, c.n_positions),
+        precision="fp32" if kv_dtype == "float32" else "fp16",
+        target="ort",
+        kv_cache=kv_cache,
+        kv_dtype=kv_dtype,
+    )
     import warnings
 
     with warnings.catch_warnings():  # the fp16-on-CPU speed warning

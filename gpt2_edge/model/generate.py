@@ -11,17 +11,27 @@ from ..runtime.generator import GenerationResult, decode
 from ..runtime.kv_cache import ConcatCache
 from ..runtime.sampling import GenerationConfig
 from ..runtime.tokenizer import Tokenizer
+from ..runtime.types import Capabilities
 from .gpt import GPT
 
 
 class TorchBackend:
     """The reference model as a backend: concatenating KV cache, tensors kept in torch."""
 
+    capabilities = Capabilities(provider="torch")
+    bundle = None  # not read from a bundle
+
     def __init__(self, model: GPT) -> None:
         self.model = model.eval()
         c = model.config
         self.pad_id = c.eos_token_id if c.eos_token_id < c.vocab_size else 0
         self.n_head, self.head_size = c.n_head, c.head_size
+        self.n_ctx = c.n_positions
+
+    @torch.no_grad()
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """Full-sequence logits ``(B, T, V)``."""
+        return self.model(torch.from_numpy(np.asarray(input_ids, np.int64)))[0].float().numpy()
 
     def new_cache(self, n_slots: int, capacity: int) -> ConcatCache:
         return ConcatCache(self, n_slots, capacity)

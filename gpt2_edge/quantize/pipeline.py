@@ -110,7 +110,7 @@ def quantize_bundle(
             "fp32 (it casts around most kernels). The gate below runs on the CPU all the same."
         )
 
-    data = base.path / (base.manifest["model_file"] + ".data")
+    data = base.path / (base.manifest.model_file + ".data")
     external = data.is_file() and data.stat().st_size * SIZE_RATIO[precision] > external_data_threshold
     with staging_dir(target_dir) as tmp:
         t0 = time.perf_counter()
@@ -125,15 +125,15 @@ def quantize_bundle(
         }
         invariant = any(s.name == "step_invariant" for s in base.inputs)
         specs_in = contract.inputs(
-            d["n_layer"], d["n_head"], d["head_size"], kv, **form, step_invariant=invariant
+            d.n_layer, d.n_head, d.head_size, kv, **form, step_invariant=invariant
         )
-        specs_out = contract.outputs(d["n_layer"], d["n_head"], d["head_size"], d["vocab_size"], kv, **form)
+        specs_out = contract.outputs(d.n_layer, d.n_head, d.head_size, d.vocab_size, kv, **form)
         census = checked_census(dst, specs_in, specs_out)
         target = base.target
         if target == "tensorrt" and unsupported_by_tensorrt(census):
             target = "ort"  # contrib ops (MatMulNBits, DynamicQuantizeLinear...): ONNX Runtime only
         shutil.copy2(base.path / "tokenizer.json", tmp / "tokenizer.json")
-        manifest = {k: v for k, v in base.manifest.items() if k not in ("files", "schema_version")}
+        manifest = {k: v for k, v in base.manifest.to_dict().items() if k not in ("files", "schema_version")}
         manifest.update(
             {
                 "io": {
@@ -145,14 +145,14 @@ def quantize_bundle(
                 "precision": precision,
                 "quantization": {
                     "from": str(base.path),
-                    "from_sha256": base.manifest["files"][base.manifest["model_file"]]["sha256"],
+                    "from_sha256": base.manifest.files[base.manifest.model_file].sha256,
                     "seconds": seconds,
                     **info,
                 },
                 "producers": producer_versions(),
                 "graph": {
                     "op_census": census,
-                    "fused_ops": base.manifest.get("graph", {}).get("fused_ops", {}),
+                    "fused_ops": base.manifest.graph.get("fused_ops", {}),
                 },
             }
         )
@@ -206,11 +206,11 @@ def default_model_samples(base: Bundle) -> Samples | None:
     weights = DEFAULT_MODEL_DIR / "model.safetensors"
     if not (samples.heldout.is_file() and samples.calib.is_file() and weights.is_file()):
         return None
-    made = base.manifest.get("made_by") or {}
-    if made.get("source_sha256") is not None:
-        same = made["source_sha256"] == sha256_file(weights)
+    made = base.manifest.made_by
+    if made.source_sha256 is not None:
+        same = made.source_sha256 == sha256_file(weights)
     else:
-        source = made.get("source")
+        source = made.source
         same = source is not None and Path(source).resolve() == DEFAULT_MODEL_DIR.resolve()
     return samples if same else None
 

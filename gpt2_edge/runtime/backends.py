@@ -2,8 +2,9 @@
 
 ``load_backend(path, provider)`` gives a ready backend (``types.Backend``) for a bundle: ONNX
 Runtime on the CPU, CUDA or TensorRT execution provider (``cpu``, ``cuda``, ``tensorrt``, ``auto``),
-or the native TensorRT engine built for this GPU (``trt-engine``). ``Generator.from_bundle``, the
-server, ``gpt2-edge bench`` and the CLI all ask it; none of them names a backend class.
+or the native TensorRT engine built for this GPU (``trt-engine``). ``runtime.load_model`` (what
+``Generator``, the server, ``gpt2-edge bench`` and the CLI load through) and ``DraftModel`` ask it;
+none of them names a backend class.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def load_backend(
     also be an engine directory). ``threads``: ONNX Runtime's intra-op threads (ignored by the
     engine). ``options`` go to the backend: ``OrtBackend``'s ``session_config``, ``trt_fp16``,
     ``trt_cache_dir``, ``trt_workspace_mib``, ``trt_max_batch``, ``trt_max_context``; the engine's
-    ``lane_timeout_s``. Every backend has ``bundle``, ``n_ctx`` and ``provider``. ``path`` may be
-    a ``Bundle`` already loaded (ONNX Runtime providers).
+    ``lane_timeout_s``. Every backend declares ``bundle``, ``n_ctx`` and ``capabilities``
+    (``types.Backend``). ``path`` may be a ``Bundle`` already loaded (ONNX Runtime providers).
     """
     if provider == ENGINE_PROVIDER:
         return TrtEngineBackend(path.path if isinstance(path, Bundle) else path, verify=verify, **options)

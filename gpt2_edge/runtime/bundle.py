@@ -16,7 +16,7 @@ from typing import Any
 
 from ..contract import TensorSpec
 from ..errors import Gpt2EdgeError
-from .manifest import SCHEMA_VERSION, ManifestError, kind_of, validate
+from .manifest import SCHEMA_VERSION, Manifest, ManifestError, ModelDims, SchemaVersionError, kind_of
 from .tokenizer import Tokenizer
 
 MANIFEST = "bundle.json"
@@ -40,45 +40,45 @@ class Bundle:
     """A verified bundle on disk; everything the runtime needs is read from its manifest."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     # model dims and contract ---------------------------------------------------------------
     @property
     def model_file(self) -> Path:
-        return self.path / self.manifest["model_file"]
+        return self.path / self.manifest.model_file
 
     @property
-    def dims(self) -> dict[str, int]:
-        return self.manifest["model"]
+    def dims(self) -> ModelDims:
+        return self.manifest.model
 
     @property
     def inputs(self) -> list[TensorSpec]:
-        return [TensorSpec.from_dict(d) for d in self.manifest["io"]["inputs"]]
+        return list(self.manifest.inputs)
 
     @property
     def outputs(self) -> list[TensorSpec]:
-        return [TensorSpec.from_dict(d) for d in self.manifest["io"]["outputs"]]
+        return list(self.manifest.outputs)
 
     @property
     def precision(self) -> str:
-        return self.manifest["precision"]
+        return self.manifest.precision
 
     @property
     def target(self) -> str:
-        return self.manifest["target"]
+        return self.manifest.target
 
     @property
     def kv_form(self) -> str:
         """``concat`` (present = past + new, fresh tensors) or ``inplace`` (one buffer per slot)."""
-        return self.manifest.get("kv_cache", "concat")
+        return self.manifest.kv_cache
 
     @property
     def eos_token_id(self) -> int | None:
-        return self.manifest["generation"]["eos_token_id"]
+        return self.manifest.generation.eos_token_id
 
     @property
     def context_length(self) -> int:
-        return int(self.manifest["generation"]["context_length"])
+        return self.manifest.generation.context_length
 
     def tokenizer(self) -> Tokenizer:
         """The bundle's ``tokenizer.json`` (the tokenizer module is torch-free)."""
@@ -91,7 +91,7 @@ class Bundle:
 
     def has_file(self, name: str) -> bool:
         """Whether ``name`` is one of the bundle's files (listed in the manifest, hence verified)."""
-        return name in self.manifest["files"]
+        return name in self.manifest.files
 
     def tokenizer_config(self) -> dict[str, Any]:
         """The bundle's ``tokenizer_config.json`` (``{}`` when the bundle carries none)."""
@@ -184,18 +184,17 @@ class Bundle:
             raise BundleError(f"{mf} is not valid JSON ({e}); re-export the bundle") from None
         if not isinstance(manifest, dict):
             raise BundleError(f"{mf} is a JSON {kind_of(manifest)}, not an object; re-export the bundle")
-        version = manifest.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise BundleError(
-                f"{mf} has schema version {version!r}; this gpt2-edge reads version {SCHEMA_VERSION}. "
-                "Re-export the bundle with this version, or install the gpt2-edge that made it"
-            )
         try:
-            validate(manifest)
+            typed = Manifest.parse(manifest)
+        except SchemaVersionError as e:
+            raise BundleError(
+                f"{mf} has schema version {e.version!r}; this gpt2-edge reads version {SCHEMA_VERSION}. "
+                "Re-export the bundle with this version, or install the gpt2-edge that made it"
+            ) from None
         except ManifestError as e:
             raise BundleError(f"{mf}: {e}; re-export the bundle") from None
         real_root = root.resolve()
-        for name, meta in manifest["files"].items():
+        for name, meta in typed.files.items():
             f = root / name
             if not f.is_file():
                 raise BundleError(f"{f} is missing from the bundle; re-export or copy the whole directory")
@@ -205,14 +204,14 @@ class Bundle:
                     "copy the file into it, or re-export the bundle"
                 )
             size = f.stat().st_size
-            if size != meta["bytes"]:
+            if size != meta.bytes:
                 raise BundleError(
-                    f"{f} is {size} bytes, the manifest says {meta['bytes']}: truncated or replaced; "
+                    f"{f} is {size} bytes, the manifest says {meta.bytes}: truncated or replaced; "
                     "re-export or copy the bundle again"
                 )
-            if verify and sha256_file(f) != meta["sha256"]:
+            if verify and sha256_file(f) != meta.sha256:
                 raise BundleError(
                     f"{f} does not match its sha256 in {MANIFEST}: the file is corrupt or was changed; "
                     "re-export or copy the bundle again"
                 )
-        return cls(root, manifest)
+        return cls(root, typed)

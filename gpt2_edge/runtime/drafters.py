@@ -71,7 +71,7 @@ class DraftModel:
     sizes (a decode pass reads every weight once), never below ``MIN_COST`` (a pass's fixed cost).
 
     >>> draft = DraftModel.from_bundle("out/tiny-bundle", max_tokens=4)
-    >>> gen = Generator.from_bundle("out/bundle", draft="out/tiny-bundle")  # the same, loaded for you
+    >>> model = load_model("out/bundle", draft="out/tiny-bundle")  # the same, loaded and attached
     """
 
     MIN_COST = 0.1
@@ -94,7 +94,7 @@ class DraftModel:
         _check_tokens(max_tokens)  # before the load
         no_spin = {"session.intra_op.allow_spinning": "0"}
         backend = load_backend(path, "cpu", threads=threads, verify=verify, session_config=no_spin)
-        if getattr(backend.bundle, "kv_form", None) != "inplace":
+        if not backend.capabilities.can_roll_back:
             raise Gpt2EdgeError(
                 f"the draft bundle {path} has the concatenating KV cache; export it with the in-place "
                 "one (`gpt2-edge export --kv-cache inplace`, the ort target's default)"
@@ -110,7 +110,7 @@ class DraftModel:
     def check_tokenizer(self, target_bundle: Any) -> None:
         """Refuse a draft whose tokenizer is not the target's (ids would mean other text)."""
         mine, theirs = self.backend.bundle, target_bundle
-        if mine.dims["vocab_size"] != theirs.dims["vocab_size"] or _vocab(mine.path) != _vocab(theirs.path):
+        if mine.dims.vocab_size != theirs.dims.vocab_size or _vocab(mine.path) != _vocab(theirs.path):
             raise Gpt2EdgeError(
                 f"the draft bundle {mine.path} has another tokenizer than {theirs.path}: a draft model "
                 "must share the target's vocabulary"
@@ -124,8 +124,7 @@ def _vocab(bundle_path: Path) -> Any:
 
 def _weight_bytes(bundle: Any) -> int:
     """The bytes of a bundle's model files (graph and external weights)."""
-    files = bundle.manifest["files"]
-    return sum(f["bytes"] for name, f in files.items() if name.startswith(bundle.manifest["model_file"]))
+    return bundle.manifest.model_bytes()
 
 
 def _check_tokens(max_tokens: object) -> None:

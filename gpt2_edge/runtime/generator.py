@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import Gpt2EdgeError, Gpt2EdgeTypeError
-from .backends import ORT_PROVIDERS, load_backend
 from .beam import beam_search
-from .bundle import Bundle
+from .loader import Model, load_model
 from .prefix_cache import KVStore
 from .sampling import GenerationConfig, TokenChooser
 from .sequence import SequenceState
@@ -42,10 +41,12 @@ __all__ = [
     "DraftModel",
     "GenerationResult",
     "Generator",
+    "Model",
     "decode",
     "fit_context",
     "iter_decode",
     "left_pad",
+    "load_model",
     "positions_from_mask",
 ]
 
@@ -203,104 +204,60 @@ class Generator:
     draft model for every call, ``Generator.from_bundle(path, draft="out/small-bundle")``.
     """
 
-    def __init__(
-        self,
-        backend: Backend,
-        tokenizer: Any,
-        eos_token_id: int | None,
-        n_ctx: int,
-        load_s: float = 0.0,
-        draft: DraftModel | None = None,
-        prefix_cache: int = 0,
-    ) -> None:
-        self.backend = backend
-        self.draft = draft
-        # Opt-in: past calls' KV rows, up to this many tokens, reused by prompts that begin alike.
-        store = KVStore(prefix_cache)  # checks the size
-        self.prefix_cache: KVStore | None = store if store.max_tokens else None
-        self.tokenizer = tokenizer
-        self.eos_token_id = eos_token_id
-        self.n_ctx = n_ctx
-        self.load_s = load_s
+    def __init__(self, model: Model) -> None:
+        """Generate with ``model`` (``runtime.load_model``); ``from_bundle`` loads one for you."""
+        self.model = model
         self.last_result: GenerationResult | None = None
         self._lock = threading.Lock()
-        self._vocab: int | None = None
 
     @classmethod
-    def from_bundle(
-        cls,
-        path: str,
-        provider: str = "cpu",
-        threads: int | None = None,
-        verify: bool = True,
-        draft: str | Path | None = None,
-        draft_tokens: int = 4,
-        prefix_cache: int = 0,
-        step_invariant: bool = False,
-        **provider_options: Any,
-    ) -> Generator:
-        """Load and verify a bundle; ``provider`` is cpu, cuda, tensorrt or auto (ONNX Runtime), or
-        trt-engine (the bundle's TensorRT engine for this GPU, or an engine directory).
+    def from_bundle(cls, path: str | Path, provider: str = "cpu", **options: Any) -> Generator:
+        """Load and verify a bundle (``runtime.load_model``: ``provider`` cpu, cuda, tensorrt or auto
+        for ONNX Runtime, or trt-engine for the bundle's TensorRT engine on this GPU; ``threads``,
+        ``verify``, ``draft``, ``draft_tokens``, ``prefix_cache``, ``step_invariant`` and the
+        backend's options) and generate with it."""
+        return cls(load_model(path, provider, **options))
 
-        ``draft``: a smaller in-place bundle with the same tokenizer that drafts up to
-        ``draft_tokens`` tokens per step for every ``num_beams=1`` call (runtime.speculative; on the
-        CPU provider). A bundle whose KV cache cannot roll back (concatenating, the TensorRT
-        engine) decodes plainly, draft or not. ``prefix_cache``: keep up to this many tokens of
-        past calls' KV (prompt and continuation) and start a prompt that begins the same way from
-        them (exact token-id prefix of 32+ tokens; in-place bundles; the output is unchanged; the
-        memory is this many tokens x the model's KV bytes per token, 72 KiB at 124M fp32;
-        ``gen.prefix_cache.hits`` counts reuse). ``step_invariant``: attention runs as for a
-        chunk in every pass, so a position's logits are bitwise the same whether it is decoded
-        alone, verified in a speculative chunk or prefilled: greedy speculative decoding then gives
-        exactly plain decoding's tokens, for every precision (in-place bundles on the CPU
-        provider; slower at long contexts: README). ``provider_options`` go to the backend
-        (``runtime.backends.load_backend``).
-        """
-        KVStore(prefix_cache)  # a bad size is refused before the model loads
-        if step_invariant:
-            if provider != "cpu":
-                raise Gpt2EdgeError(
-                    f"step invariance is for in-place bundles on the CPU provider, not {provider!r}; "
-                    "drop --step-invariant or use --provider cpu"
-                )
-            provider_options["step_invariant"] = True
-        t0 = time.perf_counter()
-        tokenizer = None
-        if provider in ORT_PROVIDERS:
-            # The tokenizer first: parsing tokenizer.json peaks at ~40 MiB, which then does not land
-            # on top of the loaded weights (peak RSS at batch 1: README, "Memory").
-            bundle = Bundle.load(path, verify=verify)
-            tokenizer = bundle.tokenizer()
-            backend = load_backend(bundle, provider, threads=threads, **provider_options)
-        else:
-            backend = load_backend(path, provider, threads=threads, verify=verify, **provider_options)
-        b = backend.bundle
-        drafter = None
-        if draft is not None:
-            drafter = DraftModel.from_bundle(draft, draft_tokens, threads=threads, verify=verify).attach(b)
-        load_s = time.perf_counter() - t0
-        return cls(
-            backend,
-            tokenizer or b.tokenizer(),
-            b.eos_token_id,
-            backend.n_ctx,
-            load_s,
-            draft=drafter,
-            prefix_cache=prefix_cache,
-        )
+    # what the model is: read from it, for callers of the Generator
+    @property
+    def backend(self) -> Backend:
+        return self.model.backend
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.model.eos_token_id
+
+    @property
+    def n_ctx(self) -> int:
+        return self.model.n_ctx
+
+    @property
+    def draft(self) -> DraftModel | None:
+        return self.model.draft
+
+    @property
+    def prefix_cache(self) -> KVStore | None:
+        """The prefix store (``load_model(prefix_cache=N)``); ``hits`` counts reuse."""
+        return self.model.prefix_store
+
+    @property
+    def load_s(self) -> float:
+        return self.model.load_s
 
     @property
     def provider(self) -> str:
-        return getattr(self.backend, "provider", "torch")
+        return self.model.capabilities.provider
 
     def encode(self, prompt: Prompt) -> list[int]:
         """A prompt's token ids: text is tokenized, a sequence of ints is taken as ids (checked)."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         ids = list(prompt)
-        if self._vocab is None:  # asked once: tokenizers counts the vocabulary (~30 ms at GPT-2's)
-            self._vocab = self.tokenizer.vocab_size
-        vocab = self._vocab
+        vocab = self.model.vocab_size
         for t in ids:
             if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
                 raise Gpt2EdgeTypeError(

@@ -9,6 +9,7 @@ problem is reported with the path of its key (``generation.context_length``,
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass, field
@@ -27,6 +28,14 @@ DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
 
 class ManifestError(Gpt2EdgeError):
     """A manifest of the wrong shape: the message names the key."""
+
+
+class SchemaVersionError(ManifestError):
+    """A manifest of another schema version (its keys may mean other things: nothing else is read)."""
+
+    def __init__(self, version: Any) -> None:
+        super().__init__(f"schema version {version!r}; this gpt2-edge reads version {SCHEMA_VERSION}")
+        self.version = version
 
 
 @dataclass(frozen=True)
@@ -274,3 +283,147 @@ def _check_meaning(m: dict[str, Any], problems: list[str]) -> None:
                 f"has {len(specs)}"
             )
             return
+
+
+# The typed manifest ---------------------------------------------------------------------------
+# ``Manifest.parse`` is the only reader of ``bundle.json``'s dict: everyone else reads these fields.
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The model's shape (``model``)."""
+
+    n_layer: int
+    n_head: int
+    n_embd: int
+    head_size: int
+    vocab_size: int
+    n_positions: int
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of the bundle: its size and sha256 (``files[name]``)."""
+
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class GenerationInfo:
+    """Generation defaults (``generation``)."""
+
+    eos_token_id: int | None
+    context_length: int
+    bos_token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class MadeBy:
+    """How the graph was made (``made_by``): the source checkpoint and the exporter."""
+
+    source: str | None = None
+    source_sha256: str | None = None
+    exporter: str = ""
+    opset: str = ""
+    graph: str = ""
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How a precision variant was made (``quantization``). ``batch_invariant``: its activation scales
+    are per row (int8-dynamic bundles made before per-row scales have one scale per tensor, which
+    makes rows change each other's logits)."""
+
+    source: str | None
+    source_sha256: str | None
+    batch_invariant: bool = False
+    details: dict[str, Any] = field(default_factory=dict)  # the converter's report, for people
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed and validated ``bundle.json``. The reports (``graph``, ``validation``, ``accuracy``)
+    are informational dicts for people and tools; everything the runtime decides on is a field."""
+
+    schema_version: int
+    model_file: str
+    model: ModelDims
+    inputs: tuple[contract.TensorSpec, ...]
+    outputs: tuple[contract.TensorSpec, ...]
+    files: dict[str, FileEntry]
+    generation: GenerationInfo
+    precision: str
+    target: str
+    kv_cache: str = "concat"  # absent in bundles written before the in-place form
+    kv_dtype: str | None = None
+    made_by: MadeBy = field(default_factory=MadeBy)
+    producers: dict[str, str] = field(default_factory=dict)
+    quantization: Quantization | None = None
+    graph: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] | None = None
+    accuracy: dict[str, Any] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def parse(cls, data: Any) -> Manifest:
+        """Validate ``data`` (a parsed ``bundle.json``) and type it; ``ManifestError`` names the key,
+        ``SchemaVersionError`` (checked first) says the version is another one."""
+        if isinstance(data, dict) and data.get("schema_version") != SCHEMA_VERSION:
+            raise SchemaVersionError(data.get("schema_version"))
+        validate(data)
+        m = data
+        made = m.get("made_by") or {}
+        q = m.get("quantization")
+        quantization = None
+        if q is not None:
+            quantization = Quantization(
+                source=q.get("from"),
+                source_sha256=q.get("from_sha256"),
+                batch_invariant=bool(q.get("batch_invariant", False)),
+                details={k: v for k, v in q.items() if k not in ("from", "from_sha256", "batch_invariant")},
+            )
+        g = m["generation"]
+        return cls(
+            schema_version=m["schema_version"],
+            model_file=m["model_file"],
+            model=ModelDims(**{k: m["model"][k] for k in ModelDims.__dataclass_fields__}),
+            inputs=tuple(contract.TensorSpec.from_dict(d) for d in m["io"]["inputs"]),
+            outputs=tuple(contract.TensorSpec.from_dict(d) for d in m["io"]["outputs"]),
+            files={name: FileEntry(f["bytes"], f["sha256"]) for name, f in m["files"].items()},
+            generation=GenerationInfo(g["eos_token_id"], int(g["context_length"]), g.get("bos_token_id")),
+            precision=m["precision"],
+            target=m["target"],
+            kv_cache=m.get("kv_cache", "concat"),
+            kv_dtype=m.get("kv_dtype"),
+            made_by=MadeBy(
+                source=made.get("source"),
+                source_sha256=made.get("source_sha256"),
+                exporter=str(made.get("exporter", "")),
+                opset=str(made.get("opset", "")),
+                graph=str(made.get("graph", "")),
+            ),
+            producers=dict(m.get("producers") or {}),
+            quantization=quantization,
+            graph=dict(m.get("graph") or {}),
+            validation=m.get("validation"),
+            accuracy=m.get("accuracy"),
+            raw=copy.deepcopy(m),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A fresh copy of the ``bundle.json`` object this manifest was parsed from (writers start a
+        derived bundle's manifest from it)."""
+        return copy.deepcopy(self.raw)
+
+    def has_input(self, name: str) -> bool:
+        """Whether the graph takes the input ``name`` (``logits_to_keep``, ``step_invariant``)."""
+        return any(s.name == name for s in self.inputs)
+
+    def model_files(self) -> dict[str, FileEntry]:
+        """The graph's files: ``model_file`` and its external data (``model.onnx.data``)."""
+        return {n: f for n, f in self.files.items() if n.startswith(self.model_file)}
+
+    def model_bytes(self) -> int:
+        """The bytes of the graph and its external weights."""
+        return sum(f.bytes for f in self.model_files().values())

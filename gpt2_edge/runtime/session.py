@@ -29,6 +29,7 @@ from .trt import system as trt_system
 from .trt.api import major
 from .trt.plan import digest, gpu_key
 from .trt.shapes import Limits, ShapeRange, ort_profile_options, shape_ranges
+from .types import Capabilities
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -118,8 +119,7 @@ def tensorrt_provider_options(
         )
     limits = Limits(max_batch=max_batch, max_context=max_context).resolve(bundle.context_length)
     ranges = shape_ranges(bundle.inputs, limits)
-    files = bundle.manifest["files"]
-    model = {n: meta["sha256"] for n, meta in files.items() if n.startswith(bundle.manifest["model_file"])}
+    model = {n: f.sha256 for n, f in bundle.manifest.model_files().items()}
     key = gpu_key(trt_system.current_gpu(), trt_version)
     shapes = {n: r.as_dict() for n, r in ranges.items()}
     fingerprint = digest({"ranges": shapes, "model": model, "fp16": fp16})
@@ -137,6 +137,33 @@ def _provider_hint(provider: str) -> str:
         "cuda": "the CUDA runtime, cuBLAS and cuDNN for this onnxruntime-gpu build must be on the library "
         "path; `gpt2-edge doctor` shows what is found",
     }.get(provider, "see `gpt2-edge doctor`")
+
+
+# Precisions whose rows stay within 1.1e-5 of each other with the concatenating cache's left padding
+# (fp32: the attention sums only run in another order); the others move by up to a quantization
+# step (docs: "Batch invariance and causality").
+CONCAT_BATCH_SAFE = ("fp32",)
+
+
+def batch_variance(bundle: Bundle) -> str | None:
+    """Why rows decoded together on ONNX Runtime's CPU provider could change each other's tokens, or
+    ``None``. Measured there: the in-place cache is bitwise batch-invariant for every precision except
+    int8-dynamic bundles made with ONNX Runtime's per-tensor activation scale
+    (``DynamicQuantizeLinear``, before per-row scales); the concatenating cache only for fp32. GPU
+    providers are not judged here (``scripts/gpu-check`` compares the served output with
+    ``Generator`` alone on them)."""
+    q = bundle.manifest.quantization
+    if bundle.precision == "int8-dynamic" and not (q is not None and q.batch_invariant):
+        return (
+            f"{bundle.path} is an int8-dynamic bundle with one activation scale per tensor (made before "
+            "per-row scales), so rows change each other's logits; quantize it again"
+        )
+    if bundle.kv_form == "concat" and bundle.precision not in CONCAT_BATCH_SAFE:
+        return (
+            f"{bundle.path} is a {bundle.precision} bundle with the concatenating KV cache, whose padded "
+            "rows can move a quantized activation by a step; use the in-place cache (the ort target)"
+        )
+    return None
 
 
 # ONNX Runtime session config entries per bundle precision (measured: README, "Memory"). None
@@ -270,16 +297,23 @@ class OrtBackend:
         self.present_names = [s.name for s in bundle.outputs if s.name.startswith("present.")]
         self.kv_dtype = np.dtype(next(s.dtype for s in ins if s.name in self.past_names))
         self.has_logits_to_keep = any(s.name == "logits_to_keep" for s in ins)
-        self.n_head = bundle.dims["n_head"]
-        self.head_size = bundle.dims["head_size"]
+        self.n_head = bundle.dims.n_head
+        self.head_size = bundle.dims.head_size
         self.n_positions = bundle.context_length
         self.n_ctx = bundle.context_length
         self.pad_id = bundle.eos_token_id if bundle.eos_token_id is not None else 0
+        self.capabilities = Capabilities(
+            provider=self.provider,
+            device=self.device,
+            can_roll_back=self.kv_form == "inplace",
+            step_invariant=self.step_invariant,
+            batch_variance=batch_variance(bundle) if self.device == "cpu" else None,
+        )
 
     # caches -----------------------------------------------------------------------------------
     def new_cache(self, n_slots: int, capacity: int) -> ConcatCache | InPlaceCache:
         """A KV cache of ``n_slots`` sequences of up to ``capacity`` tokens, owned by the caller."""
-        if not getattr(self, "_trimmed", True):  # the first cache: the tokenizer is loaded by now
+        if not self._trimmed:  # the first cache: the tokenizer is loaded by now
             self._trimmed = True
             release_free_memory()
         if self.kv_form == "inplace":
@@ -371,7 +405,7 @@ class _InPlaceBinding:
             self.io.bind_ortvalue_input(past, value)
             self.io.bind_ortvalue_output(present, value)
         rows = cache[0].shape[0]
-        self.logits = np.zeros((rows, 1, backend.bundle.dims["vocab_size"]), np.float32)
+        self.logits = np.zeros((rows, 1, backend.bundle.dims.vocab_size), np.float32)
         self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
         if backend.has_logits_to_keep:
             self.io.bind_cpu_input("logits_to_keep", np.array(1, np.int64))

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from ..errors import Gpt2EdgeError
 from .sampling import GenerationConfig
+
+if TYPE_CHECKING:
+    from .bundle import Bundle
 
 
 class KVCache(Protocol):
@@ -73,34 +76,45 @@ def can_verify(cache: object) -> bool:
     return bool(getattr(cache, "can_verify", False))
 
 
-class ResizableKVCache(KVCache, Protocol):
-    """A cache whose memory can follow its work (the in-place one): ``reserve`` reallocates it to
-    other row and token counts, ``copy_prefix`` starts a slot from positions another slot's rows
-    still hold (the server's prefix cache). The server's scheduler uses them where a cache has
-    them (``is_resizable``)."""
-
-    bytes_per_token: int  # one position of one slot, every layer's K and V
-
-    def reserve(self, capacity: int, n_slots: int | None = None, keep: Sequence[int] | None = None) -> None:
-        """``n_slots`` rows of ``capacity`` tokens; row ``r`` keeps its first ``keep[r]`` positions."""
-        ...
-
-    def copy_prefix(self, source: int, slot: int, length: int) -> None:
-        """Free ``slot`` takes ``source``'s first ``length`` positions and holds ``length`` tokens."""
-        ...
-
-
 def is_resizable(cache: object) -> bool:
-    """Whether ``cache`` takes ``reserve`` and ``copy_prefix``."""
+    """Whether ``cache``'s memory can follow its work (the in-place one): ``reserve(capacity,
+    n_slots=None, keep=None)`` reallocates it to other row and token counts (row ``r`` keeps its
+    first ``keep[r]`` positions), ``copy_prefix(source, slot, length)`` starts a free slot from
+    positions another slot still holds (the server's prefix cache), ``bytes_per_token`` is one
+    position of one slot, every layer's K and V."""
     return callable(getattr(cache, "reserve", None)) and callable(getattr(cache, "copy_prefix", None))
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend is, declared by the backend itself: callers (``Generator``, the server, bench)
+    read these fields and never probe a backend's attributes."""
+
+    provider: str  # cpu | cuda | tensorrt (ONNX Runtime), trt-engine (native TensorRT), torch (reference)
+    device: str = "cpu"  # where its KV cache lives: cpu | cuda
+    # Its caches take ``verify`` and ``truncate`` (the in-place cache): speculative decoding's rollback.
+    can_roll_back: bool = False
+    # A position's logits are bitwise the same decoded alone, verified in a chunk or beside other
+    # rows' chunks (``OrtBackend(step_invariant=True)``).
+    step_invariant: bool = False
+    # Why rows decoded together could change each other's tokens (then the server decodes one
+    # sequence at a time); None: they cannot, or nobody measured it on this device.
+    batch_variance: str | None = None
+
+
 class Backend(Protocol):
-    """What the decode loops need from a model: shareable, stateless between calls."""
+    """What the decode loops need from a model: shareable, stateless between calls. Implemented by
+    ``session.OrtBackend``, ``trt.backend.TrtEngineBackend`` and the PyTorch reference."""
 
     n_ctx: int  # tokens one sequence can hold (the model's context, or less for an engine)
+    capabilities: Capabilities
+    bundle: Bundle | None  # the bundle it runs (None: not read from one, as the PyTorch reference)
 
     def new_cache(self, n_slots: int, capacity: int) -> KVCache: ...
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """Full-sequence logits ``(B, T, V)`` from an empty cache (perplexity, prompt scoring)."""
+        ...
 
 
 class ContextOverflowError(Gpt2EdgeError):

@@ -3,7 +3,7 @@ Serve replicas. Torch-free. By concern, as vLLM's OpenAI entry point:
 
     settings.py     ServeSettings: every option, checked when made (the CLI and Ray alike)
     protocol.py     request bodies, their GenerationConfig, OpenAI's error shape
-    model.py        ServedModel: a backend of any provider, its tokenizer, context and name
+    model.py        load_served_model: the runtime Model (runtime.load_model) the settings ask for
     scheduler.py    continuous batching over KV-cache slots, chunked prefill
     sequences.py    what a request hands the scheduler: SequenceHandle, TokenEvent, Reservation
     admission.py    the KV memory: admission within the budget, the cache growing and shrinking,

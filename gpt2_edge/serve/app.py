@@ -40,7 +40,7 @@ from .middleware import (
     JsonBodyMiddleware,
     RequestCounterMiddleware,
 )
-from .model import ServedModel
+from .model import Model
 from .protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -51,7 +51,7 @@ from .protocol import (
 from .scheduler import Scheduler
 from .settings import ServeSettings
 
-__all__ = ["ROUTES", "ServeSettings", "ServedModel", "create_app"]
+__all__ = ["ROUTES", "Model", "ServeSettings", "create_app"]
 
 log = logging.getLogger("gpt2_edge.serve")
 
@@ -75,7 +75,7 @@ router = APIRouter()
 class Served:
     """What one app serves, in ``app.state.served``."""
 
-    model: ServedModel
+    model: Model
     settings: ServeSettings
     scheduler: Scheduler
     metrics: Metrics
@@ -118,7 +118,7 @@ def _kv_budget(budget: int | None, n_ctx: int) -> int | None:
     return budget
 
 
-def create_app(model: ServedModel, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(model: Model, settings: ServeSettings | None = None) -> FastAPI:
     """The ASGI app serving ``model``; its scheduler runs while the app's lifespan does."""
     settings = settings or ServeSettings()
     max_batch = settings.max_batch

@@ -38,7 +38,7 @@ from ..errors import Gpt2EdgeError
 from ..runtime.sampling import GenerationConfig
 from .completions import Choice, Completion
 from .metrics import Metrics
-from .model import ServedModel
+from .model import Model
 from .protocol import ApiError, ChatCompletionRequest
 from .scheduler import Scheduler
 from .tokens import check_length, encode_text
@@ -88,10 +88,10 @@ class ChatTemplate:
             self._compiled = _compile(source)
 
     @classmethod
-    def for_model(cls, model: ServedModel) -> ChatTemplate:
+    def for_model(cls, model: Model) -> ChatTemplate:
         """The template of ``model``'s bundle, or the default when it carries none (or when the
         model is not read from a bundle)."""
-        bundle = getattr(model.backend, "bundle", None)
+        bundle = model.bundle
         eos = getattr(model.tokenizer, "eos_token", None)
         if bundle is None:
             return cls(bos_token=eos, eos_token=eos)
@@ -243,7 +243,7 @@ class ChatCompletion(Completion):
 
 
 def prepare_chat(
-    model: ServedModel,
+    model: Model,
     scheduler: Scheduler,
     metrics: Metrics,
     template: ChatTemplate,

@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import Gpt2EdgeError
 from ..runtime.backends import PROVIDERS
 from .connections import bind
-from .model import ServedModel
+from .model import load_served_model
 from .scheduler import MAX_DRAFT_TOKENS
 from .settings import API_KEY_ENV, STEP_INVARIANT, ServeSettings, SettingsError
 
@@ -397,15 +397,7 @@ def serve_uvicorn(bundle: Path, settings: ServeSettings, log_level: str = "info"
 
     sock = sock or bind(settings.host, settings.port)
     try:
-        model = ServedModel.from_bundle(
-            bundle,
-            provider=settings.provider,
-            threads=settings.threads,
-            name=settings.model_name,
-            draft=settings.draft,
-            draft_tokens=settings.draft_tokens,
-            step_invariant=settings.step_invariance(),
-        )
+        model = load_served_model(bundle, settings)
         app = create_app(model, settings)
     except BaseException:
         sock.close()

@@ -24,7 +24,7 @@ from starlette.requests import Request
 
 from ..runtime.sampling import GenerationConfig, log_softmax
 from .metrics import Metrics
-from .model import ServedModel
+from .model import Model
 from .protocol import ApiError, CompletionRequest
 from .scheduler import (
     QueueFullError,
@@ -105,7 +105,7 @@ class Completion:
 
     def __init__(
         self,
-        model: ServedModel,
+        model: Model,
         scheduler: Scheduler,
         metrics: Metrics,
         req: CompletionRequest,
@@ -258,9 +258,7 @@ class Completion:
         one full-sequence pass per prompt, beside the scheduler (the backend is thread-safe), in
         the scheduler's ``side_executor`` (one job at a time; not the shared thread pool that
         every request's parsing and tokenizing needs). Call it after ``reserve``."""
-        logits_fn = getattr(self.model.backend, "logits", None)
-        if logits_fn is None:
-            raise ApiError(400, "echo with logprobs is not supported by this backend", param="echo")
+        logits_fn = self.model.backend.logits
         executor = self.scheduler.side_executor
         self.prompt_scores = await self.loop.run_in_executor(executor, self._score_prompts, logits_fn)
 

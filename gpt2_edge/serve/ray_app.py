@@ -47,7 +47,7 @@ from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
 from .app import create_app
-from .model import ServedModel
+from .model import load_served_model
 from .settings import API_KEY_ENV, ServeSettings, SettingsError
 
 
@@ -91,16 +91,7 @@ class Gpt2EdgeReplica:
     def __init__(self, bundle: str, settings: dict[str, Any], drain: Any = None) -> None:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.settings = ServeSettings(**{**settings, "replica": self.replica})
-        s = self.settings
-        self.model = ServedModel.from_bundle(
-            bundle,
-            s.provider,
-            threads=s.threads,
-            name=s.model_name,
-            draft=s.draft,
-            draft_tokens=s.draft_tokens,
-            step_invariant=s.step_invariance(),
-        )
+        self.model = load_served_model(bundle, self.settings)
         self.drain = drain
 
     def __serve_build_asgi_app__(self) -> Any:

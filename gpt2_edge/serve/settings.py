@@ -159,7 +159,7 @@ class ServeSettings:
         object.__setattr__(self, name, float(value))
 
     def step_invariance(self) -> bool | None:
-        """What ``ServedModel.from_bundle`` is asked: True (required), False, or None (where the
+        """What ``runtime.load_model`` is asked: True (required), False, or None (where the
         bundle allows it): "auto" is on when every request is drafted for by default."""
         if self.step_invariant != "auto":
             return self.step_invariant == "on"

@@ -4,7 +4,7 @@ the shapes vLLM serves (which lm-evaluation-harness's remote tokenizer reads) an
 - ``/tokenize``: ``{"prompt": text}`` (vLLM) or ``{"content": text}`` (llama-server), optional
   ``add_special_tokens`` / ``add_special`` (GPT-2 adds no special tokens: no effect) ->
   ``{"tokens", "count", "max_model_len"}``. The text is refused by its length before any
-  tokenizing (``ServedModel.max_prompt_chars``), and tokenized off the event loop.
+  tokenizing (``Model.max_prompt_chars``), and tokenized off the event loop.
 - ``/detokenize``: ``{"tokens": [...]}`` -> ``{"prompt": text, "content": text}`` (vLLM's and
   llama-server's names for the same text).
 - ``/tokenizer_info``: what vLLM answers, the tokenizer's Hugging Face settings
@@ -21,13 +21,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from .completions import check_ids
-from .model import ServedModel
+from .model import Model
 from .protocol import ApiError, DetokenizeRequest, TokenizeRequest, parse_body
 
 router = APIRouter()
 
 
-def check_length(model: ServedModel, text: str, param: str) -> None:
+def check_length(model: Model, text: str, param: str) -> None:
     """Refuse text longer than any that fits the context, by its length alone (no tokenizing)."""
     if len(text) > model.max_prompt_chars:
         raise ApiError(
@@ -39,7 +39,7 @@ def check_length(model: ServedModel, text: str, param: str) -> None:
         )
 
 
-def encode_text(model: ServedModel, text: str, param: str) -> list[int]:
+def encode_text(model: Model, text: str, param: str) -> list[int]:
     """``text``'s token ids, or a 400 naming ``param``: text longer than any that fits the context
     (``check_length``, before tokenizing), or text that is not Unicode (a lone surrogate, which
     JSON's ``\\ud800`` escapes can carry). Call it off the event loop."""
@@ -56,7 +56,7 @@ def encode_text(model: ServedModel, text: str, param: str) -> list[int]:
     return model.tokenizer.encode_batch([text])[0]  # lets go of the GIL, unlike encode
 
 
-def tokenizer_info(model: ServedModel, chat_template: str | None, config: dict[str, Any]) -> dict[str, Any]:
+def tokenizer_info(model: Model, chat_template: str | None, config: dict[str, Any]) -> dict[str, Any]:
     """vLLM's ``/tokenizer_info``: the tokenizer's Hugging Face settings (``config``: the bundle's
     ``tokenizer_config.json``, if it carries one), with the served context and chat template."""
     eos = getattr(model.tokenizer, "eos_token", None)

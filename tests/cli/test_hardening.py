@@ -194,7 +194,7 @@ def test_next_export_removes_a_dead_runs_staging_dir_and_keeps_a_live_one(tmp_pa
         sleeper.kill()
         sleeper.wait()
     # the owner file is staging bookkeeping: never published, never listed in the manifest
-    assert not (out / OWNER_FILE).exists() and OWNER_FILE not in Bundle.load(out).manifest["files"]
+    assert not (out / OWNER_FILE).exists() and OWNER_FILE not in Bundle.load(out).manifest.files
 
 
 def test_publish_keeps_the_earlier_output_if_the_swap_is_interrupted(tmp_path, monkeypatch):
@@ -578,7 +578,7 @@ def test_quantize_without_eval_uses_the_default_models_sample_only_for_it(tmp_pa
     monkeypatch.setattr(pipeline, "DEFAULT_MODEL_DIR", default)
     mine = export_bundle(default, tmp_path / "fp32", **quiet)
     out, rep = pipeline.quantize_bundle(mine, "int8-dynamic", tmp_path / "int8", force=True, **quiet)
-    assert rep is not None and Bundle.load(out).manifest["accuracy"]["text"].endswith("heldout.txt")
+    assert rep is not None and Bundle.load(out).manifest.accuracy["text"].endswith("heldout.txt")
     other = export_bundle(ckpt, tmp_path / "other", **quiet)  # same weights, but not the default's files
     monkeypatch.setattr(pipeline, "DEFAULT_MODEL_DIR", tmp_path / "nowhere")
     with pytest.raises(ValueError, match="needs held-out text: pass --eval FILE"):

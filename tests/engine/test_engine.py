@@ -20,6 +20,7 @@ from gpt2_edge.engine.builder import BuildOptions, EngineBuildError, build_engin
 from gpt2_edge.runtime import session
 from gpt2_edge.runtime.bundle import Bundle
 from gpt2_edge.runtime.generator import Generator
+from gpt2_edge.runtime.loader import Model
 from gpt2_edge.runtime.sampling import GenerationConfig
 from gpt2_edge.runtime.session import OrtBackend, ProviderError, tensorrt_provider_options
 from gpt2_edge.runtime.trt import api, system
@@ -91,7 +92,7 @@ def trt_gen(trt_bundle, engine) -> Generator:
 # profiles and provider options ---------------------------------------------------------------------
 def test_profiles_cover_prefill_and_every_decode_past(trt_bundle):
     b = Bundle.load(trt_bundle)
-    H, D = b.dims["n_head"], b.dims["head_size"]
+    H, D = b.dims.n_head, b.dims.head_size
     profiles = decoder_profiles(
         b.inputs, Limits(max_batch=4, max_context=32, opt_batch=2, lanes=2).resolve(64)
     )
@@ -170,9 +171,8 @@ def test_tensorrt_provider_options_have_ranges_and_keyed_caches(trt_bundle, tmp_
         _provider_options(b, tmp_path, monkeypatch, max_batch=8)["trt_engine_cache_path"],
         _provider_options(b, tmp_path, monkeypatch, max_batch=4, max_context=32)["trt_engine_cache_path"],
     }
-    files = json.loads(json.dumps(b.manifest["files"]))
-    files["model.onnx"]["sha256"] = "0" * 64
-    changed = Bundle(b.path, {**b.manifest, "files": files})
+    files = {**b.manifest.files, "model.onnx": replace(b.manifest.files["model.onnx"], sha256="0" * 64)}
+    changed = Bundle(b.path, replace(b.manifest, files=files))
     paths.add(_provider_options(changed, tmp_path, monkeypatch, max_batch=4)["trt_engine_cache_path"])
     assert len(paths) == 6
 
@@ -182,7 +182,7 @@ def test_trt_fp16_is_refused_where_it_cannot_work(trt_bundle, tmp_path, monkeypa
     assert _provider_options(b, tmp_path, monkeypatch, fp16=True)["trt_fp16_enable"] is True  # TensorRT 10
     with pytest.raises(ProviderError, match="strongly typed networks only"):
         _provider_options(b, tmp_path, monkeypatch, trt="11.4.0.5", fp16=True)
-    fp16 = Bundle(b.path, {**b.manifest, "precision": "fp16"})
+    fp16 = Bundle(b.path, replace(b.manifest, precision="fp16"))
     with pytest.raises(ProviderError, match="already fp16"):
         _provider_options(fp16, tmp_path, monkeypatch, fp16=True)
 
@@ -220,17 +220,17 @@ def test_engine_precision(trt_bundle):
     b = Bundle.load(trt_bundle)
     assert engine_precision(b) == "fp32"
     for p in ("fp16", "int8-qdq"):
-        assert engine_precision(Bundle(b.path, {**b.manifest, "precision": p})) == p
+        assert engine_precision(Bundle(b.path, replace(b.manifest, precision=p))) == p
     with pytest.raises(EngineError, match="TensorRT cannot build"):
-        engine_precision(Bundle(b.path, {**b.manifest, "precision": "int4"}))
+        engine_precision(Bundle(b.path, replace(b.manifest, precision="int4")))
     with pytest.raises(EngineError, match="--target tensorrt"):
-        engine_precision(Bundle(b.path, {**b.manifest, "target": "ort", "kv_cache": "inplace"}))
+        engine_precision(Bundle(b.path, replace(b.manifest, target="ort", kv_cache="inplace")))
 
 
 def test_tensorrt_target_passes_the_parser_op_list(trt_bundle):
     from gpt2_edge.export.graph import unsupported_by_tensorrt
 
-    census = Bundle.load(trt_bundle).manifest["graph"]["op_census"]
+    census = Bundle.load(trt_bundle).manifest.graph["op_census"]
     assert census and unsupported_by_tensorrt(census) == {}
 
 
@@ -247,7 +247,7 @@ def test_build_writes_plan_manifest_and_timing_cache(bundle_copy):
     assert [p.phase for p in m.profiles] == ["prefill", "decode"]
     assert (
         m.bundle["model_sha256"]["model.onnx"]
-        == Bundle.load(bundle_copy).manifest["files"]["model.onnx"]["sha256"]
+        == Bundle.load(bundle_copy).manifest.files["model.onnx"].sha256
     )
     assert m.plan["bytes"] == (out / PLAN).stat().st_size
     assert m.builder["strongly_typed"] and m.builder["tf32"] is False and m.builder["workspace_mib"] == 512
@@ -444,7 +444,7 @@ def test_chunked_prefill_and_full_logits_match_ort(engine, trt_bundle, ort_cpu):
     backend = _load(trt_bundle, trt, cuda)
     backend.prefill_chunk = 5  # prompts of 6+ tokens run in chunks over the presents
     cfg = GenerationConfig(max_new_tokens=10)
-    gen = Generator(backend, backend.bundle.tokenizer(), backend.bundle.eos_token_id, backend.n_ctx)
+    gen = Generator(Model(backend, backend.bundle.tokenizer(), backend.bundle.eos_token_id, bundle=backend.bundle))
     assert gen.generate(PROMPTS, cfg)[0].token_ids == ort_cpu.generate(PROMPTS, cfg)[0].token_ids
     assert [r.token_ids for r in gen.generate(PROMPTS, cfg)] == [
         r.token_ids for r in ort_cpu.generate(PROMPTS, cfg)

@@ -28,10 +28,10 @@ def test_the_chat_template_is_exported(tiny_checkpoint, tmp_path, form):
         cfg_file.write_text(json.dumps(cfg))
     out = export_bundle(ckpt, tmp_path / "bundle", validate=False, log=lambda _: None)
     b = Bundle.load(out)
-    assert "chat_template.jinja" in b.manifest["files"]  # hashed and verified like every file
+    assert "chat_template.jinja" in b.manifest.files  # hashed and verified like every file
     assert b.chat_template() == TEMPLATE
 
 
 def test_no_template_no_file(tiny_checkpoint, tmp_path):
     out = export_bundle(tiny_checkpoint, tmp_path / "bundle", validate=False, log=lambda _: None)
-    assert "chat_template.jinja" not in Bundle.load(out).manifest["files"]
+    assert "chat_template.jinja" not in Bundle.load(out).manifest.files

@@ -53,7 +53,7 @@ def test_each_precision_loads_keeps_contract_and_generates(wide_bundles, texts, 
         src, precision, tmp_path / precision, calib_text=texts[0], eval_text=texts[1], force=True, **quiet
     )
     b = Bundle.load(out)
-    assert b.precision == precision and b.manifest["accuracy"]["precision"] == precision
+    assert b.precision == precision and b.manifest.accuracy["precision"] == precision
     names = [s.name for s in b.inputs] + [s.name for s in b.outputs]
     fp32 = Bundle.load(src)
     assert names == [s.name for s in fp32.inputs] + [s.name for s in fp32.outputs]
@@ -116,7 +116,7 @@ def test_gate_refuses_and_names_the_numbers(wide_bundles, texts, tmp_path, monke
     out, rep = quantize_bundle(
         wide_bundles["ort"], "int4", tmp_path / "q", eval_text=texts[1], force=True, **quiet
     )
-    assert not rep.passed and Bundle.load(out).manifest["accuracy"]["forced"]
+    assert not rep.passed and Bundle.load(out).manifest.accuracy["forced"]
 
 
 @pytest.mark.parametrize(
@@ -213,7 +213,7 @@ def test_gate_rejects_naive_static_int8_and_accepts_smoothquant(tmp_path, shakes
         fp32, "int8-qdq", tmp_path / "smooth", calib_text=calib, eval_text=held_out, **quiet
     )
     assert rep.passed and rep.ppl_increase < 0.02, rep.summary()
-    assert Bundle.load(out).manifest["quantization"]["smoothquant_layers"] >= 2 * model.config.n_layer
+    assert Bundle.load(out).manifest.quantization.details["smoothquant_layers"] >= 2 * model.config.n_layer
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8-dynamic", "int8-qdq", "int4"])
@@ -238,9 +238,9 @@ def test_int8_dynamic_scales_activations_per_row(wide_bundles, tmp_path):
     leak into each other (tests/test_batch_invariance.py)."""
     out, _ = quantize_bundle(wide_bundles["ort"], "int8-dynamic", tmp_path / "q", force=True, **quiet)
     b = Bundle.load(out)
-    census = b.manifest["graph"]["op_census"]
+    census = b.manifest.graph["op_census"]
     assert not any("DynamicQuantize" in op for op in census), census
     # every weight MatMul (4 per layer and the untied head) takes per-row activation scales
     assert census["com.microsoft:MatMulIntegerToFloat"] == 2 * 4 + 1
-    q = b.manifest["quantization"]
-    assert q["batch_invariant"] and "per row" in q["activations"] and q["head_untied"]
+    q = b.manifest.quantization
+    assert q.batch_invariant and "per row" in q.details["activations"] and q.details["head_untied"]

@@ -26,6 +26,7 @@ import pytest
 
 from gpt2_edge.runtime.bundle import Bundle
 from gpt2_edge.runtime.generator import Generator
+from gpt2_edge.runtime.loader import Model
 from gpt2_edge.runtime.sampling import GenerationConfig
 from gpt2_edge.runtime.session import OrtBackend
 
@@ -83,7 +84,7 @@ class Recording:
 
     def __init__(self, backend: OrtBackend) -> None:
         self.backend = backend
-        self.n_ctx = backend.n_ctx
+        self.n_ctx, self.capabilities, self.bundle = backend.n_ctx, backend.capabilities, backend.bundle
         self.logits: dict[int, list[np.ndarray]] = defaultdict(list)
 
     def new_cache(self, n_slots: int, capacity: int):
@@ -119,7 +120,7 @@ class _RecordingCache:
 def generate(backend: OrtBackend, batch: list[list[int]], tokenizer) -> tuple[list, dict]:
     rec = Recording(backend)
     # eos never ends a row early: every row runs the same steps alone and batched
-    gen = Generator(rec, tokenizer, None, backend.n_ctx)
+    gen = Generator(Model(rec, tokenizer, None))
     return gen.generate(batch, GenerationConfig(max_new_tokens=6)), rec.logits
 
 

@@ -27,10 +27,10 @@ def copy(good, tmp_path):
 def test_loads_and_describes_itself(good):
     b = Bundle.load(good)
     assert b.precision == "fp32" and b.target == "tensorrt"
-    assert b.dims["n_layer"] == 2 and b.context_length == 64
+    assert b.dims.n_layer == 2 and b.context_length == 64
     assert b.eos_token_id == b.tokenizer().eos_token_id
-    assert set(b.manifest["files"]) == {"model.onnx", "tokenizer.json"}
-    assert {"torch", "onnx", "onnxruntime"} <= set(b.manifest["producers"])
+    assert set(b.manifest.files) == {"model.onnx", "tokenizer.json"}
+    assert {"torch", "onnx", "onnxruntime"} <= set(b.manifest.producers)
 
 
 def test_flipped_byte_is_refused(copy):

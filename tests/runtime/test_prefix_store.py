@@ -5,6 +5,8 @@ its token bound, evicting the least recently used entry first."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -25,7 +27,7 @@ def ids(n: int, seed: int, vocab: int = 290) -> list[int]:
 def test_reused_prefixes_give_the_same_output(make_bundle, precision):
     path = str(make_bundle(spec(precision=precision)))
     plain = Generator.from_bundle(path, threads=1)
-    cached = Generator(plain.backend, plain.tokenizer, plain.eos_token_id, plain.n_ctx, prefix_cache=4096)
+    cached = Generator(replace(plain.model, prefix_store=KVStore(4096)))
     doc = ids(36, 1)  # the tiny model's context is 64 tokens; the store reuses 32+
     prompts = [doc + ids(5, 2), doc + ids(9, 3), doc[:33] + ids(8, 4), ids(30, 5)]
     for cfg in (
@@ -48,7 +50,7 @@ def test_reused_prefixes_give_the_same_output(make_bundle, precision):
 
 def test_streaming_and_speculation_use_the_store(inplace_bundle):
     plain = Generator.from_bundle(str(inplace_bundle), threads=1)
-    cached = Generator(plain.backend, plain.tokenizer, plain.eos_token_id, plain.n_ctx, prefix_cache=2048)
+    cached = Generator(replace(plain.model, prefix_store=KVStore(2048)))
     doc = ids(36, 8)
     cfg = GenerationConfig(max_new_tokens=10, ignore_eos=True, prompt_lookup=3)
     cached.generate(doc + ids(3, 9), cfg)

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from gpt2_edge.runtime.generator import Generator, decode
+from gpt2_edge.runtime.loader import Model
 from gpt2_edge.runtime.sampling import GenerationConfig
 from gpt2_edge.runtime.session import ProviderError, resolve_provider
 from gpt2_edge.runtime.tokenizer import Tokenizer
+from gpt2_edge.runtime.types import Capabilities
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 PROMPTS = ["First Citizen:", "All:\nSpeak", "We are accounted poor citizens, the patricians good."]
@@ -96,8 +98,11 @@ def test_stream_joins_to_generated_text(gen):
 class Scripted:
     """A backend that 'predicts' a fixed token sequence (one-hot logits), one script per cache."""
 
-    def __init__(self, script: list[int], vocab: int) -> None:
-        self.script, self.vocab = script, vocab
+    capabilities = Capabilities("cpu")
+    bundle = None
+
+    def __init__(self, script: list[int], vocab: int, n_ctx: int = 64) -> None:
+        self.script, self.vocab, self.n_ctx = script, vocab, n_ctx
 
     def new_cache(self, n_slots: int, capacity: int) -> ScriptedCache:
         return ScriptedCache(self, n_slots, capacity)
@@ -127,7 +132,7 @@ def test_stream_never_splits_a_character(tiny_tokenizer, text):
     tok = tiny_tokenizer
     script = tok.encode(text)
     assert len(script) > len(text.split())  # multi-byte characters span several byte tokens
-    gen = Generator(Scripted(script, tok.vocab_size), tok, eos_token_id=None, n_ctx=512)
+    gen = Generator(Model(Scripted(script, tok.vocab_size, 512), tok, None))
     pieces = list(gen.stream("x", GenerationConfig(max_new_tokens=len(script))))
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
@@ -136,7 +141,7 @@ def test_stream_never_splits_a_character(tiny_tokenizer, text):
 def test_stream_holds_back_a_stop_string(tiny_tokenizer):
     tok = tiny_tokenizer
     script = tok.encode("Speak, speak.\n\nAll:\nmore")
-    gen = Generator(Scripted(script, tok.vocab_size), tok, eos_token_id=None, n_ctx=512)
+    gen = Generator(Model(Scripted(script, tok.vocab_size, 512), tok, None))
     cfg = GenerationConfig(max_new_tokens=len(script), stop=("\n\nAll:",))
     pieces = list(gen.stream("x", cfg))
     assert "".join(pieces) == "Speak, speak." == gen.last_result.text
@@ -146,7 +151,7 @@ def test_stream_holds_back_a_stop_string(tiny_tokenizer):
 def test_stream_never_shows_the_eos_token(tiny_tokenizer):
     tok = tiny_tokenizer
     script = [*tok.encode("All: speak"), tok.eos_token_id]
-    gen = Generator(Scripted(script, tok.vocab_size), tok, eos_token_id=tok.eos_token_id, n_ctx=64)
+    gen = Generator(Model(Scripted(script, tok.vocab_size, 64), tok, tok.eos_token_id))
     pieces = list(gen.stream("x", GenerationConfig(max_new_tokens=20)))
     assert "".join(pieces) == "All: speak" == gen.last_result.text
     assert gen.last_result.finish_reason == "eos"
@@ -155,7 +160,7 @@ def test_stream_never_shows_the_eos_token(tiny_tokenizer):
 def test_ignore_eos_decodes_to_max_new_tokens(tiny_tokenizer):
     tok = tiny_tokenizer
     script = [*tok.encode("All:"), tok.eos_token_id]  # eos, then eos forever
-    gen = Generator(Scripted(script, tok.vocab_size), tok, eos_token_id=tok.eos_token_id, n_ctx=64)
+    gen = Generator(Model(Scripted(script, tok.vocab_size, 64), tok, tok.eos_token_id))
     plain = gen.generate("x", GenerationConfig(max_new_tokens=10))[0]
     assert plain.finish_reason == "eos" and len(plain.token_ids) < 10
     cfg = GenerationConfig(max_new_tokens=10, ignore_eos=True)

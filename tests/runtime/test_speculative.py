@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import Counter
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -143,7 +144,7 @@ def test_greedy_speculation_equals_plain_decoding(make_bundle, draft_models, tin
             (draft_models["same"], 3),
         ]
         for draft, lookup in variants:
-            g = Generator(gen.backend, gen.tokenizer, gen.eos_token_id, gen.n_ctx, draft=draft)
+            g = Generator(replace(gen.model, draft=draft))
             c = GenerationConfig(**cfg, prompt_lookup=lookup)
             batch = g.generate(ps, c)
             assert [r.token_ids for r in batch] == plain
@@ -159,7 +160,7 @@ def test_greedy_speculation_equals_plain_decoding(make_bundle, draft_models, tin
 
 def test_drafts_that_keep_failing_make_plain_steps(make_bundle, draft_models, tiny_tokenizer):
     gen = Generator.from_bundle(str(make_bundle(spec())), threads=1, draft=None)
-    g = Generator(gen.backend, gen.tokenizer, gen.eos_token_id, gen.n_ctx, draft=draft_models["other"])
+    g = Generator(replace(gen.model, draft=draft_models["other"]))
     t = g.generate(prompts(tiny_tokenizer.vocab_size)[2], GenerationConfig(max_new_tokens=56))[0].timings
     assert t["spec_accepted"] == 0 and t["spec_drafted"] <= 3 * 6  # backs off: 1, 3, 7, 15 plain steps
 
@@ -181,7 +182,7 @@ def test_a_draft_needs_the_targets_tokenizer_and_to_be_cheap(make_bundle, draft_
     other = Tokenizer.train(["some other text, other words entirely"] * 3, vocab_size=300, min_frequency=1)
     other.save(tmp_path)
     with pytest.raises(Gpt2EdgeError, match="another tokenizer"):
-        draft_models["same"].check_tokenizer(SimpleNamespace(dims={"vocab_size": 300}, path=tmp_path))
+        draft_models["same"].check_tokenizer(SimpleNamespace(dims=SimpleNamespace(vocab_size=300), path=tmp_path))
     for bad in (0, -3, 2.5, True):
         with pytest.raises(Gpt2EdgeError, match="drafts an integer >= 1"):
             Generator.from_bundle(str(bundle), threads=1, draft=str(bundle), draft_tokens=bad)
@@ -348,7 +349,7 @@ def test_eos_and_stop_strings_inside_accepted_drafts_end_the_text_as_plainly():
 
 def test_seeded_speculative_sampling_is_reproducible(make_bundle, draft_models, tiny_tokenizer):
     gen = Generator.from_bundle(str(make_bundle(spec())), threads=1)
-    g = Generator(gen.backend, gen.tokenizer, gen.eos_token_id, gen.n_ctx, draft=draft_models["same"])
+    g = Generator(replace(gen.model, draft=draft_models["same"]))
     p = prompts(tiny_tokenizer.vocab_size)[1]
     for generator, lookup in ((gen, 4), (g, 0), (g, 2)):
         cfg = dict(max_new_tokens=30, do_sample=True, temperature=0.8, prompt_lookup=lookup)
@@ -423,7 +424,7 @@ def test_a_lone_greedy_sequence_stops_drafting_where_drafting_measures_slower(
     from gpt2_edge.runtime import kv_cache, speculative
 
     gen = Generator.from_bundle(str(make_bundle(spec())), threads=1)
-    g = Generator(gen.backend, gen.tokenizer, gen.eos_token_id, gen.n_ctx, draft=draft_models["same"])
+    g = Generator(replace(gen.model, draft=draft_models["same"]))
     p = prompts(tiny_tokenizer.vocab_size)[4]  # 11 tokens: 50 new fit the tiny model's 64
     cfg = GenerationConfig(max_new_tokens=50, ignore_eos=True)
     plain = gen.generate(p, cfg)[0].token_ids

@@ -11,6 +11,8 @@ decoding, token for token, and a served row does not depend on whether a neighbo
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -122,13 +124,13 @@ def test_off_is_the_graph_as_before(backends):
 @pytest.mark.parametrize("precision", ("fp32", "int8-dynamic", "int4"))
 def test_greedy_speculation_is_plain_decoding(make_bundle, tiny_tokenizer, precision):
     gen = Generator.from_bundle(str(make_bundle(spec(precision=precision))), threads=1, step_invariant=True)
-    assert gen.backend.step_invariant
+    assert gen.model.capabilities.step_invariant
     other = DraftModel.from_bundle(make_bundle(spec(model=ModelSpec(seed=5))), max_tokens=3)
     ps = [ids(n, n) + ids(3, n) for n in (5, 12, 3)]
     cfg = dict(max_new_tokens=30, ignore_eos=True)
     plain = [r.token_ids for r in gen.generate(ps, GenerationConfig(**cfg))]
     for draft, lookup in ((None, 4), (other, 0)):
-        g = Generator(gen.backend, gen.tokenizer, gen.eos_token_id, gen.n_ctx, draft=draft)
+        g = Generator(replace(gen.model, draft=draft))
         assert [r.token_ids for r in g.generate(ps, GenerationConfig(**cfg, prompt_lookup=lookup))] == plain
 
 

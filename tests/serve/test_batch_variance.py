@@ -10,22 +10,34 @@ import pytest
 
 pytest.importorskip("fastapi")
 
+from gpt2_edge.runtime.loader import Model
+from gpt2_edge.runtime.manifest import Quantization
+from gpt2_edge.runtime.session import batch_variance
+from gpt2_edge.runtime.trt.backend import TrtEngineBackend
+from gpt2_edge.runtime.types import Capabilities
 from gpt2_edge.serve.app import create_app
-from gpt2_edge.serve.model import ServedModel, batch_variance
 from gpt2_edge.serve.settings import ServeSettings
 
 
-def backend(precision: str, kv_form: str, quantization: dict | None = None, device: str = "cpu"):
-    manifest = {"quantization": quantization} if quantization is not None else {}
-    bundle = SimpleNamespace(
+def bundle(precision: str, kv_form: str, quantization: dict | None = None):
+    q = None
+    if quantization is not None:
+        q = Quantization(None, None, bool(quantization.get("batch_invariant", False)), quantization)
+    return SimpleNamespace(
         path="b",
         precision=precision,
         kv_form=kv_form,
-        manifest=manifest,
+        manifest=SimpleNamespace(quantization=q),
         tokenizer_config=dict,  # no chat template: the plain one
         chat_template=lambda: None,
     )
-    return SimpleNamespace(bundle=bundle, device=device, n_ctx=64)
+
+
+def model(precision: str, kv_form: str, tokenizer, quantization: dict | None = None) -> Model:
+    """A model whose (fake) ONNX Runtime CPU backend declares what ``OrtBackend`` would."""
+    b = bundle(precision, kv_form, quantization)
+    backend = SimpleNamespace(bundle=b, n_ctx=64, capabilities=Capabilities("cpu", batch_variance=batch_variance(b)))
+    return Model(backend, tokenizer, tokenizer.eos_token_id, name="m", bundle=b)
 
 
 @pytest.mark.parametrize(
@@ -44,11 +56,12 @@ def backend(precision: str, kv_form: str, quantization: dict | None = None, devi
     ],
 )
 def test_which_bundles_are_decoded_together(precision, kv_form, quantization, batched):
-    assert (batch_variance(backend(precision, kv_form, quantization)) is None) is batched
+    assert (batch_variance(bundle(precision, kv_form, quantization)) is None) is batched
 
 
 def test_gpu_backends_are_not_judged_here():
-    assert batch_variance(backend("int4", "concat", {}, device="cuda")) is None
+    # the engine declares no batch variance (scripts/gpu-check compares served with alone on the GPU)
+    assert TrtEngineBackend.capabilities.batch_variance is None and TrtEngineBackend.capabilities.device == "cuda"
 
 
 class Records(logging.Handler):
@@ -61,7 +74,7 @@ class Records(logging.Handler):
 
 
 def test_a_batch_variant_bundle_is_served_one_sequence_at_a_time(tiny_tokenizer):
-    variant = ServedModel(backend("int4", "concat", {}), tiny_tokenizer, tiny_tokenizer.eos_token_id, 64, "m")
+    variant = model("int4", "concat", tiny_tokenizer, {})
     assert variant.batch_variance and "concatenating KV cache" in variant.batch_variance
     records, log = Records(), logging.getLogger("gpt2_edge.serve")
     log.addHandler(records)
@@ -71,5 +84,5 @@ def test_a_batch_variant_bundle_is_served_one_sequence_at_a_time(tiny_tokenizer)
         log.removeHandler(records)
     assert app.state.served.scheduler.max_batch == 1
     assert any("one sequence at a time" in m for m in records.messages)
-    plain = ServedModel(backend("fp32", "inplace"), tiny_tokenizer, tiny_tokenizer.eos_token_id, 64, "m")
+    plain = model("fp32", "inplace", tiny_tokenizer)
     assert create_app(plain, ServeSettings(max_batch=8)).state.served.scheduler.max_batch == 8

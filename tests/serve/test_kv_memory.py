@@ -158,10 +158,10 @@ def test_ray_build_args_take_the_kv_settings():
 def test_metrics_and_health_show_kv_tokens(inplace_bundle):
     from fastapi.testclient import TestClient
 
+    from gpt2_edge.runtime.loader import load_model
     from gpt2_edge.serve.app import create_app
-    from gpt2_edge.serve.model import ServedModel
 
-    model = ServedModel.from_bundle(inplace_bundle, threads=1, name="tiny")
+    model = load_model(inplace_bundle, threads=1, name="tiny")
     app = create_app(model, ServeSettings(allowed_hosts=("testserver",), kv_budget=4 * model.n_ctx))
     with TestClient(app) as client:
         r = client.post("/v1/completions", json={"prompt": "O", "max_tokens": 4, "temperature": 0})

@@ -25,8 +25,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from gpt2_edge.runtime.generator import Generator  # noqa: E402
+from gpt2_edge.runtime.loader import load_model  # noqa: E402
 from gpt2_edge.runtime.sampling import GenerationConfig  # noqa: E402
-from gpt2_edge.serve.app import ServedModel, ServeSettings, create_app  # noqa: E402
+from gpt2_edge.serve.app import ServeSettings, create_app  # noqa: E402
 from tests.helpers import REPO, wait_healthy  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -102,7 +103,7 @@ class Server:
 
 @contextmanager
 def serving(bundle: Path, delay: float = 0.0, **settings) -> Iterator[Server]:
-    model = ServedModel.from_bundle(bundle, threads=1, name="tiny")
+    model = load_model(bundle, threads=1, name="tiny")
     if delay:
         model.backend = SlowBackend(model.backend, delay)
     with Server(create_app(model, ServeSettings(**settings))) as server:
@@ -457,7 +458,7 @@ class FailingOnce:
 
 
 def test_a_failed_step_fails_its_requests_and_the_server_goes_on(bundle, gen):
-    model = ServedModel.from_bundle(bundle, threads=1, name="tiny")
+    model = load_model(bundle, threads=1, name="tiny")
     model.backend = FailingOnce(model.backend)
     with Server(create_app(model, ServeSettings())) as s:
         r = post(s, {"prompt": "O", "max_tokens": 5, "temperature": 0})
@@ -624,10 +625,9 @@ def test_cors_is_off_unless_asked(server, bundle):
 DRAIN_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    import gpt2_edge.serve.app as app_mod
     from gpt2_edge.serve import cli
 
-    real = app_mod.ServedModel.from_bundle.__func__
+    real = cli.load_served_model
 
     class SlowCache:
         def __init__(self, cache): self._cache = cache
@@ -636,13 +636,13 @@ DRAIN_SCRIPT = textwrap.dedent(
             return self._cache.decode(slots, tokens)
         def __getattr__(self, name): return getattr(self._cache, name)
 
-    def slow(cls, *a, **kw):
-        model = real(cls, *a, **kw)
+    def slow(*a, **kw):
+        model = real(*a, **kw)
         make = model.backend.new_cache
         model.backend.new_cache = lambda n, c: SlowCache(make(n, c))
         return model
 
-    app_mod.ServedModel.from_bundle = classmethod(slow)
+    cli.load_served_model = slow
     code = cli.main(sys.argv[1:])
     heavy = [m for m in ("torch", "transformers", "optimum") if m in sys.modules]
     print("HEAVY", heavy, flush=True)

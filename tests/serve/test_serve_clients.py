@@ -39,8 +39,9 @@ pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient
 
+from gpt2_edge.runtime.loader import Model, load_model
 from gpt2_edge.runtime.sampling import log_softmax
-from gpt2_edge.serve.app import ServedModel, ServeSettings, create_app
+from gpt2_edge.serve.app import ServeSettings, create_app
 from gpt2_edge.serve.chat import DEFAULT_TEMPLATE, ChatTemplate
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -50,8 +51,8 @@ GUIDELLM_STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True
 
 
 @pytest.fixture(scope="module")
-def model(inplace_bundle) -> ServedModel:
-    return ServedModel.from_bundle(inplace_bundle, threads=1, name="tiny")
+def model(inplace_bundle) -> Model:
+    return load_model(inplace_bundle, threads=1, name="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def sse(client: TestClient, path: str, body: dict) -> list:
     return out
 
 
-def reference_logprobs(model: ServedModel, ids: list[int]) -> list[float]:
+def reference_logprobs(model: Model, ids: list[int]) -> list[float]:
     """log P(ids[i] | ids[:i]) for i >= 1, from one full pass of the backend."""
     logits = model.backend.logits(np.asarray([ids], np.int64))[0]
     return [float(log_softmax(logits[i - 1].astype(np.float64))[ids[i]]) for i in range(1, len(ids))]
@@ -337,7 +338,7 @@ def test_a_bundles_own_chat_template_is_rendered_and_shown(tmp_path, inplace_bun
     pytest.importorskip("jinja2")
     config = {"tokenizer_class": "GPT2TokenizerFast", "eos_token": "<|endoftext|>", "chat_template": TEMPLATE}
     path = bundle_with(inplace_bundle, tmp_path / "chat", {"tokenizer_config.json": json.dumps(config)})
-    m = ServedModel.from_bundle(path, threads=1, name="tiny")
+    m = load_model(path, threads=1, name="tiny")
     with TestClient(create_app(m, ServeSettings(max_batch=2, max_queue=2)), base_url="http://localhost") as c:
         assert c.get("/tokenizer_info").json()["chat_template"] == TEMPLATE
         body = {"messages": [{"role": "user", "content": "Speak"}], "max_tokens": 4, "temperature": 0}
@@ -354,12 +355,12 @@ def test_a_bundles_own_chat_template_is_rendered_and_shown(tmp_path, inplace_bun
         "chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": TEMPLATE}]
     }
     path = bundle_with(inplace_bundle, tmp_path / "list", {"tokenizer_config.json": json.dumps(listed)})
-    assert ChatTemplate.for_model(ServedModel.from_bundle(path, threads=1)).source == TEMPLATE
+    assert ChatTemplate.for_model(load_model(path, threads=1)).source == TEMPLATE
     path = bundle_with(path, tmp_path / "jinja", {"chat_template.jinja": "{{ messages[0]['content'] }}"})
-    assert ChatTemplate.for_model(ServedModel.from_bundle(path, threads=1)).source.startswith("{{ messages")
+    assert ChatTemplate.for_model(load_model(path, threads=1)).source.startswith("{{ messages")
     # a file the manifest does not list is not the bundle's: the default template
     path = bundle_with(inplace_bundle, tmp_path / "unlisted", {"chat_template.jinja": TEMPLATE}, listed=False)
-    assert ChatTemplate.for_model(ServedModel.from_bundle(path, threads=1)).is_default
+    assert ChatTemplate.for_model(load_model(path, threads=1)).is_default
 
 
 def test_a_template_that_cannot_be_rendered_stops_the_server_at_startup(monkeypatch):

@@ -19,6 +19,7 @@ import json
 import shutil
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,10 @@ pytest.importorskip("fastapi")
 
 from gpt2_edge.runtime.bundle import sha256_file  # noqa: E402
 from gpt2_edge.runtime.generator import Generator  # noqa: E402
+from gpt2_edge.runtime.loader import load_model  # noqa: E402
 from gpt2_edge.runtime.sampling import GenerationConfig, openai_generation_config  # noqa: E402
 from gpt2_edge.runtime.speculative import DraftModel  # noqa: E402
-from gpt2_edge.serve.app import ServedModel, ServeSettings, create_app  # noqa: E402
+from gpt2_edge.serve.app import ServeSettings, create_app  # noqa: E402
 from tests.bundles import ModelSpec, spec  # noqa: E402
 from tests.serve.helpers import SCHEDULER_SHAPES, Run, alone_and_beside, cancel_at, first_multi_token_event  # noqa: E402
 from tests.serve.test_serve import Server, metric, post, stream  # noqa: E402
@@ -76,7 +78,7 @@ def jobs(gen: Generator) -> list[tuple[str, list[int], GenerationConfig]]:
 
 
 def with_draft(gen: Generator, draft: DraftModel) -> Generator:
-    return Generator(gen.backend, gen.tokenizer, gen.eos_token_id, gen.n_ctx, draft=draft)
+    return Generator(replace(gen.model, draft=draft))
 
 
 def check_draft_rows(run: Run, draft: DraftModel) -> list[tuple[int, int]]:
@@ -207,7 +209,7 @@ PROMPT = "All: Speak, speak. All: Speak, speak. All: Speak,"
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    model = ServedModel.from_bundle(bundle, threads=1, name="tiny", draft=bundle, draft_tokens=4)
+    model = load_model(bundle, threads=1, name="tiny", draft=bundle, draft_tokens=4)
     assert model.draft is not None and model.draft.cost == 1.0  # as large as the target: attached
     model.draft.cost = CHEAP
     with Server(create_app(model, ServeSettings(max_batch=4, max_queue=8))) as s:

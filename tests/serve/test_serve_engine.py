@@ -20,9 +20,10 @@ from fastapi.testclient import TestClient
 
 from gpt2_edge.engine.builder import BuildOptions, build_engine
 from gpt2_edge.runtime.generator import Generator
+from gpt2_edge.runtime.loader import load_model
 from gpt2_edge.runtime.sampling import GenerationConfig
 from gpt2_edge.runtime.trt.shapes import Limits
-from gpt2_edge.serve.app import ServedModel, ServeSettings, create_app
+from gpt2_edge.serve.app import ServeSettings, create_app
 from gpt2_edge.serve.cli import add_serve_arguments, settings_from_args
 from tests.engine.engine_fakes import FAKE_GPU, fake_stack
 
@@ -63,8 +64,8 @@ def test_engine_server_greedy_equals_generator(engine, engine_gen, prefill_chunk
     """12 concurrent requests of different lengths through 8 slots (4 wait), prompts whole or in
     chunks of 5 tokens between decode steps: each text equals Generator's on the engine alone."""
     bundle, trt, cuda = engine
-    model = ServedModel.from_bundle(bundle, "trt-engine", name="tiny-engine", trt=trt, cuda=cuda)
-    assert model.backend.provider == "trt-engine" and model.n_ctx == model.backend.n_ctx
+    model = load_model(bundle, "trt-engine", name="tiny-engine", trt=trt, cuda=cuda)
+    assert model.capabilities.provider == "trt-engine" and model.n_ctx == model.backend.n_ctx
     jobs = [(PROMPTS[i % len(PROMPTS)], 3 + 2 * i) for i in range(12)]
     settings = ServeSettings(provider="trt-engine", max_batch=8, max_queue=8, prefill_chunk=prefill_chunk)
     with TestClient(create_app(model, settings), base_url=LOOPBACK) as client:
@@ -86,7 +87,7 @@ def test_engine_server_greedy_equals_generator(engine, engine_gen, prefill_chunk
 def test_engine_server_streams_and_scores_prompts(engine, engine_gen):
     """SSE and echo + logprobs (a full-sequence pass on the engine beside the scheduler)."""
     bundle, trt, cuda = engine
-    model = ServedModel.from_bundle(bundle, "trt-engine", trt=trt, cuda=cuda)
+    model = load_model(bundle, "trt-engine", trt=trt, cuda=cuda)
     with TestClient(
         create_app(model, ServeSettings(max_batch=4, prefill_chunk=4)), base_url=LOOPBACK
     ) as client:
@@ -117,7 +118,7 @@ def test_an_engine_too_small_for_the_batch_says_so_at_startup(engine):
     """The scheduler makes its KV cache when the app starts: the engine's own refusal, not a
     scheduler thread that dies later."""
     bundle, trt, cuda = engine
-    model = ServedModel.from_bundle(bundle, "trt-engine", trt=trt, cuda=cuda)
+    model = load_model(bundle, "trt-engine", trt=trt, cuda=cuda)
     with (
         pytest.raises(Exception, match="max-batch"),
         TestClient(create_app(model, ServeSettings(max_batch=9))),

@@ -29,7 +29,8 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from gpt2_edge.serve.app import ServedModel, ServeSettings, create_app  # noqa: E402
+from gpt2_edge.runtime.loader import load_model  # noqa: E402
+from gpt2_edge.serve.app import ServeSettings, create_app  # noqa: E402
 from tests.helpers import REPO, wait_healthy  # noqa: E402
 
 from .test_serve import (  # noqa: E402
@@ -156,7 +157,7 @@ class CountingTokenizer:
 
 
 def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(bundle):
-    model = ServedModel.from_bundle(bundle, threads=1, name="tiny")
+    model = load_model(bundle, threads=1, name="tiny")
     model.tokenizer = counting = CountingTokenizer(model.tokenizer)
     limit = model.max_prompt_chars
     with Server(create_app(model, ServeSettings())) as s:
@@ -227,7 +228,7 @@ class CountingLogits:
 
 
 def test_a_full_server_refuses_prompt_scoring_before_doing_it(bundle):
-    model = ServedModel.from_bundle(bundle, threads=1, name="tiny")
+    model = load_model(bundle, threads=1, name="tiny")
     model.backend = counting = CountingLogits(SlowBackend(model.backend, 0.03))
     with Server(create_app(model, ServeSettings(max_batch=1, max_queue=1))) as s:
         body = {"prompt": "O", "max_tokens": 40, "min_tokens": 40, "temperature": 0, "stream": True}
@@ -275,7 +276,7 @@ def test_a_reservation_counts_against_the_bound_until_submitted_or_released(bund
     from gpt2_edge.runtime.sampling import GenerationConfig
     from gpt2_edge.serve.scheduler import QueueFullError, Scheduler, SequenceHandle
 
-    model = ServedModel.from_bundle(bundle, threads=1, name="tiny")
+    model = load_model(bundle, threads=1, name="tiny")
     scheduler = Scheduler(model.backend, n_ctx=model.n_ctx, max_batch=1, max_queue=1)
     scheduler.start()
     try:
@@ -389,7 +390,7 @@ class ExplodingTokenizer(CountingTokenizer):
 
 
 def test_a_500_is_counted_and_logged_once(bundle):
-    model = ServedModel.from_bundle(bundle, threads=1, name="tiny")
+    model = load_model(bundle, threads=1, name="tiny")
     model.tokenizer = ExplodingTokenizer(model.tokenizer)
     with RecordsWithTracebacks() as tracebacks, Server(create_app(model, ServeSettings())) as s:
         r = post(s, {"prompt": "boom", "max_tokens": 2})
@@ -616,7 +617,7 @@ def test_a_port_in_use_is_one_line_and_exit_2_before_the_model_loads(bundle, mon
 
         loads = []
         monkeypatch.setattr(
-            cli.ServedModel, "from_bundle", classmethod(lambda cls, *a, **kw: loads.append(a))
+            cli, "load_served_model", lambda *a, **kw: loads.append(a)
         )
         assert cli.main([str(bundle), "--port", str(port)]) == 2
         assert "cannot listen" in capsys.readouterr().err and loads == []

@@ -251,7 +251,7 @@ def test_eos_during_speculation_ends_where_plain_decoding_ends(inplace_bundle):
     for p in prompts(g.tokenizer.vocab_size, seed=2)[:3]:
         cfg = GenerationConfig(max_new_tokens=40, repetition_penalty=2.0, prompt_lookup=6)
         out = plain(g, p, dataclasses.replace(cfg, ignore_eos=True)).token_ids
-        g.eos_token_id = next(t for i, t in enumerate(out) if i >= 8 and t not in out[:i])
+        g.model.eos_token_id = next(t for i, t in enumerate(out) if i >= 8 and t not in out[:i])
         want = plain(g, p, cfg)
         run = Run(g, max_batch=2)
         run.scheduler.start()

@@ -83,11 +83,11 @@ def test_auto_is_on_where_the_server_drafts_for_every_request(inplace_bundle, co
         ServeSettings(step_invariant="yes")
     with serving(inplace_bundle, max_batch=2) as s:
         assert httpx.get(f"{s.url}/health").json()["step_invariant"] is False
-    from gpt2_edge.serve.model import ServedModel
+    from gpt2_edge.runtime.loader import load_model
 
-    assert ServedModel.from_bundle(inplace_bundle, threads=1, step_invariant=None).step_invariant
+    assert load_model(inplace_bundle, threads=1, step_invariant=None).step_invariant
     # a bundle without the input (the concatenating form): auto stays off, "on" is refused
-    assert not ServedModel.from_bundle(concat_bundle, threads=1, step_invariant=None).step_invariant
+    assert not load_model(concat_bundle, threads=1, step_invariant=None).step_invariant
 
 
 def test_on_where_the_bundle_cannot_is_a_one_line_error(concat_bundle, capsys, monkeypatch):

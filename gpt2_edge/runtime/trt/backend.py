@@ -18,6 +18,7 @@ import numpy as np
 
 from ..bundle import Bundle, sha256_file
 from ..kv_cache import ConcatCache
+from ..types import Capabilities
 from . import api
 from .cuda import Cuda
 from .errors import EngineError
@@ -32,8 +33,9 @@ class TrtEngineBackend:
     >>> Generator(backend, backend.bundle.tokenizer(), backend.bundle.eos_token_id, backend.n_ctx)
     """
 
-    provider = "trt-engine"
-    device = "cuda"
+    # The engine's cache concatenates (no rollback) and its batch invariance is checked on the GPU
+    # (scripts/gpu-check), not declared here.
+    capabilities = Capabilities(provider="trt-engine", device="cuda")
 
     def __init__(
         self,
@@ -99,7 +101,7 @@ class TrtEngineBackend:
         self.kv_dtype = io[self.past_names[0]].dtype
         self.logits_dtype = io["logits"].dtype
         d = self.bundle.dims
-        self.n_head, self.head_size, self.vocab = d["n_head"], d["head_size"], d["vocab_size"]
+        self.n_head, self.head_size, self.vocab = d.n_head, d.head_size, d.vocab_size
         self.max_batch = self.manifest.max_batch
         self.n_ctx = min(self.bundle.context_length, self.manifest.max_context)
         self.pad_id = self.bundle.eos_token_id if self.bundle.eos_token_id is not None else 0

@@ -55,9 +55,7 @@ def gpu_key(gpu: DeviceInfo | None, trt_version: str | None) -> str:
 
 def model_hashes(bundle: Bundle) -> dict[str, str]:
     """sha256 of the graph and its external data, as the bundle's manifest records them."""
-    files = bundle.manifest["files"]
-    names = [bundle.manifest["model_file"], bundle.manifest["model_file"] + ".data"]
-    return {n: files[n]["sha256"] for n in names if n in files}
+    return {n: f.sha256 for n, f in bundle.manifest.model_files().items()}
 
 
 # the engine manifest -------------------------------------------------------------------------------
