@@ -44,6 +44,7 @@ from gpt2_edge.runtime.trt.shapes import (
     shape_ranges,
 )
 from tests.engine.engine_fakes import FAKE_GPU, FakeParserError, fake_stack
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 PROMPTS = ["First Citizen:", "All:\nSpeak", "We are accounted poor citizens, the patricians good."]
@@ -557,6 +558,17 @@ def test_engine_modules_are_torch_free_and_the_runtime_never_imports_the_builder
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_device_smoke_script_builds_the_runners_description_and_lane_pool():
+    """scripts/device-smoke.py (run on a real GPU by hand) drives EngineRunner with a toy engine
+    through the same EngineDescription and LanePool as the backend; --fake checks it here."""
+    script = REPO / "scripts" / "device-smoke.py"
+    res = subprocess.run(
+        [sys.executable, str(script), "--fake"], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert res.returncode == 0 and "FAIL" not in res.stdout, res.stdout + res.stderr
+    assert "PASS  engine runner" in res.stdout and "PASS  stale KV handles" in res.stdout, res.stdout
 
 
 def test_manifest_round_trip(engine):
