@@ -22,7 +22,6 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -267,51 +266,64 @@ class ToyContext:
         return True
 
 
-def make_backend():
+class ToyEngine:
+    """Stands in for a deserialized TensorRT engine: it makes the one lane's execution context."""
+
+    def __init__(self, names):
+        self.names, self.contexts = names, []
+
+    def create_execution_context(self):
+        self.contexts.append(ToyContext(cuda, None, self.names))  # its stream: the lane's, below
+        return self.contexts[-1]
+
+
+def make_runner(n_slots, capacity):
+    """An ``EngineRunner`` over the toy engine: the description and lane pool the backend would make."""
     from gpt2_edge import contract
-    from gpt2_edge.runtime.trt.runner import Lane
+    from gpt2_edge.runtime.trt.description import EngineDescription
+    from gpt2_edge.runtime.trt.lanes import LanePool
+    from gpt2_edge.runtime.trt.runner import EngineRunner
     from gpt2_edge.runtime.trt.shapes import Limits, decoder_profiles
 
-    past = contract.past_names(L_LAYERS)
-    present = contract.present_names(L_LAYERS)
-    profiles = decoder_profiles(
-        contract.inputs(L_LAYERS, HEADS, HEAD), Limits(max_batch=4, max_context=CONTEXT).resolve(CONTEXT)
-    )
-    s = cuda.stream()
-    ctx = ToyContext(cuda, s, {"past": past, "present": present})
-    lane = Lane(0, [0, 1], ctx, s, cuda.handle(s))
-    io = {
-        n: SimpleNamespace(dtype=np.dtype(np.int64)) for n in ("input_ids", "attention_mask", "position_ids")
-    }
-    released = []
-    backend = SimpleNamespace(
-        cuda=cuda,
-        pad_id=0,
+    past = tuple(contract.past_names(L_LAYERS))
+    present = tuple(contract.present_names(L_LAYERS))
+    limits = Limits(max_batch=4, max_context=CONTEXT).resolve(CONTEXT)
+    profiles = tuple(decoder_profiles(contract.inputs(L_LAYERS, HEADS, HEAD), limits))
+    i64, f32 = np.dtype(np.int64), np.dtype(np.float32)
+    desc = EngineDescription(
+        source=Path("toy"),
+        ids_dtype=i64,
+        mask_dtype=i64,
+        pos_dtype=i64,
         past_names=past,
         present_names=present,
-        io=io,
-        kv_dtype=np.dtype(np.float32),
-        logits_dtype=np.dtype(np.float32),
+        kv_dtype=f32,
+        logits_dtype=f32,
         n_head=HEADS,
         head_size=HEAD,
         vocab=VOCAB,
+        profiles=profiles,
+        max_batch=4,
+        max_context=CONTEXT,
+        n_ctx=CONTEXT,
+        pad_id=0,
         prefill_chunk=4,  # prompts longer than 4 tokens run in chunks over the presents
-        manifest=SimpleNamespace(profiles=profiles, max_batch=4, max_context=CONTEXT),
-        bundle=SimpleNamespace(path=Path("toy")),
-        _logger=SimpleNamespace(messages=[]),
-        _acquire_lane=lambda: lane,
-        _release_lane=released.append,
     )
-    return backend, ctx, released
+    engine = ToyEngine({"past": past, "present": present})
+    lanes = LanePool(engine, cuda, profiles, n_lanes=1, timeout_s=1.0, where="toy engine")
+    runner = EngineRunner(desc, lanes, n_slots, capacity)
+    # TensorRT runs a context's work on the stream execute_async_v3 is given; the toy, which
+    # copies through the host, synchronizes that stream (the lane's) before reading its inputs.
+    runner.lane.context.stream = runner.lane.stream
+    return runner, engine, lanes
 
 
 @check("engine runner: device buffers, ping-pong KV sets, chunked prefill, joins, releases, reorders")
 def _():
     from gpt2_edge.runtime.kv_cache import ConcatCache
-    from gpt2_edge.runtime.trt.runner import EngineRunner
 
-    backend, ctx, released = make_backend()
-    runner = EngineRunner(backend, 3, 24)
+    runner, engine, lanes = make_runner(3, 24)
+    ctx = engine.contexts[0]
     dev, ref = ConcatCache(runner, 3, 24), ConcatCache(HostToy(), 3, 24)
     n = [0]
 
@@ -326,8 +338,8 @@ def _():
     for t in range(4):
         both("decode", [0, 1], [t + 1, t + 2])
     assert runner.allocations == allocs, "decode steps reallocated buffers"
-    pasts = [r[backend.past_names[0]] for r in ctx.log[-4:]]
-    presents = [r[backend.present_names[0]] for r in ctx.log[-4:]]
+    pasts = [r[runner.desc.past_names[0]] for r in ctx.log[-4:]]
+    presents = [r[runner.desc.present_names[0]] for r in ctx.log[-4:]]
     assert len(set(presents)) == 2 and all(pasts[i + 1] == presents[i] for i in range(3)), "no ping-pong"
     both("prefill", [2], [[9, 8, 7, 6, 5]])  # joins the running batch (re-padded through the host)
     for t in range(3):
@@ -341,17 +353,16 @@ def _():
     runner._reserve(4, 4, 30)  # growth keeps the cache
     both("decode", [0, 1], [3, 3])
     runner.close()
-    assert released, "the lane was not given back"
+    assert lanes.free == 1, "the lane was not given back"
+    lanes.close()
     return f"{n[0]} logits arrays equal to numpy; {runner.allocations} device allocations"
 
 
 @check("stale KV handles are refused")
 def _():
     from gpt2_edge.runtime.trt.errors import EngineError
-    from gpt2_edge.runtime.trt.runner import EngineRunner
 
-    backend, _, _ = make_backend()
-    r = EngineRunner(backend, 1, 8)
+    r, _, lanes = make_runner(1, 8)
     ids = np.array([[1, 2]], np.int64)
     one, pos = np.ones_like(ids), np.arange(2, dtype=np.int64)[None]
     _, old = r.run(ids, one, pos, None)
@@ -361,6 +372,7 @@ def _():
         r.to_numpy(old[0])
     except EngineError:
         r.close()
+        lanes.close()
         return
     raise AssertionError("a stale handle was accepted")
 

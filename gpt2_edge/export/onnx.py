@@ -105,13 +105,18 @@ def _drop_exporter_weights() -> None:
     of the weights, and the model outliving the caller's ``del`` (gpt2-medium: 2.6 GiB held
     through the rest of the export). The tensors are in the saved file by now; no other IR
     graph is alive during an export.
+
+    The walk tests each object's ``type()``, not ``isinstance``: ``onnx_ir.Value`` is a
+    ``Protocol`` subclass, whose ``isinstance`` reads the object's ``__class__`` attribute, and
+    ``torch.distributed.reduce_op`` (a live module-level object) warns "is deprecated" on every
+    attribute read: the walk printed that warning twice in every ``export`` and ``demo``.
     """
     import gc
 
     import onnx_ir
 
     for obj in gc.get_objects():
-        if isinstance(obj, onnx_ir.Value) and obj.const_value is not None:
+        if issubclass(type(obj), onnx_ir.Value) and obj.const_value is not None:
             obj.const_value = None
 
 

@@ -65,16 +65,6 @@ class _Tally:
         self.total += len(ref)
 
 
-def _session(path: Path, threads: int = 0):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def _ort_run(sess, n_layer: int, ids, mask, pos, past) -> tuple[np.ndarray, list[np.ndarray]]:
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
     for name in ("logits_to_keep", "step_invariant"):

@@ -27,7 +27,7 @@ from .model import load_served_model
 from .scheduler import MAX_DRAFT_TOKENS
 from .settings import API_KEY_ENV, STEP_INVARIANT, ServeSettings, SettingsError
 
-__all__ = ["API_KEY_ENV", "add_serve", "main", "register", "resolve_bundle", "run", "run_app"]
+__all__ = ["API_KEY_ENV", "add_serve", "main", "resolve_bundle", "run", "run_app"]
 
 CACHE_ENV = "GPT2_EDGE_CACHE"
 DEFAULTS = ServeSettings()
@@ -229,8 +229,6 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     add_serve_arguments(p)
     p.set_defaults(func=run)
 
-
-register = add_serve  # the main CLI's name for a command module's hook
 
 
 def _invoked_as_program() -> bool:

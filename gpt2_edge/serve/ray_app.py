@@ -21,8 +21,10 @@ keep-alive; no header timeout or connection cap of ours).
 
 Draining: on SIGTERM, ``gpt2-edge serve --ray`` tells every replica (``DrainSignal``): /health
 says 503 ``draining`` and new completions get 503 while the requests in flight finish, for at
-most ``--drain-timeout`` seconds; then Ray stops the replicas. Under ``serve run`` Ray's own
-graceful shutdown (``graceful_shutdown_timeout_s`` = ``drain_timeout_s``) waits for them instead.
+most ``--drain-timeout`` seconds; then it deletes the app (the replicas stop) and stops the local
+Ray, whose processes ignore a SIGTERM sent to the whole process group (``sigterm_blocked``), so
+the driver stops them in order. Under ``serve run`` Ray's own graceful shutdown
+(``graceful_shutdown_timeout_s`` = ``drain_timeout_s``) waits for them instead.
 """
 
 from __future__ import annotations
@@ -179,25 +181,30 @@ def build(args: dict[str, Any]) -> Application:
     return deployment(bundle, ServeSettings(**values))
 
 
+APP = "gpt2-edge"  # the Serve application's name
+
+
 def serve_with_ray(bundle: Path, settings: ServeSettings, address: str | None = None) -> int:
     """``gpt2-edge serve --ray``: start (or join, at ``address``) Ray, run the replicas, wait for
-    SIGTERM/SIGINT."""
+    SIGTERM/SIGINT; then drain (at most ``drain_timeout_s``), delete the app (its replicas stop),
+    and stop Ray (a local one) or leave it (a cluster joined, whose Serve may hold other apps)."""
     if address:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     else:
-        ray.init(
-            num_cpus=max(int(settings.replicas * settings.replica_cpus + 0.999), 1),
-            include_dashboard=False,
-            log_to_driver=False,
-            _node_ip_address="127.0.0.1",  # a local cluster talks over loopback only
-        )
+        with sigterm_blocked():  # the local Ray's processes inherit it: see sigterm_blocked
+            ray.init(
+                num_cpus=max(int(settings.replicas * settings.replica_cpus + 0.999), 1),
+                include_dashboard=False,
+                log_to_driver=False,
+                _node_ip_address="127.0.0.1",  # a local cluster talks over loopback only
+            )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
         drain = DrainSignal.remote()  # type: ignore[attr-defined]
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(deployment(bundle.resolve(), settings, drain), name="gpt2-edge", route_prefix="/")
+        serve.run(deployment(bundle.resolve(), settings, drain), name=APP, route_prefix="/")
         print(
             f"gpt2-edge serve: {settings.replicas} Ray Serve replica(s) of {bundle} ({settings.provider}) "
             f"on http://{settings.host}:{settings.port}",
@@ -206,20 +213,54 @@ def serve_with_ray(bundle: Path, settings: ServeSettings, address: str | None = 
         stop.wait()
         wait_for_drain(drain, settings.replicas, settings.drain_timeout_s)
     finally:
-        serve.shutdown()
+        # In order: the app (its replicas, drained by now, stop), then Ray. Not serve.shutdown():
+        # it kills Serve's controller under its own pending call, which Ray reports as a failed
+        # task, and on a cluster joined it would stop other people's apps.
+        with contextlib.suppress(Exception):
+            serve.delete(APP)
         ray.shutdown()
     return 0
 
 
+@contextlib.contextmanager
+def sigterm_blocked() -> Any:
+    """Block SIGTERM in this thread while Ray starts its local processes (GCS, raylet, and the
+    workers they start), which inherit the mask. A SIGTERM sent to the whole process group (a
+    terminal, ``timeout``, a supervisor) then stops the driver alone, and the driver stops them in
+    order; without it they died at once, and the driver waited 60 s for the lost GCS before Ray
+    gave up with "Failed to connect to GCS". Ray does the same for SIGINT in the processes it
+    starts. ``ray.shutdown()`` still stops them (SIGKILL after its one-second grace)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def wait_for_drain(drain: Any, replicas: int, timeout_s: float) -> bool:
     """Start ``drain`` and wait until every replica reports no request in flight, for at most
-    ``timeout_s``; whether they all did."""
+    ``timeout_s``; whether they all did (False too when Ray stops answering). Says on stdout how
+    many requests it waits for, once every replica has reported, and how it ended."""
     deadline = time.monotonic() + timeout_s
-    ray.get(drain.start.remote())
-    while True:
-        reports = ray.get(drain.reports.remote())
-        if len(reports) >= replicas and not any(reports.values()):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(DRAIN_REPORT_S)
+    said = False
+    try:
+        ray.get(drain.start.remote(), timeout=max(timeout_s, 0.1))
+        while True:
+            reports = ray.get(drain.reports.remote(), timeout=max(deadline - time.monotonic(), 0.1))
+            waiting = sum(reports.values())
+            if len(reports) >= replicas and not said:
+                print(f"gpt2-edge serve: draining: {waiting} request(s) in flight", flush=True)
+                said = True
+            if len(reports) >= replicas and not waiting:
+                print("gpt2-edge serve: drained", flush=True)
+                return True
+            if time.monotonic() >= deadline:
+                print(
+                    f"gpt2-edge serve: drain timeout: {waiting} request(s) still in flight after "
+                    f"{timeout_s:g} s",
+                    flush=True,
+                )
+                return False
+            time.sleep(DRAIN_REPORT_S)
+    except ray.exceptions.RayError:  # GetTimeoutError among them: Ray stopped answering
+        return False

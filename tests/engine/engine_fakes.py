@@ -402,9 +402,6 @@ class FakeEngine:
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name][2]
 
-    def get_tensor_profile_shape(self, name: str, k: int) -> tuple:
-        return self.profiles[k][name]
-
     def create_execution_context(self) -> FakeContext:
         ctx = FakeContext(self)
         if not self.contexts:  # TensorRT gives the first context profile 0

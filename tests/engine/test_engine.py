@@ -45,6 +45,7 @@ from gpt2_edge.runtime.trt.shapes import (
     shape_ranges,
 )
 from tests.engine.engine_fakes import FAKE_GPU, FakeParserError, fake_stack
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 PROMPTS = ["First Citizen:", "All:\nSpeak", "We are accounted poor citizens, the patricians good."]
@@ -442,7 +443,7 @@ def test_short_engine_context_bounds_the_generator(bundle_copy):
 def test_chunked_prefill_and_full_logits_match_ort(engine, trt_bundle, ort_cpu):
     trt, cuda, _ = engine
     backend = _load(trt_bundle, trt, cuda)
-    backend.prefill_chunk = 5  # prompts of 6+ tokens run in chunks over the presents
+    backend.description = replace(backend.description, prefill_chunk=5)  # 6+ tokens: chunks
     cfg = GenerationConfig(max_new_tokens=10)
     gen = Generator(Model(backend, backend.bundle.tokenizer(), backend.bundle.eos_token_id, bundle=backend.bundle))
     assert gen.generate(PROMPTS, cfg)[0].token_ids == ort_cpu.generate(PROMPTS, cfg)[0].token_ids
@@ -462,14 +463,15 @@ def test_ping_pong_buffers_allocated_once_and_only_last_logits_copied(engine, tr
     runner = cache.runner
     allocated = runner.allocations
     mallocs = cuda.mallocs
-    assert allocated == 4 + 2 * len(backend.past_names)  # 3 inputs + logits, two KV sets
+    d = backend.description
+    assert allocated == 4 + 2 * len(d.past_names)  # 3 inputs + logits, two KV sets
     logits = cache.prefill([0, 1], [tok.encode(PROMPTS[0]), tok.encode(PROMPTS[1])])
-    assert logits.shape == (2, backend.vocab)
+    assert logits.shape == (2, d.vocab)
     before = cuda.d2h_bytes
     ctx = runner.lane.context
     for step in range(6):
         cache.decode([0, 1], [5 + step, 7 + step])
-        assert cuda.d2h_bytes - before == 2 * backend.vocab * 4 * (step + 1)  # [B, V] float32 per step
+        assert cuda.d2h_bytes - before == 2 * d.vocab * 4 * (step + 1)  # [B, V] float32 per step
     assert runner.allocations == allocated and cuda.mallocs == mallocs  # nothing reallocated
     runs = ctx.runs[-7:]
     first_past = [r["addresses"]["past_key_values.0.key"] for r in runs]
@@ -494,7 +496,8 @@ def test_stale_handles_and_foreign_handles_are_refused(engine, trt_bundle):
     pos = np.arange(3, dtype=np.int64)[None]
     _, old = runner.run(ids, mask, pos, None)
     runner.run(ids, mask, pos, None)  # writes the other set: `old` is still valid
-    assert runner.to_numpy(old[0]).shape == (1, backend.n_head, 3, backend.head_size)
+    d = backend.description
+    assert runner.to_numpy(old[0]).shape == (1, d.n_head, 3, d.head_size)
     runner.run(ids, mask, pos, None)  # overwrites `old`'s set
     with pytest.raises(EngineError, match="stale"):
         runner.to_numpy(old[0])
@@ -530,11 +533,13 @@ def test_lanes_bound_concurrent_caches(engine, trt_bundle):
     tok = backend.bundle.tokenizer()
     a.prefill([0], [tok.encode("All:")])
     b.prefill([0], [tok.encode("All:")])  # the fake asserts no profile serves two contexts
+    assert backend.lanes.free == 0
     with pytest.raises(EngineError, match="lane\\(s\\) .* stayed busy"):
         backend.new_cache(1, 8)
     frees = cuda.frees
     del a
     assert cuda.frees > frees  # the collected cache freed its buffers and gave its lane back
+    assert backend.lanes.free == 1
     c = backend.new_cache(1, 8)
     c.prefill([0], [tok.encode("All:")])
 
@@ -555,6 +560,17 @@ def test_engine_modules_are_torch_free_and_the_runtime_never_imports_the_builder
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 
+def test_device_smoke_script_builds_the_runners_description_and_lane_pool():
+    """scripts/device-smoke.py (run on a real GPU by hand) drives EngineRunner with a toy engine
+    through the same EngineDescription and LanePool as the backend; --fake checks it here."""
+    script = REPO / "scripts" / "device-smoke.py"
+    res = subprocess.run(
+        [sys.executable, str(script), "--fake"], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert res.returncode == 0 and "FAIL" not in res.stdout, res.stdout + res.stderr
+    assert "PASS  engine runner" in res.stdout and "PASS  stale KV handles" in res.stdout, res.stdout
+
+
 def test_manifest_round_trip(engine):
     _, _, out = engine
     m = read_manifest(out)
@@ -570,7 +586,7 @@ def test_slots_join_leave_and_reorder_like_the_server(engine, trt_bundle, ort_cp
     """A chunked prompt joining a running batch (both KV sets in use), releases and reorders."""
     trt, cuda, _ = engine
     backend = _load(trt_bundle, trt, cuda)
-    backend.prefill_chunk = 3
+    backend.description = replace(backend.description, prefill_chunk=3)
     tok = backend.bundle.tokenizer()
     a, b = tok.encode(PROMPTS[0]), tok.encode(PROMPTS[2])
     dev, ref = backend.new_cache(3, 48), ort_cpu.backend.new_cache(3, 48)

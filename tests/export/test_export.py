@@ -191,3 +191,35 @@ def test_save_checkpoint_then_export_uses_hf_layout(tmp_path):
 
     export_onnx(load_checkpoint(d), tmp_path / "m.onnx")
     assert validate_onnx(tmp_path / "m.onnx", model).passed
+
+
+def test_dropping_the_exporters_weights_reads_no_deprecated_torch_object():
+    """The walk over every live object must not touch ``torch.distributed.reduce_op``'s attributes
+    (each read warns "deprecated"): ``export`` printed that warning twice."""
+    import warnings
+
+    import onnx_ir
+    import torch.distributed  # noqa: F401  (reduce_op lives while this module does)
+
+    from gpt2_edge.export.onnx import _drop_exporter_weights
+
+    value = onnx_ir.Value(name="w", const_value=onnx_ir.tensor(np.ones(3, np.float32)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _drop_exporter_weights()
+    assert value.const_value is None
+    assert [str(w.message) for w in caught] == []
+
+
+def test_cli_export_prints_no_third_party_warning(tmp_path, tiny_checkpoint):
+    import subprocess
+    import sys
+
+    out = tmp_path / "bundle"
+    cmd = [sys.executable, "-m", "gpt2_edge", "export", str(tiny_checkpoint), "-o", str(out)]
+    res = subprocess.run(
+        [*cmd, "--target", "tensorrt", "--quiet"], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    assert "warning" not in res.stderr.lower() and "deprecated" not in res.stderr, res.stderr
+    assert "bundle written" in res.stdout

@@ -8,6 +8,8 @@ nothing here imports ``tensorrt`` or cuda-python at module level: they load when
     system.py   which GPU and which TensorRT this process sees (engine and cache keys)
     shapes.py   the shape ranges engines and ONNX Runtime's TensorRT provider are given
     plan.py     the engine directory: engine.json, its compatibility checks, finding one
-    runner.py   one KV cache's lane and device buffers (EngineRunner)
-    backend.py  the engine backend (TrtEngineBackend), shared by every caller
+    description.py  EngineDescription: a loaded engine's I/O, dims, profiles and limits, frozen
+    lanes.py    an engine's lanes (execution context + stream) and the pool that hands them out
+    runner.py   one KV cache's lane and device buffers (EngineRunner); reads only the two above
+    backend.py  the engine backend (TrtEngineBackend): loads and checks an engine, makes runners
 """

@@ -1,7 +1,7 @@
 """The TensorRT Python calls the engine *run* needs that differ between versions, or need care.
 
 Importing TensorRT (with an install hint when it is missing), its version, a logger that keeps
-warnings and errors, and the engine's I/O tensors and profile shapes by name. Everything else
+warnings and errors, and the engine's I/O tensors by name. Everything else
 calls TensorRT's documented API directly on the module ``import_tensorrt`` returns, so a test
 hands in a fake module with the same names (``tests/engine/engine_fakes.py``). Targets TensorRT 10.x
 (JetPack 6, x86-64) and 11.x (x86-64). The build's calls are in ``gpt2_edge.engine.trt_api``.
@@ -97,8 +97,3 @@ def io_tensors(trt: Any, engine: Any) -> list[IoTensor]:
         dtype = np_dtype(engine.get_tensor_dtype(name))
         out.append(IoTensor(name, is_input, dtype, tuple(int(d) for d in engine.get_tensor_shape(name))))
     return out
-
-
-def profile_shapes(engine: Any, name: str, profile: int) -> tuple[tuple[int, ...], ...]:
-    """(min, opt, max) of input ``name`` in optimization profile ``profile``."""
-    return tuple(tuple(int(d) for d in s) for s in engine.get_tensor_profile_shape(name, profile))

@@ -14,25 +14,24 @@ step n's present is bound unchanged as step n+1's past: no copy, no reallocation
 slot bookkeeping (joins, releases, beam reorders) is the shared ``ConcatCache``; it sees the
 presents as opaque handles, and the rare re-padding of a batch goes through the host.
 
-The runner reaches its backend only through the attributes ``TrtEngineBackend`` sets (and its
-``_acquire_lane`` / ``_release_lane``), so this module never imports ``backend``;
-``scripts/device-smoke.py`` drives a runner with a stand-in backend on a real GPU.
+A runner is given the engine's frozen ``EngineDescription`` (``description.py``) and the
+``LanePool`` it takes its lane from (``lanes.py``); it never sees the backend, so
+``scripts/device-smoke.py`` drives one on a real GPU with a toy engine in TensorRT's place.
 """
 
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .cuda import CudaError
+from .description import EngineDescription
 from .errors import EngineError
+from .lanes import Lane, LanePool
 from .plan import rebuild_command
-
-if TYPE_CHECKING:
-    from .backend import TrtEngineBackend
 
 
 @dataclass(frozen=True)
@@ -59,27 +58,15 @@ class _Buffer:
     nbytes: int
 
 
-@dataclass
-class Lane:
-    """One execution context with its own profiles (TensorRT: a profile serves one context at a
-    time) and the stream its steps run on."""
-
-    index: int
-    profiles: list[int]
-    context: Any
-    stream: Any
-    handle: int
-    active: int = -1  # the profile selected on the context
-
-
 class EngineRunner:
     """One cache's lane and buffers: the ``ConcatRunner`` behind ``ConcatCache``."""
 
-    def __init__(self, backend: TrtEngineBackend, n_slots: int, capacity: int) -> None:
-        self.backend = backend
-        self.cuda = backend.cuda
-        self.pad_id = backend.pad_id
-        self._n_kv = len(backend.past_names)
+    def __init__(self, desc: EngineDescription, lanes: LanePool, n_slots: int, capacity: int) -> None:
+        self.desc = desc
+        self.cuda = lanes.cuda
+        self.pad_id = desc.pad_id
+        self._lanes = lanes
+        self._n_kv = len(desc.past_names)
         self._bufs: dict[str, _Buffer] = {}
         self._kv: list[list[_Buffer]] = [[], []]
         self._host: dict[str, tuple[np.ndarray, int]] = {}
@@ -90,12 +77,12 @@ class EngineRunner:
         # Presents copied to the host before their set was reused (a chunked prompt joining a
         # running batch needs both sets): kv_set -> (generation, arrays); handles still read them.
         self._spilled: dict[int, tuple[int, list[np.ndarray]]] = {}
-        self.lane: Lane | None = backend._acquire_lane()
+        self.lane: Lane | None = lanes.acquire()
         self._finalizer = weakref.finalize(
-            self, EngineRunner._free_all, backend, self.lane, self._bufs, self._kv, self._host
+            self, EngineRunner._free_all, lanes, self.lane, self._bufs, self._kv, self._host
         )
         self.allocations = 0  # device allocations made (tests: buffers are allocated once)
-        self._reserve(n_slots, min(capacity, backend.prefill_chunk), capacity)
+        self._reserve(n_slots, min(capacity, desc.prefill_chunk), capacity)
 
     # buffers ----------------------------------------------------------------------------------
     def _reserve(self, batch: int, seq: int, total: int) -> None:
@@ -104,11 +91,9 @@ class EngineRunner:
         cb, cs, ct = self._cap
         if batch <= cb and seq <= cs and total <= ct:
             return
-        b = self.backend
+        b = self.desc
         nb, ns, nt = max(batch, cb), max(seq, cs), max(total, ct)
-        ids_dt = b.io["input_ids"].dtype
-        mask_dt = b.io["attention_mask"].dtype
-        pos_dt = b.io["position_ids"].dtype
+        ids_dt, mask_dt, pos_dt = b.ids_dtype, b.mask_dtype, b.pos_dtype
         kv_bytes = nb * b.n_head * nt * b.head_size * b.kv_dtype.itemsize
         sizes = {
             "input_ids": nb * ns * ids_dt.itemsize,
@@ -159,8 +144,8 @@ class EngineRunner:
         self._cap = (nb, ns, nt)
 
     @staticmethod
-    def _free_all(backend: TrtEngineBackend, lane: Lane | None, bufs: dict, kv: list, host: dict) -> None:
-        cuda = backend.cuda
+    def _free_all(lanes: LanePool, lane: Lane | None, bufs: dict, kv: list, host: dict) -> None:
+        cuda = lanes.cuda
         try:
             if lane is not None:
                 cuda.synchronize(lane.stream)
@@ -175,7 +160,7 @@ class EngineRunner:
         kv[1].clear()
         host.clear()
         if lane is not None:
-            backend._release_lane(lane)
+            lanes.release(lane)
 
     def close(self) -> None:
         """Free the buffers and give the lane back (also done when the runner is collected)."""
@@ -190,7 +175,7 @@ class EngineRunner:
         longer than the prefill chunk runs in chunks, each over the presents of the one before."""
         S = ids.shape[1]
         P = mask.shape[1] - S
-        chunk = self.backend.prefill_chunk
+        chunk = self.desc.prefill_chunk
         if past is not None:
             self._spilled.clear()  # the caller has moved on to this past: older presents are dropped
         if S <= chunk:
@@ -220,10 +205,10 @@ class EngineRunner:
         B, T = ids.shape
         mask = np.ones((B, T), np.int64)
         pos = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T))
-        out = np.empty((B, T, self.backend.vocab), np.float32)
+        out = np.empty((B, T, self.desc.vocab), np.float32)
         presents = None
-        for start in range(0, T, self.backend.prefill_chunk):
-            end = min(T, start + self.backend.prefill_chunk)
+        for start in range(0, T, self.desc.prefill_chunk):
+            end = min(T, start + self.desc.prefill_chunk)
             chunk_logits, presents = self._forward(
                 ids[:, start:end], mask[:, :end], pos[:, start:end], presents, "all"
             )
@@ -239,7 +224,7 @@ class EngineRunner:
         return self._download(where, value.index, value.shape)
 
     def _download(self, kv_set: int, index: int, shape: tuple[int, ...]) -> np.ndarray:
-        out = np.empty(shape, self.backend.kv_dtype)
+        out = np.empty(shape, self.desc.kv_dtype)
         self.cuda.dtoh(out, self._kv[kv_set][index].ptr, self.lane.stream)
         self.cuda.synchronize(self.lane.stream)
         return out
@@ -251,7 +236,7 @@ class EngineRunner:
             self._spilled[kv_set] = (self._gen[kv_set], arrays)
 
     def from_numpy(self, array: np.ndarray) -> HostKV:
-        return HostKV(np.ascontiguousarray(array, dtype=self.backend.kv_dtype))
+        return HostKV(np.ascontiguousarray(array, dtype=self.desc.kv_dtype))
 
     # one engine run ---------------------------------------------------------------------------
     def _resolve(self, h: Any) -> int | np.ndarray:
@@ -266,7 +251,7 @@ class EngineRunner:
         raise EngineError("a KV tensor was used after a later step overwrote it (stale handle)")
 
     def _profile_for(self, shapes: dict[str, tuple[int, ...]]) -> int:
-        profiles = self.backend.manifest.profiles
+        profiles = self.desc.profiles
         order = sorted(
             self.lane.profiles,
             key=lambda k: profiles[k].phase != ("decode" if shapes["input_ids"][1] == 1 else "prefill"),
@@ -274,18 +259,18 @@ class EngineRunner:
         for k in order:
             if profiles[k].admits(shapes):
                 return k
-        m = self.backend.manifest
+        d = self.desc
         raise EngineError(
             f"shapes {shapes['input_ids']} (new tokens) / {shapes['attention_mask']} (total) are outside "
             "the engine's "
-            f"profiles (batch <= {m.max_batch}, context <= {m.max_context}); rebuild: "
-            f"`{rebuild_command(self.backend.bundle.path)} --max-batch N --max-context L`"
+            f"profiles (batch <= {d.max_batch}, context <= {d.max_context}); rebuild: "
+            f"`{rebuild_command(d.source)} --max-batch N --max-context L`"
         )
 
     def _forward(
         self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[Any] | None, copy: str | None
     ) -> tuple[np.ndarray | None, list[DeviceKV]]:
-        b, cuda, lane = self.backend, self.cuda, self.lane
+        b, cuda, lane = self.desc, self.cuda, self.lane
         if lane is None:
             raise EngineError("this cache was closed")
         B, S = ids.shape
@@ -347,7 +332,7 @@ class EngineRunner:
         if got != (B, S, b.vocab):
             raise EngineError(f"the engine's logits shape is {got}, expected {(B, S, b.vocab)}")
         if not ctx.execute_async_v3(lane.handle):
-            said = "; ".join(m for _, m in b._logger.messages[-3:])
+            said = self._lanes.said()
             raise EngineError(f"TensorRT failed to run a step ({said or 'no message'})")
 
         logits = None
