@@ -4,8 +4,15 @@ Serve replicas. Torch-free. By concern, as vLLM's OpenAI entry point:
     settings.py     ServeSettings: every option, checked when made (the CLI and Ray alike)
     protocol.py     request bodies, their GenerationConfig, OpenAI's error shape
     model.py        ServedModel: a backend of any provider, its tokenizer, context and name
-    scheduler.py    continuous batching over KV-cache slots, chunked prefill
-    sequences.py    what a request hands the scheduler: SequenceHandle, TokenEvent, Reservation
+    engine.py       the engine thread and its submitting side (reserve, submit, score): each step
+                    the scheduler plans, the executor runs, the output processor reports
+    scheduler.py    decides: a StepPlan from the queue, the slots and the KV budget (admissions,
+                    prompt chunks, the decode batch, a prompt scoring job); runs nothing
+    executor.py     runs a plan on the backend and the cache: prefill, extend, decode or a
+                    speculative step (verify, roll back), prompt scoring
+    output.py       step results -> TokenEvents: log-probabilities, text pieces, stop strings, metrics
+    sequences.py    the engine's data: Slot (one sequence's whole state where it runs),
+                    SequenceHandle, TokenEvent, Reservation, the two refusals
     admission.py    the KV memory: admission within the budget, the cache growing and shrinking,
                     the prefix cache
     completions.py  one /v1/completions request: sequences, SSE, echo and logprobs, usage

@@ -37,10 +37,10 @@ from typing import Any
 from ..errors import Gpt2EdgeError
 from ..runtime.sampling import GenerationConfig
 from .completions import Choice, Completion
+from .engine import Engine
 from .metrics import Metrics
 from .model import ServedModel
 from .protocol import ApiError, ChatCompletionRequest
-from .scheduler import Scheduler
 from .tokens import check_length, encode_text
 
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -244,7 +244,7 @@ class ChatCompletion(Completion):
 
 def prepare_chat(
     model: ServedModel,
-    scheduler: Scheduler,
+    engine: Engine,
     metrics: Metrics,
     template: ChatTemplate,
     req: ChatCompletionRequest,
@@ -258,7 +258,7 @@ def prepare_chat(
     prompt = encode_text(model, template.render(messages), "messages")
     return ChatCompletion(
         model,
-        scheduler,
+        engine,
         metrics,
         req.as_completion(prompt, model.n_ctx),
         loop,

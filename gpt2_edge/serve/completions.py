@@ -19,21 +19,19 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from starlette.requests import Request
 
-from ..runtime.sampling import GenerationConfig, log_softmax
+from ..runtime.sampling import GenerationConfig
+from .engine import Engine
 from .metrics import Metrics
 from .model import ServedModel
 from .protocol import ApiError, CompletionRequest
-from .scheduler import (
+from .sequences import (
     QueueFullError,
     Reservation,
-    Scheduler,
     SchedulerClosedError,
     SequenceHandle,
     TokenEvent,
-    top_logprobs,
 )
 
 
@@ -50,10 +48,10 @@ def admission_error(e: QueueFullError | SchedulerClosedError) -> ApiError:
     return ApiError(503, str(e), type="server_error", code="shutting_down", headers={"Retry-After": "1"})
 
 
-def check_room(scheduler: Scheduler) -> None:
-    """429 / 503 at once, before a request does any work, when the scheduler could take none."""
+def check_room(engine: Engine) -> None:
+    """429 / 503 at once, before a request does any work, when the engine could take none."""
     try:
-        scheduler.check_room(1)
+        engine.check_room(1)
     except (QueueFullError, SchedulerClosedError) as e:
         raise admission_error(e) from None
 
@@ -106,7 +104,7 @@ class Completion:
     def __init__(
         self,
         model: ServedModel,
-        scheduler: Scheduler,
+        engine: Engine,
         metrics: Metrics,
         req: CompletionRequest,
         loop: asyncio.AbstractEventLoop,
@@ -115,7 +113,7 @@ class Completion:
         """Checks and tokenizes the prompts (call it off the event loop: a prompt may be long).
         A text prompt longer than any that fits the context is refused by its length first."""
         self.model = model
-        self.scheduler = scheduler
+        self.engine = engine
         self.metrics = metrics
         self.req = req
         self.id = f"{self.ID_PREFIX}{uuid.uuid4().hex}"
@@ -125,11 +123,11 @@ class Completion:
         self.timeout_s = timeout_s
         items = self._prompt_items()
         n_choices = len(items) * req.n
-        if n_choices > scheduler.capacity:  # before tokenizing what would be refused anyway
+        if n_choices > engine.capacity:  # before tokenizing what would be refused anyway
             raise ApiError(
                 400,
                 f"{len(items)} prompt(s) x n={req.n} = {n_choices} sequences exceed what this server "
-                f"holds at once ({scheduler.capacity}); send fewer",
+                f"holds at once ({engine.capacity}); send fewer",
                 param="n",
             )
         self._check_lengths(items)  # before tokenizing anything
@@ -202,21 +200,21 @@ class Completion:
     def generation_config(self, choice: int) -> GenerationConfig:
         """How to generate choice ``choice`` (speculative decoding: the server's default unless the
         request says)."""
-        return self.req.generation_config(choice, self.scheduler.prompt_lookup)
+        return self.req.generation_config(choice, self.engine.prompt_lookup)
 
     def reserve(self) -> None:
         """Hold the scheduler's room for every choice before any work of this request's own
         (prompt scoring), or answer 429 (full) / 503 (shutting down) at once. ``submit`` uses the
         room; whatever ends the request before that must ``release`` it."""
         try:
-            self.reservation = self.scheduler.reserve(len(self.choices))
+            self.reservation = self.engine.reserve(len(self.choices))
         except (QueueFullError, SchedulerClosedError) as e:
             raise admission_error(e) from None
 
     def release(self) -> None:
         """Give back the room ``reserve`` held, unless ``submit`` used it. Idempotent."""
         if self.reservation is not None:
-            self.scheduler.release(self.reservation)
+            self.engine.release(self.reservation)
 
     def submit(self) -> None:
         """Put every choice into the scheduler (into the room ``reserve`` held, if it did), or
@@ -243,7 +241,7 @@ class Completion:
                 )
             )
         try:
-            self.scheduler.submit(self.sequences, self.reservation)
+            self.engine.submit(self.sequences, self.reservation)
         except (QueueFullError, SchedulerClosedError) as e:
             raise admission_error(e) from None
         self.metrics.prompt_tokens.inc(sum(len(self.prompts[c.prompt_index]) for c in self.choices))
@@ -255,28 +253,25 @@ class Completion:
     # prompt log-probabilities (echo + logprobs) ---------------------------------------------
     async def score_prompts(self) -> None:
         """Log-probabilities of each prompt token given the ones before (``echo`` + ``logprobs``):
-        one full-sequence pass per prompt, beside the scheduler (the backend is thread-safe), in
-        the scheduler's ``side_executor`` (one job at a time; not the shared thread pool that
-        every request's parsing and tokenizing needs). Call it after ``reserve``."""
-        logits_fn = getattr(self.model.backend, "logits", None)
-        if logits_fn is None:
-            raise ApiError(400, "echo with logprobs is not supported by this backend", param="echo")
-        executor = self.scheduler.side_executor
-        self.prompt_scores = await self.loop.run_in_executor(executor, self._score_prompts, logits_fn)
+        one full-sequence pass per prompt on the engine's thread, between its steps (not in a
+        thread pool every request's parsing and tokenizing needs). Call it after ``reserve``: the
+        room it holds bounds the scoring jobs waiting in the engine."""
+        try:
+            future = self.engine.score(self.prompts, self.req.logprobs or 0)
+        except SchedulerClosedError as e:
+            raise admission_error(e) from None
+        try:
+            scores = await asyncio.wrap_future(future)
+        except SchedulerClosedError as e:
+            raise admission_error(e) from None
 
-    def _score_prompts(self, logits_fn: Any) -> list[dict[str, Any]]:
-        k = self.req.logprobs or 0
-        scores = []
-        for ids in self.prompts:
-            logits = logits_fn(np.asarray([ids], np.int64))
-            lps: list[float | None] = [None]
-            tops: list[tuple[tuple[int, float], ...] | None] = [None]
-            for pos in range(1, len(ids)):  # row by row: a float64 copy of all rows would be T x V
-                lp = log_softmax(logits[0, pos - 1].astype(np.float64))
-                lps.append(float(lp[ids[pos]]))
-                tops.append(top_logprobs(lp, k))
-            scores.append(self._logprobs(ids, lps, tops, 0))
-        return scores
+        def render() -> list[dict[str, Any]]:  # text offsets decode every prefix: off the event loop
+            return [
+                self._logprobs(ids, lps, tops, 0)
+                for ids, (lps, tops) in zip(self.prompts, scores, strict=True)
+            ]
+
+        self.prompt_scores = await asyncio.to_thread(render)
 
     # output -----------------------------------------------------------------------------------
     def _logprobs(

@@ -16,7 +16,7 @@ from gpt2_edge.runtime.generator import Generator
 from gpt2_edge.runtime.kv_cache import CacheError, InPlaceCache
 from gpt2_edge.runtime.sampling import GenerationConfig
 from gpt2_edge.runtime.types import is_resizable
-from gpt2_edge.serve.scheduler import Scheduler
+from gpt2_edge.serve.engine import Engine
 from gpt2_edge.serve.settings import ServeSettings, SettingsError
 from tests.serve.helpers import Run
 
@@ -72,18 +72,18 @@ def test_the_cache_grows_with_the_work_and_shrinks_when_idle(gen):
     run = Run(gen, max_batch=8, max_queue=8, initial_capacity=8, idle_shrink_s=0.0, prefix_cache=False)
     ids = gen.tokenizer.encode(TEXT)
     jobs = [(f"s{i}", ids[i : i + 10], greedy(12)) for i in range(4)]
-    run.scheduler.start()
+    run.engine.start()
     try:
-        assert run.scheduler.kv_tokens_allocated == 8
-        run.scheduler.submit([run.sequence(n, p, c) for n, p, c in jobs])
+        assert run.engine.kv_tokens_allocated == 8
+        run.engine.submit([run.sequence(n, p, c) for n, p, c in jobs])
         run.wait()
         assert run.peak_kv == 4 * 32
         deadline = time.monotonic() + 10
-        while run.scheduler.kv_tokens_allocated != 8:
-            assert time.monotonic() < deadline, run.scheduler.kv_tokens_allocated
+        while run.engine.kv_tokens_allocated != 8:
+            assert time.monotonic() < deadline, run.engine.kv_tokens_allocated
             time.sleep(0.01)
     finally:
-        run.scheduler.close()
+        run.engine.close()
     for name, prompt, cfg in jobs:
         assert run.tokens[name] == gen.generate(prompt, cfg)[0].token_ids, name
 
@@ -99,12 +99,12 @@ def test_a_sequence_that_does_not_fit_the_budget_waits_and_never_fails(gen, conc
     ids = g.tokenizer.encode(TEXT * 2)
     jobs = [(f"long{i}", ids[i : i + 30], greedy(30)) for i in range(6)]
     jobs.append(("short", ids[:3], greedy(3)))
-    run.scheduler.start()
+    run.engine.start()
     try:
-        run.scheduler.submit([run.sequence(n, p, c) for n, p, c in jobs])
+        run.engine.submit([run.sequence(n, p, c) for n, p, c in jobs])
         run.wait()
     finally:
-        run.scheduler.close()
+        run.engine.close()
     assert run.peak_active <= 2
     assert run.peak_kv <= 2 * n_ctx
     for name, prompt, cfg in jobs:
@@ -113,7 +113,7 @@ def test_a_sequence_that_does_not_fit_the_budget_waits_and_never_fails(gen, conc
 
 def test_the_budget_must_hold_one_context(gen):
     with pytest.raises(Exception, match="kv_budget"):
-        Scheduler(gen.backend, n_ctx=gen.backend.n_ctx, kv_budget=gen.backend.n_ctx - 1)
+        Engine(gen.backend, n_ctx=gen.backend.n_ctx, kv_budget=gen.backend.n_ctx - 1)
 
 
 # settings, CLI, metrics --------------------------------------------------------------------------

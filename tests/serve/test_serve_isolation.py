@@ -273,10 +273,11 @@ def test_a_full_server_refuses_prompt_scoring_before_doing_it(bundle):
 def test_a_reservation_counts_against_the_bound_until_submitted_or_released(bundle):
     """The scheduler's side of it: room reserved before the sequences exist is room taken."""
     from gpt2_edge.runtime.sampling import GenerationConfig
-    from gpt2_edge.serve.scheduler import QueueFullError, Scheduler, SequenceHandle
+    from gpt2_edge.serve.engine import Engine
+    from gpt2_edge.serve.sequences import QueueFullError, SequenceHandle
 
     model = ServedModel.from_bundle(bundle, threads=1, name="tiny")
-    scheduler = Scheduler(model.backend, n_ctx=model.n_ctx, max_batch=1, max_queue=1)
+    scheduler = Engine(model.backend, n_ctx=model.n_ctx, max_batch=1, max_queue=1)
     scheduler.start()
     try:
         held = scheduler.reserve(2)

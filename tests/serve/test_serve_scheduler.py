@@ -12,7 +12,7 @@ pytest.importorskip("fastapi")
 
 from gpt2_edge.runtime.generator import Generator
 from gpt2_edge.runtime.sampling import GenerationConfig, openai_generation_config
-from gpt2_edge.serve.scheduler import TokenEvent
+from gpt2_edge.serve.sequences import TokenEvent
 from gpt2_edge.serve.settings import ServeSettings, SettingsError
 from tests.serve.helpers import Run
 
@@ -50,11 +50,11 @@ def test_a_running_stream_keeps_its_pace_while_a_long_prompt_goes_in(gens, kv, c
     def submit_long(event: TokenEvent) -> None:  # in the scheduler thread, at the stream's 2nd token
         if len(run.tokens["stream"]) == 2:
             run.log.append(("submitted", None))
-            run.scheduler.submit([long])
+            run.engine.submit([long])
 
     stream = run.sequence("stream", gen.tokenizer.encode("O"), stream_cfg, on_event=submit_long)
-    run.scheduler.start()
-    run.scheduler.submit([stream])
+    run.engine.start()
+    run.engine.submit([stream])
     run.wait(close=True)
     names = [name for name, _ in run.log]
     after = names[names.index("submitted") :]
@@ -79,8 +79,8 @@ def eight_prompts_equal_generator(gen: Generator, prefill_chunk: int) -> None:
     for i, n in enumerate((1, 40, 3, 17, 9, 26, 5, 33)):
         cfg = openai_generation_config(max_tokens=4 + i, temperature=0.8 if i % 3 == 1 else 0, seed=i)
         jobs.append((f"job{i}", text[i : i + n], cfg))
-    run.scheduler.start()
-    run.scheduler.submit([run.sequence(name, prompt, cfg) for name, prompt, cfg in jobs])
+    run.engine.start()
+    run.engine.submit([run.sequence(name, prompt, cfg) for name, prompt, cfg in jobs])
     run.wait(close=True)
     for name, prompt, cfg in jobs:
         assert run.tokens[name] == run.alone(prompt, cfg), name
