@@ -382,6 +382,10 @@ def _check_values(data: dict[str, Any], surrogates: bool) -> None:
         for key, item in items:
             where = (*loc, str(key))
             if surrogates:
+                if not loc and isinstance(key, str) and not _is_text(key):
+                    # no field's name holds a surrogate: an unknown field, named as JSON escapes it
+                    name = _escaped(key)
+                    raise ApiError(400, f"unknown field '{name}'", param=name, code="unknown_field")
                 for s in (key, item) if isinstance(key, str) else (item,):
                     if isinstance(s, str):
                         _check_text(s, where)
@@ -389,16 +393,29 @@ def _check_values(data: dict[str, Any], surrogates: bool) -> None:
                 stack.append((item, where, depth + 1))
 
 
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _escaped(s: str) -> str:
+    """``s`` with each lone surrogate as its JSON escape (``\\ud800``): text an error can carry."""
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _check_text(s: str, loc: tuple[str, ...]) -> None:
     try:
         s.encode("utf-8")
     except UnicodeEncodeError as e:
-        field = ".".join(loc)
+        field = _escaped(".".join(loc))
         raise ApiError(
             400,
             f"{field}: a lone surrogate (\\u{ord(s[e.start]):04x}) at character {e.start} is not text; "
             "send a character beyond U+FFFF as a surrogate pair, or as UTF-8",
-            param=loc[0],
+            param=_escaped(loc[0]),
         ) from None
 
 
@@ -420,7 +437,8 @@ def validation_error(e: ValidationError) -> ApiError:
         if not values:
             return ApiError(400, _UNION_HELP[field], param=field, code="invalid_type")
         first = values[0]
-    loc = ".".join(str(x) for x in first["loc"] if not _is_union_tag(x))
+    loc = _escaped(".".join(str(x) for x in first["loc"] if not _is_union_tag(x)))
+    field = None if field is None else _escaped(field)
     if first["type"] == "extra_forbidden":
         return ApiError(400, f"unknown field {loc!r}", param=loc, code="unknown_field")
     if first["type"] == "missing":
