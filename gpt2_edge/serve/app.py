@@ -254,7 +254,8 @@ async def run_job(request: Request, job: Completion) -> Response:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    return JSONResponse(await job.collect(request))
+    answer = await job.collect(request)
+    return Response(answer.model_dump_json(), media_type="application/json")
 
 
 @router.get("/v1/models")

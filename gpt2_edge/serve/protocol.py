@@ -1,5 +1,6 @@
-"""The request protocol: bodies (pydantic, strict: no silent coercion, no unknown fields), their
-mapping to ``GenerationConfig``, and OpenAI's error shape. Nothing here runs a model.
+"""The protocol: request bodies (pydantic, strict: no silent coercion, no unknown fields), their
+mapping to ``GenerationConfig``, the typed responses (completions and chat, whole and streamed),
+and OpenAI's error shape. Nothing here runs a model.
 
 Fields follow OpenAI's legacy ``/v1/completions`` and its chat completions; ``top_k``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos`` and ``stream_options.continuous_usage_stats``
@@ -10,8 +11,9 @@ OpenAI fields this server does not implement are
 accepted only at their neutral value, so a client that sends the defaults still works and one
 that asks for more hears so instead of getting something else.
 
-One file a little past 400 lines: every body the server takes (completions, chat, tokenize)
-and the JSON guards in front of them, so a reader finds the whole wire format in one place.
+One file past 400 lines: every body the server takes (completions, chat, tokenize), every body it
+answers, and the JSON guards in front of them, so a reader finds the whole wire format in one
+place.
 """
 
 from __future__ import annotations
@@ -313,6 +315,142 @@ class ChatCompletionRequest(_Strict):
         )
         req.check_supported()
         return req
+
+
+# responses ----------------------------------------------------------------------------------------
+# What the server answers, field for field in OpenAI's order (render.py builds them). Not strict:
+# only the server makes them.
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs: per token its text, log-probability, the k most likely tokens'
+    texts and log-probabilities, and where its text starts."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+    def __add__(self, other: CompletionLogprobs) -> CompletionLogprobs:
+        return CompletionLogprobs(
+            tokens=self.tokens + other.tokens,
+            token_logprobs=self.token_logprobs + other.token_logprobs,
+            top_logprobs=self.top_logprobs + other.top_logprobs,
+            text_offset=self.text_offset + other.text_offset,
+        )
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    """The body of a ``/v1/completions`` answer."""
+
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class CompletionChunk(BaseModel):
+    """One Server-Sent Event of a streamed ``/v1/completions`` answer. ``usage``: absent, or null
+    (``include_usage``: only the last chunk has it), or the usage so far (``continuous_usage_stats``);
+    ``sse`` leaves it out where absent."""
+
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float | None
+    bytes: list[int]  # the UTF-8 of the token's text
+
+
+class ChatLogprob(ChatTokenLogprob):
+    top_logprobs: list[ChatTokenLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: str = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    """The body of a ``/v1/chat/completions`` answer."""
+
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class RoleDelta(BaseModel):
+    """A streamed choice's first delta: who speaks."""
+
+    role: str = "assistant"
+    content: str = ""
+
+
+class ContentDelta(BaseModel):
+    content: str
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: RoleDelta | ContentDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One Server-Sent Event of a streamed chat answer (``usage`` as ``CompletionChunk``'s)."""
+
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+def sse(chunk: CompletionChunk | ChatCompletionChunk, usage: bool) -> str:
+    """``chunk`` as one Server-Sent Event (``usage``: whether the chunk carries the key at all)."""
+    return f"data: {chunk.model_dump_json(exclude=None if usage else {'usage'})}\n\n"
 
 
 # Union fields: pydantic reports one error per member; one sentence per field reads better.

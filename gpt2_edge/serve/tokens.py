@@ -22,8 +22,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from .completions import check_ids
 from .model import ServedModel
+from .prompts import check_ids
 from .protocol import ApiError, DetokenizeRequest, TokenizeRequest, parse_body
 
 router = APIRouter()
