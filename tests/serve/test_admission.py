@@ -1,6 +1,7 @@
-"""The server's KV memory follows its work: the in-place cache grows (``reserve``) to what the
-running sequences need within ``kv_budget``, a sequence that does not fit waits, and an idle
-server shrinks back; outputs stay those of Generator alone."""
+"""serve/admission.py, the KV memory: admission keeps rows x tokens within ``kv_budget`` (a
+sequence that does not fit waits, and the ones behind it), the in-place cache grows (``reserve``)
+to what the running sequences need and an idle server shrinks back; outputs stay those of
+Generator alone. (The prefix cache: test_prefix_cache.py.)"""
 
 from __future__ import annotations
 
@@ -172,3 +173,50 @@ def test_metrics_and_health_show_kv_tokens(inplace_bundle):
     assert f"gpt2_edge_kv_budget_tokens {float(4 * model.n_ctx)}" in text
     assert 'gpt2_edge_prefix_cache_lookups_total{result="miss"} 1.0' in text
     assert health["kv_budget"] == 4 * model.n_ctx and 0 < health["kv_tokens_allocated"] <= 4 * model.n_ctx
+
+
+# KVMemory.plan without a model -----------------------------------------------------------------
+class FakeConcatCache:
+    """A concatenating cache's shape alone: each slot's length."""
+
+    def __init__(self, n_slots: int) -> None:
+        self.n_slots = n_slots
+        self.lengths = [0] * n_slots
+
+    def length(self, slot: int) -> int:
+        return self.lengths[slot]
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+
+class FakeBackend:
+    n_ctx = 64
+
+    def new_cache(self, n_slots: int, capacity: int) -> FakeConcatCache:
+        return FakeConcatCache(n_slots)
+
+
+def test_admission_keeps_rows_times_the_longest_sequence_within_the_budget():
+    from collections import deque
+
+    from gpt2_edge.serve.admission import KVMemory
+    from gpt2_edge.serve.scheduler import Scheduler
+    from gpt2_edge.serve.sequences import SequenceHandle
+
+    def seq(prompt_len: int, new: int) -> SequenceHandle:
+        return SequenceHandle(list(range(1, prompt_len + 1)), GenerationConfig(max_new_tokens=new),
+                              lambda _e: None, eos_token_id=None, detokenize=lambda ids: "")  # fmt: skip
+
+    memory = KVMemory(FakeBackend(), n_ctx=64, max_batch=4, kv_budget=96)
+    memory.new_cache()
+    scheduler = Scheduler(memory, n_ctx=64, max_batch=4)
+    a, b, c, d = seq(10, 10), seq(20, 12), seq(40, 24), seq(4, 4)  # needs 20, 32, 64, 8
+    waiting = deque([a, b, c, d])
+    plan = scheduler.schedule(waiting)
+    # 2 rows x 32 fit; c beside them would be 3 rows x 64 > 96: it waits, and d behind it
+    assert [s for s, _, _ in plan.admit] == [a, b] and list(waiting) == [c, d]
+    scheduler.leave(0)
+    scheduler.leave(1)
+    plan = scheduler.schedule(waiting)
+    assert [s for s, _, _ in plan.admit] == [c] and list(waiting) == [d]  # 2 x 64 > 96: d waits
