@@ -1,8 +1,10 @@
 """``gpt2-edge serve``: an OpenAI-style HTTP server with continuous batching, on uvicorn or as Ray
 Serve replicas. Torch-free. By concern, as vLLM's OpenAI entry point:
 
-    settings.py     ServeSettings: every option, checked when made (the CLI and Ray alike)
-    protocol.py     request bodies, their GenerationConfig, OpenAI's error shape
+    settings.py     ServeSettings: every option, checked when made; its one table of options
+                    generates the CLI's options, the restart argv and Ray's `serve run` arguments
+    protocol.py     typed request bodies (the sampling fields once, for completions and chat),
+                    their GenerationConfig, typed responses, OpenAI's error shape
     model.py        ServedModel: a backend of any provider, its tokenizer, context and name
     engine.py       the engine thread and its submitting side (reserve, submit, score): each step
                     the scheduler plans, the executor runs, the output processor reports
@@ -15,7 +17,12 @@ Serve replicas. Torch-free. By concern, as vLLM's OpenAI entry point:
                     SequenceHandle, TokenEvent, Reservation, the two refusals
     admission.py    the KV memory: admission within the budget, the cache growing and shrinking,
                     the prefix cache
-    completions.py  one /v1/completions request: sequences, SSE, echo and logprobs, usage
+    prompts.py      a request's prompts checked and tokenized
+    completions.py  one completion request's life with the engine: room, prompt scoring, sequences,
+                    the answer collected or streamed, cancellation
+    render.py       the answer's shape: completion or chat, logprobs, usage, chunks
+    chat.py         chat templates; a chat request is a Completion rendered as chat
+    tokens.py       /tokenize, /detokenize, /tokenizer_info
     app.py          the routes and the app factory (create_app)
     middleware.py   request counter (and last-resort 500), Host check, JSON-only bodies, API key,
                     body size and time limits
