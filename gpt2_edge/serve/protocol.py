@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -70,12 +70,12 @@ class StreamOptions(_Strict):
 TokenIds = list[Annotated[int, Field(ge=0)]]
 
 
-class CompletionRequest(_Strict):
-    """The body of ``POST /v1/completions``."""
+class SamplingFields(_Strict):
+    """The fields a completion and a chat request share, defined once: which model, how to sample,
+    when to stop, how to stream. The extensions (``top_k``, ``repetition_penalty``, ``min_tokens``,
+    ``ignore_eos``, ``prompt_lookup``) are vLLM's names (and this server's own, for speculation)."""
 
     model: str | None = None
-    prompt: str | list[str] | TokenIds | list[TokenIds]
-    max_tokens: Annotated[int, Field(ge=0)] = 16  # 0 only with echo: score the prompt, generate nothing
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
@@ -83,8 +83,6 @@ class CompletionRequest(_Strict):
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    echo: bool = False
     # extensions
     top_k: Annotated[int, Field(ge=-1)] = 0  # 0 or -1 = off (-1 is vLLM's spelling)
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
@@ -97,10 +95,20 @@ class CompletionRequest(_Strict):
     # OpenAI fields accepted at their neutral value only
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    best_of: Annotated[int, Field(ge=1)] | None = None
     logit_bias: dict[str, float] | None = None
-    suffix: str | None = None
     user: str | None = None  # an end-user id for the caller's own logs; unused here
+
+
+class CompletionRequest(SamplingFields):
+    """The body of ``POST /v1/completions``: the shared fields and its own."""
+
+    prompt: str | list[str] | TokenIds | list[TokenIds]
+    max_tokens: Annotated[int, Field(ge=0)] = 16  # 0 only with echo: score the prompt, generate nothing
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool = False
+    # OpenAI fields accepted at their neutral value only
+    best_of: Annotated[int, Field(ge=1)] | None = None
+    suffix: str | None = None
 
     def check_supported(self) -> None:
         """Refuse what this server does not implement, naming the field."""
@@ -218,56 +226,16 @@ class ChatMessage(_Strict):
         return "\n".join(texts)
 
 
-class ChatCompletionRequest(_Strict):
-    """The body of ``POST /v1/chat/completions`` (OpenAI's chat shape; the same extensions as
-    ``CompletionRequest``). No tools, no response formats, no echo."""
+class ChatCompletionRequest(SamplingFields):
+    """The body of ``POST /v1/chat/completions`` (OpenAI's chat shape: the shared fields and its
+    own). No tools, no response formats, no echo."""
 
-    model: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     # None: the rest of the context (OpenAI's default); max_completion_tokens is the newer name
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    # extensions (as in CompletionRequest)
-    top_k: Annotated[int, Field(ge=-1)] = 0
-    repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
-    min_tokens: Annotated[int, Field(ge=0)] = 0
-    ignore_eos: bool = False
-    prompt_lookup: Annotated[int, Field(ge=0, le=MAX_PROMPT_LOOKUP)] | None = None
-    # OpenAI fields accepted at their neutral value only
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-
-    # what a chat request shares with a completion request, field for field
-    _SHARED: ClassVar[tuple[str, ...]] = (
-        "model",
-        "temperature",
-        "top_p",
-        "n",
-        "stop",
-        "seed",
-        "stream",
-        "stream_options",
-        "top_k",
-        "repetition_penalty",
-        "min_tokens",
-        "ignore_eos",
-        "prompt_lookup",
-        "presence_penalty",
-        "frequency_penalty",
-        "logit_bias",
-        "user",
-    )
 
     def message_texts(self) -> list[dict[str, str]]:
         """The messages as ``{"role", "content"}`` (+ ``name``) with string contents."""
@@ -311,7 +279,7 @@ class ChatCompletionRequest(_Strict):
             prompt=prompt,
             max_tokens=max_tokens,
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
-            **{name: getattr(self, name) for name in self._SHARED},
+            **{name: getattr(self, name) for name in SamplingFields.model_fields},
         )
         req.check_supported()
         return req

@@ -96,3 +96,26 @@ def test_tokenize_takes_either_name_of_the_text_but_not_both():
     assert parse_body(b'{"content": "a"}', TokenizeRequest).text == "a"
     with pytest.raises(ApiError, match="not both"):
         _ = parse_body(b'{"content": "a", "prompt": "b"}', TokenizeRequest).text
+
+
+def test_the_sampling_fields_are_declared_once():
+    from gpt2_edge.serve.protocol import SamplingFields
+
+    for model in (CompletionRequest, ChatCompletionRequest):
+        assert issubclass(model, SamplingFields)
+        own = set(model.model_fields) - set(SamplingFields.model_fields)
+        assert not own & {"temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty"}, own
+
+
+def test_a_chunk_carries_usage_only_where_asked_and_keys_in_openais_order():
+    from gpt2_edge.serve.protocol import CompletionChunk, CompletionChunkChoice, Usage, sse
+
+    choice = CompletionChunkChoice(index=0, text="a", logprobs=None, finish_reason=None)
+    chunk = CompletionChunk(id="x", created=1, model="m", choices=[choice])
+    assert sse(chunk, False) == (
+        'data: {"id":"x","object":"text_completion","created":1,"model":"m","choices":'
+        '[{"index":0,"text":"a","logprobs":null,"finish_reason":null}]}\n\n'
+    )
+    assert sse(chunk, True).endswith(',"usage":null}\n\n')
+    chunk.usage = Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3)
+    assert json.loads(sse(chunk, True)[len("data: ") :])["usage"]["total_tokens"] == 3
