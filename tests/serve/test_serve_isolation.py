@@ -320,14 +320,15 @@ def test_a_full_server_refuses_prompt_scoring_before_doing_it(bundle):
             }
 
             def one(_):
-                t0 = time.monotonic()
                 r = post(s, scoring)
-                return r.status_code, r.json()["error"]["code"], time.monotonic() - t0
+                return r.status_code, r.json()["error"]["code"]
 
             with ThreadPoolExecutor(6) as ex:
                 got = list(ex.map(one, range(6)))
-            assert [g[:2] for g in got] == [(429, "queue_full")] * 6
-            assert max(g[2] for g in got) < 1.0
+            assert got == [(429, "queue_full")] * 6
+            # at once: refused while the server was still full (counted, not timed)
+            health = httpx.get(f"{s.url}/health").json()
+            assert (health["active"], health["queue_depth"]) == (1, 1)
             assert counting.calls == 0  # no prompt was scored for a request that got 429
             for _, r in streams:
                 assert sse_events(r.iter_lines())[-1] == "[DONE]"
@@ -396,9 +397,10 @@ def test_a_client_leaving_a_non_streaming_request_frees_its_slots(bundle):
             time.sleep(0.01)
         sock.close()
         closed_at = time.monotonic()
-        while httpx.get(f"{s.url}/health").json()["active"] != 0:
-            assert time.monotonic() - closed_at < 0.5, "the slots were still decoding for a client that left"
+        while httpx.get(f"{s.url}/health").json()["active"] != 0:  # polled to a deadline
+            assert time.monotonic() - closed_at < 30, "the slots were still decoding for a client that left"
             time.sleep(0.01)
+        # counted, not timed: every choice was cancelled, well before its 60 tokens
         assert metric(s, 'gpt2_edge_sequences_finished_total{reason="cancelled"}') == 8
         assert metric(s, "gpt2_edge_generation_tokens_total") < 8 * 30
 
