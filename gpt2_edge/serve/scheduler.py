@@ -126,12 +126,13 @@ class Scheduler:
     def running(self) -> list[Slot]:
         """The slots holding a sequence, oldest admission first (the order the prefix cache
         learns released rows in, and looks at running ones)."""
-        return sorted((s for s in self.slots if s.seq is not None), key=lambda s: s.order)
+        return sorted((s for s in self.slots if s.seq is not None), key=_admission)
 
     def cancelled(self) -> list[Slot]:
         """Running slots whose sequence was cancelled, oldest admission first: the engine frees
         them before the step."""
-        return [s for s in self.running() if s.seq is not None and s.seq.cancelled]
+        out = [s for s in self.slots if s.seq is not None and s.seq.cancelled]
+        return sorted(out, key=_admission) if len(out) > 1 else out
 
     def schedule(self, waiting: deque[SequenceHandle], scoring: deque[Any] | None = None) -> StepPlan:
         """This step's plan; takes the admitted sequences from ``waiting`` and at most one job from
@@ -149,7 +150,10 @@ class Scheduler:
             heapq.heapify(self._free)
             self.n_active = self.max_batch - len(self._free)
         budget = self.prefill_chunk or self.n_ctx * self.max_batch
-        for slot in sorted((s for s in self.slots if s.prefilling), key=lambda s: s.order):
+        prefilling = [s for s in self.slots if s.prefilling]
+        if len(prefilling) > 1:
+            prefilling.sort(key=_admission)
+        for slot in prefilling:
             if budget <= 0:
                 break
             assert slot.seq is not None
@@ -173,3 +177,7 @@ class Scheduler:
         heapq.heappush(self._free, index)
         self.n_active = self.max_batch - len(self._free)
         return seq
+
+
+def _admission(slot: Slot) -> int:
+    return slot.order
