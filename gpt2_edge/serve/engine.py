@@ -25,13 +25,14 @@ with each ``TokenEvent`` (the app forwards it to its event loop); a scoring job'
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from ..errors import Gpt2EdgeError
 from ..runtime.speculative import DraftModel
@@ -55,11 +56,14 @@ PromptScores = tuple[list[float | None], list[TopLogprobs | None]]
 
 @dataclass
 class ScoreJob:
-    """Prompt scoring for one request: its prompts, its ``logprobs`` k, where the result goes."""
+    """Prompt scoring for one request: its prompts, its ``logprobs`` k, where the result goes, and
+    the scores so far (one prompt per step: a request of many prompts stalls the running streams
+    by one full pass at a time)."""
 
     prompts: list[list[int]]
     k: int
     future: Future[list[PromptScores]]
+    scores: list[PromptScores] = field(default_factory=list)
 
 
 class Engine:
@@ -312,11 +316,10 @@ class Engine:
                 self.output.fail(self._waiting.popleft(), "the server shut down before the sequence started")
                 self._in_system -= 1
             while self._scoring:
-                future = self._scoring.popleft().future
-                if future.set_running_or_notify_cancel():
-                    future.set_exception(
-                        SchedulerClosedError("the server shut down before the prompts were scored")
-                    )
+                _settle(
+                    self._scoring.popleft().future,
+                    SchedulerClosedError("the server shut down before the prompts were scored"),
+                )
         self.executor.drop_cache()
 
     def _step(self, plan: StepPlan) -> None:
@@ -352,11 +355,25 @@ class Engine:
         self.output.finished(reason)
 
     def _score(self, job: ScoreJob) -> None:
-        if not job.future.set_running_or_notify_cancel():
+        """Score the job's next prompt; it goes back to the front of the queue until all are. Its
+        future stays pending until then, so the request can still cancel it between prompts."""
+        if job.future.cancelled():
             return  # its request went away
         try:
-            scores = [prompt_logprobs(self.executor.score(ids), ids, job.k) for ids in job.prompts]
+            ids = job.prompts[len(job.scores)]
+            job.scores.append(prompt_logprobs(self.executor.score(ids), ids, job.k))
+            if len(job.scores) < len(job.prompts):
+                with self._cond:
+                    self._scoring.appendleft(job)
+                return
+            job.future.set_result(job.scores)
+        except InvalidStateError:  # cancelled meanwhile
+            pass
         except Exception as e:
-            job.future.set_exception(e)
-        else:
-            job.future.set_result(scores)
+            _settle(job.future, e)
+
+
+def _settle(future: Future[Any], error: BaseException) -> None:
+    """Fail ``future`` unless its request cancelled it already."""
+    with contextlib.suppress(InvalidStateError):
+        future.set_exception(error)
