@@ -44,6 +44,8 @@ from .scheduler import DEFAULT_PREFILL_CHUNK, MAX_PROMPT_LOOKUP, Scheduler, Step
 from .sequences import QueueFullError, Reservation, SchedulerClosedError, SequenceHandle
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .metrics import Metrics
 
 __all__ = ["Engine", "PromptScores", "ScoreJob"]
@@ -289,6 +291,7 @@ class Engine:
             for slot in self.scheduler.cancelled():
                 self._leave(slot.index, "cancelled")
             failed = False
+            plan: StepPlan | None = None
             try:
                 with self._cond:
                     plan = self.scheduler.schedule(self._waiting, self._scoring)
@@ -296,6 +299,8 @@ class Engine:
             except Exception as e:  # a failed step must not take the server down
                 log.exception("engine step failed")
                 self.executor.drop_cache()  # its state is unknown now: nothing more is asked of it
+                if plan is not None and plan.score is not None:  # its request would wait forever
+                    _settle(plan.score.future, e)
                 for slot in self.scheduler.running():
                     self.output.fail(slot.seq, f"generation failed: {type(e).__name__}")  # type: ignore[arg-type]
                     self._leave(slot.index, "error")
@@ -340,10 +345,10 @@ class Engine:
         if plan.score is not None:
             self._score(plan.score)
 
-    def _emit(self, index: int, tokens: list[int], logits: object, drafted: int = 0) -> None:
+    def _emit(self, index: int, tokens: list[int], logits: np.ndarray, drafted: int = 0) -> None:
         seq = self.scheduler.slots[index].seq
         assert seq is not None
-        reason = self.output.emit(seq, tokens, logits, drafted)  # type: ignore[arg-type]
+        reason = self.output.emit(seq, tokens, logits, drafted)
         if reason is not None:
             self._leave(index, reason)
 

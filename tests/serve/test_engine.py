@@ -83,3 +83,31 @@ def test_scoring_cancelled_before_it_runs_is_never_run_and_a_closed_engine_refus
     assert [what for what, _ in log] == ["score"]
     with pytest.raises(SchedulerClosedError):
         engine.score(PROMPTS, 1)
+
+
+def test_a_failed_step_fails_the_scoring_it_planned_and_the_engine_goes_on(gen: Generator):
+    class FailingDecode(LoggingBackend):
+        def new_cache(self, n_slots, capacity):
+            cache = super().new_cache(n_slots, capacity)
+
+            def decode(slots, tokens):
+                raise RuntimeError("injected")
+
+            cache.decode = decode
+            return cache
+
+    events: list = []
+    engine = Engine(FailingDecode(gen.backend, []), n_ctx=gen.backend.n_ctx, max_batch=1)
+    engine.start()
+    try:
+        seq = SequenceHandle([1, 2], GenerationConfig(max_new_tokens=4), events.append, eos_token_id=None,
+                             detokenize=gen.tokenizer.decode)  # fmt: skip
+        with engine._cond:  # one plan: the sequence's prefill and decode, and the scoring
+            engine.submit([seq])
+            future = engine.score(PROMPTS[:1], 1)
+        with pytest.raises(RuntimeError, match="injected"):
+            future.result(60)
+        assert events[-1].error == "generation failed: RuntimeError"
+        assert engine.running  # a new cache, and on
+    finally:
+        engine.close()
