@@ -329,26 +329,28 @@ class Engine:
 
     def _step(self, plan: StepPlan) -> None:
         """Carry out one plan: admit, chunks (first tokens), decode, prompt scoring."""
-        slots = self.scheduler.slots
+        slots, output = self.scheduler.slots, self.output
         if plan.admit:
             self.executor.admit(plan.admit, self.scheduler.running())
         if plan.prefill or plan.extend:
-            for index, r in self.executor.prefill(slots, plan.prefill, plan.extend).items():
-                self._emit(index, r.tokens, r.logits)
+            for index, (tokens, logits, _) in self.executor.prefill(slots, plan.prefill, plan.extend).items():
+                self._emit(index, tokens, logits)
         decode = self.scheduler.still_running(plan.decode)
         if decode:
-            self.output.step(len(decode))
-            for index, r in zip(decode, self.executor.decode(slots, decode), strict=True):
-                self._emit(index, r.tokens, r.logits, r.drafted)
+            output.step(len(decode))
+            for index, (tokens, logits, drafted) in zip(
+                decode, self.executor.decode(slots, decode), strict=True
+            ):
+                reason = output.emit(slots[index].seq, tokens, logits, drafted)  # type: ignore[arg-type]
+                if reason is not None:
+                    self._leave(index, reason)
             if not self.kv.resizable:  # a concatenating cache's allocation follows its sequences
-                self.kv.count([s.index for s in self.scheduler.running()])
+                self.kv.count([s.index for s in slots if s.seq is not None])
         if plan.score is not None:
             self._score(plan.score)
 
-    def _emit(self, index: int, tokens: list[int], logits: np.ndarray, drafted: int = 0) -> None:
-        seq = self.scheduler.slots[index].seq
-        assert seq is not None
-        reason = self.output.emit(seq, tokens, logits, drafted)
+    def _emit(self, index: int, tokens: list[int], logits: np.ndarray) -> None:
+        reason = self.output.emit(self.scheduler.slots[index].seq, tokens, logits)  # type: ignore[arg-type]
         if reason is not None:
             self._leave(index, reason)
 

@@ -36,11 +36,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import Gpt2EdgeError
-from ..runtime.speculative import DraftModel, Speculator, StepResult
+from ..runtime.speculative import DraftModel, Speculator
 from ..runtime.types import Backend, can_verify
 from .admission import KVMemory
 from .scheduler import Chunk, Placement
 from .sequences import Slot
+
+# One sequence's part of a step: its new tokens, the logits each was chosen from, tokens drafted.
+Step = tuple[list[int], np.ndarray, int]
 
 
 class Executor:
@@ -85,9 +88,7 @@ class Executor:
         if self.spec is not None:
             self.spec.follow()  # the draft model's cache grows with the target's
 
-    def prefill(
-        self, slots: Sequence[Slot], prefill: list[Chunk], extend: list[Chunk]
-    ) -> dict[int, StepResult]:
+    def prefill(self, slots: Sequence[Slot], prefill: list[Chunk], extend: list[Chunk]) -> dict[int, Step]:
         """Put the chunks into the cache (``prefill``: prompts' first chunks, ``extend``: later
         ones); each prompt whose last chunk went in -> its first token and the logits it was chosen
         from, in the order of the chunks (``slots``: the scheduler's, by index)."""
@@ -99,12 +100,12 @@ class Executor:
                 rows = run([c.slot for c in chunks], [c.tokens for c in chunks])
                 logits.update(zip((c.slot for c in chunks), rows, strict=True))
         self._feed_draft(slots, [c.slot for c in (*prefill, *extend)])
-        first: dict[int, StepResult] = {}
+        first: dict[int, Step] = {}
         for c in (*prefill, *extend):
             if c.last:
                 state = slots[c.slot].seq.state  # type: ignore[union-attr]
                 row = logits[c.slot][None]
-                first[c.slot] = StepResult([state.choose(row[0])], row)
+                first[c.slot] = ([state.choose(row[0])], row, 0)
         return first
 
     def _feed_draft(self, slots: Sequence[Slot], fed: list[int]) -> None:
@@ -120,18 +121,19 @@ class Executor:
             states = [slots[i].seq.state for i in feed]  # type: ignore[union-attr]
             self.spec.feed_draft(feed, states, [cache.length(i) for i in feed])
 
-    def decode(self, slots: Sequence[Slot], decode: list[int]) -> list[StepResult]:
-        """One step of the sequences in ``decode`` (slot indices, lowest first): their next tokens,
-        each with the logits it was chosen from."""
+    def decode(self, slots: Sequence[Slot], decode: list[int]) -> list[Step]:
+        """One step of the sequences in ``decode`` (slot indices, lowest first): for each, its next
+        tokens, the logits each was chosen from (views of the pass's, no copy), and how many tokens
+        were drafted for it."""
         cache = self.kv.cache
         assert cache is not None
         states = [slots[i].seq.state for i in decode]  # type: ignore[union-attr]
         if self.spec is not None and (
             self.draft is not None or any(state.config.prompt_lookup for state in states)
         ):
-            return self.spec.step(decode, states)
+            return [(r.tokens, r.logits, r.drafted) for r in self.spec.step(decode, states)]
         logits = cache.decode(decode, [state.generated[-1] for state in states])
-        return [StepResult([state.choose(logits[i])], logits[i : i + 1]) for i, state in enumerate(states)]
+        return [([state.choose(logits[i])], logits[i : i + 1], 0) for i, state in enumerate(states)]
 
     def release(self, slot: Slot, keep: bool) -> None:
         """The sequence in ``slot`` leaves: its rows are free (``keep``: they stay in the prefix

@@ -149,22 +149,36 @@ class Scheduler:
         if plan.admit:
             heapq.heapify(self._free)
             self.n_active = self.max_batch - len(self._free)
-        budget = self.prefill_chunk or self.n_ctx * self.max_batch
-        prefilling = [s for s in self.slots if s.prefilling]
-        if len(prefilling) > 1:
-            prefilling.sort(key=_admission)
-        for slot in prefilling:
-            if budget <= 0:
-                break
-            assert slot.seq is not None
-            prompt = slot.seq.state.prompt
-            done = slot.prefilled
-            tokens = prompt[done : done + budget]
-            slot.prefilled += len(tokens)
-            chunk = Chunk(slot.index, tokens, slot.prefilled == len(prompt))
-            (plan.extend if done else plan.prefill).append(chunk)
-            budget -= len(tokens)
-        plan.decode = [s.index for s in self.slots if s.seq is not None and not s.prefilling]
+        prefilling: list[Slot] = []
+        decode: list[int] = []  # slot indices, lowest first
+        for slot in self.slots:
+            seq = slot.seq
+            if seq is not None:
+                if slot.prefilled < len(seq.state.prompt):
+                    prefilling.append(slot)
+                else:
+                    decode.append(slot.index)
+        if prefilling:
+            if len(prefilling) > 1:
+                prefilling.sort(key=_admission)
+            budget = self.prefill_chunk or self.n_ctx * self.max_batch
+            completed = False
+            for slot in prefilling:
+                if budget <= 0:
+                    break
+                prompt = slot.seq.state.prompt  # type: ignore[union-attr]
+                done = slot.prefilled
+                tokens = prompt[done : done + budget]
+                slot.prefilled += len(tokens)
+                chunk = Chunk(slot.index, tokens, slot.prefilled == len(prompt))
+                (plan.extend if done else plan.prefill).append(chunk)
+                budget -= len(tokens)
+                if chunk.last:  # its prompt is in: decoded with the others this step
+                    decode.append(slot.index)
+                    completed = True
+            if completed:
+                decode.sort()
+        plan.decode = decode
         return plan
 
     def still_running(self, slots: Sequence[int]) -> list[int]:

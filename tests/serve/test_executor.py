@@ -43,11 +43,11 @@ def run(ex: Executor, slots: list[Slot], index: int, chunk: int, new: int) -> li
         first = ex.prefill(slots, [c] if done == 0 else [], [] if done == 0 else [c])
         done += len(c.tokens)
         if c.last:
-            tokens += first[index].tokens
-            state.append(first[index].tokens[0])
+            tokens += first[index][0]
+            state.append(first[index][0][0])
     while len(tokens) < new:
         (r,) = ex.decode(slots, [index])
-        for t in r.tokens:
+        for t in r[0]:
             tokens.append(t)
             state.append(t)
     return tokens[:new]
