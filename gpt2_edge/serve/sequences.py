@@ -9,7 +9,7 @@
 - ``Reservation``: room held for a request's sequences before they exist;
 - the engine's two refusals, ``QueueFullError`` and ``SchedulerClosedError``.
 
-Torch-free, numpy-free: the scheduler's unit tests build these without a model.
+Torch-free; no model needed: the scheduler's unit tests build these with fakes.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ class QueueFullError(Exception):
 
 
 class SchedulerClosedError(Exception):
-    """The scheduler is shutting down and takes no new sequences."""
+    """The engine is shutting down and takes no new sequences (or prompt scoring)."""
 
 
 class Reservation:
-    """Room for ``n`` sequences held in the scheduler's bound before they exist: a request takes
+    """Room for ``n`` sequences held in the engine's bound before they exist: a request takes
     it before any work of its own (prompt scoring), then ``submit`` turns it into its sequences or
     ``release`` gives it back. Either happens once."""
 
@@ -63,7 +63,7 @@ class TokenEvent:
 
 
 class SequenceHandle:
-    """A sequence submitted to the scheduler; the submitter may ``cancel`` it at any time."""
+    """A sequence submitted to the engine; the submitter may ``cancel`` it at any time."""
 
     def __init__(
         self,
@@ -90,7 +90,7 @@ class SequenceHandle:
         return self._cancelled.is_set()
 
     def cancel(self) -> None:
-        """Stop generating; the scheduler frees the slot before its next step. Idempotent."""
+        """Stop generating; the engine frees the slot before its next step. Idempotent."""
         if not self._cancelled.is_set():
             self._cancelled.set()
             self._wake()

@@ -78,7 +78,7 @@ class ServeSettings:
     # batching
     max_batch: int = setting(8, "sequences decoded together (KV slots); 1 = no batching")
     max_queue: int = setting(32, "sequences waiting for a slot; beyond it requests get 429")
-    # Prompt tokens prefilled per scheduler step: a long prompt is prefilled in chunks between the
+    # Prompt tokens prefilled per engine step: a long prompt is prefilled in chunks between the
     # running streams' decode steps instead of stalling them for its whole prefill. 0 = whole.
     prefill_chunk: int = setting(
         DEFAULT_PREFILL_CHUNK,
