@@ -1,5 +1,6 @@
-"""The scheduler's KV memory: which waiting sequences it admits, into which slots, from which
-cached prefix, and how large its KV cache is. Torch-free; only the scheduler thread calls it.
+"""The engine's KV memory: which waiting sequences fit (``plan``, the scheduler's ``Admission``),
+into which slots, from which cached prefix, and how large the KV cache is (``admit``, ``leave``,
+``shrink``: the executor's). Torch-free; only the engine's thread calls it.
 
 **KV memory that follows the work** (a resizable cache: the in-place one). The cache starts at
 one slot of ``INITIAL_CAPACITY`` tokens and grows (``reserve``: rows and tokens per slot in powers
@@ -28,7 +29,7 @@ entries (most recent first) while rows x tokens stay within ``prefix_cache_block
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import Gpt2EdgeError
@@ -38,14 +39,12 @@ from ..runtime.types import Backend, KVCache, is_resizable
 
 if TYPE_CHECKING:
     from .metrics import Metrics
-    from .sequences import SequenceHandle
+    from .scheduler import Placement
+    from .sequences import SequenceHandle, Slot
 
 DEFAULT_PREFIX_BLOCK = 64  # tokens: the shortest prefix worth reusing, and the prefix cache's unit
 DEFAULT_PREFIX_CACHE_BLOCKS = 32  # ServeSettings.prefix_cache_blocks: what an idle server keeps
 INITIAL_CAPACITY = 128  # tokens per slot of a resizable cache when the server starts or goes idle
-
-# A waiting sequence admitted: its slot, and the cached prefix it starts from.
-Placement = tuple["SequenceHandle", int, PrefixMatch | None]
 
 
 class KVMemory:
@@ -81,7 +80,6 @@ class KVMemory:
         self.resizable = False
         self.prefix: PrefixCache | None = None
         self.shrunk = True  # the cache is at its idle size
-        self.need: dict[int, int] = {}  # slot -> the tokens its sequence may hold (prompt + new)
         self.tokens_allocated = 0  # slots x tokens per slot (a concatenating cache: held)
 
     def new_cache(self) -> KVCache:
@@ -134,13 +132,15 @@ class KVMemory:
 
     # admission ------------------------------------------------------------------------------------
     def plan(
-        self, waiting: deque[SequenceHandle], active: Mapping[int, SequenceHandle], free: list[int]
+        self, waiting: deque[SequenceHandle], running: Sequence[Slot], free: list[int]
     ) -> list[Placement]:
         """Take the waiting sequences that fit from the front of ``waiting``, oldest first, each
-        with its slot and the prefix it starts from; stop at the first that does not fit."""
+        with its slot and the prefix it starts from; stop at the first that does not fit
+        (``running``: the slots in use)."""
         plans: list[Placement] = []
+        active = {s.index: s.seq for s in running if s.seq is not None}
         taken = set(active)
-        needs = list(self.need.values())
+        needs = [s.need for s in running]
         free = sorted(free)
         while waiting and len(taken) < self.max_batch:
             s = waiting[0]
@@ -203,22 +203,19 @@ class KVMemory:
                 return slot, m
         return None
 
-    def admit(self, plans: list[Placement], active: Collection[int]) -> dict[int, int]:
-        """Grow the cache once for the planned sequences (``active``: every slot in use, theirs
-        included) and copy the prefixes they reuse; each planned slot -> its prompt tokens
-        already in the cache."""
-        done = {slot: 0 for _, slot, _ in plans}
+    def admit(self, plans: list[Placement], running: Sequence[Slot]) -> None:
+        """Grow the cache once for the planned sequences (``running``: every slot in use, theirs
+        included, with its ``need``) and copy the prefixes they reuse."""
         if not plans:
-            return done
-        for s, slot, _ in plans:
-            self.need[slot] = self.need_of(s)
+            return
+        active = [s.index for s in running]
         self.shrunk = False
         cache = self.cache
         assert cache is not None
         if self.resizable:
             sources = [m.slot for _, _, m in plans if m is not None]
             rows = max([*active, *sources]) + 1
-            tokens = max(self.need.values())
+            tokens = max(s.need for s in running)
             if rows > cache.n_slots or tokens > cache.capacity:
                 grown = (max(rows, cache.n_slots), max(tokens, cache.capacity))
                 if grown[0] * grown[1] <= self.kv_budget:
@@ -229,12 +226,10 @@ class KVMemory:
             for _, slot, m in plans:
                 if m is not None:
                     cache.copy_prefix(m.slot, slot, m.length)  # type: ignore[attr-defined]
-                    done[slot] = m.length
             for _, slot, _ in plans:
                 if self.prefix is not None:
                     self.prefix.drop(slot)  # its rows are this sequence's now
         self.count(active)
-        return done
 
     def leave(self, slot: int, state: SequenceState, keep: bool) -> None:
         """The sequence in ``slot`` left: free its slot in the cache (``keep``: its rows stay in the
@@ -243,7 +238,6 @@ class KVMemory:
             if self.prefix is not None and keep:
                 self.prefix.put(slot, self.written(slot, state))
             self.cache.release(slot)
-        self.need.pop(slot, None)
 
     def _resize(self, rows: int, tokens: int) -> None:
         """Reallocate the cache, keeping what its sequences and the prefix cache's entries hold

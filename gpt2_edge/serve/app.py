@@ -1,13 +1,13 @@
 """The HTTP app: OpenAI-style ``/v1/completions`` and ``/v1/chat/completions`` (plain and
 Server-Sent Events), ``/v1/models``, ``/health``, ``/metrics``, and the tokenizer routes
 (``/tokenize``, ``/detokenize``, ``/tokenizer_info``: tokens.py) over one continuous-batching
-``Scheduler``. Torch-free: a bundle, a backend (ONNX Runtime or a TensorRT engine), tokenizers,
+``Engine``. Torch-free: a bundle, a backend (ONNX Runtime or a TensorRT engine), tokenizers,
 numpy and the ASGI stack.
 
 ``create_app(model, settings)`` returns the ASGI app; ``gpt2-edge serve`` runs it on uvicorn, and
-``gpt2_edge.serve.ray_app`` runs one per Ray Serve replica. The scheduler thread starts and stops
+``gpt2_edge.serve.ray_app`` runs one per Ray Serve replica. The engine thread starts and stops
 with the app's lifespan. The routes are module functions on one ``APIRouter``; what they serve
-(model, scheduler, metrics, settings) is the app's ``state``.
+(model, engine, metrics, settings) is the app's ``state``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from starlette.middleware.cors import CORSMiddleware
 from . import tokens
 from .chat import ChatTemplate, prepare_chat
 from .completions import Completion, check_room
+from .engine import Engine
 from .metrics import Metrics
 from .middleware import (
     LOOPBACK_NAMES,
@@ -48,7 +49,6 @@ from .protocol import (
     parse_body,
     validation_error,
 )
-from .scheduler import Scheduler
 from .settings import ServeSettings
 
 __all__ = ["ROUTES", "Model", "ServeSettings", "create_app"]
@@ -77,7 +77,7 @@ class Served:
 
     model: Model
     settings: ServeSettings
-    scheduler: Scheduler
+    engine: Engine
     metrics: Metrics
     chat: ChatTemplate  # how /v1/chat/completions renders messages (chat.py)
     draining: bool = False  # SIGTERM or shutdown: /health says so, new completions get 503
@@ -94,7 +94,7 @@ class Served:
                 code="shutting_down",
                 headers={"Retry-After": "1"},
             )
-        check_room(self.scheduler)
+        check_room(self.engine)
 
     def add_in_flight(self, n: int) -> None:
         self.in_flight += n
@@ -119,13 +119,13 @@ def _kv_budget(budget: int | None, n_ctx: int) -> int | None:
 
 
 def create_app(model: Model, settings: ServeSettings | None = None) -> FastAPI:
-    """The ASGI app serving ``model``; its scheduler runs while the app's lifespan does."""
+    """The ASGI app serving ``model``; its engine runs while the app's lifespan does."""
     settings = settings or ServeSettings()
     max_batch = settings.max_batch
     if model.batch_variance and max_batch > 1:
         log.warning("decoding one sequence at a time (--max-batch 1): %s", model.batch_variance)
         max_batch = 1
-    scheduler = Scheduler(
+    engine = Engine(
         model.backend,
         n_ctx=model.n_ctx,
         max_batch=max_batch,
@@ -139,23 +139,23 @@ def create_app(model: Model, settings: ServeSettings | None = None) -> FastAPI:
     )
     metrics = Metrics(
         max_batch,
-        lambda: scheduler.queue_depth,
-        lambda: scheduler.active,
-        kv_tokens=lambda: scheduler.kv_tokens_allocated,
-        kv_budget=scheduler.kv_budget,
-        draft_kv_tokens=(lambda: scheduler.draft_kv_tokens_allocated) if model.draft is not None else None,
+        lambda: engine.queue_depth,
+        lambda: engine.active,
+        kv_tokens=lambda: engine.kv_tokens_allocated,
+        kv_budget=engine.kv_budget,
+        draft_kv_tokens=(lambda: engine.draft_kv_tokens_allocated) if model.draft is not None else None,
     )
-    scheduler.metrics = metrics
-    served = Served(model, settings, scheduler, metrics, ChatTemplate.for_model(model))
+    engine.metrics = metrics
+    served = Served(model, settings, engine, metrics, ChatTemplate.for_model(model))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        scheduler.start()
+        engine.start()
         try:
             yield
         finally:
             served.draining = True
-            await asyncio.to_thread(scheduler.close)
+            await asyncio.to_thread(engine.close)
 
     app = FastAPI(
         title="gpt2-edge",
@@ -215,7 +215,7 @@ async def completions(request: Request) -> Response:
         req = parse_body(raw, CompletionRequest)
         req.check_supported()
         s.check_model(req.model)
-        return Completion(s.model, s.scheduler, s.metrics, req, loop, s.settings.timeout_s)
+        return Completion(s.model, s.engine, s.metrics, req, loop, s.settings.timeout_s)
 
     # JSON, validation and tokenizing off the event loop, which serves every stream at once.
     return await run_job(request, await asyncio.to_thread(prepare))
@@ -231,13 +231,13 @@ async def chat_completions(request: Request) -> Response:
     def prepare() -> Completion:
         req = parse_body(raw, ChatCompletionRequest)
         s.check_model(req.model)
-        return prepare_chat(s.model, s.scheduler, s.metrics, s.chat, req, loop, s.settings.timeout_s)
+        return prepare_chat(s.model, s.engine, s.metrics, s.chat, req, loop, s.settings.timeout_s)
 
     return await run_job(request, await asyncio.to_thread(prepare))
 
 
 async def run_job(request: Request, job: Completion) -> Response:
-    """Hold the scheduler's room for the choices (429 when full: before any scoring), score the
+    """Hold the engine's room for the choices (429 when full: before any scoring), score the
     prompts when asked, schedule the choices, and answer (a stream or one body)."""
     req = job.req
     job.reserve()
@@ -254,7 +254,8 @@ async def run_job(request: Request, job: Completion) -> Response:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    return JSONResponse(await job.collect(request))
+    answer = await job.collect(request)
+    return Response(answer.model_dump_json(), media_type="application/json")
 
 
 @router.get("/v1/models")
@@ -273,18 +274,18 @@ async def models(request: Request) -> dict[str, Any]:
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     s = served_by(request)
-    live = s.scheduler.running and not s.draining
+    live = s.engine.running and not s.draining
     body = {
         "status": "ok" if live else ("draining" if s.draining else "down"),
         "model": s.model.name,
         "model_loaded": True,
-        "queue_depth": s.scheduler.queue_depth,
-        "active": s.scheduler.active,
-        "max_batch": s.scheduler.max_batch,
-        "max_queue": s.scheduler.max_queue,
-        "kv_tokens_allocated": s.scheduler.kv_tokens_allocated,
-        "kv_budget": s.scheduler.kv_budget,
-        "draft_kv_tokens_allocated": s.scheduler.draft_kv_tokens_allocated,
+        "queue_depth": s.engine.queue_depth,
+        "active": s.engine.active,
+        "max_batch": s.engine.max_batch,
+        "max_queue": s.engine.max_queue,
+        "kv_tokens_allocated": s.engine.kv_tokens_allocated,
+        "kv_budget": s.engine.kv_budget,
+        "draft_kv_tokens_allocated": s.engine.draft_kv_tokens_allocated,
         "step_invariant": s.model.step_invariant,
         "replica": s.settings.replica,
     }

@@ -1,10 +1,10 @@
 """``POST /v1/chat/completions``: OpenAI's chat shape over the machinery of ``/v1/completions``.
 
 The messages are rendered into one prompt by the model's chat template and tokenized; the answer
-is then one ``Completion`` (completions.py: same scheduler, limits, timeouts, streaming) whose
-output speaks chat: ``message`` / ``delta`` instead of ``text``, chat logprobs
-(``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``), ``chat.completion`` and
-``chat.completion.chunk`` objects, a first streamed chunk per choice with the assistant's role.
+is then one ``Completion`` (completions.py: same engine, limits, timeouts, streaming) whose
+output speaks chat (render.py's ``ChatRender``: ``message`` / ``delta`` instead of ``text``, chat
+logprobs, ``chat.completion`` and ``chat.completion.chunk`` objects, a first streamed chunk per
+choice with the assistant's role).
 
 The chat template:
 
@@ -28,19 +28,18 @@ system, user and assistant are refused by the default template and left to a mod
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from ..errors import Gpt2EdgeError
-from ..runtime.sampling import GenerationConfig
-from .completions import Choice, Completion
+from .completions import Completion
+from .engine import Engine
 from .metrics import Metrics
 from .model import Model
 from .protocol import ApiError, ChatCompletionRequest
-from .scheduler import Scheduler
+from .render import ChatRender
 from .tokens import check_length, encode_text
 
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -177,91 +176,28 @@ def _compile(source: str) -> Any:
         raise ChatTemplateError(f"the bundle's chat template is not valid Jinja: {e}") from None
 
 
-class ChatCompletion(Completion):
-    """One ``/v1/chat/completions`` request: a ``Completion`` of the rendered messages whose
-    output is in OpenAI's chat shape."""
-
-    OBJECT = "chat.completion"
-    CHUNK_OBJECT = "chat.completion.chunk"
-    ID_PREFIX = "chatcmpl-"
-
-    def __init__(self, *args: Any, template_stop: tuple[str, ...] = (), **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.template_stop = template_stop
-
-    def generation_config(self, choice: int) -> GenerationConfig:
-        config = super().generation_config(choice)
-        if self.template_stop and not self.req.ignore_eos:  # ignore_eos: exactly max_tokens
-            config = dataclasses.replace(config, stop=(*config.stop, *self.template_stop))
-        return config
-
-    def _logprobs(
-        self,
-        tokens: Sequence[int],
-        lps: Sequence[float | None],
-        tops: Sequence[tuple[tuple[int, float], ...] | None],
-        base: int,
-        before: Sequence[int] = (),
-    ) -> dict[str, Any]:
-        """OpenAI's chat logprobs (``bytes``: the UTF-8 of the token's text)."""
-        decode = self.model.tokenizer.decode
-
-        def entry(token: int, lp: float | None) -> dict[str, Any]:
-            text = decode([token])
-            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
-
-        return {
-            "content": [
-                {**entry(t, lp), "top_logprobs": [entry(u, v) for u, v in top or ()]}
-                for t, lp, top in zip(tokens, lps, tops, strict=True)
-            ]
-        }
-
-    def _choice(self, index: int, c: Choice, logprobs: dict[str, Any] | None) -> dict[str, Any]:
-        return {
-            "index": index,
-            "message": {"role": "assistant", "content": c.text},
-            "logprobs": logprobs,
-            "finish_reason": c.finish_reason,
-        }
-
-    def _chunk_choice(
-        self, index: int, text: str, logprobs: dict[str, Any] | None, finish: str | None
-    ) -> dict[str, Any]:
-        return {"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": finish}
-
-    async def sse(self) -> AsyncIterator[str]:
-        """As ``Completion.sse``, after a first chunk per choice with the assistant's role."""
-        try:
-            for i in range(len(self.choices)):
-                role = {"role": "assistant", "content": ""}
-                yield self._sse_chunk({"index": i, "delta": role, "logprobs": None, "finish_reason": None})
-            async for event in super().sse():
-                yield event
-        finally:
-            self.cancel()
-
-
 def prepare_chat(
     model: Model,
-    scheduler: Scheduler,
+    engine: Engine,
     metrics: Metrics,
     template: ChatTemplate,
     req: ChatCompletionRequest,
     loop: asyncio.AbstractEventLoop,
     timeout_s: float,
-) -> ChatCompletion:
-    """The chat request as a ``ChatCompletion``: messages rendered, bounded, tokenized, checked.
+) -> Completion:
+    """The chat request as a ``Completion`` answering in chat's shape (``ChatRender``): messages
+    rendered, bounded, tokenized, checked.
     Call it off the event loop (rendering and tokenizing take time on long messages)."""
     messages = req.message_texts()
     check_length(model, "".join(m["content"] for m in messages), "messages")  # before rendering
     prompt = encode_text(model, template.render(messages), "messages")
-    return ChatCompletion(
+    return Completion(
         model,
-        scheduler,
+        engine,
         metrics,
         req.as_completion(prompt, model.n_ctx),
         loop,
         timeout_s,
-        template_stop=template.stop,
+        render=ChatRender,
+        extra_stop=template.stop,
     )

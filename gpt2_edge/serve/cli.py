@@ -5,8 +5,8 @@ The options become one ``ServeSettings``, which checks them; Ray Serve gets the 
 The main CLI imports this module to build its parser: the HTTP stack (fastapi, uvicorn; the
 ``serve`` extra) and Ray load only when a server starts.
 
-One file of about 450 lines: the options, their mapping onto ``ServeSettings`` and the
-bind-before-load start-up are one command's parts.
+The options, their mapping onto ``ServeSettings`` and a restarted server's command line are all
+generated from the settings' one table (``settings.options()``).
 """
 
 from __future__ import annotations
@@ -21,25 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Gpt2EdgeError
-from ..runtime.backends import PROVIDERS
 from .connections import bind
 from .model import load_served_model
-from .scheduler import MAX_DRAFT_TOKENS
-from .settings import API_KEY_ENV, STEP_INVARIANT, ServeSettings, SettingsError
+from .settings import API_KEY_ENV, RAY, ServeSettings, SettingsError, options
 
 __all__ = ["API_KEY_ENV", "add_serve", "main", "resolve_bundle", "run", "run_app"]
 
 CACHE_ENV = "GPT2_EDGE_CACHE"
-DEFAULTS = ServeSettings()
-# A setting's option is --its-name, except these.
-FLAGS = {
-    "timeout_s": "--timeout",
-    "drain_timeout_s": "--drain-timeout",
-    "cors_origins": "--cors-origin",
-    "allowed_hosts": "--allowed-host",
-    "header_timeout_s": "--header-timeout",
-    "body_timeout_s": "--body-timeout",
-}
 
 
 class ServeError(Gpt2EdgeError):
@@ -57,164 +45,46 @@ def default_bundle_dir() -> Path:
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    d = DEFAULTS
+    """The bundle, one option per setting (``settings.options()``: flag, help, type, default from
+    the table), and the options of this command alone (``--log-level``, ``--ray``,
+    ``--ray-address``). A setting's option defaults to None (not given): ``settings_from_args``
+    takes the settings' own default for it, and a restarted server is handed only what was given."""
     p.add_argument(
         "bundle",
         nargs="?",
         help="bundle directory (gpt2-edge export -o DIR). Default: the shipped default model, exported once "
         "to $GPT2_EDGE_CACHE/default-bundle (~/.cache/gpt2-edge; the export needs the `export` extra)",
     )
-    p.add_argument("--host", default=d.host, help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=d.port, help=f"port to listen on, 1..65535 (default {d.port})")
-    p.add_argument(
-        "--provider",
-        default=d.provider,
-        choices=PROVIDERS,
-        help="ONNX Runtime's cpu | cuda | tensorrt | auto, or trt-engine: the bundle's TensorRT engine for "
-        "this GPU (gpt2-edge build-engine) (default: cpu)",
-    )
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (per replica)")
-    p.add_argument(
-        "--max-batch",
-        type=int,
-        default=d.max_batch,
-        help="sequences decoded together (KV slots); 1 = no batching",
-    )
-    p.add_argument(
-        "--max-queue",
-        type=int,
-        default=d.max_queue,
-        help="sequences waiting for a slot; beyond it requests get 429",
-    )
-    p.add_argument(
-        "--prefill-chunk",
-        type=int,
-        default=d.prefill_chunk,
-        help="prompt tokens prefilled per step, between the running streams' tokens (0 = whole prompts; "
-        f"default {d.prefill_chunk})",
-    )
-    p.add_argument(
-        "--kv-budget",
-        type=int,
-        metavar="TOKENS",
-        help="KV-cache positions at most (slots x tokens per slot), like llama-server's total context; the "
-        "cache grows to what the running sequences need within it and shrinks when idle; a request that "
-        "does not fit waits its turn (default: --max-batch x the model's context)",
-    )
-    p.add_argument(
-        "--no-prefix-cache",
-        dest="prefix_cache",
-        action="store_false",
-        help="do not reuse the KV of a prompt's leading tokens that another request already prefilled",
-    )
-    p.add_argument(
-        "--prefix-cache-blocks",
-        type=int,
-        default=d.prefix_cache_blocks,
-        metavar="N",
-        help="64-token blocks of prefix cache an idle server keeps (slots x tokens per slot; default "
-        f"{d.prefix_cache_blocks}); a busy one keeps prefixes in its free slots",
-    )
-    p.add_argument(
-        "--prompt-lookup",
-        type=int,
-        default=d.prompt_lookup,
-        metavar="N",
-        help="speculative decoding for requests that do not set `prompt_lookup`: draft up to N tokens per "
-        "step from the prompt and the text so far, verified in one pass; the same tokens, more per step "
-        "where the text repeats its prompt (in-place bundles; 0 = off, the default)",
-    )
-    p.add_argument(
-        "--draft",
-        metavar="BUNDLE",
-        help="speculative decoding with a draft model for every request: this smaller bundle (the same "
-        "tokenizer, in-place KV cache) drafts tokens the served model verifies in one pass; the same "
-        "greedy text and the same sampled distribution, more tokens per step where it guesses right "
-        "(in-place bundles on ONNX Runtime; the draft runs on the CPU). Its KV cache follows the "
-        "server's: the same slots and tokens per slot, at its own bytes per token",
-    )
-    p.add_argument(
-        "--draft-tokens",
-        type=int,
-        metavar="K",
-        help=f"most tokens the draft model proposes per step, 1..{MAX_DRAFT_TOKENS} (with --draft; "
-        f"default {d.draft_tokens}); fewer where its acceptance rate says so",
-    )
-    p.add_argument(
-        "--step-invariant",
-        choices=STEP_INVARIANT,
-        default=d.step_invariant,
-        help="compute attention as for a chunk in every pass, so a row's tokens are bitwise the same whether "
-        "it verifies drafts, decodes one token or is padded beside rows that verify: greedy speculation is "
-        "plain decoding, and a plain request never depends on a drafting neighbour (costs attention time, "
-        "more at long contexts); auto (default): on when --prompt-lookup or --draft is set and the bundle "
-        "has the input",
-    )
-    p.add_argument(
-        "--api-key",
-        help=f"require `Authorization: Bearer KEY` on every route but /health (better: set ${API_KEY_ENV}, "
-        "which `ps` does not show)",
-    )
-    p.add_argument(
-        "--timeout", type=float, default=d.timeout_s, help="seconds a request may take in all (default 300)"
-    )
-    p.add_argument(
-        "--max-body-bytes", type=int, default=d.max_body_bytes, help="request body limit (default 1 MiB)"
-    )
-    p.add_argument(
-        "--cors-origin",
-        action="append",
-        default=[],
-        help="allow browser requests from this origin (repeatable; default: CORS off)",
-    )
-    p.add_argument(
-        "--allowed-host",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="without an API key, answer requests whose Host header is NAME (any port) or NAME:PORT, besides "
-        "127.0.0.1, localhost and [::1] at the listening port (repeatable; '*': any name). Other names get "
-        "400: a web page cannot reach a loopback server by rebinding its own DNS name",
-    )
-    p.add_argument(
-        "--header-timeout",
-        type=float,
-        default=d.header_timeout_s,
-        help=f"seconds a connection has to send a whole request head, else 408 and closed (default "
-        f"{d.header_timeout_s:g})",
-    )
-    p.add_argument(
-        "--body-timeout",
-        type=float,
-        default=d.body_timeout_s,
-        help=f"seconds a request's body has to arrive after its head, else 408 (default "
-        f"{d.body_timeout_s:g})",
-    )
-    p.add_argument(
-        "--max-connections",
-        type=int,
-        default=d.max_connections,
-        help=f"open connections at once; one more is answered 503 and closed (default {d.max_connections})",
-    )
-    p.add_argument(
-        "--model-name", help="model id in /v1/models and responses (default: the bundle dir's name)"
-    )
-    p.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=d.drain_timeout_s,
-        help="on SIGTERM, seconds to finish in-flight requests",
-    )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f, option, kind in options():
+        if not option.cli:
+            continue
+        where: Any = (
+            p if option.group is None else groups.setdefault(option.group, p.add_argument_group(option.group))
+        )
+        default = f.default
+        shown = (
+            ""
+            if default in (None, (), "") or kind is bool
+            else f" (default: {default:g})"
+            if kind is float
+            else f" (default: {default})"
+        )
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": option.help + shown}
+        metavar = option.metavar or option.flag[2:].upper().replace("-", "_")
+        if kind is bool:
+            kw["action"] = "store_false" if default is True else "store_true"
+        elif kind is tuple:
+            kw.update(action="append", metavar=metavar)
+        else:
+            kw.update(type=kind, metavar=None if option.choices else metavar, choices=option.choices)
+        where.add_argument(option.flag, **kw)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    g = p.add_argument_group("Ray Serve (scale-out; needs the `ray` extra)")
-    g.add_argument(
+    ray = groups.setdefault(RAY, p.add_argument_group(RAY))
+    ray.add_argument(
         "--ray", action="store_true", help="run as a Ray Serve deployment with --replicas replicas"
     )
-    g.add_argument(
-        "--replicas", type=int, default=d.replicas, help="Ray Serve replicas, each its own model and batch"
-    )
-    g.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
-    g.add_argument("--replica-cpus", type=float, default=d.replica_cpus, help="CPUs Ray reserves per replica")
+    ray.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -240,6 +110,31 @@ def _invoked_as_program() -> bool:
     )
 
 
+def restart_argv(args: argparse.Namespace) -> list[str]:
+    """``python -m gpt2_edge.serve`` with the options given (a setting's from the table, but a
+    secret's: the key goes through the environment)."""
+    argv = [sys.executable, "-m", "gpt2_edge.serve"]
+    if args.bundle:
+        argv.append(args.bundle)
+    for f, option, kind in options():
+        value = getattr(args, f.name, None) if option.cli and not option.secret else None
+        if value is None:
+            continue
+        if kind is bool:
+            argv.append(option.flag)  # given: the flag that changes the default
+        elif kind is tuple:
+            for v in value:
+                argv += [option.flag, str(v)]
+        else:
+            argv += [option.flag, str(value)]
+    argv += ["--log-level", args.log_level]
+    if args.ray_address:
+        argv += ["--ray-address", args.ray_address]
+    if args.ray:
+        argv.append("--ray")
+    return argv
+
+
 def _start_over_if_needed(args: argparse.Namespace) -> None:
     """Replace this process (same pid) with a clean ``python -m gpt2_edge.serve`` when torch is
     loaded (a server would carry hundreds of MB it never uses) or when ``--api-key`` is on the
@@ -247,45 +142,7 @@ def _start_over_if_needed(args: argparse.Namespace) -> None:
     environment)."""
     if "torch" not in sys.modules and not args.api_key:
         return
-    argv = [sys.executable, "-m", "gpt2_edge.serve"]
-    if args.bundle:
-        argv.append(args.bundle)
-    for flag, value in (
-        ("--host", args.host),
-        ("--port", args.port),
-        ("--provider", args.provider),
-        ("--threads", args.threads),
-        ("--max-batch", args.max_batch),
-        ("--max-queue", args.max_queue),
-        ("--prefill-chunk", args.prefill_chunk),
-        ("--kv-budget", args.kv_budget),
-        ("--prefix-cache-blocks", args.prefix_cache_blocks),
-        ("--prompt-lookup", args.prompt_lookup),
-        ("--draft", args.draft),
-        ("--draft-tokens", args.draft_tokens),
-        ("--step-invariant", args.step_invariant),
-        ("--timeout", args.timeout),
-        ("--max-body-bytes", args.max_body_bytes),
-        ("--header-timeout", args.header_timeout),
-        ("--body-timeout", args.body_timeout),
-        ("--max-connections", args.max_connections),
-        ("--model-name", args.model_name),
-        ("--drain-timeout", args.drain_timeout),
-        ("--log-level", args.log_level),
-        ("--replicas", args.replicas),
-        ("--ray-address", args.ray_address),
-        ("--replica-cpus", args.replica_cpus),
-    ):
-        if value is not None:
-            argv += [flag, str(value)]
-    for origin in args.cors_origin:
-        argv += ["--cors-origin", origin]
-    for host in args.allowed_host:
-        argv += ["--allowed-host", host]
-    if not args.prefix_cache:
-        argv.append("--no-prefix-cache")
-    if args.ray:
-        argv.append("--ray")
+    argv = restart_argv(args)
     env = dict(os.environ)
     if args.api_key:
         env[API_KEY_ENV] = args.api_key  # through the environment, not the visible command line
@@ -322,39 +179,20 @@ def resolve_bundle(bundle: str | None, log: Any = print, option: str | None = No
 
 
 def settings_from_args(args: argparse.Namespace, api_key: str | None) -> ServeSettings:
-    """The options as settings; a refusal names the option (``--max-batch``), not the field."""
+    """The options as settings (an option not given: the setting's default; ``api_key``: the key,
+    from the option or the environment); a refusal names the option (``--max-batch``), not the
+    field."""
+    given: dict[str, Any] = {}
+    for f, option, kind in options():
+        value = getattr(args, f.name, None) if option.cli else None
+        if value is not None:
+            given[f.name] = tuple(value) if kind is tuple else value
+    given["api_key"] = api_key
     try:
-        return ServeSettings(
-            provider=args.provider,
-            threads=args.threads,
-            model_name=args.model_name,
-            max_batch=args.max_batch,
-            max_queue=args.max_queue,
-            prefill_chunk=args.prefill_chunk,
-            kv_budget=args.kv_budget,
-            prefix_cache=args.prefix_cache,
-            prefix_cache_blocks=args.prefix_cache_blocks,
-            prompt_lookup=args.prompt_lookup,
-            draft=args.draft,
-            draft_tokens=DEFAULTS.draft_tokens if args.draft_tokens is None else args.draft_tokens,
-            step_invariant=args.step_invariant,
-            timeout_s=args.timeout,
-            max_body_bytes=args.max_body_bytes,
-            api_key=api_key,
-            cors_origins=tuple(args.cors_origin),
-            allowed_hosts=tuple(args.allowed_host),
-            header_timeout_s=args.header_timeout,
-            body_timeout_s=args.body_timeout,
-            max_connections=args.max_connections,
-            host=args.host,
-            port=args.port,
-            drain_timeout_s=args.drain_timeout,
-            replicas=args.replicas,
-            replica_cpus=args.replica_cpus,
-        )
+        return ServeSettings(**given)
     except SettingsError as e:
-        flag = FLAGS.get(e.field, "--" + e.field.replace("_", "-"))
-        raise ServeError(f"{flag} {e.problem}") from None
+        flags = {f.name: option.flag for f, option, _ in options()}
+        raise ServeError(f"{flags.get(e.field, '--' + e.field.replace('_', '-'))} {e.problem}") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,44 +1,39 @@
-"""One ``/v1/completions`` request, from its validated body to its response: the prompts checked
-and tokenized, one scheduler sequence per choice, prompt log-probabilities for ``echo``, and the
-answer as one JSON body or as Server-Sent Events, with OpenAI's legacy logprobs and usage.
+"""One completion request's life with the engine, from its checked prompts to its answer: room held
+(``reserve``, before any work of its own), prompts scored for ``echo`` (on the engine's thread),
+one engine sequence per choice (``submit``), their events collected into one body or forwarded as
+Server-Sent Events, cancelled when the client leaves or the request times out.
 
-The request's tokens arrive from the scheduler thread through an ``asyncio.Queue`` of the
-request's event loop; nothing here blocks that loop (tokenizing and scoring run in threads).
-
-One file past 400 lines: a request's life (sequences, prompt scoring, streaming, the final
-response) shares its state; ``chat.py`` reuses it by subclassing.
+The request's tokens arrive from the engine thread through an ``asyncio.Queue`` of the request's
+event loop; nothing here blocks that loop (tokenizing and rendering log-probabilities run in
+threads). What the prompts are is prompts.py's; what the answer looks like, render.py's (the
+completion shape, or chat's: chat.py makes a ``Completion`` with a ``ChatRender``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from starlette.requests import Request
 
-from ..runtime.sampling import GenerationConfig, log_softmax
+from ..runtime.sampling import GenerationConfig
+from .engine import Engine
 from .metrics import Metrics
 from .model import Model
-from .protocol import ApiError, CompletionRequest
-from .scheduler import (
-    QueueFullError,
-    Reservation,
-    Scheduler,
-    SchedulerClosedError,
-    SequenceHandle,
-    TokenEvent,
-    top_logprobs,
-)
+from .prompts import Prompts
+from .protocol import ApiError, ChatCompletionResponse, CompletionRequest, CompletionResponse, Usage
+from .render import CompletionRender
+from .sequences import QueueFullError, Reservation, SchedulerClosedError, SequenceHandle, TokenEvent
 
 
 def admission_error(e: QueueFullError | SchedulerClosedError) -> ApiError:
-    """The scheduler's refusal as the answer: 429 (full, retry later) or 503 (shutting down)."""
+    """The engine's refusal as the answer: 429 (full, retry later) or 503 (shutting down)."""
     if isinstance(e, QueueFullError):
         return ApiError(
             429,
@@ -50,10 +45,10 @@ def admission_error(e: QueueFullError | SchedulerClosedError) -> ApiError:
     return ApiError(503, str(e), type="server_error", code="shutting_down", headers={"Retry-After": "1"})
 
 
-def check_room(scheduler: Scheduler) -> None:
-    """429 / 503 at once, before a request does any work, when the scheduler could take none."""
+def check_room(engine: Engine) -> None:
+    """429 / 503 at once, before a request does any work, when the engine could take none."""
     try:
-        scheduler.check_room(1)
+        engine.check_room(1)
     except (QueueFullError, SchedulerClosedError) as e:
         raise admission_error(e) from None
 
@@ -61,14 +56,7 @@ def check_room(scheduler: Scheduler) -> None:
 # The event that ends a request's wait when its client goes away (index -1: no choice).
 CLIENT_GONE = TokenEvent(None, "", error="the client disconnected")
 
-
-def check_ids(ids: Sequence[int], vocab: int, param: str) -> None:
-    """Refuse token ids outside the vocabulary, naming the field."""
-    for t in ids:
-        if t >= vocab:
-            raise ApiError(
-                400, f"{param}: token id {t} is outside the vocabulary (0..{vocab - 1})", param=param
-            )
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # ours -> OpenAI's
 
 
 @dataclass
@@ -77,155 +65,86 @@ class Choice:
 
     prompt_index: int
     text: str = ""
-    tokens: list[int] | None = None
-    logprobs: list[float | None] | None = None
-    top: list[tuple[tuple[int, float], ...] | None] | None = None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
+    top: list[tuple[tuple[int, float], ...] | None] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
     sent: int = 0  # tokens whose logprobs went out in a stream chunk
 
-    def __post_init__(self) -> None:
-        self.tokens, self.logprobs, self.top = [], [], []
-
-
-FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # ours -> OpenAI's
-
 
 class Completion:
-    """One ``/v1/completions`` request: prompts -> sequences in the scheduler -> the response.
+    """One ``/v1/completions`` (or chat) request: prompts -> sequences in the engine -> the answer.
 
     ``max_tokens: 0`` (only with ``echo``) scores and echoes the prompts and generates nothing: no
-    sequence enters the scheduler, and every choice finishes at once with ``length``. Subclasses
-    (chat.py) change the output's shape: ``OBJECT`` / ``CHUNK_OBJECT`` / ``ID_PREFIX``,
-    ``_choice``, ``_chunk_choice``, ``_logprobs``, and ``generation_config``."""
-
-    OBJECT = "text_completion"  # the response's "object"
-    CHUNK_OBJECT = "text_completion"  # a streamed chunk's
-    ID_PREFIX = "cmpl-"
+    sequence enters the engine, and every choice finishes at once with ``length``."""
 
     def __init__(
         self,
         model: Model,
-        scheduler: Scheduler,
+        engine: Engine,
         metrics: Metrics,
         req: CompletionRequest,
         loop: asyncio.AbstractEventLoop,
         timeout_s: float,
+        *,
+        render: type[CompletionRender] = CompletionRender,
+        extra_stop: tuple[str, ...] = (),
     ) -> None:
         """Checks and tokenizes the prompts (call it off the event loop: a prompt may be long).
-        A text prompt longer than any that fits the context is refused by its length first."""
+        ``render``: the answer's shape; ``extra_stop``: stop strings added to the request's own
+        (unless it asks for ``ignore_eos``: exactly ``max_tokens``)."""
         self.model = model
-        self.scheduler = scheduler
+        self.engine = engine
         self.metrics = metrics
         self.req = req
-        self.id = f"{self.ID_PREFIX}{uuid.uuid4().hex}"
-        self.created = int(time.time())
+        self.extra_stop = extra_stop
+        self.render = render(
+            model.tokenizer.decode, f"{render.ID_PREFIX}{uuid.uuid4().hex}", int(time.time()), model.name,
+            req.stream_options,
+        )  # fmt: skip
         self.loop = loop
         self.deadline = loop.time() + timeout_s
         self.timeout_s = timeout_s
-        items = self._prompt_items()
-        n_choices = len(items) * req.n
-        if n_choices > scheduler.capacity:  # before tokenizing what would be refused anyway
-            raise ApiError(
-                400,
-                f"{len(items)} prompt(s) x n={req.n} = {n_choices} sequences exceed what this server "
-                f"holds at once ({scheduler.capacity}); send fewer",
-                param="n",
-            )
-        self._check_lengths(items)  # before tokenizing anything
-        self.prompts = [self._encode(item, i, len(items)) for i, item in enumerate(items)]
-        self.prompt_texts = [self._prompt_text(i) for i in range(len(self.prompts))]
-        self.prompt_scores: list[dict[str, Any]] | None = None
-        self.choices = [Choice(i // req.n) for i in range(n_choices)]
+        self.prompts = Prompts(model, req, engine.capacity)
+        self.prompt_scores: list[Any] | None = None  # rendered logprobs of each prompt (echo)
+        self.choices = [Choice(i // req.n) for i in range(len(self.prompts) * req.n)]
         self.events: asyncio.Queue[tuple[int, TokenEvent]] = asyncio.Queue()
         self.sequences: list[SequenceHandle] = []
-        self.reservation: Reservation | None = None  # the scheduler's room, from reserve() to submit()
+        self.reservation: Reservation | None = None  # the engine's room, from reserve() to submit()
 
-    # building the sequences ---------------------------------------------------------------------
-    def _prompt_items(self) -> list[Any]:
-        """The prompts of the request: strings or token-id lists."""
-        p = self.req.prompt
-        if isinstance(p, str):
-            return [p]
-        if not p:
-            raise ApiError(400, "prompt is empty", param="prompt")
-        if isinstance(p[0], int):
-            return [p]
-        return list(p)
-
-    def _check_lengths(self, items: list[Any]) -> None:
-        """Refuse a text prompt that cannot fit the context by its length alone (longer than
-        ``max_prompt_chars`` characters), before any is tokenized. (A token list is judged by its
-        length in ``_encode`` before its ids are looked at.)"""
-        limit = self.model.max_prompt_chars
-        for i, item in enumerate(items):
-            name = "the prompt" if len(items) == 1 else f"prompt {i}"
-            if isinstance(item, str) and len(item) > limit:
-                raise ApiError(
-                    400,
-                    f"{name} is {len(item)} characters; this model's context of {self.model.n_ctx} tokens "
-                    f"holds no text longer than {limit} characters",
-                    param="prompt",
-                    code="context_length_exceeded",
-                )
-
-    def _encode(self, item: str | list[int], i: int, count: int) -> list[int]:
-        if isinstance(item, str):
-            # encode_batch lets go of the GIL while it works (encode holds it): the event loop,
-            # which serves every stream and /health, goes on meanwhile.
-            ids = self.model.tokenizer.encode_batch([item])[0]
-        else:
-            ids = list(item)
-        name = "the prompt" if count == 1 else f"prompt {i}"
-        if len(ids) + self.req.max_tokens > self.model.n_ctx:  # before looking at each id
-            raise ApiError(
-                400,
-                f"this model's context is {self.model.n_ctx} tokens, but {name} has {len(ids)} tokens "
-                f"and max_tokens is {self.req.max_tokens} ({len(ids) + self.req.max_tokens} in all); "
-                "shorten the prompt or lower max_tokens",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        check_ids(ids, self.model.vocab_size, "prompt")
-        if not ids:
-            raise ApiError(400, f"{name} is empty (0 tokens)", param="prompt")
-        return ids
-
-    def _prompt_text(self, i: int) -> str:
-        p = self.req.prompt
-        if isinstance(p, str):
-            return p
-        if isinstance(p, list) and p and isinstance(p[i], str):
-            return p[i]
-        return self.model.tokenizer.decode(self.prompts[i])
-
+    # the engine's side -------------------------------------------------------------------------
     def generation_config(self, choice: int) -> GenerationConfig:
         """How to generate choice ``choice`` (speculative decoding: the server's default unless the
         request says)."""
-        return self.req.generation_config(choice, self.scheduler.prompt_lookup)
+        config = self.req.generation_config(choice, self.engine.prompt_lookup)
+        if self.extra_stop and not self.req.ignore_eos:
+            config = dataclasses.replace(config, stop=(*config.stop, *self.extra_stop))
+        return config
 
     def reserve(self) -> None:
-        """Hold the scheduler's room for every choice before any work of this request's own
-        (prompt scoring), or answer 429 (full) / 503 (shutting down) at once. ``submit`` uses the
-        room; whatever ends the request before that must ``release`` it."""
+        """Hold the engine's room for every choice before any work of this request's own (prompt
+        scoring), or answer 429 (full) / 503 (shutting down) at once. ``submit`` uses the room;
+        whatever ends the request before that must ``release`` it."""
         try:
-            self.reservation = self.scheduler.reserve(len(self.choices))
+            self.reservation = self.engine.reserve(len(self.choices))
         except (QueueFullError, SchedulerClosedError) as e:
             raise admission_error(e) from None
 
     def release(self) -> None:
         """Give back the room ``reserve`` held, unless ``submit`` used it. Idempotent."""
         if self.reservation is not None:
-            self.scheduler.release(self.reservation)
+            self.engine.release(self.reservation)
 
     def submit(self) -> None:
-        """Put every choice into the scheduler (into the room ``reserve`` held, if it did), or
-        answer 429 (full) / 503 (shutting down)."""
+        """Put every choice into the engine (into the room ``reserve`` held, if it did), or answer
+        429 (full) / 503 (shutting down)."""
+        prompt_tokens = sum(len(self.prompts.ids[c.prompt_index]) for c in self.choices)
         if self.req.max_tokens == 0:  # echo only: nothing to generate, nothing to schedule
             self.release()
             for c in self.choices:
                 c.finish_reason = "length"
-            self.metrics.prompt_tokens.inc(sum(len(self.prompts[c.prompt_index]) for c in self.choices))
+            self.metrics.prompt_tokens.inc(prompt_tokens)
             return
         for i, choice in enumerate(self.choices):
 
@@ -234,7 +153,7 @@ class Completion:
 
             self.sequences.append(
                 SequenceHandle(
-                    self.prompts[choice.prompt_index],
+                    self.prompts.ids[choice.prompt_index],
                     self.generation_config(i),
                     sink,
                     eos_token_id=self.model.eos_token_id,
@@ -243,64 +162,40 @@ class Completion:
                 )
             )
         try:
-            self.scheduler.submit(self.sequences, self.reservation)
+            self.engine.submit(self.sequences, self.reservation)
         except (QueueFullError, SchedulerClosedError) as e:
             raise admission_error(e) from None
-        self.metrics.prompt_tokens.inc(sum(len(self.prompts[c.prompt_index]) for c in self.choices))
+        self.metrics.prompt_tokens.inc(prompt_tokens)
 
     def cancel(self) -> None:
         for s in self.sequences:
             s.cancel()
 
-    # prompt log-probabilities (echo + logprobs) ---------------------------------------------
     async def score_prompts(self) -> None:
         """Log-probabilities of each prompt token given the ones before (``echo`` + ``logprobs``):
-        one full-sequence pass per prompt, beside the scheduler (the backend is thread-safe), in
-        the scheduler's ``side_executor`` (one job at a time; not the shared thread pool that
-        every request's parsing and tokenizing needs). Call it after ``reserve``."""
-        logits_fn = self.model.backend.logits
-        executor = self.scheduler.side_executor
-        self.prompt_scores = await self.loop.run_in_executor(executor, self._score_prompts, logits_fn)
+        one full-sequence pass per prompt on the engine's thread, between its steps (not in a
+        thread pool every request's parsing and tokenizing needs). Call it after ``reserve``: the
+        room it holds bounds the scoring jobs waiting in the engine."""
+        try:
+            future = self.engine.score(self.prompts.ids, self.req.logprobs or 0)
+            scores = await asyncio.wrap_future(future)
+        except SchedulerClosedError as e:
+            raise admission_error(e) from None
 
-    def _score_prompts(self, logits_fn: Any) -> list[dict[str, Any]]:
-        k = self.req.logprobs or 0
-        scores = []
-        for ids in self.prompts:
-            logits = logits_fn(np.asarray([ids], np.int64))
-            lps: list[float | None] = [None]
-            tops: list[tuple[tuple[int, float], ...] | None] = [None]
-            for pos in range(1, len(ids)):  # row by row: a float64 copy of all rows would be T x V
-                lp = log_softmax(logits[0, pos - 1].astype(np.float64))
-                lps.append(float(lp[ids[pos]]))
-                tops.append(top_logprobs(lp, k))
-            scores.append(self._logprobs(ids, lps, tops, 0))
-        return scores
+        def render() -> list[Any]:  # text offsets decode every prefix: off the event loop
+            return [
+                self.render.logprobs(ids, lps, tops, 0)
+                for ids, (lps, tops) in zip(self.prompts.ids, scores, strict=True)
+            ]
 
-    # output -----------------------------------------------------------------------------------
-    def _logprobs(
-        self,
-        tokens: Sequence[int],
-        lps: Sequence[float | None],
-        tops: Sequence[tuple[tuple[int, float], ...] | None],
-        base: int,
-        before: Sequence[int] = (),
-    ) -> dict[str, Any]:
-        """OpenAI's legacy logprobs object for ``tokens`` (which follow the ids ``before``); text
-        offsets count from ``base``."""
-        decode = self.model.tokenizer.decode
-        return {
-            "tokens": [decode([t]) for t in tokens],
-            "token_logprobs": list(lps),
-            "top_logprobs": [None if top is None else {decode([t]): lp for t, lp in top} for top in tops],
-            "text_offset": [base + len(decode([*before, *tokens[:i]])) for i in range(len(tokens))],
-        }
+        self.prompt_scores = await asyncio.to_thread(render)
 
+    # collecting ---------------------------------------------------------------------------------
     def _absorb(self, i: int, event: TokenEvent) -> Choice:
         c = self.choices[i]
         if event.error is not None:
             c.error = event.error
             return c
-        assert c.tokens is not None and c.logprobs is not None and c.top is not None
         assert event.token is not None
         c.tokens.append(event.token)
         c.logprobs.append(event.logprob)
@@ -320,12 +215,20 @@ class Completion:
         return all(c.finish_reason is not None or c.error is not None for c in self.choices)
 
     def _echo_prefix(self, c: Choice) -> str:
-        return self.prompt_texts[c.prompt_index] if self.req.echo else ""
+        return self.prompts.texts[c.prompt_index] if self.req.echo else ""
 
-    def _usage(self) -> dict[str, int]:
-        prompt = sum(len(p) for p in self.prompts)
-        completion = sum(len(c.tokens or ()) for c in self.choices)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    def _usage(self) -> Usage:
+        prompt = sum(len(p) for p in self.prompts.ids)
+        completion = sum(len(c.tokens) for c in self.choices)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    def _timeout(self) -> ApiError:
+        return ApiError(
+            408,
+            f"the request did not finish within {self.timeout_s:g} s",
+            type="timeout_error",
+            code="timeout",
+        )
 
     async def _watch_disconnect(self, request: Request) -> None:
         """Wait for the client's ``http.disconnect`` (the body was read: nothing else comes), then
@@ -335,22 +238,17 @@ class Completion:
         self.cancel()
         self.events.put_nowait((-1, CLIENT_GONE))
 
-    async def collect(self, request: Request) -> dict[str, Any]:
-        """Wait for every choice (the whole response at once); give up on timeout, or as soon as
-        the client disconnects: its sequences are cancelled then, and the scheduler frees their
-        slots before its next step."""
+    async def collect(self, request: Request) -> CompletionResponse | ChatCompletionResponse:
+        """Wait for every choice (the whole answer at once); give up on timeout, or as soon as the
+        client disconnects: its sequences are cancelled then, and the engine frees their slots
+        before its next step."""
         watch = asyncio.ensure_future(self._watch_disconnect(request))
         try:
             while not self._done():
                 try:
                     i, event = await self._next()
                 except asyncio.TimeoutError:
-                    raise ApiError(
-                        408,
-                        f"the request did not finish within {self.timeout_s:g} s",
-                        type="timeout_error",
-                        code="timeout",
-                    ) from None
+                    raise self._timeout() from None
                 if i < 0:
                     raise ApiError(499, "the client disconnected")
                 self._absorb(i, event)
@@ -364,110 +262,61 @@ class Completion:
             return await asyncio.to_thread(self._response)
         return self._response()
 
-    def _response(self) -> dict[str, Any]:
-        choices = []
-        for i, c in enumerate(self.choices):
-            assert c.tokens is not None and c.logprobs is not None and c.top is not None
+    def _response(self) -> CompletionResponse | ChatCompletionResponse:
+        logprobs: list[Any] = []
+        for c in self.choices:
             lp = None
             if self.req.logprobs is not None:
-                prefix = self._echo_prefix(c)
-                lp = self._logprobs(c.tokens, c.logprobs, c.top, len(prefix))
+                lp = self.render.logprobs(c.tokens, c.logprobs, c.top, len(self._echo_prefix(c)))
                 if self.req.echo and self.prompt_scores is not None:
-                    lp = join_logprobs(self.prompt_scores[c.prompt_index], lp)
-            choices.append(self._choice(i, c, lp))
-        return {
-            "id": self.id,
-            "object": self.OBJECT,
-            "created": self.created,
-            "model": self.model.name,
-            "choices": choices,
-            "usage": self._usage(),
-        }
-
-    def _choice(self, index: int, c: Choice, logprobs: dict[str, Any] | None) -> dict[str, Any]:
-        """Choice ``index`` of the whole response."""
-        return {
-            "text": self._echo_prefix(c) + c.text,
-            "index": index,
-            "logprobs": logprobs,
-            "finish_reason": c.finish_reason,
-        }
-
-    def _chunk_choice(
-        self, index: int, text: str, logprobs: dict[str, Any] | None, finish: str | None
-    ) -> dict[str, Any]:
-        """Choice ``index`` of one streamed chunk."""
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-
-    def _chunk(self, index: int, text: str, logprobs: dict[str, Any] | None, finish: str | None) -> str:
-        return self._sse_chunk(self._chunk_choice(index, text, logprobs, finish))
-
-    def _sse_chunk(self, choice: dict[str, Any]) -> str:
-        """One chunk event: ``usage`` is the usage so far with ``continuous_usage_stats`` (vLLM),
-        null with ``include_usage`` alone (OpenAI: only the last chunk has it)."""
-        body: dict[str, Any] = {
-            "id": self.id,
-            "object": self.CHUNK_OBJECT,
-            "created": self.created,
-            "model": self.model.name,
-            "choices": [choice],
-        }
-        options = self.req.stream_options
-        if options is not None and options.continuous_usage_stats:
-            body["usage"] = self._usage()
-        elif options is not None and options.include_usage:
-            body["usage"] = None
-        return sse_event(body)
+                    lp = self.prompt_scores[c.prompt_index] + lp
+            logprobs.append(lp)
+        texts = [self._echo_prefix(c) + c.text for c in self.choices]
+        finish = [c.finish_reason for c in self.choices]
+        return self.render.response(texts, logprobs, finish, self._usage())
 
     async def sse(self) -> AsyncIterator[str]:
-        """Server-Sent Events: a chunk per piece of text of each choice, then ``data: [DONE]``.
+        """Server-Sent Events: the opening chunks (chat: the assistant's role), a chunk per piece of
+        text of each choice, then ``data: [DONE]``.
 
         When the client disconnects, Starlette cancels this generator: ``finally`` cancels the
-        sequences, and the scheduler frees their slots before its next step."""
-        want_lp = self.req.logprobs is not None
+        sequences, and the engine frees their slots before its next step."""
+        render, want_lp = self.render, self.req.logprobs is not None
         try:
+            for chunk in render.opening(len(self.choices), self._usage):
+                yield chunk
             if self.req.echo:  # with max_tokens 0 the prompt is all there is: the choice ends here
                 for i, c in enumerate(self.choices):
                     lp = self.prompt_scores[c.prompt_index] if self.prompt_scores is not None else None
-                    yield self._chunk(i, self.prompt_texts[c.prompt_index], lp, c.finish_reason)
+                    yield render.chunk(
+                        i, self.prompts.texts[c.prompt_index], lp, c.finish_reason, self._usage
+                    )
             while not self._done():
                 try:
                     i, event = await self._next()
                 except asyncio.TimeoutError:
-                    err = ApiError(
-                        408,
-                        f"the request did not finish within {self.timeout_s:g} s",
-                        type="timeout_error",
-                        code="timeout",
-                    )
-                    yield sse_event(err.body())
+                    yield error_event(self._timeout())
                     return
                 c = self._absorb(i, event)
                 if c.error is not None:
-                    err = ApiError(500, c.error, type="server_error", code="generation_failed")
-                    yield sse_event(err.body())
+                    yield error_event(ApiError(500, c.error, type="server_error", code="generation_failed"))
                     return
                 if not event.text and c.finish_reason is None:
                     continue  # text held back (a partial character or stop string): nothing to show yet
-                assert c.tokens is not None and c.logprobs is not None and c.top is not None
                 lp = None
                 if want_lp:
                     new = slice(c.sent, len(c.tokens))
                     base = len(self._echo_prefix(c))
-                    lp = self._logprobs(c.tokens[new], c.logprobs[new], c.top[new], base, c.tokens[: c.sent])
+                    lp = render.logprobs(c.tokens[new], c.logprobs[new], c.top[new], base, c.tokens[: c.sent])
                     c.sent = len(c.tokens)
-                yield self._chunk(i, event.text, lp, c.finish_reason)
+                yield render.chunk(i, event.text, lp, c.finish_reason, self._usage)
             if self.req.stream_options is not None and self.req.stream_options.include_usage:
-                usage = {"id": self.id, "object": self.CHUNK_OBJECT, "created": self.created}
-                yield sse_event({**usage, "model": self.model.name, "choices": [], "usage": self._usage()})
+                yield render.usage_chunk(self._usage())
             yield "data: [DONE]\n\n"
         finally:
             self.cancel()
 
 
-def join_logprobs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    return {key: a[key] + b[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
-
-
-def sse_event(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+def error_event(err: ApiError) -> str:
+    """An error in OpenAI's shape as one Server-Sent Event (a stream's status line went out already)."""
+    return f"data: {json.dumps(err.body(), separators=(',', ':'))}\n\n"

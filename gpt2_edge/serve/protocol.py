@@ -1,5 +1,6 @@
-"""The request protocol: bodies (pydantic, strict: no silent coercion, no unknown fields), their
-mapping to ``GenerationConfig``, and OpenAI's error shape. Nothing here runs a model.
+"""The protocol: request bodies (pydantic, strict: no silent coercion, no unknown fields), their
+mapping to ``GenerationConfig``, the typed responses (completions and chat, whole and streamed),
+and OpenAI's error shape. Nothing here runs a model.
 
 Fields follow OpenAI's legacy ``/v1/completions`` and its chat completions; ``top_k``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos`` and ``stream_options.continuous_usage_stats``
@@ -10,8 +11,9 @@ OpenAI fields this server does not implement are
 accepted only at their neutral value, so a client that sends the defaults still works and one
 that asks for more hears so instead of getting something else.
 
-One file a little past 400 lines: every body the server takes (completions, chat, tokenize)
-and the JSON guards in front of them, so a reader finds the whole wire format in one place.
+One file past 400 lines: every body the server takes (completions, chat, tokenize), every body it
+answers, and the JSON guards in front of them, so a reader finds the whole wire format in one
+place.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -68,12 +70,12 @@ class StreamOptions(_Strict):
 TokenIds = list[Annotated[int, Field(ge=0)]]
 
 
-class CompletionRequest(_Strict):
-    """The body of ``POST /v1/completions``."""
+class SamplingFields(_Strict):
+    """The fields a completion and a chat request share, defined once: which model, how to sample,
+    when to stop, how to stream. The extensions (``top_k``, ``repetition_penalty``, ``min_tokens``,
+    ``ignore_eos``, ``prompt_lookup``) are vLLM's names (and this server's own, for speculation)."""
 
     model: str | None = None
-    prompt: str | list[str] | TokenIds | list[TokenIds]
-    max_tokens: Annotated[int, Field(ge=0)] = 16  # 0 only with echo: score the prompt, generate nothing
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
@@ -81,8 +83,6 @@ class CompletionRequest(_Strict):
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    echo: bool = False
     # extensions
     top_k: Annotated[int, Field(ge=-1)] = 0  # 0 or -1 = off (-1 is vLLM's spelling)
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
@@ -95,10 +95,20 @@ class CompletionRequest(_Strict):
     # OpenAI fields accepted at their neutral value only
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    best_of: Annotated[int, Field(ge=1)] | None = None
     logit_bias: dict[str, float] | None = None
-    suffix: str | None = None
     user: str | None = None  # an end-user id for the caller's own logs; unused here
+
+
+class CompletionRequest(SamplingFields):
+    """The body of ``POST /v1/completions``: the shared fields and its own."""
+
+    prompt: str | list[str] | TokenIds | list[TokenIds]
+    max_tokens: Annotated[int, Field(ge=0)] = 16  # 0 only with echo: score the prompt, generate nothing
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool = False
+    # OpenAI fields accepted at their neutral value only
+    best_of: Annotated[int, Field(ge=1)] | None = None
+    suffix: str | None = None
 
     def check_supported(self) -> None:
         """Refuse what this server does not implement, naming the field."""
@@ -216,56 +226,16 @@ class ChatMessage(_Strict):
         return "\n".join(texts)
 
 
-class ChatCompletionRequest(_Strict):
-    """The body of ``POST /v1/chat/completions`` (OpenAI's chat shape; the same extensions as
-    ``CompletionRequest``). No tools, no response formats, no echo."""
+class ChatCompletionRequest(SamplingFields):
+    """The body of ``POST /v1/chat/completions`` (OpenAI's chat shape: the shared fields and its
+    own). No tools, no response formats, no echo."""
 
-    model: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     # None: the rest of the context (OpenAI's default); max_completion_tokens is the newer name
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    # extensions (as in CompletionRequest)
-    top_k: Annotated[int, Field(ge=-1)] = 0
-    repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
-    min_tokens: Annotated[int, Field(ge=0)] = 0
-    ignore_eos: bool = False
-    prompt_lookup: Annotated[int, Field(ge=0, le=MAX_PROMPT_LOOKUP)] | None = None
-    # OpenAI fields accepted at their neutral value only
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-
-    # what a chat request shares with a completion request, field for field
-    _SHARED: ClassVar[tuple[str, ...]] = (
-        "model",
-        "temperature",
-        "top_p",
-        "n",
-        "stop",
-        "seed",
-        "stream",
-        "stream_options",
-        "top_k",
-        "repetition_penalty",
-        "min_tokens",
-        "ignore_eos",
-        "prompt_lookup",
-        "presence_penalty",
-        "frequency_penalty",
-        "logit_bias",
-        "user",
-    )
 
     def message_texts(self) -> list[dict[str, str]]:
         """The messages as ``{"role", "content"}`` (+ ``name``) with string contents."""
@@ -309,10 +279,146 @@ class ChatCompletionRequest(_Strict):
             prompt=prompt,
             max_tokens=max_tokens,
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
-            **{name: getattr(self, name) for name in self._SHARED},
+            **{name: getattr(self, name) for name in SamplingFields.model_fields},
         )
         req.check_supported()
         return req
+
+
+# responses ----------------------------------------------------------------------------------------
+# What the server answers, field for field in OpenAI's order (render.py builds them). Not strict:
+# only the server makes them.
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs: per token its text, log-probability, the k most likely tokens'
+    texts and log-probabilities, and where its text starts."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+    def __add__(self, other: CompletionLogprobs) -> CompletionLogprobs:
+        return CompletionLogprobs(
+            tokens=self.tokens + other.tokens,
+            token_logprobs=self.token_logprobs + other.token_logprobs,
+            top_logprobs=self.top_logprobs + other.top_logprobs,
+            text_offset=self.text_offset + other.text_offset,
+        )
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    """The body of a ``/v1/completions`` answer."""
+
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class CompletionChunk(BaseModel):
+    """One Server-Sent Event of a streamed ``/v1/completions`` answer. ``usage``: absent, or null
+    (``include_usage``: only the last chunk has it), or the usage so far (``continuous_usage_stats``);
+    ``sse`` leaves it out where absent."""
+
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float | None
+    bytes: list[int]  # the UTF-8 of the token's text
+
+
+class ChatLogprob(ChatTokenLogprob):
+    top_logprobs: list[ChatTokenLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: str = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    """The body of a ``/v1/chat/completions`` answer."""
+
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class RoleDelta(BaseModel):
+    """A streamed choice's first delta: who speaks."""
+
+    role: str = "assistant"
+    content: str = ""
+
+
+class ContentDelta(BaseModel):
+    content: str
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: RoleDelta | ContentDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One Server-Sent Event of a streamed chat answer (``usage`` as ``CompletionChunk``'s)."""
+
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+def sse(chunk: CompletionChunk | ChatCompletionChunk, usage: bool) -> str:
+    """``chunk`` as one Server-Sent Event (``usage``: whether the chunk carries the key at all)."""
+    return f"data: {chunk.model_dump_json(exclude=None if usage else {'usage'})}\n\n"
 
 
 # Union fields: pydantic reports one error per member; one sentence per field reads better.
@@ -382,6 +488,10 @@ def _check_values(data: dict[str, Any], surrogates: bool) -> None:
         for key, item in items:
             where = (*loc, str(key))
             if surrogates:
+                if not loc and isinstance(key, str) and not _is_text(key):
+                    # no field's name holds a surrogate: an unknown field, named as JSON escapes it
+                    name = _escaped(key)
+                    raise ApiError(400, f"unknown field '{name}'", param=name, code="unknown_field")
                 for s in (key, item) if isinstance(key, str) else (item,):
                     if isinstance(s, str):
                         _check_text(s, where)
@@ -389,16 +499,29 @@ def _check_values(data: dict[str, Any], surrogates: bool) -> None:
                 stack.append((item, where, depth + 1))
 
 
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _escaped(s: str) -> str:
+    """``s`` with each lone surrogate as its JSON escape (``\\ud800``): text an error can carry."""
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _check_text(s: str, loc: tuple[str, ...]) -> None:
     try:
         s.encode("utf-8")
     except UnicodeEncodeError as e:
-        field = ".".join(loc)
+        field = _escaped(".".join(loc))
         raise ApiError(
             400,
             f"{field}: a lone surrogate (\\u{ord(s[e.start]):04x}) at character {e.start} is not text; "
             "send a character beyond U+FFFF as a surrogate pair, or as UTF-8",
-            param=loc[0],
+            param=_escaped(loc[0]),
         ) from None
 
 
@@ -420,7 +543,8 @@ def validation_error(e: ValidationError) -> ApiError:
         if not values:
             return ApiError(400, _UNION_HELP[field], param=field, code="invalid_type")
         first = values[0]
-    loc = ".".join(str(x) for x in first["loc"] if not _is_union_tag(x))
+    loc = _escaped(".".join(str(x) for x in first["loc"] if not _is_union_tag(x)))
+    field = None if field is None else _escaped(field)
     if first["type"] == "extra_forbidden":
         return ApiError(400, f"unknown field {loc!r}", param=loc, code="unknown_field")
     if first["type"] == "missing":

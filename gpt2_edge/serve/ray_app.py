@@ -35,7 +35,6 @@ import os
 import signal
 import threading
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -50,7 +49,7 @@ from ray.serve.config import BackpressureConfig
 
 from .app import create_app
 from .model import load_served_model
-from .settings import API_KEY_ENV, ServeSettings, SettingsError
+from .settings import API_KEY_ENV, ServeSettings, SettingsError, options
 
 
 @ray.remote(num_cpus=0)
@@ -142,16 +141,16 @@ def deployment(bundle: str | Path, settings: ServeSettings, drain: Any = None) -
     ).bind(str(bundle), settings.as_dict(), drain)
 
 
-# `serve run`'s arguments: the bundle and every setting but where to listen (Ray's proxy binds;
-# `serve start` or the config file says where) and the replica's own id.
-_NOT_FROM_RUN = {"host", "port", "replica", "api_key"}  # the key: $GPT2_EDGE_API_KEY
+# `serve run`'s arguments: the bundle and the settings the table gives it (settings.options():
+# not where to listen, which Ray's proxy binds and `serve start` or the config file says, nor the
+# replica's own id, nor the key, which is $GPT2_EDGE_API_KEY).
 _HINTS = get_type_hints(ServeSettings)
 BuildArgs: type[BaseModel] = create_model(
     "BuildArgs",
     __config__=ConfigDict(extra="forbid"),  # a misspelt key is an error, not a silent default
     __doc__="``serve run gpt2_edge.serve.ray_app:build bundle=PATH [replicas=N] [max_batch=B] ...``",
     bundle=(str, ...),
-    **{f.name: (_HINTS[f.name], f.default) for f in fields(ServeSettings) if f.name not in _NOT_FROM_RUN},
+    **{f.name: (_HINTS[f.name], f.default) for f, option, _ in options() if option.run},
 )
 
 

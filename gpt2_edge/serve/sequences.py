@@ -1,6 +1,15 @@
-"""What a request hands the scheduler and gets back: a ``SequenceHandle`` (one sequence to
-generate, with the sink its ``TokenEvent``s go to), the ``Reservation`` that holds room for a
-request's sequences before they exist, and the scheduler's two refusals. Torch-free.
+"""The engine's data: what a request hands it and gets back, and where a sequence runs.
+
+- ``SequenceHandle``: one sequence to generate (its ``SequenceState``, the sink its ``TokenEvent``s
+  go to, its log-probabilities request, its timings, its cancel flag);
+- ``Slot``: one KV slot and all the engine knows of the sequence in it (the handle, the prompt
+  tokens in the cache, the KV tokens it may hold, its admission order). A slot's sequence joins
+  with ``take`` and leaves with ``clear``: nothing else holds a sequence's state (but the
+  speculator's per-row drafting record, which ``runtime.speculative`` keeps by slot);
+- ``Reservation``: room held for a request's sequences before they exist;
+- the engine's two refusals, ``QueueFullError`` and ``SchedulerClosedError``.
+
+Torch-free; no model needed: the scheduler's unit tests build these with fakes.
 """
 
 from __future__ import annotations
@@ -9,8 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-import numpy as np
 
 from ..runtime.sampling import GenerationConfig
 from ..runtime.sequence import SequenceState
@@ -25,11 +32,11 @@ class QueueFullError(Exception):
 
 
 class SchedulerClosedError(Exception):
-    """The scheduler is shutting down and takes no new sequences."""
+    """The engine is shutting down and takes no new sequences (or prompt scoring)."""
 
 
 class Reservation:
-    """Room for ``n`` sequences held in the scheduler's bound before they exist: a request takes
+    """Room for ``n`` sequences held in the engine's bound before they exist: a request takes
     it before any work of its own (prompt scoring), then ``submit`` turns it into its sequences or
     ``release`` gives it back. Either happens once."""
 
@@ -56,7 +63,7 @@ class TokenEvent:
 
 
 class SequenceHandle:
-    """A sequence submitted to the scheduler; the submitter may ``cancel`` it at any time."""
+    """A sequence submitted to the engine; the submitter may ``cancel`` it at any time."""
 
     def __init__(
         self,
@@ -83,17 +90,41 @@ class SequenceHandle:
         return self._cancelled.is_set()
 
     def cancel(self) -> None:
-        """Stop generating; the scheduler frees the slot before its next step. Idempotent."""
+        """Stop generating; the engine frees the slot before its next step. Idempotent."""
         if not self._cancelled.is_set():
             self._cancelled.set()
             self._wake()
 
 
-def top_logprobs(lp: np.ndarray, k: int) -> tuple[tuple[int, float], ...] | None:
-    """The ``k`` most likely ``(token, logprob)`` pairs of one row of log-probabilities, best first."""
-    if k <= 0:
-        return None
-    k = min(k, lp.shape[-1])
-    best = np.argpartition(-lp, k - 1)[:k]
-    best = best[np.argsort(-lp[best], kind="stable")]
-    return tuple((int(t), float(lp[t])) for t in best)
+class Slot:
+    """One KV-cache slot (row ``index``) and the sequence in it, if any: the one place a running
+    sequence's state lives (module docstring)."""
+
+    __slots__ = ("index", "need", "order", "prefilled", "seq")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.seq: SequenceHandle | None = None
+        self.prefilled = 0  # prompt tokens in the cache (a copied prefix included)
+        self.need = 0  # KV tokens the sequence may hold: prompt + max_new_tokens, within the context
+        self.order = 0  # when it was admitted: prompts are prefilled oldest admission first
+
+    def take(self, seq: SequenceHandle, prefilled: int, need: int, order: int) -> None:
+        self.seq, self.prefilled, self.need, self.order = seq, prefilled, need, order
+
+    def clear(self) -> SequenceHandle:
+        """The sequence leaves: the slot is free (its KV rows are the executor's to release)."""
+        seq = self.seq
+        assert seq is not None
+        self.seq, self.prefilled, self.need = None, 0, 0
+        return seq
+
+    @property
+    def prefilling(self) -> bool:
+        """Its prompt is still going in (it holds the slot but is not decoded)."""
+        return self.seq is not None and self.prefilled < len(self.seq.state.prompt)
+
+    def __repr__(self) -> str:
+        return (
+            f"Slot({self.index}, prefilled={self.prefilled}, need={self.need}, busy={self.seq is not None})"
+        )

@@ -1,16 +1,22 @@
-"""The server's settings: one dataclass that checks itself when it is made.
+"""The server's settings: one dataclass that checks itself when it is made, and the one table of
+its options.
 
-``gpt2-edge serve`` (``serve/cli.py``) fills it from its options, Ray Serve (``serve/ray_app.py``)
-from ``serve run``'s ``key=value`` arguments or from the CLI's; both get the same checks, and a
-refusal names the field (``SettingsError.field``; the CLI turns it into the option's name).
+Each field is declared once, with how a user gives it (``setting(default, help, ...)``: an
+``Option`` in the field's metadata). From that table ``gpt2-edge serve`` (``serve/cli.py``)
+generates its command-line options, the mapping of the parsed options onto the settings, and the
+command line of a restarted server; Ray Serve (``serve/ray_app.py``) its ``serve run`` ``key=value``
+arguments. All of them get the same checks, and a refusal names the field (``SettingsError.field``;
+the CLI turns it into the option's name, ``Option.flag``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
 
 from ..errors import Gpt2EdgeError
 from ..runtime.backends import PROVIDERS
@@ -31,64 +37,169 @@ class SettingsError(Gpt2EdgeError):
 
 
 @dataclass(frozen=True)
+class Option:
+    """How a user gives one setting: ``gpt2-edge serve``'s option and ``serve run``'s key."""
+
+    help: str  # the option's help; "(default: ...)" is added from the field's default
+    flag: str = ""  # the option (default: --field-name; a bool that is on by default: --no-field-name)
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    cli: bool = True  # an option of `gpt2-edge serve`
+    run: bool = True  # a key=value argument of Ray's `serve run`
+    secret: bool = False  # never on a command line (`ps` shows it): a restarted server gets it by env
+    group: str | None = None  # the help section it is listed in (None: the main one)
+
+
+def setting(default: Any, help: str, **option: Any) -> Any:
+    """A ``ServeSettings`` field with its ``Option`` (the table's row)."""
+    return field(default=default, metadata={"option": Option(help, **option)})
+
+
+RAY = "Ray Serve (scale-out; needs the `ray` extra)"
+
+
+@dataclass(frozen=True)
 class ServeSettings:
     """How one server (or each Ray Serve replica) loads, batches, limits and protects."""
 
     # the model
-    provider: str = "cpu"  # runtime.backends.PROVIDERS: cpu | cuda | tensorrt | auto (ORT), trt-engine
-    threads: int | None = None  # ONNX Runtime intra-op threads per replica (None: its default)
-    model_name: str | None = None  # the id in /v1/models (default: the bundle directory's name)
+    provider: str = setting(
+        "cpu",
+        "ONNX Runtime's cpu | cuda | tensorrt | auto, or trt-engine: the bundle's TensorRT engine for this "
+        "GPU (gpt2-edge build-engine)",
+        choices=PROVIDERS,
+    )
+    # ONNX Runtime intra-op threads per replica (None: its default)
+    threads: int | None = setting(None, "ONNX Runtime intra-op threads (per replica)")
+    # the id in /v1/models (default: the bundle directory's name)
+    model_name: str | None = setting(
+        None, "model id in /v1/models and responses (default: the bundle dir's name)"
+    )
     # batching
-    max_batch: int = 8  # KV-cache slots: sequences decoded together in one step
-    max_queue: int = 32  # sequences waiting for a slot before new requests get 429
-    # Prompt tokens prefilled per scheduler step: a long prompt is prefilled in chunks between the
+    max_batch: int = setting(8, "sequences decoded together (KV slots); 1 = no batching")
+    max_queue: int = setting(32, "sequences waiting for a slot; beyond it requests get 429")
+    # Prompt tokens prefilled per engine step: a long prompt is prefilled in chunks between the
     # running streams' decode steps instead of stalling them for its whole prefill. 0 = whole.
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    prefill_chunk: int = setting(
+        DEFAULT_PREFILL_CHUNK,
+        "prompt tokens prefilled per step, between the running streams' tokens (0 = whole prompts)",
+    )
     # KV memory: positions (slots x tokens per slot) at most; the cache grows to what the running
     # sequences need within it and shrinks when idle. None: max_batch x the context (raised to one
     # context when less). Like llama-server's total context, but allocated as the work needs it.
-    kv_budget: int | None = None
+    kv_budget: int | None = setting(
+        None,
+        "KV-cache positions at most (slots x tokens per slot), like llama-server's total context; the "
+        "cache grows to what the running sequences need within it and shrinks when idle; a request that "
+        "does not fit waits its turn (default: --max-batch x the model's context)",
+        metavar="TOKENS",
+    )
     # A prompt starting with tokens another request prefilled reuses their KV (in-place bundles).
-    prefix_cache: bool = True
+    prefix_cache: bool = setting(
+        True,
+        "do not reuse the KV of a prompt's leading tokens that another request already prefilled",
+    )
     # What an idle server keeps of it: 64-token blocks (slots x tokens per slot it holds on to).
-    prefix_cache_blocks: int = DEFAULT_PREFIX_CACHE_BLOCKS
+    prefix_cache_blocks: int = setting(
+        DEFAULT_PREFIX_CACHE_BLOCKS,
+        "64-token blocks of prefix cache an idle server keeps (slots x tokens per slot); a busy one "
+        "keeps prefixes in its free slots",
+        metavar="N",
+    )
     # Speculative decoding by prompt lookup for requests that do not say (their `prompt_lookup`):
     # up to this many tokens drafted per step from the prompt and the text so far, verified in one
     # pass (in-place bundles; others decode plainly). 0: off.
-    prompt_lookup: int = 0
+    prompt_lookup: int = setting(
+        0,
+        "speculative decoding for requests that do not set `prompt_lookup`: draft up to N tokens per "
+        "step from the prompt and the text so far, verified in one pass; the same tokens, more per step "
+        "where the text repeats its prompt (in-place bundles; 0 = off)",
+        metavar="N",
+    )
     # Speculative decoding with a draft model for every request: a smaller bundle (same tokenizer,
     # in-place KV cache; a path every replica sees) drafts up to draft_tokens tokens per step, run
     # greedily on the CPU over its own cache of the server's cache's shape (beside the KV budget:
     # its positions are the same ones, at its own bytes per position). None: off.
-    draft: str | None = None
-    draft_tokens: int = 4
+    draft: str | None = setting(
+        None,
+        "speculative decoding with a draft model for every request: this smaller bundle (the same "
+        "tokenizer, in-place KV cache) drafts tokens the served model verifies in one pass; the same "
+        "greedy text and the same sampled distribution, more tokens per step where it guesses right "
+        "(in-place bundles on ONNX Runtime; the draft runs on the CPU). Its KV cache follows the "
+        "server's: the same slots and tokens per slot, at its own bytes per token",
+        metavar="BUNDLE",
+    )
+    draft_tokens: int = setting(
+        4,
+        f"most tokens the draft model proposes per step, 1..{MAX_DRAFT_TOKENS} (with --draft); fewer "
+        "where its acceptance rate says so",
+        metavar="K",
+    )
     # Step invariance (runtime: OrtBackend's step_invariant): every pass computes attention as for
     # a chunk, so a row's logits are bitwise the same whether it verifies a draft, decodes one
     # token, or is padded beside rows that verify: greedy speculation is plain decoding, and a
     # plain request never depends on a drafting neighbour. "auto": on when the server drafts for
     # every request (prompt_lookup or draft) and the bundle has the input; "on": required; "off".
-    step_invariant: str = "auto"
+    step_invariant: str = setting(
+        "auto",
+        "compute attention as for a chunk in every pass, so a row's tokens are bitwise the same whether "
+        "it verifies drafts, decodes one token or is padded beside rows that verify: greedy speculation is "
+        "plain decoding, and a plain request never depends on a drafting neighbour (costs attention time, "
+        "more at long contexts); auto: on when --prompt-lookup or --draft is set and the bundle has the "
+        "input",
+        choices=STEP_INVARIANT,
+    )
     # limits and protection
-    timeout_s: float = 300.0  # per request, from arrival to its last token
-    max_body_bytes: int = 1 << 20
-    api_key: str | None = None  # when set, every route but /health needs `Authorization: Bearer`
-    cors_origins: tuple[str, ...] = ()  # none: no CORS headers, browsers on other origins are refused
+    timeout_s: float = setting(300.0, "seconds a request may take in all", flag="--timeout")  # from arrival
+    max_body_bytes: int = setting(1 << 20, "request body limit, bytes")
+    # when set, every route but /health needs `Authorization: Bearer`
+    api_key: str | None = setting(
+        None,
+        f"require `Authorization: Bearer KEY` on every route but /health (better: set ${API_KEY_ENV}, "
+        "which `ps` does not show)",
+        run=False,  # serve run: $GPT2_EDGE_API_KEY only
+        secret=True,
+    )
+    # none: no CORS headers, browsers on other origins are refused
+    cors_origins: tuple[str, ...] = setting(
+        (), "allow browser requests from this origin (repeatable; default: CORS off)", flag="--cors-origin"
+    )
     # Host names a keyless server answers for besides its loopback names (127.0.0.1, localhost,
     # [::1], at the port it listens on): "name" (any port) or "name:port"; "*" any. With an API
     # key any Host is answered. Refusing other names stops DNS rebinding from a browser.
-    allowed_hosts: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = setting(
+        (),
+        "without an API key, answer requests whose Host header is NAME (any port) or NAME:PORT, besides "
+        "127.0.0.1, localhost and [::1] at the listening port (repeatable; '*': any name). Other names get "
+        "400: a web page cannot reach a loopback server by rebinding its own DNS name",
+        flag="--allowed-host",
+        metavar="NAME",
+    )
     # slow and surplus clients (uvicorn; behind Ray Serve its proxy has the sockets)
-    header_timeout_s: float = 10.0  # from connecting (or the last response) to a whole request head
-    body_timeout_s: float = 30.0  # from the request head to the end of its body: else 408
-    max_connections: int = 256  # open connections at once; one more is answered 503 and closed
+    header_timeout_s: float = setting(  # from connecting (or the last response) to a whole request head
+        10.0,
+        "seconds a connection has to send a whole request head, else 408 and closed",
+        flag="--header-timeout",
+    )
+    body_timeout_s: float = setting(  # from the request head to the end of its body: else 408
+        30.0, "seconds a request's body has to arrive after its head, else 408", flag="--body-timeout"
+    )
+    max_connections: int = setting(  # open connections at once; one more is answered 503 and closed
+        256, "open connections at once; one more is answered 503 and closed"
+    )
     # where it listens, and how long in-flight requests may finish on SIGTERM
-    host: str = "127.0.0.1"  # loopback unless the operator says otherwise
-    port: int = 8000
-    drain_timeout_s: float = 30.0
+    host: str = setting("127.0.0.1", "address to bind (loopback only unless told)", run=False)
+    port: int = setting(8000, "port to listen on, 1..65535", run=False)
+    drain_timeout_s: float = setting(
+        30.0, "on SIGTERM, seconds to finish in-flight requests", flag="--drain-timeout"
+    )
     # Ray Serve
-    replicas: int = 1  # copies of the app behind Ray's proxy, each with its own model and batch
-    replica_cpus: float = 1.0  # CPUs Ray reserves per replica
-    replica: str | None = None  # shown by /health: which replica answered (set by each replica)
+    replicas: int = setting(  # copies of the app behind Ray's proxy, each with its own model and batch
+        1, "Ray Serve replicas, each its own model and batch", group=RAY
+    )
+    replica_cpus: float = setting(1.0, "CPUs Ray reserves per replica", group=RAY)
+    # shown by /health: which replica answered (set by each replica)
+    replica: str | None = setting(None, "", cli=False, run=False)
 
     def __post_init__(self) -> None:
         for name, low, high in (
@@ -175,3 +286,26 @@ class ServeSettings:
         d["cors_origins"] = list(self.cors_origins)
         d["allowed_hosts"] = list(self.allowed_hosts)
         return d
+
+
+def options() -> list[tuple[dataclasses.Field[Any], Option, Any]]:
+    """The table: each setting's field, ``Option`` (its ``flag`` filled in) and type (``int``,
+    ``float``, ``str``, ``bool`` or ``tuple``: what a command line gives)."""
+    hints = get_type_hints(ServeSettings)
+    rows = []
+    for f in dataclasses.fields(ServeSettings):
+        option: Option = f.metadata["option"]
+        kind = _kind(hints[f.name])
+        if not option.flag:
+            name = f.name.replace("_", "-")
+            flag = f"--no-{name}" if kind is bool and f.default is True else f"--{name}"
+            option = dataclasses.replace(option, flag=flag)
+        rows.append((f, option, kind))
+    return rows
+
+
+def _kind(hint: Any) -> Any:
+    if isinstance(hint, types.UnionType):  # X | None
+        hint = next(a for a in hint.__args__ if a is not type(None))
+    base = typing.get_origin(hint) or hint
+    return base if base in (int, float, str, bool, tuple) else str

@@ -3,8 +3,10 @@ the shapes vLLM serves (which lm-evaluation-harness's remote tokenizer reads) an
 
 - ``/tokenize``: ``{"prompt": text}`` (vLLM) or ``{"content": text}`` (llama-server), optional
   ``add_special_tokens`` / ``add_special`` (GPT-2 adds no special tokens: no effect) ->
-  ``{"tokens", "count", "max_model_len"}``. The text is refused by its length before any
-  tokenizing (``Model.max_prompt_chars``), and tokenized off the event loop.
+  ``{"tokens", "count", "max_model_len"}``. Any text within the body limit (``max_body_bytes``)
+  is tokenized, off the event loop, however many tokens it is (as vLLM and llama-server do):
+  lm-evaluation-harness's remote tokenizer counts whole documents before it windows them for
+  rolling perplexity. Prompts are what must fit the context, not a text to count.
 - ``/detokenize``: ``{"tokens": [...]}`` -> ``{"prompt": text, "content": text}`` (vLLM's and
   llama-server's names for the same text).
 - ``/tokenizer_info``: what vLLM answers, the tokenizer's Hugging Face settings
@@ -20,8 +22,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from .completions import check_ids
 from .model import Model
+from .prompts import check_ids
 from .protocol import ApiError, DetokenizeRequest, TokenizeRequest, parse_body
 
 router = APIRouter()
@@ -39,11 +41,13 @@ def check_length(model: Model, text: str, param: str) -> None:
         )
 
 
-def encode_text(model: Model, text: str, param: str) -> list[int]:
+def encode_text(model: Model, text: str, param: str, *, fit_context: bool = True) -> list[int]:
     """``text``'s token ids, or a 400 naming ``param``: text longer than any that fits the context
-    (``check_length``, before tokenizing), or text that is not Unicode (a lone surrogate, which
-    JSON's ``\\ud800`` escapes can carry). Call it off the event loop."""
-    check_length(model, text, param)
+    (``check_length``, before tokenizing; ``fit_context=False``: not checked), or text that is not
+    Unicode (a lone surrogate, which JSON's ``\\ud800`` escapes can carry). Call it off the event
+    loop."""
+    if fit_context:
+        check_length(model, text, param)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -85,8 +89,8 @@ async def tokenize(request: Request) -> dict[str, Any]:
     s.check_model(req.model)
     text = req.text
     param = "prompt" if req.prompt is not None else "content"
-    check_length(s.model, text, param)  # before a thread is spent on it
-    ids = await asyncio.to_thread(encode_text, s.model, text, param)
+    # bounded by the body limit alone (the middleware's): a text to count need not fit the context
+    ids = await asyncio.to_thread(encode_text, s.model, text, param, fit_context=False)
     return {"tokens": ids, "count": len(ids), "max_model_len": s.model.n_ctx}
 
 

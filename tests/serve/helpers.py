@@ -1,4 +1,4 @@
-"""What the server's tests share: ``Run``, sequences submitted to a scheduler without HTTP."""
+"""What the server's tests share: ``Run``, sequences submitted to an engine without HTTP."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 
 from gpt2_edge.runtime.generator import Generator
 from gpt2_edge.runtime.sampling import GenerationConfig, openai_generation_config
+from gpt2_edge.serve.engine import Engine
 from gpt2_edge.serve.metrics import Metrics
-from gpt2_edge.serve.scheduler import Scheduler, SequenceHandle, TokenEvent
+from gpt2_edge.serve.sequences import SequenceHandle, TokenEvent
 
 # The scheduler shapes served-equals-Generator tests run through: whole prompts, chunked prefill,
 # and a cache that starts small and grows within a budget of two contexts, with the prefix cache.
@@ -33,9 +34,9 @@ class Run:
 
     def __init__(self, gen: Generator, **scheduler) -> None:
         self.gen = gen
-        self.scheduler = Scheduler(gen.backend, n_ctx=gen.backend.n_ctx, **scheduler)
-        self.metrics = Metrics(self.scheduler.max_batch, lambda: 0, lambda: 0)
-        self.scheduler.metrics = self.metrics
+        self.engine = Engine(gen.backend, n_ctx=gen.backend.n_ctx, **scheduler)
+        self.metrics = Metrics(self.engine.max_batch, lambda: 0, lambda: 0)
+        self.engine.metrics = self.metrics
         self.log: list[tuple[str, TokenEvent | None]] = []
         self.tokens: dict[str, list[int]] = {}
         self.events: dict[str, list[TokenEvent]] = {}
@@ -60,8 +61,8 @@ class Run:
             assert event.error is None, event.error
             self.tokens[name].append(event.token)
             self.events[name].append(event)
-            self.peak_kv = max(self.peak_kv, self.scheduler.kv_tokens_allocated)
-            self.peak_active = max(self.peak_active, self.scheduler.active)
+            self.peak_kv = max(self.peak_kv, self.engine.kv_tokens_allocated)
+            self.peak_active = max(self.peak_active, self.engine.active)
             if on_event is not None:
                 on_event(event)
             if event.finish_reason is not None:
@@ -84,7 +85,7 @@ class Run:
         with self.done:
             assert self.done.wait_for(lambda: self.pending == 0, timeout), "the sequences did not finish"
         if close:
-            self.scheduler.close()
+            self.engine.close()
 
     def alone(self, prompt: list[int], config: GenerationConfig) -> list[int]:
         """The tokens ``Generator`` alone gives."""
@@ -109,8 +110,8 @@ def first_multi_token_event(
     def count(_event: TokenEvent) -> None:
         steps.append(dry.metrics.batch_occupancy._sum.get())
 
-    dry.scheduler.start()
-    dry.scheduler.submit([dry.sequence("a", prompt, config, on_event=count)])
+    dry.engine.start()
+    dry.engine.submit([dry.sequence("a", prompt, config, on_event=count)])
     dry.wait(close=True)
     return dry, next(i for i in range(1, len(steps)) if steps[i] == steps[i - 1]) - 1
 
@@ -139,14 +140,14 @@ def alone_and_beside(
     runs = []
     for beside in ([], others):
         run = Run(gen, max_batch=len(others) + 1, **scheduler)
-        run.scheduler.start()
+        run.engine.start()
         seqs = [run.sequence("s", prompt, config)]
         for i, q in enumerate(beside):
             c = openai_generation_config(
                 max_tokens=20 + i, temperature=0.9 * (i % 2), seed=i, ignore_eos=True
             )
             seqs.append(run.sequence(f"o{i}", q, dataclasses.replace(c, prompt_lookup=3 * (i % 3))))
-        run.scheduler.submit(seqs)
+        run.engine.submit(seqs)
         run.wait(close=True)
         runs.append(run)
     return runs[0], runs[1]

@@ -82,7 +82,7 @@ def test_a_batch_variant_bundle_is_served_one_sequence_at_a_time(tiny_tokenizer)
         app = create_app(variant, ServeSettings(max_batch=8))
     finally:
         log.removeHandler(records)
-    assert app.state.served.scheduler.max_batch == 1
+    assert app.state.served.engine.max_batch == 1
     assert any("one sequence at a time" in m for m in records.messages)
     plain = model("fp32", "inplace", tiny_tokenizer)
-    assert create_app(plain, ServeSettings(max_batch=8)).state.served.scheduler.max_batch == 8
+    assert create_app(plain, ServeSettings(max_batch=8)).state.served.engine.max_batch == 8

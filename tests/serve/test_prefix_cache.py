@@ -73,18 +73,18 @@ def test_outputs_with_prefix_cache_equal_without_and_generator(gen, prefix_cache
     jobs = jobs_sharing_a_prefix(gen)
     alone = {name: gen.generate(prompt, cfg)[0].token_ids for name, prompt, cfg in jobs}
     run = Run(gen, max_batch=4, max_queue=16, prefill_chunk=chunk, prefix_cache=prefix_cache, prefix_block=8)
-    run.scheduler.start()
+    run.engine.start()
     try:
         for name, prompt, cfg in jobs:  # one after the other
-            run.scheduler.submit([run.sequence(name, prompt, cfg)])
+            run.engine.submit([run.sequence(name, prompt, cfg)])
             run.wait()
             assert run.tokens[name] == alone[name], name
         sequential_hits = run.hits()
         names = [f"{name}-together" for name, _, _ in jobs]
-        run.scheduler.submit([run.sequence(n, p, c) for n, (_, p, c) in zip(names, jobs, strict=True)])
+        run.engine.submit([run.sequence(n, p, c) for n, (_, p, c) in zip(names, jobs, strict=True)])
         run.wait()
     finally:
-        run.scheduler.close()
+        run.engine.close()
     for n, (name, _, _) in zip(names, jobs, strict=True):
         assert run.tokens[n] == alone[name], n
     if prefix_cache:

@@ -378,11 +378,15 @@ def test_queue_full_gets_429_at_once_and_the_server_keeps_serving(bundle):
             health = httpx.get(f"{s.url}/health").json()
             assert health["queue_depth"] + health["active"] == 4
             for _ in range(3):
-                t0 = time.monotonic()
                 r = post(s, {"prompt": "O", "max_tokens": 4})
-                assert r.status_code == 429 and time.monotonic() - t0 < 1.0
+                assert r.status_code == 429
                 assert r.headers["retry-after"].isdigit()
                 assert r.json()["error"]["code"] == "queue_full"
+            # at once: refused while the server was still full, not after waiting for room (counted,
+            # not timed: the 4 sequences are all still in, none of the 40-token streams has ended)
+            health = httpx.get(f"{s.url}/health").json()
+            assert health["queue_depth"] + health["active"] == 4
+            assert metric(s, "gpt2_edge_sequences_finished_total") == 0
             for _, r in streams:
                 assert sse_events(r.iter_lines())[-1] == "[DONE]"  # the admitted ones complete
         finally:
@@ -414,11 +418,12 @@ def test_disconnect_frees_the_slot_for_a_queued_request(bundle):
             while httpx.get(f"{s.url}/health").json()["queue_depth"] != 1:  # B waits behind A
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
-            closed_at = time.monotonic()
         # leaving the block closed A's connection mid-stream
         tb.join(30)
-        assert first_b and first_b[0] - closed_at < 0.8  # not the ~1.4 s A had left
+        assert first_b  # B ran: A's slot came free
         assert metric(s, 'gpt2_edge_sequences_finished_total{reason="cancelled"}') == 1
+        # counted, not timed: A's slot was freed mid-stream, not after its 50 tokens
+        assert metric(s, "gpt2_edge_generation_tokens_total") < 50 + 3
 
 
 def test_timeout_frees_the_slot(bundle):
@@ -687,7 +692,6 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(bundle, tmp_path, drain_s
             lines = r.iter_lines()
             next(line for line in lines if line.startswith("data: "))
             proc.send_signal(signal.SIGTERM)
-            t0 = time.monotonic()
             try:
                 for line in lines:
                     if line.startswith("data: "):
@@ -700,7 +704,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(bundle, tmp_path, drain_s
         if completes:
             assert events[-1] == "data: [DONE]" and '"finish_reason":"length"' in events[-2]
         else:
-            assert "data: [DONE]" not in events and time.monotonic() - t0 < 1.5
+            # cut at the drain timeout, not after the stream's end: fewer events than its tokens
+            assert "data: [DONE]" not in events and len(events) < max_tokens
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -381,7 +381,6 @@ def test_a_template_that_cannot_be_rendered_stops_the_server_at_startup(monkeypa
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 BAD = [
     # (id, path, body, param, words in the message)
-    ("tokenize-too-long", "/tokenize", {"prompt": "x" * 100_000}, "prompt", "characters"),
     ("tokenize-lone-surrogate", "/tokenize", b'{"prompt": "a\\ud800b"}', "prompt", "surrogate"),
     ("tokenize-both", "/tokenize", {"prompt": "a", "content": "b"}, "prompt", "not both"),
     ("tokenize-neither", "/tokenize", {"add_special_tokens": False}, "prompt", "required"),
@@ -450,15 +449,3 @@ def test_client_mistakes_get_a_400_naming_the_field(client, path, body, param, w
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and words in err["message"], err
-
-
-def test_tokenize_refuses_a_long_text_before_tokenizing_it(client, model, monkeypatch):
-    calls = []
-    encode_batch = model.tokenizer.encode_batch
-    monkeypatch.setattr(
-        model.tokenizer, "encode_batch", lambda texts: calls.extend(texts) or encode_batch(texts)
-    )
-    r = post(client, "/tokenize", {"content": "x" * (model.max_prompt_chars + 1)})
-    assert r.status_code == 400 and str(model.max_prompt_chars) in r.json()["error"]["message"]
-    assert calls == []
-    assert post(client, "/tokenize", {"content": "x"}).status_code == 200 and calls == ["x"]

@@ -86,11 +86,11 @@ def check_draft_rows(run: Run, draft: DraftModel) -> list[tuple[int, int]]:
     and every draft row holds the draft model's KV of its sequence's tokens (as a fresh prefill of
     them computes it): what growth, rollbacks, released slots and prefix-cache hits left there.
     The target's shapes seen come back."""
-    scheduler, shapes = run.scheduler, []
-    decode = scheduler._decode
+    engine, shapes = run.engine, []
+    decode = engine.executor.decode
 
-    def checked(slots: list[int]) -> None:
-        spec_, cache = scheduler._spec, scheduler.kv.cache
+    def checked(slots, indices: list[int]):
+        spec_, cache = engine.executor.spec, engine.kv.cache
         mine = spec_._draft_cache
         shapes.append((cache.n_slots, cache.capacity))
         assert (mine.n_slots, mine.capacity) == (cache.n_slots, min(cache.capacity, draft.backend.n_ctx))
@@ -102,9 +102,9 @@ def check_draft_rows(run: Run, draft: DraftModel) -> list[tuple[int, int]]:
                 fresh.prefill([0], [row.state.seen[:n]])
                 for a, b in zip(mine.read_prefix(slot, n), fresh.read_prefix(0, n), strict=True):
                     np.testing.assert_allclose(a, b, atol=1e-4)
-        decode(slots)
+        return decode(slots, indices)
 
-    scheduler._decode = checked
+    engine.executor.decode = checked
     return shapes
 
 
@@ -119,14 +119,14 @@ def test_served_greedy_with_a_draft_equals_the_generator_with_it(gen, drafts, na
     run = Run(gen, max_batch=3, max_queue=8, draft=draft, **scheduler)
     shapes = check_draft_rows(run, draft)
     todo = jobs(gen)
-    run.scheduler.start()
+    run.engine.start()
     # two waves: job3, the second's first, finds job0's released rows (the prefix cache)
-    run.scheduler.submit([run.sequence(n, p, c) for n, p, c in todo[:3]])
+    run.engine.submit([run.sequence(n, p, c) for n, p, c in todo[:3]])
     run.wait()
-    run.scheduler.submit([run.sequence(n, p, c) for n, p, c in todo[3:]])
+    run.engine.submit([run.sequence(n, p, c) for n, p, c in todo[3:]])
     run.wait()
-    spec_ = run.scheduler._spec
-    run.scheduler.close()
+    spec_ = run.engine.executor.spec
+    run.engine.close()
     reference = with_draft(gen, draft)
     for job, prompt, cfg in todo:
         want = reference.generate(prompt, cfg)[0]
@@ -149,16 +149,16 @@ def test_served_greedy_with_a_draft_equals_the_generator_with_it(gen, drafts, na
 
 def test_the_draft_cache_shrinks_with_the_idle_server(gen, drafts):
     run = Run(gen, max_batch=3, draft=drafts["same"], initial_capacity=8, idle_shrink_s=0.05)
-    run.scheduler.start()
+    run.engine.start()
     todo = jobs(gen)[:3]
-    run.scheduler.submit([run.sequence(n, p, c) for n, p, c in todo])
+    run.engine.submit([run.sequence(n, p, c) for n, p, c in todo])
     run.wait()
     deadline = time.monotonic() + 10
-    while run.scheduler.draft_kv_tokens_allocated != 8:  # one slot of the initial capacity
-        assert time.monotonic() < deadline, run.scheduler.draft_kv_tokens_allocated
+    while run.engine.draft_kv_tokens_allocated != 8:  # one slot of the initial capacity
+        assert time.monotonic() < deadline, run.engine.draft_kv_tokens_allocated
         time.sleep(0.02)
-    assert run.scheduler.kv_tokens_allocated == 8
-    run.scheduler.close()
+    assert run.engine.kv_tokens_allocated == 8
+    run.engine.close()
 
 
 def test_a_seeded_sampled_sequence_is_the_same_alone_and_in_any_batch(gen, drafts):
@@ -172,8 +172,8 @@ def test_a_seeded_sampled_sequence_is_the_same_alone_and_in_any_batch(gen, draft
     m = beside.metrics
     assert 0 < m.spec_accepted_tokens._value.get() < m.spec_drafted_tokens._value.get()
     again = Run(gen, max_batch=2, draft=drafts["same"])
-    again.scheduler.start()
-    again.scheduler.submit([again.sequence("s", p, cfg)])
+    again.engine.start()
+    again.engine.submit([again.sequence("s", p, cfg)])
     again.wait(close=True)
     assert again.tokens["s"] == alone.tokens["s"]
 
@@ -189,18 +189,18 @@ def test_a_sequence_cancelled_mid_step_frees_its_slot_and_draft_rows(gen, drafts
     cancelled = run.sequence("cancelled", prompt, cfg)
     cancel_at(run, cancelled, "cancelled", first + 1)
     _, nxt, nxt_cfg = jobs(gen)[2]
-    run.scheduler.start()
-    run.scheduler.submit([cancelled, run.sequence("next", nxt, nxt_cfg)])
+    run.engine.start()
+    run.engine.submit([cancelled, run.sequence("next", nxt, nxt_cfg)])
     run.wait()
     drafted_before = dry.metrics.spec_drafted_tokens._value.get()
-    spec_ = run.scheduler._spec
-    run.scheduler.close()
+    spec_ = run.engine.executor.spec
+    run.engine.close()
     assert len(run.events["cancelled"]) == first + 1
     assert run.tokens["next"] == with_draft(gen, draft).generate(nxt, nxt_cfg)[0].token_ids
     assert run.metrics.sequences_finished.labels(reason="cancelled")._value.get() == 1
     m = run.metrics
     assert drafted_before > 0 and m.spec_accepted_tokens._value.get() == m.spec_drafted_tokens._value.get()
-    assert run.scheduler.active == 0 and not spec_._rows and not spec_._draft_cache._len.any()
+    assert run.engine.active == 0 and not spec_._rows and not spec_._draft_cache._len.any()
 
 
 # HTTP: the served model with a draft, its metrics, /health ----------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import signal
 import socket
 import subprocess
@@ -89,6 +90,20 @@ def raw_connect(port: int, timeout: float = 10.0) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s
+
+
+def trickle(s: socket.socket, most: int = 60, every: float = 0.2) -> int | None:
+    """Send one byte every ``every`` s, at most ``most``: how many went before the server answered
+    or closed the connection (None: it never did, while bytes kept coming)."""
+    for sent in range(most):
+        try:
+            s.sendall(b"a")
+        except OSError:  # closed under us
+            return sent
+        readable, _, _ = select.select([s], [], [], every)
+        if readable:  # an answer (408) or the close
+            return sent + 1
+    return None
 
 
 def read_until_closed(s: socket.socket, limit_s: float) -> tuple[bytes, float]:
@@ -174,10 +189,10 @@ def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(bundle):
         assert counting.chars == limit
 
 
-def test_health_stays_fast_while_4_clients_send_1_mb_prompts(bundle):
+def test_health_is_answered_while_4_clients_send_1_mb_prompts(bundle):
     """A real server: 4 clients post 1 MB prompts, 3 each, while another polls /health on its own
-    connection; every /health answer takes < 100 ms (before the fix: seconds, the event loop
-    waited for each prompt's tokenizing)."""
+    connection: every poll is answered, each prompt is refused (400), nothing breaks. (That the
+    event loop is free meanwhile is counted, not timed, below.)"""
     big = json.dumps({"prompt": "x" * 1_000_000, "max_tokens": 1}).encode()
     with server_process(bundle) as srv:
         statuses: list[int] = []
@@ -207,8 +222,67 @@ def test_health_stays_fast_while_4_clients_send_1_mb_prompts(bundle):
         assert statuses == [400] * 12
         assert len(latencies) >= 3
         print(f"/health under 4 x 1 MB prompts: {len(latencies)} polls, max {max(latencies) * 1000:.1f} ms")
-        assert max(latencies) < 0.1, sorted(latencies)[-5:]
         assert "Traceback" not in srv.stop()
+
+
+class HealthCount:
+    """/health polled on its own connection in a thread, its answers counted; ``hold(name)`` blocks
+    the calling thread until 3 more answers came (at most 30 s) and records whether they did."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.answered = 0
+        self.cond = threading.Condition()
+        self.stop = threading.Event()
+        self.held: list[tuple[str, bool]] = []
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        with httpx.Client(timeout=60) as h:
+            while not self.stop.is_set():
+                assert h.get(f"{self.url}/health").status_code == 200
+                with self.cond:
+                    self.answered += 1
+                    self.cond.notify_all()
+
+    def hold(self, name: str) -> None:
+        with self.cond:
+            start = self.answered
+            ok = self.cond.wait_for(lambda: self.answered >= start + 3, timeout=30)
+        self.held.append((name, ok))
+
+
+def test_the_event_loop_answers_health_while_a_request_is_parsed_and_tokenized(bundle, monkeypatch):
+    """Counted, not timed (a loaded machine stretches any latency): a request's JSON parsing and
+    its prompt's tokenizing are held until /health was answered 3 more times meanwhile. Off the
+    event loop they are; on it, /health could not be answered while they wait, and each hold
+    gives up after 30 s unanswered."""
+    import gpt2_edge.serve.app as app_module
+
+    model = load_model(bundle, threads=1, name="tiny")
+    with Server(create_app(model, ServeSettings())) as s:
+        health = HealthCount(s.url)
+        parse_body = app_module.parse_body
+
+        def held_parse(raw, model_type):
+            health.hold("parse")
+            return parse_body(raw, model_type)
+
+        class HeldTokenizer(CountingTokenizer):
+            def encode_batch(self, texts):
+                health.hold("tokenize")
+                return super().encode_batch(texts)
+
+        monkeypatch.setattr(app_module, "parse_body", held_parse)
+        model.tokenizer = HeldTokenizer(model.tokenizer)
+        health.thread.start()
+        try:
+            assert post(s, {"prompt": "First Citizen", "max_tokens": 2}).status_code == 200
+            assert httpx.post(f"{s.url}/tokenize", json={"prompt": "a b"}, timeout=60).status_code == 200
+        finally:
+            health.stop.set()
+            health.thread.join(60)
+    assert health.held == [("parse", True), ("tokenize", True), ("tokenize", True)], health.held
 
 
 # 2. prompt scoring (echo + logprobs) is admitted through the scheduler's bound ---------------------
@@ -247,14 +321,15 @@ def test_a_full_server_refuses_prompt_scoring_before_doing_it(bundle):
             }
 
             def one(_):
-                t0 = time.monotonic()
                 r = post(s, scoring)
-                return r.status_code, r.json()["error"]["code"], time.monotonic() - t0
+                return r.status_code, r.json()["error"]["code"]
 
             with ThreadPoolExecutor(6) as ex:
                 got = list(ex.map(one, range(6)))
-            assert [g[:2] for g in got] == [(429, "queue_full")] * 6
-            assert max(g[2] for g in got) < 1.0
+            assert got == [(429, "queue_full")] * 6
+            # at once: refused while the server was still full (counted, not timed)
+            health = httpx.get(f"{s.url}/health").json()
+            assert (health["active"], health["queue_depth"]) == (1, 1)
             assert counting.calls == 0  # no prompt was scored for a request that got 429
             for _, r in streams:
                 assert sse_events(r.iter_lines())[-1] == "[DONE]"
@@ -274,10 +349,11 @@ def test_a_full_server_refuses_prompt_scoring_before_doing_it(bundle):
 def test_a_reservation_counts_against_the_bound_until_submitted_or_released(bundle):
     """The scheduler's side of it: room reserved before the sequences exist is room taken."""
     from gpt2_edge.runtime.sampling import GenerationConfig
-    from gpt2_edge.serve.scheduler import QueueFullError, Scheduler, SequenceHandle
+    from gpt2_edge.serve.engine import Engine
+    from gpt2_edge.serve.sequences import QueueFullError, SequenceHandle
 
     model = load_model(bundle, threads=1, name="tiny")
-    scheduler = Scheduler(model.backend, n_ctx=model.n_ctx, max_batch=1, max_queue=1)
+    scheduler = Engine(model.backend, n_ctx=model.n_ctx, max_batch=1, max_queue=1)
     scheduler.start()
     try:
         held = scheduler.reserve(2)
@@ -322,9 +398,10 @@ def test_a_client_leaving_a_non_streaming_request_frees_its_slots(bundle):
             time.sleep(0.01)
         sock.close()
         closed_at = time.monotonic()
-        while httpx.get(f"{s.url}/health").json()["active"] != 0:
-            assert time.monotonic() - closed_at < 0.5, "the slots were still decoding for a client that left"
+        while httpx.get(f"{s.url}/health").json()["active"] != 0:  # polled to a deadline
+            assert time.monotonic() - closed_at < 30, "the slots were still decoding for a client that left"
             time.sleep(0.01)
+        # counted, not timed: every choice was cancelled, well before its 60 tokens
         assert metric(s, 'gpt2_edge_sequences_finished_total{reason="cancelled"}') == 8
         assert metric(s, "gpt2_edge_generation_tokens_total") < 8 * 30
 
@@ -341,6 +418,7 @@ DEEP = b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"
         ("/v1/completions", b'{"prompt": "Hi \\ud800 there", "max_tokens": 2}', "surrogate"),
         ("/v1/completions", b'{"prompt": ["ok", "\\udfff"], "max_tokens": 2}', "surrogate"),
         ("/tokenize", b'{"prompt": "\\ud800"}', "surrogate"),
+        ("/v1/completions", b'{"prompt": "a", "\\ud800": 1}', "unknown field"),
         ("/v1/completions", b'{"prompt": "O", "max_tokens": 1' + b"0" * 5000 + b"}", "digits"),
         ("/v1/completions", b'{"prompt": "O", "stop": ' + b"[" * 40 + b"]" * 40 + b"}", "nested"),
     ],
@@ -350,6 +428,7 @@ DEEP = b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"
         "lone-surrogate",
         "lone-surrogate-in-list",
         "tokenize-surrogate",
+        "unknown-field-named-with-a-surrogate",
         "5000-digits",
         "depth-40",
     ],
@@ -409,21 +488,17 @@ def test_a_client_trickling_headers_is_cut_off_at_the_header_timeout(bundle):
         head = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nX-Slow: " % srv.port
         sock.sendall(head)
         t0 = time.monotonic()
-        try:  # one more byte every 0.2 s: a timer reset by each byte would never fire
-            while time.monotonic() - t0 < 4:
-                sock.sendall(b"a")
-                time.sleep(0.2)
-        except OSError:  # closed under us: what should happen
-            pass
-        data, _ = read_until_closed(sock, 5)
-        elapsed = time.monotonic() - t0
-        assert 0.8 < elapsed < 3.0, elapsed
+        # one more byte every 0.2 s, up to 60 (12 s): a timer reset by each byte would never fire
+        sent = trickle(sock)
+        assert sent is not None, "the server waited for the trickling head as long as bytes came"
+        assert time.monotonic() - t0 > 0.8  # not before its timeout (1 s)
+        data, _ = read_until_closed(sock, 30)
         assert data == b"" or data.startswith(b"HTTP/1.1 408"), data
         sock.close()
-        # a client that sends nothing at all is cut off too
+        # a client that sends nothing at all is cut off too (not before its timeout; polled to a deadline)
         idle = raw_connect(srv.port)
-        data, took = read_until_closed(idle, 5)
-        assert 0.8 < took < 3.0 and (data == b"" or data.startswith(b"HTTP/1.1 408"))
+        data, took = read_until_closed(idle, 30)
+        assert took > 0.8 and (data == b"" or data.startswith(b"HTTP/1.1 408"))
         idle.close()
         assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 200
     assert "Traceback" not in srv.output
@@ -437,15 +512,10 @@ def test_a_client_trickling_its_body_gets_408_at_the_body_timeout(bundle):
             b'Content-Length: 1000\r\n\r\n{"prompt": "' % srv.port
         )
         t0 = time.monotonic()
-        try:
-            while time.monotonic() - t0 < 4:
-                sock.sendall(b"a")
-                time.sleep(0.2)
-        except OSError:
-            pass
-        data, _ = read_until_closed(sock, 5)
-        elapsed = time.monotonic() - t0
-        assert 0.8 < elapsed < 3.0, elapsed
+        sent = trickle(sock)  # as for the head: counted bytes, not a time window
+        assert sent is not None, "the server waited for the trickling body as long as bytes came"
+        assert time.monotonic() - t0 > 0.8  # not before its timeout (1 s)
+        data, _ = read_until_closed(sock, 30)
         assert data.startswith(b"HTTP/1.1 408"), data
         assert b'"code":"body_timeout"' in data.replace(b" ", b"")
         sock.close()

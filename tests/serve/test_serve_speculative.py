@@ -61,8 +61,8 @@ def test_served_greedy_with_prompt_lookup_equals_plain_generator(gen, scheduler)
     tokens, the joined pieces, the finish and the log-probabilities are plain decoding's."""
     run = Run(gen, max_batch=3, max_queue=8, **scheduler)
     todo = jobs(gen)
-    run.scheduler.start()
-    run.scheduler.submit([run.sequence(n, p, c, logprobs=2) for n, p, c in todo])
+    run.engine.start()
+    run.engine.submit([run.sequence(n, p, c, logprobs=2) for n, p, c in todo])
     run.wait(close=True)
     for name, prompt, cfg in todo:
         want = plain(gen, prompt, cfg)
@@ -85,8 +85,8 @@ def test_a_concatenating_cache_decodes_plainly(concat_bundle):
     g = Generator.from_bundle(str(concat_bundle), threads=1)
     run = Run(g, max_batch=3, prefill_chunk=5)
     todo = jobs(g)[:4]
-    run.scheduler.start()
-    run.scheduler.submit([run.sequence(n, p, c) for n, p, c in todo])
+    run.engine.start()
+    run.engine.submit([run.sequence(n, p, c) for n, p, c in todo])
     run.wait(close=True)
     for name, prompt, cfg in todo:
         assert run.tokens[name] == plain(g, prompt, cfg).token_ids, name
@@ -99,8 +99,8 @@ def test_a_step_gives_several_tokens_each_with_its_own_logprob(gen):
     p = prompts(gen.tokenizer.vocab_size)[3]
     cfg = GenerationConfig(max_new_tokens=24, ignore_eos=True, prompt_lookup=6)
     run = Run(gen, max_batch=2)
-    run.scheduler.start()
-    run.scheduler.submit([run.sequence("a", p, cfg, logprobs=0)])
+    run.engine.start()
+    run.engine.submit([run.sequence("a", p, cfg, logprobs=0)])
     run.wait(close=True)
     steps = run.metrics.batch_occupancy._sum.get()  # one sequence: decode steps
     assert steps < len(run.tokens["a"]) - 1  # several tokens in some step
@@ -215,13 +215,13 @@ def test_a_sequence_cancelled_mid_step_frees_its_slot_for_the_next(gen):
     cancelled = run.sequence("cancelled", prompt, cfg)
     cancel_at(run, cancelled, "cancelled", first + 1)
     nxt = jobs(gen)[4]
-    run.scheduler.start()
-    run.scheduler.submit([cancelled, run.sequence("next", nxt[1], nxt[2])])
+    run.engine.start()
+    run.engine.submit([cancelled, run.sequence("next", nxt[1], nxt[2])])
     run.wait(close=True)
     assert len(run.events["cancelled"]) == first + 1
     assert run.tokens["next"] == plain(gen, nxt[1], nxt[2]).token_ids
     assert run.metrics.sequences_finished.labels(reason="cancelled")._value.get() == 1
-    assert run.scheduler.active == 0
+    assert run.engine.active == 0
 
 
 def test_a_batch_drafts_less_where_verifying_costs_more(gen):
@@ -254,8 +254,8 @@ def test_eos_during_speculation_ends_where_plain_decoding_ends(inplace_bundle):
         g.model.eos_token_id = next(t for i, t in enumerate(out) if i >= 8 and t not in out[:i])
         want = plain(g, p, cfg)
         run = Run(g, max_batch=2)
-        run.scheduler.start()
-        run.scheduler.submit([run.sequence("a", p, cfg), run.sequence("b", p[::-1], cfg)])
+        run.engine.start()
+        run.engine.submit([run.sequence("a", p, cfg), run.sequence("b", p[::-1], cfg)])
         run.wait(close=True)
         assert run.tokens["a"] == want.token_ids and run.text("a") == want.text
         assert run.events["a"][-1].finish_reason == want.finish_reason == "eos"

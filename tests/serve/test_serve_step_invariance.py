@@ -40,7 +40,7 @@ def plain_logprobs(gen: Generator, beside: bool) -> list[list[tuple[int, float]]
     ps = prompts(gen.tokenizer.vocab_size)
     run = Run(gen, max_batch=4, prefill_chunk=0)
     plain = GenerationConfig(max_new_tokens=30, ignore_eos=True)
-    run.scheduler.start()
+    run.engine.start()
     seqs = [run.sequence("plain", ps[0], plain, logprobs=2)]
     if beside:
         # sampled: each drafts what its own rate is worth whatever the batch holds (greedy rows
@@ -48,7 +48,7 @@ def plain_logprobs(gen: Generator, beside: bool) -> list[list[tuple[int, float]]
         seqs += [
             run.sequence(f"spec{i}", p, GenerationConfig(**SAMPLED, seed=i)) for i, p in enumerate(ps[1:])
         ]
-    run.scheduler.submit(seqs)
+    run.engine.submit(seqs)
     run.wait(close=True)
     if beside:
         assert run.metrics.spec_drafted_tokens._value.get() > 0

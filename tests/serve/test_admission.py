@@ -1,6 +1,7 @@
-"""The server's KV memory follows its work: the in-place cache grows (``reserve``) to what the
-running sequences need within ``kv_budget``, a sequence that does not fit waits, and an idle
-server shrinks back; outputs stay those of Generator alone."""
+"""serve/admission.py, the KV memory: admission keeps rows x tokens within ``kv_budget`` (a
+sequence that does not fit waits, and the ones behind it), the in-place cache grows (``reserve``)
+to what the running sequences need and an idle server shrinks back; outputs stay those of
+Generator alone. (The prefix cache: test_prefix_cache.py.)"""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from gpt2_edge.runtime.generator import Generator
 from gpt2_edge.runtime.kv_cache import CacheError, InPlaceCache
 from gpt2_edge.runtime.sampling import GenerationConfig
 from gpt2_edge.runtime.types import is_resizable
-from gpt2_edge.serve.scheduler import Scheduler
+from gpt2_edge.serve.engine import Engine
 from gpt2_edge.serve.settings import ServeSettings, SettingsError
 from tests.serve.helpers import Run
 
@@ -72,18 +73,18 @@ def test_the_cache_grows_with_the_work_and_shrinks_when_idle(gen):
     run = Run(gen, max_batch=8, max_queue=8, initial_capacity=8, idle_shrink_s=0.0, prefix_cache=False)
     ids = gen.tokenizer.encode(TEXT)
     jobs = [(f"s{i}", ids[i : i + 10], greedy(12)) for i in range(4)]
-    run.scheduler.start()
+    run.engine.start()
     try:
-        assert run.scheduler.kv_tokens_allocated == 8
-        run.scheduler.submit([run.sequence(n, p, c) for n, p, c in jobs])
+        assert run.engine.kv_tokens_allocated == 8
+        run.engine.submit([run.sequence(n, p, c) for n, p, c in jobs])
         run.wait()
         assert run.peak_kv == 4 * 32
         deadline = time.monotonic() + 10
-        while run.scheduler.kv_tokens_allocated != 8:
-            assert time.monotonic() < deadline, run.scheduler.kv_tokens_allocated
+        while run.engine.kv_tokens_allocated != 8:
+            assert time.monotonic() < deadline, run.engine.kv_tokens_allocated
             time.sleep(0.01)
     finally:
-        run.scheduler.close()
+        run.engine.close()
     for name, prompt, cfg in jobs:
         assert run.tokens[name] == gen.generate(prompt, cfg)[0].token_ids, name
 
@@ -99,12 +100,12 @@ def test_a_sequence_that_does_not_fit_the_budget_waits_and_never_fails(gen, conc
     ids = g.tokenizer.encode(TEXT * 2)
     jobs = [(f"long{i}", ids[i : i + 30], greedy(30)) for i in range(6)]
     jobs.append(("short", ids[:3], greedy(3)))
-    run.scheduler.start()
+    run.engine.start()
     try:
-        run.scheduler.submit([run.sequence(n, p, c) for n, p, c in jobs])
+        run.engine.submit([run.sequence(n, p, c) for n, p, c in jobs])
         run.wait()
     finally:
-        run.scheduler.close()
+        run.engine.close()
     assert run.peak_active <= 2
     assert run.peak_kv <= 2 * n_ctx
     for name, prompt, cfg in jobs:
@@ -113,7 +114,7 @@ def test_a_sequence_that_does_not_fit_the_budget_waits_and_never_fails(gen, conc
 
 def test_the_budget_must_hold_one_context(gen):
     with pytest.raises(Exception, match="kv_budget"):
-        Scheduler(gen.backend, n_ctx=gen.backend.n_ctx, kv_budget=gen.backend.n_ctx - 1)
+        Engine(gen.backend, n_ctx=gen.backend.n_ctx, kv_budget=gen.backend.n_ctx - 1)
 
 
 # settings, CLI, metrics --------------------------------------------------------------------------
@@ -172,3 +173,50 @@ def test_metrics_and_health_show_kv_tokens(inplace_bundle):
     assert f"gpt2_edge_kv_budget_tokens {float(4 * model.n_ctx)}" in text
     assert 'gpt2_edge_prefix_cache_lookups_total{result="miss"} 1.0' in text
     assert health["kv_budget"] == 4 * model.n_ctx and 0 < health["kv_tokens_allocated"] <= 4 * model.n_ctx
+
+
+# KVMemory.plan without a model -----------------------------------------------------------------
+class FakeConcatCache:
+    """A concatenating cache's shape alone: each slot's length."""
+
+    def __init__(self, n_slots: int) -> None:
+        self.n_slots = n_slots
+        self.lengths = [0] * n_slots
+
+    def length(self, slot: int) -> int:
+        return self.lengths[slot]
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+
+class FakeBackend:
+    n_ctx = 64
+
+    def new_cache(self, n_slots: int, capacity: int) -> FakeConcatCache:
+        return FakeConcatCache(n_slots)
+
+
+def test_admission_keeps_rows_times_the_longest_sequence_within_the_budget():
+    from collections import deque
+
+    from gpt2_edge.serve.admission import KVMemory
+    from gpt2_edge.serve.scheduler import Scheduler
+    from gpt2_edge.serve.sequences import SequenceHandle
+
+    def seq(prompt_len: int, new: int) -> SequenceHandle:
+        return SequenceHandle(list(range(1, prompt_len + 1)), GenerationConfig(max_new_tokens=new),
+                              lambda _e: None, eos_token_id=None, detokenize=lambda ids: "")  # fmt: skip
+
+    memory = KVMemory(FakeBackend(), n_ctx=64, max_batch=4, kv_budget=96)
+    memory.new_cache()
+    scheduler = Scheduler(memory, n_ctx=64, max_batch=4)
+    a, b, c, d = seq(10, 10), seq(20, 12), seq(40, 24), seq(4, 4)  # needs 20, 32, 64, 8
+    waiting = deque([a, b, c, d])
+    plan = scheduler.schedule(waiting)
+    # 2 rows x 32 fit; c beside them would be 3 rows x 64 > 96: it waits, and d behind it
+    assert [s for s, _, _ in plan.admit] == [a, b] and list(waiting) == [c, d]
+    scheduler.leave(0)
+    scheduler.leave(1)
+    plan = scheduler.schedule(waiting)
+    assert [s for s, _, _ in plan.admit] == [c] and list(waiting) == [d]  # 2 x 64 > 96: d waits

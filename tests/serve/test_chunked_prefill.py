@@ -1,5 +1,6 @@
-"""The server's scheduler without HTTP: chunked prefill on both KV-cache forms, and the settings
-both front ends share."""
+"""The server's engine without HTTP, on a model: chunked prefill on both KV-cache forms, and every
+precision served batched equals ``Generator`` alone. (The scheduler's decisions without a model:
+test_scheduler.py; the settings: test_settings.py.)"""
 
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ pytest.importorskip("fastapi")
 
 from gpt2_edge.runtime.generator import Generator
 from gpt2_edge.runtime.sampling import GenerationConfig, openai_generation_config
-from gpt2_edge.serve.scheduler import TokenEvent
-from gpt2_edge.serve.settings import ServeSettings, SettingsError
+from gpt2_edge.serve.sequences import TokenEvent
 from tests.serve.helpers import Run
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -50,11 +50,11 @@ def test_a_running_stream_keeps_its_pace_while_a_long_prompt_goes_in(gens, kv, c
     def submit_long(event: TokenEvent) -> None:  # in the scheduler thread, at the stream's 2nd token
         if len(run.tokens["stream"]) == 2:
             run.log.append(("submitted", None))
-            run.scheduler.submit([long])
+            run.engine.submit([long])
 
     stream = run.sequence("stream", gen.tokenizer.encode("O"), stream_cfg, on_event=submit_long)
-    run.scheduler.start()
-    run.scheduler.submit([stream])
+    run.engine.start()
+    run.engine.submit([stream])
     run.wait(close=True)
     names = [name for name, _ in run.log]
     after = names[names.index("submitted") :]
@@ -79,54 +79,11 @@ def eight_prompts_equal_generator(gen: Generator, prefill_chunk: int) -> None:
     for i, n in enumerate((1, 40, 3, 17, 9, 26, 5, 33)):
         cfg = openai_generation_config(max_tokens=4 + i, temperature=0.8 if i % 3 == 1 else 0, seed=i)
         jobs.append((f"job{i}", text[i : i + n], cfg))
-    run.scheduler.start()
-    run.scheduler.submit([run.sequence(name, prompt, cfg) for name, prompt, cfg in jobs])
+    run.engine.start()
+    run.engine.submit([run.sequence(name, prompt, cfg) for name, prompt, cfg in jobs])
     run.wait(close=True)
     for name, prompt, cfg in jobs:
         assert run.tokens[name] == run.alone(prompt, cfg), name
-
-
-# settings --------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("changes", "field"),
-    [
-        ({"max_batch": 0}, "max_batch"),
-        ({"max_queue": -1}, "max_queue"),
-        ({"prefill_chunk": -1}, "prefill_chunk"),
-        ({"max_batch": 2.5}, "max_batch"),
-        ({"max_batch": True}, "max_batch"),
-        ({"threads": 0}, "threads"),
-        ({"timeout_s": 0}, "timeout_s"),
-        ({"timeout_s": float("nan")}, "timeout_s"),
-        ({"drain_timeout_s": -1}, "drain_timeout_s"),
-        ({"max_body_bytes": 0}, "max_body_bytes"),
-        ({"port": 70000}, "port"),
-        ({"replicas": 0}, "replicas"),
-        ({"replica_cpus": 0}, "replica_cpus"),
-        ({"provider": "tpu"}, "provider"),
-        ({"api_key": ""}, "api_key"),
-        ({"host": ""}, "host"),
-        ({"cors_origins": "http://a.test"}, "cors_origins"),
-        ({"prompt_lookup": -1}, "prompt_lookup"),
-        ({"prompt_lookup": 33}, "prompt_lookup"),
-    ],
-)
-def test_settings_refuse_bad_values_naming_the_field(changes, field):
-    with pytest.raises(SettingsError) as e:
-        ServeSettings(**changes)
-    assert e.value.field == field and str(e.value).startswith(field)
-    with pytest.raises(SettingsError):
-        ServeSettings().replace(**changes)
-
-
-def test_settings_take_every_provider_and_normalise():
-    from gpt2_edge.runtime.backends import PROVIDERS
-
-    for provider in PROVIDERS:
-        assert ServeSettings(provider=provider).provider == provider
-    s = ServeSettings(cors_origins=["http://a.test"], timeout_s=5, prefill_chunk=0)
-    assert s.cors_origins == ("http://a.test",) and s.timeout_s == 5.0 and isinstance(s.timeout_s, float)
-    assert ServeSettings(**s.as_dict()) == s
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8-dynamic", "int8-weight", "int8-qdq", "int4"])
