@@ -12,9 +12,10 @@ ratio is taken within a round (both sides saw the same load), summarised per ord
 orders' medians are combined by their geometric mean, which cancels a bias that favours the
 subject in one position.
 
-Why this one (the earlier benchmarks disagreed: bench_b1 used strict turns in both orders,
-bench_serve's grounded scenario, bench_speculative and bench_step_invariance used ABBA, the rest
-no order at all). The one measurement of the question in this repository is bench_b1's A/A runs
+Why this one (the earlier benchmarks disagreed: bench_b1 used strict turns in both orders;
+bench_serve's grounded scenario, bench_speculative and bench_step_invariance used ABBA; bench_peers
+and bench_memory --compare used one fixed order; bench_decode, bench_quantized and bench_serve's
+levels ran each subject's repeats back to back, not interleaved at all). The one measurement of the question in this repository is bench_b1's A/A runs
 (an engine against itself, where any difference is bias), commit 02ad5d5 (2026-11-27,
 "benchmarks/bench_b1: ... strict turns, both orders: the second engine of a pair measured up to
 7% faster under load"), recorded in its docstring: "ABBA order (one engine twice in a row)
@@ -63,6 +64,25 @@ from typing import Any
 from gpt2_edge.measure import geometric_mean, ratios, summary
 
 REPO = Path(__file__).resolve().parent.parent
+# The method in a reader's words, for docs/measured.md (benchmarks/report.py); the module docstring
+# above has the whole argument.
+METHOD = """\
+Every comparison runs its subjects (engines, bundles, settings, servers) in **strict turns**: each
+round runs every subject once in a fixed order, so no subject ever runs twice in a row, with a 20 ms
+pause before each turn. The first half of the rounds runs in the given order, the second half in
+the reverse order (one untimed turn in between keeps the no-repeat rule). Ratios are taken within a
+round, so both sides saw the same load; per order their median, and the two orders' medians
+combined by their geometric mean, which cancels a bias towards one position.
+
+Why: the one measurement of the question in this repository, bench_b1's A/A runs (an engine against
+itself, where any difference is bias; commit 02ad5d5, 2026-11-27), found that running one engine
+twice in a row (ABBA) biased A/A runs by 10-20%, and that under load the engine running second in a
+pair measured up to 7% faster (none when quiet). The README at 0d50e39 ("Batch 1 against ONNX
+Runtime's GPT-2 tool, in one process") shows both orders' figures of that method (int8: the tool
+1.235x faster when it ran second, 1.080x when ours did). The ABBA order some benchmarks used before
+(bench_serve's grounded scenario, d3409a7; bench_speculative; bench_step_invariance) had no such
+measurement behind it, and the imported tables below that used it say so.
+"""
 SCHEMA = 1
 PAUSE_S = 0.02  # before every turn: the previous subject's spinning thread pool goes idle
 HARNESS = "harness"  # a record's "source" when this harness wrote it

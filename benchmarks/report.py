@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import HARNESS, REPO, render_record
+from benchmarks.harness import HARNESS, METHOD, REPO, render_record
 
 RESULTS = REPO / "benchmarks" / "results"
 PAGE = REPO / "docs" / "measured.md"
@@ -60,6 +60,10 @@ def render_page(records: list[dict[str, Any]], results_label: str = "benchmarks/
         "harness, with the date, machine, command and load the README stated for them; measured by the "
         "benchmarks of that time, not re-run. Ratios inside one table compare subjects of the same run; "
         "absolute rates from busy runs do not compare across tables.",
+        "",
+        "## How the harness measures",
+        "",
+        METHOD.rstrip(),
         "",
         "## Contents",
         "",
