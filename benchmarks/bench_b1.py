@@ -42,7 +42,7 @@ import numpy as np
 
 from benchmarks.common import CACHE
 from benchmarks.harness import Column, Report, add_json_argument, interleave
-from gpt2_edge.measure import quartiles
+from gpt2_edge.measure import quartiles, summary
 
 PROMPT, NEW = 32, 64
 
@@ -183,8 +183,7 @@ def ab(args: argparse.Namespace, report: Report) -> None:
         per = [x for x, o in zip(r["per_round"], runs.orders, strict=True) if o == order]
         q1, med, q3 = quartiles(per)
         ms = {
-            k: 1e3
-            * statistics.median(v for v, o in zip(runs.values(k), runs.orders, strict=True) if o == order)
+            k: 1e3 * summary([v for v, o in zip(runs.values(k), runs.orders, strict=True) if o == order])[0]
             for k in engines
         }
         rows.append(
@@ -226,7 +225,7 @@ def profile(args: argparse.Namespace, report: Report) -> None:
         table: dict[str, dict] = {}
         for j, e in enumerate(engines):
             events = json.loads(Path(e.session.end_profiling()).read_text())
-            table[e.spec] = _per_op(events, n) | {"wall_ms": 1e3 * statistics.median(walls[j][-n:])}
+            table[e.spec] = _per_op(events, n) | {"wall_ms": 1e3 * summary(walls[j][-n:])[0]}
     report.raw["profiles"] = table
     for spec, t in table.items():
         report.table(

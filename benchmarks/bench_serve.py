@@ -527,7 +527,7 @@ def spec_counters(url: str) -> tuple[float, float]:
 
 
 def bench_grounded(bundle: Path, args: argparse.Namespace) -> dict:
-    """Plain vs prompt lookup, two servers side by side, rounds interleaved ABBA."""
+    """Plain vs prompt lookup, two servers side by side, rounds in strict turns (the harness)."""
     prompts = grounded_prompts(bundle, args)
     bodies = [
         [

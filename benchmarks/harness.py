@@ -15,8 +15,9 @@ subject in one position.
 Why this one (the earlier benchmarks disagreed: bench_b1 used strict turns in both orders;
 bench_serve's grounded scenario, bench_speculative and bench_step_invariance used ABBA; bench_peers
 and bench_memory --compare used one fixed order; bench_decode, bench_quantized and bench_serve's
-levels ran each subject's repeats back to back, not interleaved at all). The one measurement of the question in this repository is bench_b1's A/A runs
-(an engine against itself, where any difference is bias), commit 02ad5d5 (2026-11-27,
+levels ran each subject's repeats back to back, not interleaved at all). The one measurement of
+the question in this repository is bench_b1's A/A runs (an engine against itself, where any
+difference is bias), commit 02ad5d5 (2026-11-27,
 "benchmarks/bench_b1: ... strict turns, both orders: the second engine of a pair measured up to
 7% faster under load"), recorded in its docstring: "ABBA order (one engine twice in a row)
 biased A/A runs by 10-20%: the turns stay strictly A, B" and "the engine that runs second in
@@ -27,6 +28,12 @@ tool, in one process") reports the comparisons measured that way, with both orde
 bench_serve --scenario grounded; bench_speculative; bench_step_invariance) was chosen without a
 measurement. The 20 ms pause before each turn is bench_b1's too: the previous session's spinning
 thread pool goes idle before the next one is timed.
+
+One difference from what was measured: bench_b1 ran each order in its own process; the harness
+runs both in one process (second half reversed), which no A/A run has checked yet. The check is
+``python -m benchmarks.bench_b1 ab ours:BUNDLE ours:BUNDLE`` (the same bundle twice) on a quiet
+machine: its combined ratio should be 1.00 within its IQR; until then trust no difference that is
+smaller than the spread between the two orders.
 
 Use: ``interleave({"a": fn_a, "b": fn_b}, rounds)`` calls ``fn(round_index)`` per turn and
 returns ``Rounds`` (each subject's results in round order and the order of each round);
@@ -81,7 +88,10 @@ pair measured up to 7% faster (none when quiet). The README at 0d50e39 ("Batch 1
 Runtime's GPT-2 tool, in one process") shows both orders' figures of that method (int8: the tool
 1.235x faster when it ran second, 1.080x when ours did). The ABBA order some benchmarks used before
 (bench_serve's grounded scenario, d3409a7; bench_speculative; bench_step_invariance) had no such
-measurement behind it, and the imported tables below that used it say so.
+measurement behind it, and the imported tables below that used it say so. bench_b1 ran each order
+in its own process; the harness runs both in one (the second half reversed), which no A/A run has
+checked yet (`python -m benchmarks.bench_b1 ab ours:BUNDLE ours:BUNDLE` on a quiet machine should
+give 1.00 combined).
 """
 SCHEMA = 1
 PAUSE_S = 0.02  # before every turn: the previous subject's spinning thread pool goes idle
