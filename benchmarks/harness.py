@@ -399,7 +399,7 @@ class Report:
         print("\n" + render_record(rec, heading="##"), flush=True)
         if json_path:
             Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(json_path).write_text(json.dumps(rec, indent=1, ensure_ascii=False) + "\n")
+            Path(json_path).write_text(json.dumps(rec, indent=1, ensure_ascii=False, default=str) + "\n")
             print(f"\nwrote {json_path}", file=sys.stderr)
         return rec
 
