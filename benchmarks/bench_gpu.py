@@ -19,11 +19,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks.common import bench_worker
-from benchmarks.harness import Column, Report, add_json_argument, interleave
-from gpt2_edge.measure import ratio_summary, summary
-
 REPO = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # run as `python benchmarks/bench_gpu.py` (the README's form on a GPU box)
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.common import bench_worker  # noqa: E402
+from benchmarks.harness import Column, Report, add_json_argument, interleave  # noqa: E402
+from gpt2_edge.measure import ratio_summary, summary  # noqa: E402
+
 KEYS = ("load_s", "ttft_short_ms", "ttft_long_ms", "decode_b1", "decode_batch", "decode_long", "peak_rss_mib")
 
 

@@ -438,12 +438,13 @@ def provenance(rec: Mapping[str, Any], table: Mapping[str, Any] | None = None) -
     """Which run, date, machine and command produced a table, in one line."""
     t = table or {}
     source = rec.get("source", HARNESS)
-    how = (
-        "recorded with the harness"
-        + (f" at {rec['git']['commit'][:7]}" if (rec.get("git") or {}).get("commit") else "")
-        if source == HARNESS
-        else f"**imported**: {source}"
+    git = rec.get("git") or {}
+    at = (
+        f" at {git['commit'][:7]}" + (" with uncommitted changes" if git.get("dirty") else "")
+        if git.get("commit")
+        else ""
     )
+    how = f"recorded with the harness{at}" if source == HARNESS else f"**imported**: {source}"
     return (
         f"*Run* `{rec.get('run', rec.get('benchmark'))}` · *date* {t.get('date', rec.get('date'))} · "
         f"*machine* {machine_line(rec.get('machine', {}))} · *load* {t.get('load', load_line(rec))} · "
