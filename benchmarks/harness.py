@@ -321,7 +321,7 @@ def render_table(table: Mapping[str, Any]) -> str:
     """A table of a report (as stored in its JSON) in markdown."""
     cols = [Column(**c) if isinstance(c, Mapping) else column(c) for c in table["columns"]]
     lines = [
-        "| " + " | ".join(c.label for c in cols) + " |",
+        "| " + " | ".join(cell(c.label, "") for c in cols) + " |",
         "|" + "|".join("---:" if c.fmt else "---" for c in cols) + "|",
     ]
     for row in table["rows"]:

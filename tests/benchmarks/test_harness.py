@@ -115,11 +115,11 @@ def test_measure_summaries() -> None:
 
 def test_cells_render_spreads_missing_values_and_text() -> None:
     table = {
-        "columns": [{"key": "k", "label": "name", "fmt": ""}, {"key": "v", "label": "tok/s", "fmt": ".1f"}],
+        "columns": [{"key": "k", "label": "name", "fmt": ""}, {"key": "v", "label": "max |d|", "fmt": ".1f"}],
         "rows": [{"k": "a|b", "v": [10.0, 9.04, 11.96]}, {"k": True, "v": None}, {"k": "c", "v": 3}],
     }
     assert render_table(table).splitlines() == [
-        "| name | tok/s |",
+        "| name | max \\|d\\| |",
         "|---|---:|",
         "| a\\|b | 10.0 (9.0-12.0) |",
         "| yes | n/a |",
