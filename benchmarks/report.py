@@ -13,8 +13,11 @@ page differs: a hand edit, or a result committed without regenerating).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import re
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,8 @@ def load_records(results: Path) -> list[dict[str, Any]]:
 
 def render_page(records: list[dict[str, Any]], results_label: str = "benchmarks/results/*.json") -> str:
     """The whole page, deterministic in the records (no clock, no machine: regenerating is a no-op)."""
+    titles = collections.Counter(r["title"] for r in records)
+    records = [r | {"title": f"{r['title']} ({r['run']})"} if titles[r["title"]] > 1 else r for r in records]
     recorded = [r for r in records if r.get("source", HARNESS) == HARNESS]
     imported = [r for r in records if r.get("source", HARNESS) != HARNESS]
     out = [
@@ -78,9 +83,10 @@ def render_page(records: list[dict[str, Any]], results_label: str = "benchmarks/
 
 
 def _anchor(title: str) -> str:
-    """The anchor MkDocs (Python-Markdown's toc) gives a heading."""
-    keep = "".join(c for c in title.lower() if c.isalnum() or c in " -_")
-    return "-".join(keep.split())
+    """The anchor MkDocs gives a heading (Python-Markdown's toc ``slugify``)."""
+    value = unicodedata.normalize("NFKD", title).encode("ascii", "ignore").decode()
+    value = re.sub(r"[^\w\s-]", "", value).strip().lower()
+    return re.sub(r"[-\s]+", "-", value)
 
 
 def main(argv: list[str] | None = None) -> int:

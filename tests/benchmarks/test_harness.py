@@ -224,3 +224,11 @@ def test_measured_page_is_generated_from_the_committed_results(tmp_path: Path) -
     assert report_page.PAGE.read_text() == out.read_text(), (
         "docs/measured.md differs from what `python -m benchmarks.report` generates: run it and commit"
     )
+
+
+def test_two_runs_of_one_benchmark_get_their_own_headings(tmp_path: Path) -> None:
+    for run in ("bench_old-before", "bench_old-after"):
+        (tmp_path / f"{run}.json").write_text(json.dumps(imported_record()))
+    page = report_page.render_page(report_page.load_records(tmp_path))
+    assert "## An old table (bench_old-after)" in page and "## An old table (bench_old-before)" in page
+    assert "(#an-old-table-bench_old-after)" in page
