@@ -612,7 +612,7 @@ LONG_COLUMNS = [
 ]
 
 
-def level_rows(rows: list[LevelResult], rounds: int) -> list[dict]:
+def level_rows(rows: list[LevelResult]) -> list[dict]:
     """One row per subject and level: medians over the rounds, and the per-round ratio of output
     tokens/s to the first subject's."""
     names = list(dict.fromkeys(r.mode for r in rows))
@@ -715,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
             "greedy; batching = --max-batch 16, one-at-a-time = --max-batch 1; medians of "
             f"{args.level_rounds} rounds",
             LEVEL_COLUMNS,
-            level_rows(rows, args.level_rounds),
+            level_rows(rows),
         )
     if args.scenario in ("long-prompt", "all"):
         long_rows = bench_long_prompt(bundle, args, prompt, ids[: args.long_prompt_tokens])
