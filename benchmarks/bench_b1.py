@@ -5,16 +5,19 @@ users' load moves a round's rate by 2x, so a 5% change in our graph cannot be se
 engines (our bundles, each with optional ONNX Runtime session config entries, or ONNX Runtime's
 GPT-2 tool's fp32/int8 models from bench_peers' cache) live in one process and take turns every
 ``--block`` decode steps (greedy, batch 1, 32-token prompt, caches reset every 64 tokens); each
-adjacent pair of blocks gives one ratio, so both sides of a ratio saw the same load.
+round (a pair of adjacent blocks) gives one ratio, so both sides of a ratio saw the same load.
 
-What was learned building it (2 cores, two other users' tests running):
+What was learned building it (2 cores, two other users' tests running; commit 02ad5d5), and what
+made it benchmarks/harness.py's one method for every benchmark:
   - the engine that runs second in each pair measured up to 7% faster in an A/A run under load
     (none when quiet), so every comparison runs in both orders and reports the geometric mean of
     the two medians, ``sqrt(r_ab / r_ba)``, with both medians shown;
   - ABBA order (one engine twice in a row) biased A/A runs by 10-20%: the turns stay strictly A, B;
   - each turn starts after a 20 ms pause, so the previous session's spinning pool thread is idle.
+Both orders now run in one process (the harness: ``--pairs`` rounds A, B, then one untimed A,
+then ``--pairs`` rounds B, A); before the harness each order ran in its own process.
 
-    python -m benchmarks.bench_b1 ab ours:BUNDLE ours:OTHER_BUNDLE [--pairs 120]
+    python -m benchmarks.bench_b1 ab ours:BUNDLE ours:OTHER_BUNDLE [--pairs 120] [--json PATH]
     python -m benchmarks.bench_b1 ab ours:BUNDLE@session.dynamic_block_base=4 ortgpt2:int8
     python -m benchmarks.bench_b1 profile ours:BUNDLE ortgpt2:fp32 [--steps 100]
 
@@ -29,10 +32,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,8 +41,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import CACHE
+from benchmarks.harness import Column, Report, add_json_argument, interleave
+from gpt2_edge.measure import quartiles, summary
 
-PROMPT, NEW, PAUSE_S = 32, 64, 0.02
+PROMPT, NEW = 32, 64
 
 
 class Engine:
@@ -141,81 +143,105 @@ def _profiling_session_options(ort, directory: str) -> None:
     ort.SessionOptions = Profiled
 
 
-def alternate(engines: list[Engine], pairs: int, block: int, on_step: Callable | None = None) -> list[list]:
-    """Seconds per step of every block, per engine; the engines take strict turns."""
+def block_turn(
+    e: Engine, block: int, on_step: Callable[[float], None] | None = None
+) -> Callable[[int], float]:
+    """One turn of ``e``: ``block`` decode steps (the cache reset first where it would pass ``NEW``);
+    seconds per step."""
+
+    def turn(_: int) -> float:
+        if e.steps + block > NEW:
+            e.reset()
+        t0 = time.perf_counter()
+        for _ in range(block):
+            t = time.perf_counter()
+            e.step()
+            if on_step:
+                on_step(time.perf_counter() - t)
+        return (time.perf_counter() - t0) / block
+
+    return turn
+
+
+def warm(engines: list[Engine]) -> None:
     for e in engines:
         e.reset()
-        for _ in range(12):  # warm-up
+        for _ in range(12):
             e.step()
         e.reset()
-    times: list[list[float]] = [[] for _ in engines]
-    for _ in range(pairs):
-        for j, e in enumerate(engines):
-            time.sleep(PAUSE_S)
-            if e.steps + block > NEW:
-                e.reset()
-            t0 = time.perf_counter()
-            for _ in range(block):
-                t = time.perf_counter()
-                e.step()
-                if on_step:
-                    on_step(j, time.perf_counter() - t)
-            times[j].append((time.perf_counter() - t0) / block)
-    return times
 
 
-def worker(args: argparse.Namespace) -> dict:
-    """One order of one comparison: medians and the per-pair speed ratios of B over A."""
-    a, b = (Engine(s, args.threads) for s in args.engines)
-    ta, tb = alternate([a, b], args.pairs, args.block)
-    ratios = [x / y for x, y in zip(ta, tb, strict=True)]
-    return {"ms": [1e3 * statistics.median(ta), 1e3 * statistics.median(tb)], "ratios": ratios}
-
-
-def ab(args: argparse.Namespace) -> None:
+def ab(args: argparse.Namespace, report: Report) -> None:
     a, b = args.engines
-    runs = []
-    for engines in ([a, b], [b, a]):
-        cmd = [sys.executable, "-m", "benchmarks.bench_b1", "worker", *engines]
-        cmd += ["--pairs", str(args.pairs), "--block", str(args.block), "--threads", str(args.threads)]
-        p = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if p.returncode:
-            raise SystemExit(p.stderr[-2000:])
-        runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
-    load = open("/proc/loadavg").read().split()[:3]
-    r_ab = statistics.median(runs[0]["ratios"])  # B's speed over A's, B second
-    r_ba = statistics.median(runs[1]["ratios"])  # A's speed over B's, A second
-    q_ab, q_ba = (statistics.quantiles(r["ratios"], n=4) for r in runs)
-    print(f"{args.pairs} pairs of {args.block}-step blocks per order; load average after: {' '.join(load)}")
-    print(f"A {a}: {runs[0]['ms'][0]:.2f} / {runs[1]['ms'][1]:.2f} ms/step (median, each order)")
-    print(f"B {b}: {runs[0]['ms'][1]:.2f} / {runs[1]['ms'][0]:.2f} ms/step")
-    print(
-        f"speed B/A: {math.sqrt(r_ab / r_ba):.3f}  (B second: {r_ab:.3f}, IQR {q_ab[0]:.3f}-{q_ab[2]:.3f}; "
-        f"A second: {1 / r_ba:.3f}, IQR {1 / q_ba[2]:.3f}-{1 / q_ba[0]:.3f})"
+    engines = {"A": Engine(a, args.threads), "B": Engine(b, args.threads)}
+    warm(list(engines.values()))
+    runs = interleave({k: block_turn(e, args.block) for k, e in engines.items()}, 2 * args.pairs, warmup=0)
+    speed = lambda s: 1 / s  # noqa: E731 - steps per second
+    r = runs.ratio("B", "A", speed)  # B's speed over A's, per round
+    rows = []
+    for order, second in (("forward", "B"), ("reverse", "A")):
+        per = [x for x, o in zip(r["per_round"], runs.orders, strict=True) if o == order]
+        q1, med, q3 = quartiles(per)
+        ms = {
+            k: 1e3 * summary([v for v, o in zip(runs.values(k), runs.orders, strict=True) if o == order])[0]
+            for k in engines
+        }
+        rows.append(
+            {
+                "order": f"{'A, B' if second == 'B' else 'B, A'} ({second} second)",
+                "a_ms": ms["A"],
+                "b_ms": ms["B"],
+                "ratio": med,
+                "iqr": f"{q1:.3f}-{q3:.3f}",
+            }
+        )
+    rows.append({"order": "both orders combined (geometric mean)", "ratio": r["combined"]})
+    report.raw["seconds_per_step"] = runs.results
+    report.raw["orders"] = runs.orders
+    report.table(
+        f"A = {a}, B = {b}: {args.pairs} rounds of {args.block}-step blocks per order, batch 1, "
+        f"{args.threads} threads",
+        [
+            Column("order", "order"),
+            Column("a_ms", "A ms/step (median)", ".2f"),
+            Column("b_ms", "B ms/step (median)", ".2f"),
+            Column("ratio", "speed B / A (median)", ".3f"),
+            Column("iqr", "IQR"),
+        ],
+        rows,
     )
 
 
-def profile(args: argparse.Namespace) -> None:
+def profile(args: argparse.Namespace, report: Report) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         engines = [Engine(s, args.threads, profile_dir=tmp) for s in args.engines]
+        warm(engines)
         walls: list[list[float]] = [[] for _ in engines]
         block = args.block
-        alternate(engines, max(1, args.steps // block), block, lambda j, s: walls[j].append(s))
-        n = len(walls[0])
+        turns = {e.spec: block_turn(e, block, walls[j].append) for j, e in enumerate(engines)}
+        rounds = max(1, args.steps // block)
+        interleave(turns, rounds, warmup=0, both_orders=False)  # the profiler's runs: the last steps
+        n = rounds * block
         table: dict[str, dict] = {}
         for j, e in enumerate(engines):
             events = json.loads(Path(e.session.end_profiling()).read_text())
-            table[e.spec] = _per_op(events, n) | {"wall_ms": 1e3 * statistics.median(walls[j])}
+            table[e.spec] = _per_op(events, n) | {"wall_ms": 1e3 * summary(walls[j][-n:])[0]}
+    report.raw["profiles"] = table
     for spec, t in table.items():
-        print(
-            f"\n{spec}: wall {t['wall_ms']:.2f} ms/step, session run {t['run_ms']:.2f}, "
-            f"kernels {t['kernel_ms']:.2f}, {t['nodes']:.0f} nodes run"
+        report.table(
+            f"{spec}: wall {t['wall_ms']:.2f} ms/step, session run {t['run_ms']:.2f}, kernels "
+            f"{t['kernel_ms']:.2f}, {t['nodes']:.0f} nodes run",
+            [
+                Column("op", "op type"),
+                Column("nodes", "nodes", ".0f"),
+                Column("ms", "ms/step", ".3f"),
+                Column("share", "share of kernels", ".1%"),
+            ],
+            [
+                {"op": op, "nodes": c, "ms": ms, "share": ms / t["kernel_ms"]}
+                for op, (c, ms) in t["ops"].items()
+            ],
         )
-        print("| op type | nodes | ms/step | share of kernels |\n|---|---:|---:|---:|")
-        for op, (count, ms) in t["ops"].items():
-            print(f"| {op} | {count:.0f} | {ms:.3f} | {100 * ms / t['kernel_ms']:.1f}% |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(table, indent=1))
 
 
 def _per_op(events: list[dict], steps: int) -> dict:
@@ -249,25 +275,24 @@ def _per_op(events: list[dict], steps: int) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=("ab", "profile", "worker"))
+    ap.add_argument("mode", choices=("ab", "profile"))
     ap.add_argument("engines", nargs="+", help="ours:BUNDLE[@key=value,...] | ortgpt2:fp32|int8")
-    ap.add_argument("--pairs", type=int, default=120, help="ab: pairs of blocks per order")
+    ap.add_argument("--pairs", type=int, default=120, help="ab: rounds (pairs of blocks) per order")
     ap.add_argument("--block", type=int, default=8, help="decode steps per turn")
     ap.add_argument("--steps", type=int, default=100, help="profile: timed steps per engine")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", help="profile: also write the tables here")
-    args = ap.parse_args()
+    add_json_argument(ap)
+    args = ap.parse_args(argv)
+    report = Report("bench_b1", f"Batch-1 decode, two engines in one process ({args.mode})", argv, vars(args))
     if args.mode == "profile":
-        profile(args)
-        return
-    if len(args.engines) != 2:
+        profile(args, report)
+    elif len(args.engines) != 2:
         raise SystemExit("ab compares two engines")
-    if args.mode == "worker":
-        print(json.dumps(worker(args)))
     else:
-        ab(args)
+        ab(args, report)
+    report.emit(args.json)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Export, quantize and generate for full-size shapes (random weights): time, peak memory and disk
-per size and precision, each step in a fresh process (its own peak RSS, VmHWM).
+per size and precision, each step in a fresh process (its own peak RSS, VmHWM). Stages run one
+after the other (each needs the one before); there is nothing to interleave. The tables come
+from benchmarks/harness.py's report.
 
 python -m benchmarks.bench_export [--presets gpt2-medium gpt2-large gpt2-xl] [--targets ort]
-    [--precisions int8-dynamic int4] [--threads 2] [--json out.json]
+    [--precisions int8-dynamic int4] [--threads 2] [--json PATH]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import time
 
 from benchmarks.common import CACHE, random_checkpoint
+from benchmarks.harness import Column, Report, add_json_argument
 
 # Each child prints one JSON line last: its result and its own peak RSS.
 PEAK = "[int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]"
@@ -62,19 +65,22 @@ def child(code: str, *args: str) -> tuple[dict, float]:
     return json.loads(res.stdout.strip().splitlines()[-1]), time.perf_counter() - t0
 
 
-def gib(kib: float) -> str:
-    return f"{kib / 2**20:.2f} GiB"
+def gib(kib: float) -> float:
+    return kib / 2**20
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["gpt2-medium", "gpt2-large", "gpt2-xl"])
     ap.add_argument("--targets", nargs="+", default=["ort"])
     ap.add_argument("--precisions", nargs="*", default=["int8-dynamic", "int4"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", action="store_true", help="keep the bundles (default: remove each size's)")
-    ap.add_argument("--json", help="append each size's results to this file (JSON lines)")
-    args = ap.parse_args()
+    add_json_argument(ap)
+    args = ap.parse_args(argv)
+    report = Report("bench_export", "Export, quantize and generate per size", argv, vars(args))
+    exports, quantizes, generates = [], [], []
+    report.raw["rows"] = []
     for preset in args.presets:
         ckpt = random_checkpoint(preset)
         weights = (ckpt / "model.safetensors").stat().st_size
@@ -89,40 +95,99 @@ def main() -> None:
                 "wall_s": wall,
             }
             t = r["timings"]
-            print(
-                f"{preset:<12} {target:<8} fp32 export {wall:6.1f} s (export {t['export_s']:.0f}, graph "
-                f"{t['graph_s']:.0f}, validate {t.get('validate_s', 0):.0f}) | peak {gib(r['peak_kib'])} = "
-                f"{r['peak_kib'] * 1024 / weights:.2f}x weights | "
-                f"disk {sum(r['bytes'].values()) / 2**20:.0f} MiB"
-                f" | max |dlogits| {r['max_abs_logits']:.1e}, greedy identical {r['greedy']}",
-                flush=True,
+            exports.append(
+                {
+                    "preset": preset,
+                    "target": target,
+                    "weights": weights / 2**30,
+                    "wall": wall,
+                    "stages": f"{t['export_s']:.0f} / {t['graph_s']:.0f} / {t.get('validate_s', 0):.0f}",
+                    "peak": gib(r["peak_kib"]),
+                    "x": r["peak_kib"] * 1024 / weights,
+                    "disk": sum(r["bytes"].values()) / 2**20,
+                    "dlogits": r["max_abs_logits"],
+                    "greedy": r["greedy"],
+                }
             )
+            print(f"{preset} {target}: exported in {wall:.1f} s", flush=True)
             variants = {"fp32": out}
             for precision in args.precisions:
                 q_out = CACHE / f"export-{preset}-{target}-{precision}"
                 q, q_wall = child(QUANTIZE, str(out), precision, str(q_out))
                 variants[precision] = q_out
                 row[precision] = q
-                print(
-                    f"{preset:<12} {target:<8} {precision:<12} quantize {q_wall:6.1f} s | peak "
-                    f"{gib(q['peak_kib'])} | disk {sum(q['bytes'].values()) / 2**20:.0f} MiB",
-                    flush=True,
+                quantizes.append(
+                    {
+                        "preset": preset,
+                        "target": target,
+                        "precision": precision,
+                        "wall": q_wall,
+                        "peak": gib(q["peak_kib"]),
+                        "disk": sum(q["bytes"].values()) / 2**20,
+                    }
                 )
+                print(f"{preset} {target} {precision}: quantized in {q_wall:.1f} s", flush=True)
             for precision, bundle in variants.items():
                 g, _ = child(GENERATE, str(bundle), str(args.threads))
                 row.setdefault("generate", {})[precision] = g
-                print(
-                    f"{preset:<12} {target:<8} {precision:<12} generate: load {g['load_s']:.1f} s, "
-                    f"{g['ms_per_token']:.0f} ms/token ({g['tokens']} tokens, {args.threads} threads) | "
-                    f"peak RSS {gib(g['peak_kib'])}",
-                    flush=True,
+                generates.append(
+                    {
+                        "preset": preset,
+                        "target": target,
+                        "precision": precision,
+                        "load": g["load_s"],
+                        "ms": g["ms_per_token"],
+                        "tokens": g["tokens"],
+                        "peak": gib(g["peak_kib"]),
+                    }
                 )
-            if args.json:
-                with open(args.json, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            report.raw["rows"].append(row)
             if not args.keep:
                 for bundle in variants.values():
                     shutil.rmtree(bundle, ignore_errors=True)
+    report.table(
+        "fp32 export (each in a fresh process; peak = its VmHWM)",
+        [
+            Column("preset", "size"),
+            Column("target", "target"),
+            Column("weights", "fp32 weights GiB", ".2f"),
+            Column("wall", "export s", ".1f"),
+            Column("stages", "export / graph / validate s"),
+            Column("peak", "RAM to export GiB", ".2f"),
+            Column("x", "x weights", ".2f"),
+            Column("disk", "disk MiB", ".0f"),
+            Column("dlogits", "max |Δlogits|", ".1e"),
+            Column("greedy", "greedy identical"),
+        ],
+        exports,
+    )
+    if quantizes:
+        report.table(
+            "quantize",
+            [
+                Column("preset", "size"),
+                Column("target", "target"),
+                Column("precision", "precision"),
+                Column("wall", "quantize s", ".1f"),
+                Column("peak", "RAM to quantize GiB", ".2f"),
+                Column("disk", "disk MiB", ".0f"),
+            ],
+            quantizes,
+        )
+    report.table(
+        f"generate 16 tokens ({args.threads} threads, a fresh process per bundle)",
+        [
+            Column("preset", "size"),
+            Column("target", "target"),
+            Column("precision", "precision"),
+            Column("load", "load s", ".1f"),
+            Column("ms", "ms/token", ".0f"),
+            Column("tokens", "tokens", "d"),
+            Column("peak", "RAM to run GiB", ".2f"),
+        ],
+        generates,
+    )
+    report.emit(args.json)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,13 @@ GPT2_EDGE_MALLOC_TRIM=0``: weights parsed and copied, the heap kept), "mapped" m
 (runtime.mapped), "after" also trims the heap (the defaults).
 
 Compare (``--compare``): the bench's own measurement (``python -m gpt2_edge.bench --worker``,
-peak RSS and speed), the variants alternating round by round, medians and the median of the
-per-round ratios. ``--b1`` shortens every prompt to the batch-1 decode's (batch 1, 32-token
-prompts) for the batch-1 peak.
+peak RSS and speed), every (precision, variant) a subject in strict turns (benchmarks/harness.py),
+medians and the median of the per-round ratios. ``--b1`` shortens every prompt to the batch-1
+decode's (batch 1, 32-token prompts) for the batch-1 peak.
 
-    python -m benchmarks.bench_memory [--precisions fp32 int8-dynamic int4] [--full]
+    python -m benchmarks.bench_memory [--precisions fp32 int8-dynamic int4] [--full] [--json PATH]
     python -m benchmarks.bench_memory --compare [--rounds 3] [--b1] [--variants before after ...]
+        [--json PATH]
 
 The bundles are the random-weight 124M-shaped ones of benchmarks/common.py (made and cached on
 first use). RSS does not depend on the machine's load; speed does (alternate, take medians).
@@ -27,10 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from benchmarks.common import bench_worker
+from gpt2_edge.measure import ratio_summary, summary
+
+# The worker's first stage ("Python + imports") counts what this module imports: the harness
+# (platform, importlib.metadata, subprocess) is imported where a report is made, not here.
 
 MIB = 2**20
 PRECISIONS = ("fp32", "int8-dynamic", "int4", "int8-weight")  # the first three: bench_peers' classes
@@ -130,7 +136,9 @@ def run_stages(
 SETTINGS = ("before", "mapped", "after")  # names in VARIANTS
 
 
-def breakdown(precisions: list[str], threads: int, full: bool) -> str:
+def breakdown(precisions: list[str], threads: int, full: bool, report) -> None:
+    from benchmarks.harness import Column
+
     rows = []
     for precision, path in bundles(precisions).items():
         for setting in SETTINGS:
@@ -157,71 +165,64 @@ def breakdown(precisions: list[str], threads: int, full: bool) -> str:
                 row["peak bench"] = max(row["peak b1"], s["bench"]["hwm"])
             rows.append(row)
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
-    for r in rows:
-        cells = [r["class"], r["setting"]] + [
-            f"{r[c]:.1f}" if "tok/s" in c else f"{r[c]:.0f}" for c in cols[2:]
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    cols = [Column("class", "class"), Column("setting", "setting")] + [
+        Column(c, c, ".1f" if "tok/s" in c else ".0f") for c in list(rows[0])[2:]
+    ]
+    report.table(
+        f"MiB per stage, the peak reset between stages, batch-1 decode (32-token prompt, 64 new tokens), "
+        f"{threads} threads",
+        cols,
+        rows,
+    )
 
 
 # the bench's measurement, variants alternating -----------------------------------------------
-def bench_once(
-    path: Path, env: dict[str, str], session_config: dict[str, str], threads: int, b1: bool
-) -> dict:
-    config = {"threads": threads, "session_config": session_config}
+def compare(precisions: list[str], variants: list[str], rounds: int, threads: int, b1: bool, report) -> None:
+    from benchmarks.harness import Column, interleave
+
+    paths = bundles(precisions)
+    config = {"threads": threads}
     if b1:
         config.update(batch=1, long_prompt=32, long_context=32)
-    cmd = [sys.executable, "-m", "gpt2_edge.bench", "--worker", str(path), "--config", json.dumps(config)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
-    if proc.returncode != 0:
-        raise RuntimeError(f"{path}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def compare(precisions: list[str], variants: list[str], rounds: int, threads: int, b1: bool) -> str:
-    paths = bundles(precisions)
-    runs: dict[tuple[str, str], list[dict]] = {(p, v): [] for p in precisions for v in variants}
-    for r in range(rounds):
-        for p in precisions:
-            for v in variants:
-                env, config = VARIANTS[v]
-                res = bench_once(paths[p], env, config, threads, b1)
-                runs[p, v].append(res)
-                print(
-                    f"round {r + 1}/{rounds} {p} {v}: peak {res['peak_rss_mib']:.0f} MiB, "
-                    f"b1 {res['decode_b1']:.1f} tok/s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    head = "| class | variant | peak RSS MiB | " + " | ".join(SPEED_KEYS) + " |"
-    lines = [head, "|---|---|" + "---:|" * (1 + len(SPEED_KEYS))]
-    for (p, v), rs in runs.items():
-        med = {k: statistics.median(x[k] for x in rs) for k in ("peak_rss_mib", *SPEED_KEYS)}
-        cells = [p, v, f"{med['peak_rss_mib']:.0f}"] + [
-            f"{med[k]:.2f}" if k == "load_s" else f"{med[k]:.1f}" for k in SPEED_KEYS
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+    subjects = {
+        f"{p} {v}": (
+            lambda _r, path=paths[p], v=v: bench_worker(
+                path, config | {"session_config": VARIANTS[v][1]}, env=VARIANTS[v][0]
+            )
+        )
+        for p in precisions
+        for v in variants
+    }
+    runs = interleave(subjects, rounds, log=lambda m: print(m, file=sys.stderr, flush=True))
+    report.raw["runs"] = runs.results
+    report.raw["orders"] = runs.orders
+    keys = ("peak_rss_mib", *SPEED_KEYS)
+    cols = [Column("class", "class"), Column("variant", "variant")]
+    medians, ratios = [], []
     base = variants[0]
-    lines += [
-        "",
-        f"Per-round ratio to {base}, median over rounds (decode > 1 is faster, RSS and times < 1 are lower):",
-        "",
-        head,
-        lines[1],
-    ]
-    for (p, v), rs in runs.items():
-        if v == base:
-            continue
-        ratios = {
-            k: statistics.median(x[k] / b[k] for x, b in zip(rs, runs[p, base], strict=True) if b[k])
-            for k in ("peak_rss_mib", *SPEED_KEYS)
-        }
-        cells = [p, v] + [f"{ratios[k]:.2f}" for k in ("peak_rss_mib", *SPEED_KEYS)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    for p in precisions:
+        for v in variants:
+            s = f"{p} {v}"
+            medians.append({"class": p, "variant": v} | {k: summary(runs.values(s, k))[0] for k in keys})
+            if v != base:
+                ratios.append(
+                    {"class": p, "variant": v}
+                    | {k: ratio_summary(runs.values(s, k), runs.values(f"{p} {base}", k))[0] for k in keys}
+                )
+    fmt = {"peak_rss_mib": ".0f", "load_s": ".2f"}
+    report.table(
+        f"medians of {rounds} rounds (gpt2-edge bench's worker"
+        f"{', batch 1 and 32-token prompts' if b1 else ''})",
+        cols + [Column(k, k, fmt.get(k, ".1f")) for k in keys],
+        medians,
+    )
+    if ratios:
+        report.table(
+            f"per-round ratio to {base}, median over rounds (decode > 1 is faster, RSS and times < 1 "
+            "are lower)",
+            cols + [Column(k, k, ".2f") for k in keys],
+            ratios,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -235,13 +236,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--session-config", default="{}", help=argparse.SUPPRESS)
     ap.add_argument("--full", action="store_true", help="breakdown: also the rest of the bench")
+    ap.add_argument(
+        "--json", metavar="PATH", help="also write the run's record (JSON, with the machine) here"
+    )
     a = ap.parse_args(argv)
     if a.worker:
         print(json.dumps(stages(a.worker, a.threads, json.loads(a.session_config), a.full)))
-    elif a.compare:
-        print(compare(a.precisions, a.variants, a.rounds, a.threads, a.b1))
+        return
+    from benchmarks.harness import Report
+
+    title = "Memory: " + ("the memory choices compared" if a.compare else "where a bundle's peak RSS goes")
+    report = Report("bench_memory", title, argv, vars(a))
+    if a.compare:
+        compare(a.precisions, a.variants, a.rounds, a.threads, a.b1, report)
     else:
-        print(breakdown(a.precisions, a.threads, a.full))
+        breakdown(a.precisions, a.threads, a.full, report)
+    report.emit(a.json)
 
 
 if __name__ == "__main__":

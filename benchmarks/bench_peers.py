@@ -13,10 +13,12 @@ GPT-2 tokenizer. Workloads, greedy, eos never ends a run:
   b8    batch 8 x 32-token prompts, 64 new tokens: decode tokens/s summed over the batch
   long  batch 1, 896-token prompt, 64 new tokens: decode tokens/s, time to first token
   rss   peak RSS of the process after the b1 run
-Each engine runs in its own subprocess per round; rounds alternate engines; the table shows
-medians of each engine's runs and the median over rounds of the per-round ratio ours / peer.
+Each engine runs in its own subprocess per turn; the engines take strict turns round by round
+(benchmarks/harness.py); the table shows medians of each engine's runs and the median over rounds
+of the per-round ratio ours / peer. An engine whose worker fails is skipped from then on, with the
+reason.
 
-    python -m benchmarks.bench_peers [--rounds 3] [--threads 2] [--only llama,ct2]
+    python -m benchmarks.bench_peers [--rounds 3] [--threads 2] [--only llama,ct2] [--json PATH]
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -35,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import CACHE, bundle_of, random_checkpoint, variant_of
-from gpt2_edge.measure import peak_rss_mib
+from benchmarks.harness import Column, Report, add_json_argument, interleave
+from gpt2_edge.measure import peak_rss_mib, ratio_summary, summary
 
 HERE = Path(__file__).resolve().parent
 
@@ -354,18 +356,6 @@ def optimum(engine: str, threads: int) -> Runner:
     return run
 
 
-def _spread(values: list[float]) -> tuple[float, float, float] | None:
-    """Median, minimum and maximum of one figure over the rounds (None: never measured)."""
-    return (statistics.median(values), min(values), max(values)) if values else None
-
-
-def _cell(v: tuple[float, float, float] | None, f: str) -> str:
-    if v is None:
-        return "n/a"
-    med, lo, hi = v
-    return f"{med:{f}} ({lo:{f}}-{hi:{f}})"
-
-
 FAMILIES = {"ours": ours, "llama": llama, "ct2": ct2, "ortgpt2": ortgpt2, "optimum": optimum}
 
 
@@ -386,18 +376,23 @@ def worker(engine: str, threads: int, prompts: dict[str, list[list[int]]]) -> di
     return res
 
 
-def main() -> None:
+KEYS = ("b1", "b8", "long", "ttft_short_ms", "ttft_long_ms", "rss_b1_mib")
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", help="comma-separated families: ours,llama,ct2,ortgpt2,optimum")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--prompts", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    add_json_argument(ap)
+    args = ap.parse_args(argv)
     if args.worker:
         prompts = json.loads(Path(args.prompts).read_text())
         print(json.dumps(worker(args.worker, args.threads, prompts)))
         return
+    report = Report("bench_peers", "gpt2-edge against its peers", argv, vars(args))
 
     rng = np.random.default_rng(0)
     ids = lambda n: rng.integers(0, 50256, n).tolist()  # noqa: E731 - never eos
@@ -407,77 +402,94 @@ def main() -> None:
     pfile.write_text(json.dumps(prompts))
     families = set(args.only.split(",")) | {"ours"} if args.only else set(FAMILIES)
     engines = [e for e, (fam, _) in ENGINES.items() if fam in families]
-
-    runs: dict[str, list[dict]] = {e: [] for e in engines}
     skipped: dict[str, str] = {}
-    for r in range(args.rounds):
-        for e in engines:
+
+    def subject(e: str):
+        def turn(r: int) -> dict | None:
             if e in skipped:
-                continue
-            cmd = [
-                sys.executable,
-                "-m",
-                "benchmarks.bench_peers",
-                "--worker",
-                e,
-                "--threads",
-                str(args.threads),
-                "--prompts",
-                str(pfile),
-            ]
+                return None
+            cmd = [sys.executable, "-m", "benchmarks.bench_peers", "--worker", e]
+            cmd += ["--threads", str(args.threads), "--prompts", str(pfile)]
             p = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
             if p.returncode != 0:
                 skipped[e] = (p.stderr.strip().splitlines() or ["failed"])[-1][:160]
                 print(f"round {r + 1}: {e}: skipped ({skipped[e]})", file=sys.stderr)
-                continue
-            runs[e].append(json.loads(p.stdout.strip().splitlines()[-1]))
-            print(f"round {r + 1}: {e}: {runs[e][-1]}", file=sys.stderr)
+                return None
+            return json.loads(p.stdout.strip().splitlines()[-1])
 
-    keys = ("b1", "b8", "long", "ttft_short_ms", "ttft_long_ms", "rss_b1_mib")
-    spread: dict[str, dict[str, tuple[float, float, float] | None]] = {
-        e: {k: _spread([x[k] for x in rs if x[k] is not None]) for k in keys} for e, rs in runs.items() if rs
-    }
-    print(
-        f"\nGPT-2 124M shape, random weights, {args.threads} threads, {args.rounds} rounds: median "
-        "(min-max over rounds); decode tok/s, TTFT ms, peak RSS MiB"
+        return turn
+
+    runs = interleave(
+        {e: subject(e) for e in engines},
+        args.rounds,
+        warmup=0,  # each worker warms up itself
+        log=lambda m: print(m, file=sys.stderr, flush=True),
     )
-    print("| engine | class | b1 tok/s | b8 tok/s | @896 tok/s | TTFT 32 ms | TTFT 896 ms | RSS b1 MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for e, m in spread.items():
-        cells = [
-            _cell(m[k], f) for k, f in zip(keys, (".1f", ".1f", ".1f", ".0f", ".0f", ".0f"), strict=True)
-        ]
-        print(f"| {e} | {ENGINES[e][1]} | " + " | ".join(cells) + " |")
-    print(
-        "\nours / fastest peer of the same class: median over rounds of the per-round ratio "
-        "(decode: >1 = ours faster; TTFT and RSS: <1 = ours lower)"
+    report.raw["runs"] = runs.results
+    report.raw["orders"] = runs.orders
+
+    def figure(e: str, k: str) -> list:
+        return [None if x is None else x[k] for x in runs.values(e)]
+
+    rows = []
+    for e in engines:
+        if not any(runs.values(e)):
+            continue
+        row = {"engine": e, "class": ENGINES[e][1]}
+        for k in KEYS:
+            got = [v for v in figure(e, k) if v is not None]
+            row[k] = summary(got) if got else None
+        rows.append(row)
+    spread = "median (min-max over rounds)"
+    report.table(
+        f"GPT-2 124M shape, random weights, {args.threads} threads, {args.rounds} rounds: {spread}",
+        [
+            Column("engine", "engine"),
+            Column("class", "class"),
+            Column("b1", "b1 tok/s", ".1f"),
+            Column("b8", "b8 tok/s", ".1f"),
+            Column("long", "@896 tok/s", ".1f"),
+            Column("ttft_short_ms", "TTFT 32 ms", ".0f"),
+            Column("ttft_long_ms", "TTFT 896 ms", ".0f"),
+            Column("rss_b1_mib", "RSS b1 MiB", ".0f"),
+        ],
+        rows,
     )
+    best_rows = []
     for cls in ("fp32", "int8", "int4"):
         mine = f"gpt2-edge {cls}"
-        if mine not in runs or not runs[mine]:
+        if mine not in engines or not any(runs.values(mine)):
             continue
-        for k in keys:
-            peers = [e for e in runs if ENGINES[e][1] == cls and ENGINES[e][0] != "ours" and runs[e]]
-            best, best_ratio, best_range = None, None, (0.0, 0.0)
+        peers = [
+            e for e in engines if ENGINES[e][1] == cls and ENGINES[e][0] != "ours" and any(runs.values(e))
+        ]
+        for k in KEYS:
+            best = None
             for e in peers:
-                ratios = [
-                    a[k] / b[k]
-                    for a, b in zip(runs[mine], runs[e], strict=False)
-                    if a[k] is not None and b[k] is not None
-                ]
-                if not ratios:
+                pairs = [(a, b) for a, b in zip(figure(mine, k), figure(e, k), strict=True) if a and b]
+                if not pairs:
                     continue
-                r = statistics.median(ratios)
-                r_range = (min(ratios), max(ratios))
+                r = ratio_summary([a for a, _ in pairs], [b for _, b in pairs])
                 # the fastest peer: for decode rates the smallest ours/peer, for TTFT and RSS the largest
                 lower_is_better = k.startswith(("ttft", "rss"))
-                if best_ratio is None or (r > best_ratio if lower_is_better else r < best_ratio):
-                    best, best_ratio, best_range = e, r, r_range
+                if best is None or (r[0] > best[1][0] if lower_is_better else r[0] < best[1][0]):
+                    best = (e, r)
             if best is not None:
-                lo, hi = best_range
-                print(f"  {cls:5} {k:14} vs {best:22} {best_ratio:.2f} (rounds {lo:.2f}-{hi:.2f})")
+                best_rows.append({"class": cls, "figure": k, "peer": best[0], "ratio": best[1]})
+    report.table(
+        "ours / the fastest peer of the same class: median over rounds of the per-round ratio (decode: >1 = "
+        "ours faster; TTFT and RSS: <1 = ours lower)",
+        [
+            Column("class", "class"),
+            Column("figure", "figure"),
+            Column("peer", "fastest peer"),
+            Column("ratio", "ours / peer, median (range)", ".2f"),
+        ],
+        best_rows,
+    )
     for e, why in skipped.items():
-        print(f"skipped {e}: {why}")
+        report.note(f"skipped {e}: {why}")
+    report.emit(args.json)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,23 @@
 """Time to first token with a ``Generator``'s prefix cache (``prefix_cache=TOKENS``), batch 1.
 
-Each round draws a new document of ``--prompt-tokens`` random token ids (seeded) and times, on one
-``Generator`` with the cache on: its first call (nothing stored: a whole prefill), the same prompt
-again, and the document followed by a new ``--suffix-tokens`` question; then the same prompt on a
-``Generator`` without the cache (the plain prefill, interleaved). Medians and spread over the
-rounds; the ratios are to the plain prefill of the same round. The outputs are compared too.
+Each round draws a new document of ``--prompt-tokens`` random token ids (seeded) and a new
+``--suffix-tokens`` question. Two subjects take strict turns (benchmarks/harness.py): a
+``Generator`` with the cache on (cleared, then its first call: nothing stored, a whole prefill;
+the same prompt again; the document followed by the question) and one without it (the plain
+prefill of the document, and of the question, untimed). Medians and spread over the rounds; the
+ratios are to the plain prefill of the same round. The outputs are compared too.
 
-    python -m benchmarks.bench_prefix --model gpt2 --prompt-tokens 896 --rounds 5
+    python -m benchmarks.bench_prefix --model gpt2 --prompt-tokens 896 --rounds 5 [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import numpy as np
 
-from gpt2_edge.measure import summary
+from benchmarks.harness import Column, Report, add_json_argument, interleave
+from gpt2_edge.measure import ratio_summary, summary
 from gpt2_edge.runtime.generator import Generator
 from gpt2_edge.runtime.sampling import GenerationConfig
 
@@ -33,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    add_json_argument(p)
     args = p.parse_args(argv)
+    report = Report("bench_prefix", "Time to first token with a Generator's prefix cache", argv, vars(args))
     path = args.bundle
     if path is None:
         path = bundle_of(random_checkpoint(args.model))
@@ -43,30 +46,69 @@ def main(argv: list[str] | None = None) -> int:
     tokens = (args.prompt_tokens + args.suffix_tokens + args.new_tokens) * 2
     cached = Generator(plain.backend, plain.tokenizer, plain.eos_token_id, plain.n_ctx, prefix_cache=tokens)
     cfg = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
-    rng = np.random.default_rng(0)
     vocab = plain.tokenizer.vocab_size
-    rows: dict[str, list[float]] = {"plain": [], "first": [], "repeated": [], "new suffix": []}
-    same = True
-    for _ in range(args.rounds):
+
+    def prompts(r: int) -> tuple[list[int], list[int]]:
+        rng = np.random.default_rng(r + 1)  # round -1 (warm-up) gets its own document too
         doc = rng.integers(0, vocab, args.prompt_tokens).tolist()
-        question = doc + rng.integers(0, vocab, args.suffix_tokens).tolist()
+        return doc, doc + rng.integers(0, vocab, args.suffix_tokens).tolist()
+
+    def run_plain(r: int) -> dict:
+        doc, question = prompts(r)
+        base = plain.generate(doc, cfg)[0]
+        asked = plain.generate(question, cfg)[0]
+        return {"plain": base.timings["prefill_s"] * 1000, "ids": [base.token_ids, asked.token_ids]}
+
+    def run_cached(r: int) -> dict:
+        doc, question = prompts(r)
         cached.prefix_cache.clear()
         first = cached.generate(doc, cfg)[0]
-        base = plain.generate(doc, cfg)[0]
         again = cached.generate(doc, cfg)[0]
         asked = cached.generate(question, cfg)[0]
-        same &= first.token_ids == base.token_ids == again.token_ids
-        same &= asked.token_ids == plain.generate(question, cfg)[0].token_ids
-        for name, r in (("plain", base), ("first", first), ("repeated", again), ("new suffix", asked)):
-            rows[name].append(r.timings["prefill_s"] * 1000)
-    print(f"bundle {path}, {args.prompt_tokens}-token prompt, {args.threads} threads, {args.rounds} rounds")
-    print("| call | TTFT ms (median, min-max) | / plain prefill (median of rounds) |")
-    print("|---|---:|---:|")
-    for name, ms in rows.items():
-        med, lo, hi = summary(ms)
-        ratio = statistics.median(a / b for a, b in zip(ms, rows["plain"], strict=True))
-        print(f"| {name} | {med:.1f} ({lo:.1f}-{hi:.1f}) | {ratio:.3f} |")
-    print(f"outputs identical with and without the cache: {same}")
+        return {
+            "first": first.timings["prefill_s"] * 1000,
+            "repeated": again.timings["prefill_s"] * 1000,
+            "new suffix": asked.timings["prefill_s"] * 1000,
+            "ids": [first.token_ids, again.token_ids, asked.token_ids],
+        }
+
+    runs = interleave({"plain": run_plain, "cached": run_cached}, args.rounds, log=print)
+    same = all(
+        c["ids"][0] == p["ids"][0] == c["ids"][1] and c["ids"][2] == p["ids"][1]
+        for p, c in zip(runs.values("plain"), runs.values("cached"), strict=True)
+    )
+    base = runs.values("plain", "plain")
+    rows = []
+    for name, subject in (
+        ("plain", "plain"),
+        ("first", "cached"),
+        ("repeated", "cached"),
+        ("new suffix", "cached"),
+    ):
+        ms = runs.values(subject, name)
+        rows.append({"call": name, "ttft": summary(ms), "ratio": ratio_summary(ms, base)})
+    report.raw["ttft_ms"] = {
+        k: runs.values(s, k)
+        for k, s in (
+            ("plain", "plain"),
+            ("first", "cached"),
+            ("repeated", "cached"),
+            ("new suffix", "cached"),
+        )
+    }
+    report.raw["orders"] = runs.orders
+    report.table(
+        f"{args.prompt_tokens}-token prompt, {args.suffix_tokens}-token question, {args.threads} threads, "
+        f"{args.rounds} rounds, bundle {path}",
+        [
+            Column("call", "call"),
+            Column("ttft", "TTFT ms (median, min-max)", ".1f"),
+            Column("ratio", "/ plain prefill (per-round ratio)", ".3f"),
+        ],
+        rows,
+        note=f"outputs identical with and without the cache: {'yes' if same else 'NO'}",
+    )
+    report.emit(args.json)
     return 0 if same else 1
 
 

@@ -1,9 +1,13 @@
 """Serving speed: continuous batching on vs off at 1, 4 and 16 concurrent streaming clients, and
 what a long prompt does to the streams already running (chunked prefill on vs off).
 
-For each mode a fresh ``python -m gpt2_edge.serve BUNDLE`` starts on a free loopback port
+For each mode a ``python -m gpt2_edge.serve BUNDLE`` starts on a free loopback port
 (``batching``: ``--max-batch 16``; ``one-at-a-time``: ``--max-batch 1``, the same server with a
-batch of one). At each concurrency level C, C clients (asyncio + httpx, one process) send
+batch of one); the servers run side by side and, level by level, take strict turns for
+``--level-rounds`` rounds (benchmarks/harness.py; the ratio column is each mode's output tokens/s
+over the first mode's, per round). ``--compare-tree DIR`` adds, for every mode, the same server
+run from another checkout (``cwd`` and ``PYTHONPATH`` = DIR): before/after a change, interleaved.
+At each concurrency level C, C clients (asyncio + httpx, one process) send
 streaming greedy completions back to back: a fixed prompt of ``--prompt-tokens`` token ids and
 exactly ``--max-tokens`` new tokens (``min_tokens`` = ``max_tokens``, so eos never ends one early).
 Each client sends ``--requests-per-client`` requests; a level stops early at ``--level-timeout``.
@@ -13,23 +17,24 @@ time to first token (request sent -> first chunk) and inter-token latency (gaps 
 a chunk is one token except where text is held back, e.g. a split UTF-8 character), and the
 server's peak RSS (VmHWM, Linux) after all levels. Loopback only; bounded in count and time.
 
-``--scenario long-prompt``: for each ``--prefill-chunks`` value a fresh server (``--prefill-chunk
-C``; 0 = whole prompts) gets ``--streams`` streaming clients with the short prompt; once each has
+``--scenario long-prompt``: for each ``--prefill-chunks`` value a server (``--prefill-chunk C``;
+0 = whole prompts; the servers side by side, rounds in strict turns) gets ``--streams``
+streaming clients with the short prompt; once each has
 its first token, one request with a ``--long-prompt-tokens`` prompt (900) arrives. Reported over
 ``--rounds`` rounds: the running streams' inter-token latency p50 overall and p99 / max over the
 gaps that overlap the long prompt's prefill (from its arrival to its first token), the long
 request's time to first token, and TTFT p99 over every request. The 900-token prompt needs a
 context of 1024 (``--model gpt2``, or a GPT-2-shaped bundle).
 
-``--scenario prefix``: a fresh server with the prefix cache on, then one with it off
-(``--no-prefix-cache``), each gets one ``--long-prompt-tokens`` prompt as warm-up, then another
-one ``1 + --rounds`` times, one request after the other (8 new tokens each). Reported: that
-prompt's first time to first token and the repeats' p50 (the repeats reuse its KV).
+``--scenario prefix``: a server with the prefix cache on and one with it off
+(``--no-prefix-cache``), side by side, each gets one ``--long-prompt-tokens`` prompt as warm-up,
+then another one ``1 + --rounds`` times (8 new tokens each), the two servers in strict turns.
+Reported: that prompt's first time to first token and the repeats' p50 (the repeats reuse its KV).
 
 ``--scenario grounded``: speculative decoding (prompt lookup) in the continuous batch. Two servers
 run side by side, one plain and one with ``--prompt-lookup K`` (``--prompt-lookup``, 8); each round
 sends ``--clients`` (4) concurrent streaming clients, ``--requests-per-client`` requests each, to
-one and then the other (ABBA over ``--rounds``), with the same grounded prompts: benchmarks/
+one and then the other (strict turns over ``--rounds``), with the same grounded prompts: benchmarks/
 bench_speculative.py's ``quote`` workload (a held-out passage of gpt2_edge/default_model/
 heldout.txt, a blank line, its first tokens) and, on the shipped model, ``self-quote`` (a passage,
 the model's own continuation, the passage again), greedy, ``--max-tokens`` new tokens (eos
@@ -48,6 +53,8 @@ report, and a benchmark reads best top to bottom.
     python -m benchmarks.bench_serve --model gpt2 --scenario prefix --long-prompt-tokens 896 --rounds 3
     python -m benchmarks.bench_serve --scenario grounded --rounds 6        # the shipped model
     python -m benchmarks.bench_serve --model gpt2 --scenario grounded --rounds 4
+    python -m benchmarks.bench_serve --model gpt2 --levels 1,4,16 --compare-tree ../main   # before/after
+    (every form takes --json PATH: the run's record, with the machine, for benchmarks/results/)
 """
 
 from __future__ import annotations
@@ -56,19 +63,17 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
-from gpt2_edge.measure import peak_rss_mib, quantile
+from benchmarks.harness import Column, Report, add_json_argument, interleave
+from gpt2_edge.measure import peak_rss_mib, quantile, ratio_summary, summary
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = {"batching": 16, "one-at-a-time": 1}  # mode -> --max-batch
@@ -102,6 +107,7 @@ class LevelResult:
     itl_p95_ms: float
     errors: int
     peak_rss_mib: float | None = None
+    round: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -148,6 +154,7 @@ class Server:
         threads: int,
         prefill_chunk: int | None = None,
         extra: tuple[str, ...] = (),
+        repo: Path = REPO,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -159,8 +166,9 @@ class Server:
         if prefill_chunk is not None:
             cmd += ["--prefill-chunk", str(prefill_chunk)]
         cmd += list(extra)
+        env = os.environ if repo == REPO else {**os.environ, "PYTHONPATH": str(repo)}
         self.proc = subprocess.Popen(
-            cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
 
     def wait_ready(self, timeout: float = 120.0) -> None:
@@ -257,52 +265,80 @@ async def run_level(url: str, body: dict, clients: int, per_client: int, timeout
     return results, errors, wall
 
 
-def bench_mode(mode: str, bundle: Path, args: argparse.Namespace, prompt: list[int]) -> list[LevelResult]:
-    server = Server(bundle, MODES[mode], args.threads)
-    out = []
+def level_result(mode: str, clients: int, results: list, errors: list, wall: float, r: int) -> LevelResult:
+    ttft = [x.ttft_s * 1000 for x in results]
+    gaps = [g * 1000 for x in results for g in x.gaps_s]
+    return LevelResult(
+        mode=mode,
+        clients=clients,
+        requests=len(results),
+        wall_s=wall,
+        requests_per_s=len(results) / wall,
+        output_tokens_per_s=sum(x.tokens for x in results) / wall,
+        ttft_p50_ms=quantile(ttft, 0.5),
+        ttft_p95_ms=quantile(ttft, 0.95),
+        itl_p50_ms=quantile(gaps, 0.5),
+        itl_p95_ms=quantile(gaps, 0.95),
+        errors=len(errors),
+        round=r,
+        extra={"first_error": errors[0]} if errors else {},
+    )
+
+
+def bench_levels(
+    modes: list[str], bundle: Path, args: argparse.Namespace, prompt: list[int]
+) -> list[LevelResult]:
+    """Every mode's server side by side (and each again from ``--compare-tree``); level by level
+    they take strict turns for ``--level-rounds`` rounds. One ``LevelResult`` per subject, level
+    and round; each server's peak RSS after all levels."""
+    trees = [("", REPO)] + (
+        [(f" @{Path(args.compare_tree).name}", Path(args.compare_tree))] if args.compare_tree else []
+    )
+    servers = {
+        f"{m}{tag}": Server(bundle, MODES[m], args.threads, repo=repo) for tag, repo in trees for m in modes
+    }
+    body = {
+        "prompt": prompt,
+        "max_tokens": args.max_tokens,
+        "min_tokens": args.max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    out: list[LevelResult] = []
     try:
-        server.wait_ready()
-        body = {
-            "prompt": prompt,
-            "max_tokens": args.max_tokens,
-            "min_tokens": args.max_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        asyncio.run(run_level(server.url, body, 1, 2, args.level_timeout))  # warm-up
+        for server in servers.values():
+            server.wait_ready()
+            asyncio.run(run_level(server.url, body, 1, 2, args.level_timeout))  # warm-up
         for clients in args.levels:
-            results, errors, wall = asyncio.run(
-                run_level(server.url, body, clients, args.requests_per_client, args.level_timeout)
-            )
-            ttft = [r.ttft_s * 1000 for r in results]
-            gaps = [g * 1000 for r in results for g in r.gaps_s]
-            out.append(
-                LevelResult(
-                    mode=mode,
-                    clients=clients,
-                    requests=len(results),
-                    wall_s=wall,
-                    requests_per_s=len(results) / wall,
-                    output_tokens_per_s=sum(r.tokens for r in results) / wall,
-                    ttft_p50_ms=quantile(ttft, 0.5),
-                    ttft_p95_ms=quantile(ttft, 0.95),
-                    itl_p50_ms=quantile(gaps, 0.5),
-                    itl_p95_ms=quantile(gaps, 0.95),
-                    errors=len(errors),
-                    extra={"first_error": errors[0]} if errors else {},
+
+            def turn(r: int, name: str, url: str, clients: int = clients) -> LevelResult:
+                results, errors, wall = asyncio.run(
+                    run_level(url, body, clients, args.requests_per_client, args.level_timeout)
                 )
+                return level_result(name, clients, results, errors, wall, r)
+
+            runs = interleave(
+                {n: (lambda r, n=n, u=s.url: turn(r, n, u)) for n, s in servers.items()},
+                args.level_rounds,
+                warmup=0,
             )
-            print(
-                f"  {mode:>13} x{clients:<3} {out[-1].output_tokens_per_s:8.1f} tok/s",
-                file=sys.stderr,
-                flush=True,
-            )
-        rss = peak_rss_mib(server.proc.pid)
-        for r in out:
-            r.peak_rss_mib = rss
+            for name in servers:
+                out += runs.values(name)
+                x = runs.values(name)[-1]
+                print(
+                    f"  {name:>13} x{clients:<3} {x.output_tokens_per_s:8.1f} tok/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        for name, server in servers.items():
+            rss = peak_rss_mib(server.proc.pid)
+            for r in out:
+                if r.mode == name:
+                    r.peak_rss_mib = rss
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
     return out
 
 
@@ -320,37 +356,36 @@ async def long_prompt_round(
     return list(results), long, submitted, submitted + long.ttft_s
 
 
-async def long_prompt_rounds(url: str, args: argparse.Namespace, stream_body: dict, long_body: dict) -> dict:
-    """``args.rounds`` rounds against one server: the streams' gaps (all, and those overlapping the
-    long prompt's prefill), the long requests' TTFT, every request's TTFT, and errors (ms)."""
+async def long_prompt_once(url: str, args: argparse.Namespace, stream_body: dict, long_body: dict) -> dict:
+    """One round against one server: the streams' gaps (all, and those overlapping the long
+    prompt's prefill), the long request's TTFT, every request's TTFT (ms), or the round's error."""
     import httpx
 
     m: dict[str, list] = {"itl": [], "during": [], "long_ttft": [], "ttft": [], "errors": []}
     limits = httpx.Limits(max_connections=args.streams + 1)
     async with httpx.AsyncClient(timeout=args.level_timeout, limits=limits) as client:
-        await one_request(client, url, stream_body)  # warm-up
-        for _ in range(args.rounds):
-            try:
-                streams, long, t0, t1 = await long_prompt_round(
-                    client, url, stream_body, long_body, args.streams, args.level_timeout
-                )
-            except Exception as e:  # counted and reported, the next round goes on
-                m["errors"].append(str(e) or type(e).__name__)
-                continue
-            m["long_ttft"].append(long.ttft_s * 1000)
-            m["ttft"] += [r.ttft_s * 1000 for r in [*streams, long]]
-            for r in streams:
-                for a, b in zip(r.arrivals, r.arrivals[1:], strict=False):
-                    m["itl"].append((b - a) * 1000)
-                    if b > t0 and a < t1:  # the gap overlaps the long prompt's prefill
-                        m["during"].append((b - a) * 1000)
+        try:
+            streams, long, t0, t1 = await long_prompt_round(
+                client, url, stream_body, long_body, args.streams, args.level_timeout
+            )
+        except Exception as e:  # counted and reported, the next round goes on
+            m["errors"].append(str(e) or type(e).__name__)
+            return m
+    m["long_ttft"].append(long.ttft_s * 1000)
+    m["ttft"] += [r.ttft_s * 1000 for r in [*streams, long]]
+    for r in streams:
+        for a, b in zip(r.arrivals, r.arrivals[1:], strict=False):
+            m["itl"].append((b - a) * 1000)
+            if b > t0 and a < t1:  # the gap overlaps the long prompt's prefill
+                m["during"].append((b - a) * 1000)
     return m
 
 
 def bench_long_prompt(
     bundle: Path, args: argparse.Namespace, prompt: list[int], long_prompt: list[int]
 ) -> list[LongPromptResult]:
-    """The running streams' inter-token latency while a long prompt is admitted, per prefill chunk."""
+    """The running streams' inter-token latency while a long prompt is admitted, per prefill chunk
+    (the servers side by side, rounds in strict turns)."""
     stream_body = {
         "prompt": prompt,
         "max_tokens": args.stream_tokens,
@@ -359,14 +394,30 @@ def bench_long_prompt(
         "stream": True,
     }
     long_body = {"prompt": long_prompt, "max_tokens": 8, "min_tokens": 8, "temperature": 0, "stream": True}
+    servers = {
+        c: Server(bundle, max(args.streams + 1, 2), args.threads, prefill_chunk=c)
+        for c in args.prefill_chunks
+    }
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        runs = interleave(
+            {
+                str(c): (lambda _r, u=s.url: asyncio.run(long_prompt_once(u, args, stream_body, long_body)))
+                for c, s in servers.items()
+            },
+            args.rounds,
+            log=lambda msg: print(f"  prefill chunk {msg[:60]}", file=sys.stderr, flush=True),
+        )
+    finally:
+        for server in servers.values():
+            server.stop()
     out = []
     for chunk in args.prefill_chunks:
-        server = Server(bundle, max(args.streams + 1, 2), args.threads, prefill_chunk=chunk)
-        try:
-            server.wait_ready()
-            m = asyncio.run(long_prompt_rounds(server.url, args, stream_body, long_body))
-        finally:
-            server.stop()
+        m = {
+            k: [x for r in runs.values(str(chunk)) for x in r[k]]
+            for k in ("itl", "during", "long_ttft", "ttft", "errors")
+        }
         out.append(
             LongPromptResult(
                 prefill_chunk=chunk,
@@ -382,7 +433,6 @@ def bench_long_prompt(
                 extra={"first_error": m["errors"][0]} if m["errors"] else {},
             )
         )
-        print(f"  prefill chunk {chunk or 'whole':>5}: done", file=sys.stderr, flush=True)
     return out
 
 
@@ -397,28 +447,44 @@ async def repeated_prompt_ttfts(url: str, bodies: list[dict], timeout: float) ->
 def bench_prefix(
     bundle: Path, args: argparse.Namespace, long_prompt: list[int], warm: list[int]
 ) -> list[dict]:
-    """The same long prompt sent ``--rounds`` times, one after the other, after a warm-up with
-    another one: its first TTFT and the repeats', with the prefix cache on and off."""
+    """The same long prompt sent ``1 + --rounds`` times to a server with the prefix cache on and
+    one with it off, side by side in strict turns, after a warm-up with another prompt: its first
+    TTFT (round 1) and the repeats'."""
     body = {"max_tokens": 8, "min_tokens": 8, "temperature": 0, "stream": True}
-    out = []
-    for cache in ("on", "off"):
-        server = Server(bundle, 16, args.threads, extra=() if cache == "on" else ("--no-prefix-cache",))
-        try:
+    servers = {
+        cache: Server(bundle, 16, args.threads, extra=() if cache == "on" else ("--no-prefix-cache",))
+        for cache in ("on", "off")
+    }
+
+    def turn(r: int, url: str) -> float:
+        prompt = warm if r < 0 else long_prompt  # the untimed turn: another prompt, to warm up
+        return asyncio.run(repeated_prompt_ttfts(url, [{**body, "prompt": prompt}], args.level_timeout))[0]
+
+    try:
+        for server in servers.values():
             server.wait_ready()
-            bodies = [{**body, "prompt": warm}] + [{**body, "prompt": long_prompt}] * (1 + args.rounds)
-            ttft = asyncio.run(repeated_prompt_ttfts(server.url, bodies, args.level_timeout))[1:]
-        finally:
+        runs = interleave(
+            {c: (lambda r, u=s.url: turn(r, u)) for c, s in servers.items()},
+            1 + args.rounds,
+            both_orders=False,
+        )  # one order: round 1 is each server's first sight of the prompt, the rounds after repeats
+    finally:
+        for server in servers.values():
             server.stop()
-        row = {
-            "prefix_cache": cache,
-            "prompt_tokens": len(long_prompt),
-            "first_ttft_ms": ttft[0],
-            "repeat_ttft_p50_ms": quantile(ttft[1:], 0.5),
-            "ratio": quantile(ttft[1:], 0.5) / ttft[0],
-            "errors": 0,
-        }
-        out.append(row)
-        print(f"  prefix cache {cache}: done", file=sys.stderr, flush=True)
+    out = []
+    for cache in servers:
+        ttft = runs.values(cache)
+        out.append(
+            {
+                "prefix_cache": cache,
+                "prompt_tokens": len(long_prompt),
+                "first_ttft_ms": ttft[0],
+                "repeat_ttft_p50_ms": quantile(ttft[1:], 0.5),
+                "ratio": quantile(ttft[1:], 0.5) / ttft[0],
+                "ttft_ms": ttft,
+                "errors": 0,
+            }
+        )
     return out
 
 
@@ -461,7 +527,7 @@ def spec_counters(url: str) -> tuple[float, float]:
 
 
 def bench_grounded(bundle: Path, args: argparse.Namespace) -> dict:
-    """Plain vs prompt lookup, two servers side by side, rounds interleaved ABBA."""
+    """Plain vs prompt lookup, two servers side by side, rounds in strict turns (the harness)."""
     prompts = grounded_prompts(bundle, args)
     bodies = [
         [
@@ -481,89 +547,95 @@ def bench_grounded(bundle: Path, args: argparse.Namespace) -> dict:
     if args.draft:
         lookup += ("--draft", args.draft, "--draft-tokens", str(args.draft_tokens))
     servers = {m: Server(bundle, 16, args.threads, extra=x) for m, x in (("plain", ()), ("lookup", lookup))}
-    rates: dict[str, list[float]] = {"plain": [], "lookup": []}
-    texts: dict[str, list[str]] = {}
+
+    def turn(r: int, url: str) -> tuple[float, list[str]]:
+        results, wall = asyncio.run(grounded_round(url, bodies, args.level_timeout))
+        return sum(x.tokens for x in results) / wall, [x.text for x in results]
+
     try:
         for server in servers.values():
             server.wait_ready()
             asyncio.run(grounded_round(server.url, [b[:1] for b in bodies], args.level_timeout))  # warm-up
         before = spec_counters(servers["lookup"].url)
-        for r in range(args.rounds):
-            for mode in ("plain", "lookup") if r % 2 == 0 else ("lookup", "plain"):
-                results, wall = asyncio.run(grounded_round(servers[mode].url, bodies, args.level_timeout))
-                rates[mode].append(sum(x.tokens for x in results) / wall)
-                texts.setdefault(mode, [x.text for x in results])
-            print(
-                f"  round {r + 1}: plain {rates['plain'][-1]:.1f}, lookup {rates['lookup'][-1]:.1f} tok/s",
-                file=sys.stderr,
-                flush=True,
-            )
+        runs = interleave(
+            {m: (lambda r, u=s.url: turn(r, u)) for m, s in servers.items()},
+            args.rounds,
+            warmup=0,
+            log=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True),
+        )
         after = spec_counters(servers["lookup"].url)
     finally:
         for server in servers.values():
             server.stop()
-    ratios = [b / a for a, b in zip(rates["plain"], rates["lookup"], strict=True)]
+    rate = lambda x: x[0]  # noqa: E731
+    ratio = runs.ratio("lookup", "plain", rate)
     drafted, accepted = after[0] - before[0], after[1] - before[1]
     return {
         "prompts": len(prompts),
         "clients": args.clients,
         "rounds": args.rounds,
-        "plain_tok_s": rates["plain"],
-        "lookup_tok_s": rates["lookup"],
-        "ratios": ratios,
-        "ratio_median": statistics.median(ratios),
+        "plain_tok_s": runs.values("plain", rate),
+        "lookup_tok_s": runs.values("lookup", rate),
+        "orders": runs.orders,
+        "ratios": ratio["per_round"],
+        "ratio_median": ratio["median"],
+        "ratio_combined": ratio["combined"],
         "acceptance": accepted / drafted if drafted else 0.0,
-        "identical": texts["plain"] == texts["lookup"],
+        "identical": all(
+            a[1] == b[1] for a, b in zip(runs.values("plain"), runs.values("lookup"), strict=True)
+        ),
         "draft": args.draft,
         "errors": 0,
     }
 
 
-def long_prompt_table(rows: list[LongPromptResult]) -> str:
-    lines = [
-        "| prefill chunk | streams | rounds | stream ITL p50 (ms) | stream ITL p99 / max during the long "
-        "prefill (ms) | long prompt TTFT p50 (ms) | TTFT p99, all requests (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        err = f" ({r.errors} errors)" if r.errors else ""
-        lines.append(
-            f"| {r.prefill_chunk or 'whole'}{err} | {r.streams} | {r.rounds} | {r.itl_p50_ms:.1f} | "
-            f"{r.itl_p99_during_prefill_ms:.1f} / {r.itl_max_during_prefill_ms:.1f} | "
-            f"{r.long_ttft_p50_ms:.1f} | {r.ttft_p99_ms:.1f} |"
-        )
-    return "\n".join(lines)
+LEVEL_COLUMNS = [
+    Column("mode", "mode"),
+    Column("clients", "clients", "d"),
+    Column("requests_per_s", "req/s", ".2f"),
+    Column("output_tokens_per_s", "output tok/s", ".1f"),
+    Column("ratio", "tok/s / first mode (per-round ratio)", ".2f"),
+    Column("ttft", "TTFT p50 / p95 (ms)"),
+    Column("itl", "inter-token p50 / p95 (ms)"),
+    Column("peak_rss_mib", "peak RSS (MiB)", ".0f"),
+    Column("errors", "errors", "d"),
+]
+LONG_COLUMNS = [
+    Column("prefill", "prefill chunk"),
+    Column("streams", "streams", "d"),
+    Column("rounds", "rounds", "d"),
+    Column("itl_p50_ms", "stream ITL p50 (ms)", ".1f"),
+    Column("during", "stream ITL p99 / max during the long prefill (ms)"),
+    Column("long_ttft_p50_ms", "long prompt TTFT p50 (ms)", ".1f"),
+    Column("ttft_p99_ms", "TTFT p99, all requests (ms)", ".1f"),
+    Column("errors", "errors", "d"),
+]
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import onnxruntime
-
-    versions = f"Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}"
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {versions}"
-
-
-def table(rows: list[LevelResult]) -> str:
-    lines = [
-        "| mode | clients | req/s | output tok/s | TTFT p50 / p95 (ms) | inter-token p50 / p95 (ms) "
-        "| peak RSS (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        rss = f"{r.peak_rss_mib:.0f}" if r.peak_rss_mib is not None else "n/a"
-        err = f" ({r.errors} errors)" if r.errors else ""
-        lines.append(
-            f"| {r.mode} | {r.clients} | {r.requests_per_s:.2f}{err} | {r.output_tokens_per_s:.1f} | "
-            f"{r.ttft_p50_ms:.1f} / {r.ttft_p95_ms:.1f} | {r.itl_p50_ms:.2f} / {r.itl_p95_ms:.2f} | {rss} |"
-        )
-    return "\n".join(lines)
+def level_rows(rows: list[LevelResult]) -> list[dict]:
+    """One row per subject and level: medians over the rounds, and the per-round ratio of output
+    tokens/s to the first subject's."""
+    names = list(dict.fromkeys(r.mode for r in rows))
+    out = []
+    for clients in dict.fromkeys(r.clients for r in rows):
+        per = {n: [r for r in rows if r.mode == n and r.clients == clients] for n in names}
+        base = [r.output_tokens_per_s for r in per[names[0]]]
+        for n, rs in per.items():
+            med = lambda k, rs=rs: summary([getattr(r, k) for r in rs])[0]  # noqa: E731
+            out.append(
+                {
+                    "mode": n,
+                    "clients": clients,
+                    "requests_per_s": med("requests_per_s"),
+                    "output_tokens_per_s": med("output_tokens_per_s"),
+                    "ratio": ratio_summary([r.output_tokens_per_s for r in rs], base)[0],
+                    "ttft": f"{med('ttft_p50_ms'):.1f} / {med('ttft_p95_ms'):.1f}",
+                    "itl": f"{med('itl_p50_ms'):.2f} / {med('itl_p95_ms'):.2f}",
+                    "peak_rss_mib": rs[0].peak_rss_mib,
+                    "errors": sum(r.errors for r in rs),
+                }
+            )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -582,6 +654,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--levels", default="1,4,16", help="concurrent clients, comma-separated")
     p.add_argument("--modes", default="batching,one-at-a-time", help=f"of {', '.join(MODES)}")
+    p.add_argument("--level-rounds", type=int, default=1, help="rounds of strict turns per level")
+    p.add_argument(
+        "--compare-tree", metavar="DIR", help="also run every mode's server from this checkout (before/after)"
+    )
     p.add_argument("--requests-per-client", type=int, default=4)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (exactly)")
@@ -599,8 +675,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--draft-tokens", type=int, default=4, help="the speculating server's --draft-tokens")
     p.add_argument("--threads", type=int, default=2, help="server's ONNX Runtime threads")
     p.add_argument("--level-timeout", type=float, default=120.0, help="seconds one level (round) may take")
-    p.add_argument("--json", help="also write the results here")
+    add_json_argument(p)
     args = p.parse_args(argv)
+    report = Report("bench_serve", f"Serving: {args.scenario}", argv, vars(args))
     args.levels = [int(x) for x in args.levels.split(",")]
     args.prefill_chunks = [int(x) for x in args.prefill_chunks.split(",")]
     modes = args.modes.split(",")
@@ -626,70 +703,89 @@ def main(argv: list[str] | None = None) -> int:
                 f"{bundle.name}'s context is {n_ctx} tokens: too short for a {args.long_prompt_tokens}-token "
                 "prompt (+8 new) or the streams' prompt + --stream-tokens; use --model gpt2 or lower them"
             )
-    print(f"bench_serve: {bundle} on {machine()}", file=sys.stderr, flush=True)
-    results: list = []
+    print(f"bench_serve: {bundle}", file=sys.stderr, flush=True)
+    errors = 0
     if args.scenario in ("levels", "all"):
-        rows = [r for m in modes for r in bench_mode(m, bundle, args, prompt)]
-        results += rows
-        print(
-            f"\nbundle {bundle.name}: prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens each, "
+        rows = bench_levels(modes, bundle, args, prompt)
+        errors += sum(r.errors for r in rows)
+        report.raw["levels"] = [asdict(r) for r in rows]
+        report.table(
+            f"bundle {bundle.name}: prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens each, "
             f"{args.requests_per_client} requests per client, server threads {args.threads}, streaming, "
-            f"greedy\nmachine: {machine()}\n"
+            "greedy; batching = --max-batch 16, one-at-a-time = --max-batch 1; medians of "
+            f"{args.level_rounds} rounds",
+            LEVEL_COLUMNS,
+            level_rows(rows),
         )
-        print(table(rows))
     if args.scenario in ("long-prompt", "all"):
         long_rows = bench_long_prompt(bundle, args, prompt, ids[: args.long_prompt_tokens])
-        results += long_rows
-        print(
-            f"\nbundle {bundle.name}: {args.streams} streams of {args.prompt_tokens} + {args.stream_tokens} "
+        errors += sum(r.errors for r in long_rows)
+        report.raw["long_prompt"] = [asdict(r) for r in long_rows]
+        report.table(
+            f"bundle {bundle.name}: {args.streams} streams of {args.prompt_tokens} + {args.stream_tokens} "
             f"tokens; once they run, one {args.long_prompt_tokens}-token prompt (+8 new); {args.rounds} "
-            f"rounds; server threads {args.threads}, --max-batch {max(args.streams + 1, 2)}, greedy\n"
-            f"machine: {machine()}\n"
+            f"rounds; server threads {args.threads}, --max-batch {max(args.streams + 1, 2)}, greedy",
+            LONG_COLUMNS,
+            [
+                asdict(r)
+                | {
+                    "prefill": r.prefill_chunk or "whole",
+                    "during": f"{r.itl_p99_during_prefill_ms:.1f} / {r.itl_max_during_prefill_ms:.1f}",
+                }
+                for r in long_rows
+            ],
         )
-        print(long_prompt_table(long_rows))
     if args.scenario in ("prefix", "all"):
         prefix_rows = bench_prefix(
             bundle, args, ids[: args.long_prompt_tokens], ids[7 : 7 + args.long_prompt_tokens]
         )
-        print(
-            f"\nbundle {bundle.name}: one {args.long_prompt_tokens}-token prompt (+8 new), sent "
+        report.raw["prefix"] = prefix_rows
+        report.table(
+            f"bundle {bundle.name}: one {args.long_prompt_tokens}-token prompt (+8 new), sent "
             f"{1 + args.rounds} times one after the other (after another one as warm-up); server threads "
-            f"{args.threads}, --max-batch 16, greedy\nmachine: {machine()}\n"
+            f"{args.threads}, --max-batch 16, greedy",
+            [
+                Column("prefix_cache", "prefix cache"),
+                Column("first_ttft_ms", "first TTFT (ms)", ".1f"),
+                Column("repeat_ttft_p50_ms", "repeated TTFT p50 (ms)", ".1f"),
+                Column("ratio", "repeated / first", ".1%"),
+            ],
+            prefix_rows,
         )
-        print("| prefix cache | first TTFT (ms) | repeated TTFT p50 (ms) | repeated / first |")
-        print("|---|---:|---:|---:|")
-        for r in prefix_rows:
-            print(
-                f"| {r['prefix_cache']} | {r['first_ttft_ms']:.1f} | {r['repeat_ttft_p50_ms']:.1f} | "
-                f"{r['ratio']:.1%} |"
-            )
-        results += [SimpleNamespace(**r) for r in prefix_rows]
     if args.scenario in ("grounded", "all"):
         g = bench_grounded(bundle, args)
+        report.raw["grounded"] = g
         spec = f"--prompt-lookup {args.prompt_lookup}" + (
             f" --draft {Path(args.draft).name} --draft-tokens {args.draft_tokens}" if args.draft else ""
         )
-        print(
-            f"\nbundle {bundle.name}: {g['clients']} streaming clients x {args.requests_per_client} requests "
+        report.table(
+            f"bundle {bundle.name}: {g['clients']} streaming clients x {args.requests_per_client} requests "
             f"per round, {g['prompts']} grounded prompts, up to {args.max_tokens} new tokens each, greedy; "
-            f"plain vs {spec}, {g['rounds']} rounds ABBA; server threads "
-            f"{args.threads}, --max-batch 16\nmachine: {machine()}\n"
+            f"plain vs {spec}, {g['rounds']} rounds in strict turns; server threads {args.threads}, "
+            "--max-batch 16",
+            [
+                Column("round", "round", "d"),
+                Column("order", "order"),
+                Column("plain", "plain tok/s", ".1f"),
+                Column("lookup", "speculative tok/s", ".1f"),
+                Column("ratio", "ratio", ".2f"),
+            ],
+            [
+                {"round": i + 1, "order": o, "plain": a, "lookup": b, "ratio": q}
+                for i, (a, b, q, o) in enumerate(
+                    zip(g["plain_tok_s"], g["lookup_tok_s"], g["ratios"], g["orders"], strict=True)
+                )
+            ],
+            note=(
+                f"median tok/s: plain {summary(g['plain_tok_s'])[0]:.1f}, speculative "
+                f"{summary(g['lookup_tok_s'])[0]:.1f}; median ratio {g['ratio_median']:.2f} (range "
+                f"{min(g['ratios']):.2f}-{max(g['ratios']):.2f}), both orders combined "
+                f"{g['ratio_combined']:.2f}; drafted tokens accepted {g['acceptance']:.0%}; texts identical: "
+                f"{'yes' if g['identical'] else 'NO'}"
+            ),
         )
-        print("| round | plain tok/s | speculative tok/s | ratio |")
-        print("|---:|---:|---:|---:|")
-        for i, (a, b, q) in enumerate(zip(g["plain_tok_s"], g["lookup_tok_s"], g["ratios"], strict=True)):
-            print(f"| {i + 1} | {a:.1f} | {b:.1f} | {q:.2f} |")
-        print(
-            f"\nmedian tok/s: plain {statistics.median(g['plain_tok_s']):.1f}, speculative "
-            f"{statistics.median(g['lookup_tok_s']):.1f}; "
-            f"median ratio {g['ratio_median']:.2f} (range {min(g['ratios']):.2f}-{max(g['ratios']):.2f}); "
-            f"drafted tokens accepted {g['acceptance']:.0%}; texts identical: {g['identical']}"
-        )
-        results.append(SimpleNamespace(**g))
-    if args.json:
-        rows = [vars(r) if isinstance(r, SimpleNamespace) else asdict(r) for r in results]
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    return 1 if any(r.errors for r in results) else 0
+    report.emit(args.json)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

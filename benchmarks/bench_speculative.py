@@ -13,14 +13,14 @@ random GPT-2 124M-shaped weights (benchmarks/common.py). Workloads, per model:
 - ``random-sampled``: random token ids, sampled at temperature 1 (same seed with and without):
   continuations with almost no n-gram match, the worst case for drafting.
 
-Plain (A) and prompt lookup (B) alternate prompt by prompt, ABBA over the rounds, in this one
-process; each round gives a ratio of tokens/s (B over A, the round's tokens over its decode
-seconds, prefill excluded); the table shows the median ratio and its range over rounds, the
-medians of both rates, drafted tokens accepted, tokens per target pass, and whether greedy output
-was identical token for token.
+Plain (A) and prompt lookup (B) take strict turns (benchmarks/harness.py), a turn decoding every
+prompt of the workload, in this one process; each round gives a ratio of tokens/s (B over A, the
+round's tokens over its decode seconds, prefill excluded); the table shows the median ratio and
+its range over rounds, the medians of both rates, drafted tokens accepted, tokens per target
+pass, and whether greedy output was identical token for token.
 
     python -m benchmarks.bench_speculative [--models shipped,124m] [--rounds 5] [--new-tokens 64]
-        [--threads 2] [--prompt-lookup 8] [--draft BUNDLE [--draft-tokens 4]]
+        [--threads 2] [--prompt-lookup 8] [--draft BUNDLE [--draft-tokens 4]] [--json PATH]
 
 With ``--draft`` the B side is the draft model (no prompt lookup) on the same target session.
 """
@@ -28,13 +28,14 @@ With ``--draft`` the B side is the draft model (no prompt lookup) on the same ta
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.common import CACHE, bundle_of, random_checkpoint
+from benchmarks.harness import Column, Report, add_json_argument, interleave
+from gpt2_edge.measure import summary
 
 HELDOUT = Path(__file__).resolve().parent.parent / "gpt2_edge" / "default_model" / "heldout.txt"
 
@@ -119,60 +120,59 @@ def bench_model(model: str, args: argparse.Namespace) -> list[dict]:
     for name, (prompts, fields) in workloads(gen, model, args.new_tokens, args.prompts).items():
         run(gen, prompts[:1], fields, 0)  # warm-up: first-run allocations and kernel choices
         run(gen_b, prompts[:1], fields, lookup_b)
-        ratios, rate_a, rate_b, identical = [], [], [], True
-        total = dict(passes=0.0, drafted=0.0, accepted=0.0, emitted=0.0)
         t0 = time.perf_counter()
-        for r in range(args.rounds):
-            ta = sa = tb = sb = 0.0
-            for p in prompts:
-                order = ("a", "b") if r % 2 == 0 else ("b", "a")
-                got = {}
-                for which in order:
-                    got[which] = (
-                        run(gen, [p], fields, 0) if which == "a" else run(gen_b, [p], fields, lookup_b)
-                    )
-                (n_a, s_a, ids_a, _), (n_b, s_b, ids_b, st) = got["a"], got["b"]
-                ta, sa, tb, sb = ta + n_a, sa + s_a, tb + n_b, sb + s_b
-                identical &= ids_a == ids_b or bool(fields.get("do_sample"))
-                for k in total:
-                    total[k] += st[k]
-            rate_a.append(ta / sa)
-            rate_b.append(tb / sb)
-            ratios.append(rate_b[-1] / rate_a[-1])
+        runs = interleave(
+            {
+                "plain": lambda _r, p=prompts, f=fields: run(gen, p, f, 0),
+                "lookup": lambda _r, p=prompts, f=fields: run(gen_b, p, f, lookup_b),
+            },
+            args.rounds,
+            warmup=0,  # the one-prompt warm-up above
+        )
+        total = dict(passes=0.0, drafted=0.0, accepted=0.0, emitted=0.0)
+        for _, _, _, st in runs.values("lookup"):
+            for k in total:
+                total[k] += st[k]
+        identical = all(
+            a[2] == b[2] for a, b in zip(runs.values("plain"), runs.values("lookup"), strict=True)
+        )
+        rate = lambda x: x[0] / x[1]  # noqa: E731 - tokens over decode seconds
+        ratio = runs.ratio("lookup", "plain", rate)
         rows.append(
             dict(
                 model=model,
                 workload=name,
-                plain=statistics.median(rate_a),
-                lookup=statistics.median(rate_b),
-                ratio=statistics.median(ratios),
-                lo=min(ratios),
-                hi=max(ratios),
+                plain=summary(runs.values("plain", rate))[0],
+                lookup=summary(runs.values("lookup", rate))[0],
+                ratio=ratio["median"],
+                range=f"{ratio['lo']:.2f}-{ratio['hi']:.2f}",
+                combined=ratio["combined"],
                 acceptance=total["accepted"] / total["drafted"] if total["drafted"] else 0.0,
                 per_pass=total["emitted"] / total["passes"] if total["passes"] else 1.0,
                 identical="n/a (sampled)" if fields.get("do_sample") else ("yes" if identical else "NO"),
                 seconds=time.perf_counter() - t0,
             )
         )
-        print(_line(rows[-1]), flush=True)
+        r = rows[-1]
+        print(f"{model} {name}: lookup / plain {r['ratio']:.2f} ({r['range']})", flush=True)
     return rows
 
 
-HEAD = (
-    "| model | workload | plain tok/s | lookup tok/s | ratio (median) | ratio range | accepted "
-    "| tokens/pass | greedy identical |\n|---|---|---:|---:|---:|---|---:|---:|---|"
-)
+COLUMNS = [
+    Column("model", "model"),
+    Column("workload", "workload"),
+    Column("plain", "plain tok/s", ".1f"),
+    Column("lookup", "lookup tok/s", ".1f"),
+    Column("ratio", "ratio (median)", ".2f"),
+    Column("range", "ratio range"),
+    Column("combined", "ratio, both orders combined", ".2f"),
+    Column("acceptance", "accepted", ".0%"),
+    Column("per_pass", "tokens/pass", ".2f"),
+    Column("identical", "greedy identical"),
+]
 
 
-def _line(r: dict) -> str:
-    return (
-        f"| {r['model']} | {r['workload']} | {r['plain']:.1f} | {r['lookup']:.1f} | {r['ratio']:.2f}x "
-        f"| {r['lo']:.2f}-{r['hi']:.2f} | {100 * r['acceptance']:.0f}% | {r['per_pass']:.2f} "
-        f"| {r['identical']} |"
-    )
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="shipped,124m", help="comma-separated: shipped, 124m")
     ap.add_argument("--rounds", type=int, default=5)
@@ -182,18 +182,17 @@ def main() -> None:
     ap.add_argument("--prompt-lookup", type=int, default=8, help="most drafted tokens per step")
     ap.add_argument("--draft", help="compare a draft model (this bundle) with plain decoding instead")
     ap.add_argument("--draft-tokens", type=int, default=4)
-    args = ap.parse_args()
+    add_json_argument(ap)
+    args = ap.parse_args(argv)
+    report = Report("bench_speculative", "Speculative decoding vs plain decoding, batch 1", argv, vars(args))
     b = (
         f"draft {args.draft} ({args.draft_tokens} tokens)"
         if args.draft
         else f"prompt lookup {args.prompt_lookup}"
     )
-    print(f"{b}, {args.threads} threads, {args.rounds} rounds, batch 1")
-    print(HEAD, flush=True)
     rows = [r for m in args.models.split(",") for r in bench_model(m.strip(), args)]
-    print("\n" + HEAD)
-    for r in rows:
-        print(_line(r))
+    report.table(f"{b}, {args.threads} threads, {args.rounds} rounds, batch 1", COLUMNS, rows)
+    report.emit(args.json)
 
 
 if __name__ == "__main__":

@@ -6,23 +6,26 @@
    Off, a verified chunk's logits differ from a decode step's in the last bits, which a near-tie
    (or an activation quantization step) turns into another token.
 2. Cost, on random GPT-2 124M-shaped weights: plain decode tokens/s with step invariance on over
-   off, the same bundle and session settings, alternating off/on within each round after a
-   prompt of ``P`` tokens; median of per-round ratios and their range.
+   off, the same bundle and session settings, off and on in strict turns (benchmarks/harness.py)
+   after a prompt of ``P`` tokens; median of per-round ratios and their range.
 
     python -m benchmarks.bench_step_invariance [--prompts 72] [--new-tokens 64] [--rounds 5]
         [--contexts 32,256,800] [--batches 1,8] [--precisions fp32,int8-dynamic,int4] [--skip-exact]
+        [--skip-cost] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import time
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.common import CACHE, random_checkpoint
+from benchmarks.harness import Column, Report, add_json_argument, interleave
+from gpt2_edge.measure import summary
 
 HELDOUT = Path(__file__).resolve().parent.parent / "gpt2_edge" / "default_model" / "heldout.txt"
 HERE = CACHE / "step-invariant"  # bundles with the step_invariant input (older caches lack it)
@@ -81,6 +84,11 @@ def decode_rate(backend, batch: int, context: int, steps: int, seed: int) -> flo
     return batch * steps / (time.perf_counter() - t)
 
 
+def round_rate(backend, batch: int, context: int, steps: int, r: int) -> float:
+    """``decode_rate`` for round ``r`` (-1: the untimed warm-up): each round its own random tokens."""
+    return decode_rate(backend, batch, context, steps, r + 1)
+
+
 def cost(
     precisions: list[str], contexts: list[int], batches: list[int], rounds: int, threads: int
 ) -> list[dict]:
@@ -96,35 +104,35 @@ def cost(
         for batch in batches:
             for context in contexts:
                 steps = 48 if batch == 1 else 24
-                decode_rate(off, batch, context, 8, 0)
-                decode_rate(on, batch, context, 8, 0)
-                ratios, r_off, r_on = [], [], []
-                for r in range(rounds):
-                    pair = [(off, r_off), (on, r_on)] if r % 2 == 0 else [(on, r_on), (off, r_off)]
-                    for backend, out in pair:
-                        out.append(decode_rate(backend, batch, context, steps, r))
-                    ratios.append(r_on[-1] / r_off[-1])
+                runs = interleave(
+                    {
+                        "off": functools.partial(round_rate, off, batch, context, steps),
+                        "on": functools.partial(round_rate, on, batch, context, steps),
+                    },
+                    rounds,
+                )
+                ratio = runs.ratio("on", "off")
                 row = dict(
                     precision=precision,
                     batch=batch,
                     context=context,
-                    off=statistics.median(r_off),
-                    on=statistics.median(r_on),
-                    ratio=statistics.median(ratios),
-                    lo=min(ratios),
-                    hi=max(ratios),
+                    off=summary(runs.values("off"))[0],
+                    on=summary(runs.values("on"))[0],
+                    ratio=(ratio["median"], ratio["lo"], ratio["hi"]),
+                    combined=ratio["combined"],
+                    rates={"off": runs.values("off"), "on": runs.values("on"), "orders": runs.orders},
                 )
                 rows.append(row)
                 print(
                     f"cost {precision} b{batch} @{context}: off {row['off']:.1f}, on {row['on']:.1f} tok/s, "
-                    f"on/off {row['ratio']:.2f} ({row['lo']:.2f}-{row['hi']:.2f})",
+                    f"on/off {ratio['median']:.2f} ({ratio['lo']:.2f}-{ratio['hi']:.2f})",
                     flush=True,
                 )
         del off, on
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=72)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -136,7 +144,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-exact", action="store_true")
     ap.add_argument("--skip-cost", action="store_true")
-    a = ap.parse_args()
+    add_json_argument(ap)
+    a = ap.parse_args(argv)
+    report = Report("bench_step_invariance", "Step invariance: what it fixes, what it costs", argv, vars(a))
     exact = (
         [] if a.skip_exact else exactness(a.exact_precisions.split(","), a.prompts, a.new_tokens, a.threads)
     )
@@ -152,22 +162,41 @@ def main() -> None:
         )
     )
     if exact:
-        print("\n| precision | greedy plain = prompt lookup, invariance off | on |\n|---|---:|---:|")
+        table = []
         for p in dict.fromkeys(r["precision"] for r in exact):
             off, on = (
                 next(r for r in exact if r["precision"] == p and r["invariant"] == v) for v in (False, True)
             )
-            print(f"| {p} | {off['same']}/{off['n']} | {on['same']}/{on['n']} |")
-    if rows:
-        print(
-            "\n| precision | batch | context | off tok/s | on tok/s | on/off (range) |"
-            "\n|---|---:|---:|---:|---:|---|"
-        )
-        for r in rows:
-            print(
-                f"| {r['precision']} | {r['batch']} | {r['context']} | {r['off']:.1f} | {r['on']:.1f} | "
-                f"{r['ratio']:.2f} ({r['lo']:.2f}-{r['hi']:.2f}) |"
+            table.append(
+                {"precision": p, "off": f"{off['same']}/{off['n']}", "on": f"{on['same']}/{on['n']}"}
             )
+        report.table(
+            f"exactness: greedy continuations of {a.prompts} held-out passages on the shipped model, "
+            f"{a.new_tokens} new tokens, plain = prompt lookup 8",
+            [
+                Column("precision", "precision"),
+                Column("off", "identical, step invariance off"),
+                Column("on", "on"),
+            ],
+            table,
+        )
+    if rows:
+        report.raw["cost"] = rows
+        report.table(
+            f"cost: plain decode tok/s, 124M random weights, on over off, {a.rounds} rounds, "
+            f"{a.threads} threads",
+            [
+                Column("precision", "precision"),
+                Column("batch", "batch", "d"),
+                Column("context", "context", "d"),
+                Column("off", "off tok/s", ".1f"),
+                Column("on", "on tok/s", ".1f"),
+                Column("ratio", "on / off, median (range)", ".2f"),
+                Column("combined", "on / off, both orders combined", ".2f"),
+            ],
+            rows,
+        )
+    report.emit(a.json)
 
 
 if __name__ == "__main__":

@@ -57,3 +57,19 @@ def variant_of(bundle: Path, precision: str) -> Path:
     from gpt2_edge.quantize.pipeline import quantize_bundle
 
     return quantize_bundle(bundle, precision, out, force=True, overwrite=True)[0]
+
+
+def bench_worker(
+    bundle: Path | str, config: dict, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> dict:
+    """One ``gpt2-edge bench`` measurement of ``bundle`` in a fresh process (its own peak RSS):
+    ``python -m gpt2_edge.bench --worker``, its ``BenchResult`` as a dict."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "gpt2_edge.bench", "--worker", str(bundle), "--config", json.dumps(config)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{bundle}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

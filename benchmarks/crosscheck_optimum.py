@@ -3,27 +3,33 @@
 Both graphs take the same input names, so one feed dict drives both sessions: a left-padded
 batch prefill, then greedy decode steps feeding each graph's presents back as its past.
 
-    python -m benchmarks.crosscheck_optimum [MODEL]   (default: the shipped default model)
+    python -m benchmarks.crosscheck_optimum [MODEL] [--json PATH]   (default: the shipped default model)
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from benchmarks.harness import Column, Report, add_json_argument
 from gpt2_edge.export.bundle import export_bundle
 from gpt2_edge.model.checkpoint import load_checkpoint, resolve_model_dir
 from gpt2_edge.runtime.generator import left_pad
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?", help="checkpoint directory (default: the shipped default model)")
+    add_json_argument(ap)
+    args = ap.parse_args(argv)
+    report = Report("crosscheck_optimum", "Our ONNX export against Optimum's", argv, vars(args))
     from optimum.exporters.onnx import main_export
 
-    src = resolve_model_dir(sys.argv[1] if len(sys.argv) > 1 else None)
+    src = resolve_model_dir(args.model)
     c = load_checkpoint(src).config
     with tempfile.TemporaryDirectory() as d:
         main_export(
@@ -62,10 +68,17 @@ def main() -> None:
             ids = outs["ours"][0][:, -1].argmax(-1)[:, None].astype(np.int64)
             mask = np.concatenate([mask, np.ones((3, 1), np.int64)], 1)
             pos = pos[:, -1:] + 1
-    print(
-        f"{src}: ours vs optimum, left-padded batch prefill + 16 decode steps: max |dlogits| {worst:.2e}, "
-        f"top-1 agreement {agree}/{total}"
+    report.table(
+        "ours vs optimum (text-generation-with-past), same feeds: a left-padded batch prefill + 16 greedy "
+        "decode steps",
+        [
+            Column("model", "model"),
+            Column("worst", "max |Δlogits|", ".2e"),
+            Column("top1", "top-1 agreement"),
+        ],
+        [{"model": str(src), "worst": worst, "top1": f"{agree}/{total}"}],
     )
+    report.emit(args.json)
 
 
 if __name__ == "__main__":
