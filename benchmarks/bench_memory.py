@@ -98,7 +98,7 @@ def stages(path: str, threads: int, session_config: dict[str, str], full: bool) 
     out["tokenizer"] = status()
     next_stage()
     rng = np.random.default_rng(0)
-    vocab = bundle.dims["vocab_size"]
+    vocab = bundle.dims.vocab_size
 
     def run(n: int, batch: int, new: int) -> dict:
         prompts = [[int(t) for t in rng.integers(0, vocab, n)] for _ in range(batch)]
@@ -114,11 +114,8 @@ def stages(path: str, threads: int, session_config: dict[str, str], full: bool) 
         run(32, 8, 64)
         run(896, 1, 64)
         out["bench"] = status()
-    files = bundle.manifest["files"]
-    out["weights_mib"] = (
-        sum(f["bytes"] for n, f in files.items() if n.startswith(bundle.manifest["model_file"])) / MIB
-    )
-    out["mapped_mib"] = (backend.mapped.bytes_mapped / MIB) if getattr(backend, "mapped", None) else 0.0
+    out["weights_mib"] = bundle.manifest.model_bytes() / MIB
+    out["mapped_mib"] = (backend.mapped.bytes_mapped / MIB) if backend.mapped is not None else 0.0
     return out
 
 

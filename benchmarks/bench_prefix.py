@@ -13,12 +13,14 @@ ratios are to the plain prefill of the same round. The outputs are compared too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import numpy as np
 
 from benchmarks.harness import Column, Report, add_json_argument, interleave
 from gpt2_edge.measure import ratio_summary, summary
 from gpt2_edge.runtime.generator import Generator
+from gpt2_edge.runtime.prefix_cache import KVStore
 from gpt2_edge.runtime.sampling import GenerationConfig
 
 from .common import bundle_of, random_checkpoint, variant_of
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             path = variant_of(path, args.precision)
     plain = Generator.from_bundle(str(path), threads=args.threads)
     tokens = (args.prompt_tokens + args.suffix_tokens + args.new_tokens) * 2
-    cached = Generator(plain.backend, plain.tokenizer, plain.eos_token_id, plain.n_ctx, prefix_cache=tokens)
+    cached = Generator(dataclasses.replace(plain.model, prefix_store=KVStore(tokens)))
     cfg = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
     vocab = plain.tokenizer.vocab_size
 

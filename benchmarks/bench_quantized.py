@@ -65,7 +65,7 @@ def speed_rows(model: str, bundles: dict[str, Path], args: argparse.Namespace, r
     report.raw.setdefault("rates", {})[model] = runs.results
     rows = []
     for name, b in bundles.items():
-        acc = Bundle.load(b, verify=False).manifest.get("accuracy") or {}
+        acc = Bundle.load(b, verify=False).manifest.accuracy or {}
         rate = runs.values(name)
         row = {
             "model": model,

@@ -28,6 +28,7 @@ With ``--draft`` the B side is the draft model (no prompt lookup) on the same ta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -113,9 +114,9 @@ def bench_model(model: str, args: argparse.Namespace) -> list[dict]:
         from gpt2_edge.runtime.drafters import DraftModel
 
         draft = DraftModel.from_bundle(args.draft, args.draft_tokens, threads=args.threads).attach(
-            gen.backend.bundle
+            gen.model.bundle
         )
-        gen_b, lookup_b = Generator(gen.backend, gen.tokenizer, gen.eos_token_id, gen.n_ctx, draft=draft), 0
+        gen_b, lookup_b = Generator(dataclasses.replace(gen.model, draft=draft)), 0
     rows = []
     for name, (prompts, fields) in workloads(gen, model, args.new_tokens, args.prompts).items():
         run(gen, prompts[:1], fields, 0)  # warm-up: first-run allocations and kernel choices
