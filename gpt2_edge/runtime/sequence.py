@@ -18,6 +18,7 @@ end. The result is exactly that of detokenizing every generated id at every step
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -71,6 +72,9 @@ class SequenceState:
         self.text = ""  # the final text, once finished
         self.piece = ""  # what the last ``append`` (or ``extend``) made showable
         self._emitted = 0  # characters of the text shown so far
+        # Speculative decoding's record of this sequence (its prompt-lookup index, how its drafts
+        # fared, its tokens in the draft model's cache): ``runtime.speculative`` sets and reads it.
+        self.speculation: Any = None
         # The text so far is ``"".join(_parts)`` (``_done`` characters, ending on a complete
         # character) + ``_tail`` (the ids from ``_read`` on, decoded in the context of the window
         # ``_prefix:_read``, whose text is ``_prefix_text``). ``_win`` holds the last characters of

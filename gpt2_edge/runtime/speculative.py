@@ -85,7 +85,9 @@ class StepResult:
 
 @dataclass
 class _Row:
-    state: Any  # the sequence this slot serves now (another one resets the row)
+    """What speculation knows of one sequence; it lives on the sequence (``SequenceState.speculation``),
+    so a sequence's whole state travels with it (the server's ``Slot``) and leaving drops it."""
+
     lookup: PromptLookup | None
     sources: dict[Any, Source] = field(default_factory=dict)  # n-gram length or "model" -> record
     lookup_probes: Probes = field(default_factory=Probes)  # shared by its n-gram sources
@@ -159,7 +161,6 @@ class Speculator:
         self._lone_steps = 0
         if self.clock is None:
             self.clock = time.perf_counter
-        self._rows: dict[int, _Row] = {}
         self._draft_cache: KVCache | None = None
         if self.draft is not None and self.can_verify:
             cap = min(self.cache.capacity, self.draft.backend.n_ctx)
@@ -168,9 +169,8 @@ class Speculator:
                 raise Gpt2EdgeError("the draft model's KV cache cannot roll back (in-place bundles only)")
 
     def release(self, slot: int) -> None:
-        """Forget the sequence in ``slot`` (call it with ``cache.release``)."""
-        row = self._rows.pop(slot, None)
-        if row is not None and row.draft_len and self._draft_cache is not None:
+        """Free ``slot``'s rows in the draft model's cache (call it with ``cache.release``)."""
+        if self._draft_cache is not None and self._draft_cache.length(slot):
             self._draft_cache.release(slot)
 
     def follow(self) -> None:
@@ -202,15 +202,16 @@ class Speculator:
         cache = self._draft_cache
         first: dict[int, list[int]] = {}
         more: dict[int, list[int]] = {}
+        rows: dict[int, _Row] = {}
         for slot, state, n in zip(slots, states, upto, strict=True):
-            row = self._row(slot, state)
+            row = rows[slot] = self._row(slot, state)
             if row.draft_len < n <= cache.capacity:
                 (more if row.draft_len else first)[slot] = state.seen[row.draft_len : n]
         for chunks, run in ((first, cache.prefill), (more, cache.extend)):
             if chunks:
                 run(list(chunks), list(chunks.values()))
                 for slot in chunks:
-                    self._rows[slot].draft_len = cache.length(slot)
+                    rows[slot].draft_len = cache.length(slot)
 
     def step(
         self,
@@ -254,7 +255,7 @@ class Speculator:
             if accepted < len(d):  # roll the rejected drafted tokens back
                 self.cache.truncate(slot, len(state.seen) + accepted)
             if d:
-                row = self._rows[slot]
+                row = state.speculation
                 each = self.draft.cost if row.drafted_by == "model" and self.draft is not None else 0.0
                 row.sources[row.drafted_by].record(len(d), accepted, each)
                 self._sync_draft(slot, row, len(state.seen) + accepted)
@@ -287,12 +288,11 @@ class Speculator:
 
     # drafting ---------------------------------------------------------------------------------
     def _row(self, slot: int, state: SequenceState) -> _Row:
-        row = self._rows.get(slot)
-        if row is None or row.state is not state:
-            if row is not None:
-                self.release(slot)
+        row = state.speculation
+        if row is None:  # a sequence new here: what the draft rows of its slot hold is another's
+            self.release(slot)
             lookup = PromptLookup(self.max_ngram, self.min_ngram) if state.config.prompt_lookup else None
-            row = self._rows[slot] = _Row(state, lookup)
+            row = state.speculation = _Row(lookup)
         return row
 
     @staticmethod
@@ -359,7 +359,7 @@ class Speculator:
             n = own.get(plan.index, plan.tokens(width))
             if not n:
                 continue
-            row = self._rows[slots[plan.index]]
+            row = states[plan.index].speculation
             row.drafted_by = plan.key
             if plan.at is not None:
                 drafts[plan.index] = PromptLookup.continuation(states[plan.index].seen, plan.at, n)
@@ -416,7 +416,7 @@ class Speculator:
         first: dict[int, list[int]] = {}
         more: dict[int, list[int]] = {}
         for i in ask:
-            row, seen = self._rows[slots[i]], states[i].seen
+            row, seen = states[i].speculation, states[i].seen
             (more if row.draft_len else first)[i] = seen[row.draft_len :]
         logits: dict[int, np.ndarray] = {}
         for chunks, run in ((first, cache.prefill), (more, cache.extend)):
@@ -432,7 +432,7 @@ class Speculator:
                 x = choosers[i].process(row_logits[None], [seen], len(states[i].generated) + len(drafts[i]))
                 drafts[i].append(int(np.argmax(x[0])))
             for i in ask:
-                self._rows[slots[i]].draft_len = cache.length(slots[i])
+                states[i].speculation.draft_len = cache.length(slots[i])
             going = [i for i in ask if len(drafts[i]) < ask[i]]
             if not going:
                 return drafts
