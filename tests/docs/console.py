@@ -24,6 +24,7 @@ process a page started is sent SIGTERM when the page ends (by process group, the
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -108,6 +109,7 @@ def shipped_bundle(env: dict[str, str]) -> Path:
     with _shipped_lock:
         if _shipped is None:
             root = Path(tempfile.mkdtemp(prefix="gpt2-edge-docs-shipped-"))
+            atexit.register(shutil.rmtree, root, ignore_errors=True)
             out = root / "bundle"
             done = subprocess.run(
                 [sys.executable, "-m", "gpt2_edge", "export", "-o", str(out), "--quiet"],
