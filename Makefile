@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 # only for tests/engine/engine_fakes.py, which runs a bundle's ONNX graph as a fake TensorRT engine.
 $(LITE_STAMP): pyproject.toml
 	python3 -m venv $(LITE)
-	$(LITE)/bin/python -m pip --disable-pip-version-check -q install -e '.[cpu,serve]' pytest httpx openai onnx
+	$(LITE)/bin/python -m pip --disable-pip-version-check -q install -e '.[cpu,serve,structured]' pytest httpx openai onnx
 	touch $(LITE_STAMP)
 
 demo: $(STAMP)

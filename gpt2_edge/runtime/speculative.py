@@ -226,6 +226,12 @@ class Speculator:
         lone = len(slots) == 1 and self._draft_cache is not None and not choosers[0].config.do_sample
         t_step = self.clock()
         drafts = self._drafts(slots, states, choosers, guard=lone)
+        # a constrained sequence's drafted tokens past what its constraint takes are cut here (they
+        # could only be rejected); the rest are verified under the masks along them
+        drafts = [
+            d if s.constraint is None or not d else d[: s.constraint.valid_prefix(d)]
+            for s, d in zip(states, drafts, strict=True)
+        ]
         pending = [s.seen[-1] for s in states]
         self.stats.passes += 1
         t0 = time.perf_counter()
@@ -243,14 +249,20 @@ class Speculator:
             and all(len(s.generated) == n for s in states)
         ):
             # plain decoding's own choice for the whole batch, in one call (and one draw)
-            plain = choosers[0](logits[:, 0], [s.seen for s in states], n)
+            allowed = None
+            if any(s.constraint is not None for s in states):
+                allowed = [s.allowed() for s in states]
+            plain = choosers[0](logits[:, 0], [s.seen for s in states], n, allowed)
         out = []
         for i, (slot, state, d) in enumerate(zip(slots, states, drafts, strict=True)):
             if plain is not None:
                 out.append(StepResult([int(plain[i])], logits[i, :1]))
                 self.stats.tokens += 1
                 continue
-            tokens = choosers[i].verify(logits[i, : len(d) + 1], state.seen, len(state.generated), d)
+            masks = None if state.constraint is None else state.constraint.masks_along(d)
+            tokens = choosers[i].verify(
+                logits[i, : len(d) + 1], state.seen, len(state.generated), d, allowed=masks
+            )
             accepted = len(tokens) - 1
             if accepted < len(d):  # roll the rejected drafted tokens back
                 self.cache.truncate(slot, len(state.seen) + accepted)
