@@ -21,6 +21,7 @@ constraint is complete), ``ConstraintState.complete`` is true and the sequence e
 from __future__ import annotations
 
 import json
+import re
 import threading
 import weakref
 from collections import OrderedDict
@@ -132,10 +133,18 @@ def _grammar_spec(llg: Any, c: Constraint) -> str:
         return llg.LLMatcher.grammar_from_lark(
             "start: " + " | ".join(json.dumps(o) for o in json.loads(c.text))
         )
-    try:
-        return grammar_from("gbnf" if "::=" in c.text else "lark", c.text)
-    except ValueError as e:
-        raise ConstraintError(f"the grammar does not compile: {e}") from None
+    return grammar_from("gbnf" if "::=" in c.text else "lark", c.text)
+
+
+def _one_line(message: str) -> str:
+    """llguidance's message on one line: without its source excerpt and carets."""
+    lines = [line.strip() for line in str(message).splitlines()]
+    kept = [line for line in lines if line and set(line) - {"^", " "} and not re.match(r"\d+ \|", line)]
+    return " ".join(kept)
+
+
+def _refuse(c: Constraint, message: object) -> ConstraintError:
+    return ConstraintError(f"{c.describe()} does not compile: {_one_line(str(message))}")
 
 
 class CompiledConstraint:
@@ -230,10 +239,10 @@ class _Compiler:
         try:
             spec = _grammar_spec(self.llg, c)
         except ValueError as e:  # llguidance: not valid JSON, a bad schema keyword
-            raise ConstraintError(f"{c.describe()} does not compile: {e}") from None
+            raise _refuse(c, e) from None
         matcher = self.llg.LLMatcher(self.lltokenizer, spec, log_level=0)
         if matcher.is_error():
-            raise ConstraintError(f"{c.describe()} does not compile: {matcher.get_error()}")
+            raise _refuse(c, matcher.get_error())
         words = (self.lltokenizer.vocab_size + 31) // 32
         compiled = CompiledConstraint(c, matcher, vocab_size, words, self.eos_token_id)
         with self.lock:
@@ -269,6 +278,19 @@ def compile_constraint(
             f"a constraint is a Constraint (Constraint.regex(...), ...), got {constraint!r}"
         )
     return _compiler(tokenizer).compile(constraint, vocab_size or tokenizer.vocab_size)
+
+
+def validate_constraint(constraint: Constraint) -> None:
+    """Refuse a constraint that does not compile, without a tokenizer (a CLI checks its flags
+    before loading a model): ``ConstraintError`` naming it."""
+    llg = _llguidance()
+    try:
+        spec = _grammar_spec(llg, constraint)
+    except ValueError as e:
+        raise _refuse(constraint, e) from None
+    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(spec)
+    if is_error:
+        raise _refuse(constraint, messages[0])
 
 
 def compile_count(tokenizer: Tokenizer) -> int:
