@@ -228,6 +228,7 @@ class Speculator:
         drafts = self._drafts(slots, states, choosers, guard=lone)
         # a constrained sequence's drafted tokens past what its constraint takes are cut here (they
         # could only be rejected); the rest are verified under the masks along them
+        proposed = drafts
         drafts = [
             d if s.constraint is None or not d else d[: s.constraint.valid_prefix(d)]
             for s, d in zip(states, drafts, strict=True)
@@ -255,6 +256,8 @@ class Speculator:
             plain = choosers[0](logits[:, 0], [s.seen for s in states], n, allowed)
         out = []
         for i, (slot, state, d) in enumerate(zip(slots, states, drafts, strict=True)):
+            if proposed[i] and not d:  # all of it cut by the constraint: the draft rows hold it
+                self._sync_draft(slot, state.speculation, len(state.seen))
             if plain is not None:
                 out.append(StepResult([int(plain[i])], logits[i, :1]))
                 self.stats.tokens += 1
