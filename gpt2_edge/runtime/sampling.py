@@ -139,14 +139,14 @@ class GenerationConfig:
             if not isinstance(s, str):
                 raise Gpt2EdgeError(f"stop[{i}] must be a string, got {s!r}")
         put("stop", tuple(stop))
-        put("logit_bias", _logit_bias_pairs(self.logit_bias))
+        put("logit_bias", logit_bias_pairs(self.logit_bias))
         if self.constraint is not None and not isinstance(self.constraint, Constraint):
             raise Gpt2EdgeError(
                 f"constraint must be a Constraint (Constraint.json_schema(...), ...), got {self.constraint!r}"
             )
 
 
-def _logit_bias_pairs(value: object) -> tuple[tuple[int, float], ...]:
+def logit_bias_pairs(value: object) -> tuple[tuple[int, float], ...]:
     """``logit_bias`` as sorted ``(token id, bias)`` pairs, checked: ids are non-negative integers
     (a dict's keys may be strings of them, as JSON has), biases numbers in [-100, 100], at most 300."""
     if isinstance(value, dict):
