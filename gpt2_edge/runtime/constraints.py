@@ -26,6 +26,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -278,6 +279,23 @@ def compile_constraint(
             f"a constraint is a Constraint (Constraint.regex(...), ...), got {constraint!r}"
         )
     return _compiler(tokenizer).compile(constraint, vocab_size or tokenizer.vocab_size)
+
+
+_worker: ThreadPoolExecutor | None = None
+
+
+def mask_worker() -> ThreadPoolExecutor:
+    """The one thread that computes masks while the model runs (``generator.iter_decode``)."""
+    global _worker
+    with _compilers_lock:
+        if _worker is None:
+            _worker = ThreadPoolExecutor(1, thread_name_prefix="gpt2-edge-masks")
+        return _worker
+
+
+def masks_of(states: Sequence[Any]) -> list[np.ndarray | None]:
+    """Each sequence state's mask for its next token (None for a free one): ``SequenceState.allowed``."""
+    return [s.allowed() for s in states]
 
 
 def validate_constraint(constraint: Constraint) -> None:

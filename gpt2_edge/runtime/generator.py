@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Generator as Generator_
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from ..errors import Gpt2EdgeError, Gpt2EdgeTypeError
 from .beam import beam_search
-from .constraints import CompiledConstraint, compile_constraint
+from .constraints import CompiledConstraint, compile_constraint, mask_worker, masks_of
 from .loader import Model, load_model
 from .prefix_cache import KVStore
 from .sampling import GenerationConfig, TokenChooser, check_logit_bias_vocab
@@ -63,6 +64,7 @@ def iter_decode(
     draft: DraftModel | None = None,
     prefix_cache: KVStore | None = None,
     constraint: CompiledConstraint | None = None,
+    mask_ahead: bool = True,
 ) -> Generator_[list[SequenceState], None, list[GenerationResult]]:
     """The decode loop as a generator: yields every row's ``SequenceState`` after each step (its
     ``piece`` is the text that step made showable) and returns the results. Each row stops on its
@@ -72,7 +74,9 @@ def iter_decode(
     With a ``prefix_cache`` (in-place caches), prompts start from stored rows of earlier calls
     that share their beginning, and each finished row is stored. With ``config.constraint``,
     ``constraint`` is it compiled for this tokenizer (``runtime.constraints.compile_constraint``):
-    every row keeps to it, and ends ("stop") once it is complete."""
+    every row keeps to it, and ends ("stop") once it is complete; ``mask_ahead``: its masks for the
+    next step are computed in a worker thread while the model runs (llguidance and ONNX Runtime
+    both release the GIL), else after it."""
     if config.num_beams != 1:
         raise Gpt2EdgeError("iter_decode is the num_beams=1 loop; beam search lives in runtime.beam")
     prompts = fit_context(prompts, config, n_ctx)
@@ -98,8 +102,13 @@ def iter_decode(
     if (config.prompt_lookup or draft is not None) and can_verify(cache):
         spec = Speculator(cache, draft)
     steps = 0
+    ahead: Future[list[np.ndarray | None]] | None = None
     for step in range(config.max_new_tokens):
-        allowed = None if constraint is None else [rows[b].allowed() for b in slots]
+        allowed = None
+        if ahead is not None:
+            allowed = ahead.result()
+        elif constraint is not None:
+            allowed = [rows[b].allowed() for b in slots]
         nxt = chooser(logits, [rows[b].seen for b in slots], step, allowed)
         for i, b in enumerate(slots):
             rows[b].append(int(nxt[i]))
@@ -108,6 +117,8 @@ def iter_decode(
         slots = [b for b in slots if not rows[b].finished]  # finished rows leave the batch
         if not slots or spec is not None:
             break
+        if constraint is not None and mask_ahead:  # the next masks while the model runs
+            ahead = mask_worker().submit(masks_of, [rows[b] for b in slots])
         logits = cache.decode(slots, [rows[b].generated[-1] for b in slots])
     while spec is not None and slots:  # the first token came from the prefill, as above
         states = [rows[b] for b in slots]
@@ -165,6 +176,7 @@ def decode(
     draft: DraftModel | None = None,
     prefix_cache: KVStore | None = None,
     constraint: CompiledConstraint | None = None,
+    mask_ahead: bool = True,
 ) -> list[GenerationResult]:
     """Continue every prompt: greedy / sampled (``num_beams=1``, speculative with
     ``config.prompt_lookup`` or a ``draft`` model) or beam search (never speculative)."""
@@ -187,6 +199,7 @@ def decode(
         draft=draft,
         prefix_cache=prefix_cache,
         constraint=constraint,
+        mask_ahead=mask_ahead,
     )
     while True:
         try:

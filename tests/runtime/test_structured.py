@@ -16,7 +16,7 @@ import pytest
 from gpt2_edge.errors import Gpt2EdgeError
 from gpt2_edge.runtime import constraints as C
 from gpt2_edge.runtime.constraints import Constraint, ConstraintError, compile_constraint, compile_count
-from gpt2_edge.runtime.generator import Generator
+from gpt2_edge.runtime.generator import Generator, decode
 from gpt2_edge.runtime.sampling import GenerationConfig, TokenChooser
 from gpt2_edge.runtime.sequence import SequenceState
 from gpt2_edge.runtime.speculative import DraftModel
@@ -333,3 +333,16 @@ def test_a_forced_token_the_constraint_forbids_yields_to_the_constraint(tiny):
         "a", GenerationConfig(max_new_tokens=4, constraint=constraint, logit_bias={digit: 100})
     )[0]
     assert r.text == "5555"
+
+
+def test_masks_computed_while_the_model_runs_change_nothing(shipped):
+    cfg = GenerationConfig(
+        max_new_tokens=30, constraint=Constraint.json_schema(PERSON), do_sample=True, seed=4
+    )
+    prompts = [shipped.encode(p) for p in ("a", "The person is", "b c")]
+    kw = dict(eos_token_id=shipped.eos_token_id, n_ctx=shipped.n_ctx, detokenize=shipped.tokenizer.decode)
+    runs = [
+        decode(shipped.backend, prompts, cfg, constraint=shipped.compile(cfg), mask_ahead=ahead, **kw)
+        for ahead in (True, False)
+    ]
+    assert [r.token_ids for r in runs[0]] == [r.token_ids for r in runs[1]]
