@@ -109,10 +109,13 @@ class SequenceState:
         call), or None without a constraint."""
         return None if self.constraint is None else self.constraint.allowed()
 
-    def choose(self, logits: np.ndarray) -> int:
-        """The next token from this sequence's last-position logits ``(V,)``."""
-        allowed = None if self.constraint is None else [self.constraint.allowed()]
-        return int(self.chooser(logits[None, :], [self.seen], len(self.generated), allowed)[0])
+    def choose(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> int:
+        """The next token from this sequence's last-position logits ``(V,)``; ``allowed``: the
+        constraint's mask for it if computed already (``allowed()``), else it is computed here."""
+        if self.constraint is not None and allowed is None:
+            allowed = self.constraint.allowed()
+        masks = None if allowed is None else [allowed]
+        return int(self.chooser(logits[None, :], [self.seen], len(self.generated), masks)[0])
 
     def append(self, token: int) -> str:
         """Take the chosen token; the text that can be shown now (often ``""``). Once the sequence
