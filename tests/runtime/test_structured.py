@@ -20,6 +20,7 @@ from gpt2_edge.runtime.generator import Generator, decode
 from gpt2_edge.runtime.sampling import GenerationConfig, TokenChooser
 from gpt2_edge.runtime.sequence import SequenceState
 from gpt2_edge.runtime.speculative import DraftModel
+from gpt2_edge.runtime.tokenizer import Tokenizer
 from tests.bundles import INPLACE, SHIPPED, spec
 
 llguidance = pytest.importorskip("llguidance")
@@ -103,14 +104,18 @@ def test_constraint_values_are_hashable_and_canonical():
     "options",
     [["yes", "yesterday", "no thanks", "n/a"], ["yesterday", "yesterdays"], ["abcde", "abcdx", " x"]],
 )
-def test_choice_masks_are_exact_for_byte_level_bpe(shipped, options):
+@pytest.mark.parametrize("vocabulary", ["shipped", "gpt2"])
+def test_choice_masks_are_exact_for_byte_level_bpe(request, options, vocabulary):
     """Every token whose bytes keep the text a prefix of an option is allowed, and no other: tokens
     that cross an option's end or span two parts of it included; eos exactly when complete. Where
     the constraint forces the next bytes, llguidance writes them in their canonical tokenization:
     the mask is then that tokenization's first token alone (when it has two or more tokens, or
     ends the text), which the brute force below predicts too."""
-    tok = shipped.tokenizer
-    state = compile_constraint(tok, Constraint.choice(options), shipped.model.vocab_size).start()
+    if vocabulary == "gpt2":  # GPT-2's own 50,257 tokens
+        tok = Tokenizer.from_vocab_merges(*request.getfixturevalue("gpt2_bpe_files"))
+    else:  # the shipped model's 8,192
+        tok = request.getfixturevalue("shipped").tokenizer
+    state = compile_constraint(tok, Constraint.choice(options)).start()
     texts = [tok.decode([t]) for t in range(tok.vocab_size)]
     text = ""
     for step in tok.encode(options[0]):
