@@ -98,7 +98,7 @@ class Constraint:
     @classmethod
     def grammar(cls, text: str) -> Constraint:
         """Text of a grammar: Lark (llguidance's dialect) or GBNF (llama.cpp's), told apart by
-        llguidance (``::=`` rules are GBNF)."""
+        llguidance."""
         if not isinstance(text, str) or not text.strip():
             raise ConstraintError("a grammar is non-empty text (Lark or GBNF)")
         return cls("grammar", text)
@@ -134,7 +134,7 @@ def _grammar_spec(llg: Any, c: Constraint) -> str:
         return llg.LLMatcher.grammar_from_lark(
             "start: " + " | ".join(json.dumps(o) for o in json.loads(c.text))
         )
-    return grammar_from("gbnf" if "::=" in c.text else "lark", c.text)
+    return grammar_from("grammar", c.text)  # llguidance tells Lark from GBNF and converts GBNF
 
 
 def _one_line(message: str) -> str:

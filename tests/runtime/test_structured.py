@@ -62,7 +62,7 @@ def by_hand(gen: Generator, prompt: str, constraint: Constraint, max_new_tokens:
     tok = gen.tokenizer
     lltok = llguidance.LLTokenizer(tok.to_json(), eos_token=tok.eos_token_id)
     kind = {"json_object": "json_schema", "json_schema": "json_schema", "regex": "regex", "choice": "choice"}
-    fmt = kind.get(constraint.kind, "gbnf" if "::=" in constraint.text else "lark")
+    fmt = kind.get(constraint.kind, "grammar")
     if fmt == "json_schema":
         grammar = llguidance.LLMatcher.grammar_from_json_schema(constraint.text, defaults=C.JSON_LAYOUT)
     else:
