@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt -e '.[export,cpu,dev,serve,ray,plot]'
 	touch $(STAMP)
 
-# A device's install, `pip install gpt2-edge[cpu,serve]` (no torch, no onnx), and the test tools; onnx
+# A device's install, `pip install gpt2-edge[cpu,serve,structured]` (no torch, no onnx), and the test tools; onnx
 # only for tests/engine/engine_fakes.py, which runs a bundle's ONNX graph as a fake TensorRT engine.
 $(LITE_STAMP): pyproject.toml
 	python3 -m venv $(LITE)
