@@ -173,11 +173,18 @@ class ConstraintState:
         self.matcher = matcher
         self._bits = np.full(compiled.mask_words, -1, dtype=np.int32)
         self._allowed = np.zeros(compiled.vocab_size, dtype=np.bool_)
+        self.error: str | None = None  # why the matcher failed, once it has
 
     def allowed(self) -> np.ndarray:
         """The tokens allowed at the next position, ``(V,)`` bool (V: the model's vocabulary)."""
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
-        self._check()
+        if self.matcher.is_error():
+            # a parser limit (a pathological grammar): this sequence alone ends, with eos next,
+            # and says why (``error``); the others in its batch go on
+            self.error = self.error or f"{self.compiled.constraint.describe()}: {self.matcher.get_error()}"
+            self._allowed[:] = False
+            self._allowed[self.compiled.eos_token_id] = True
+            return self._allowed
         bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little").view(np.bool_)
         n = min(len(bits), len(self._allowed))
         self._allowed[:n] = bits[:n]  # model rows past the tokenizer's vocabulary stay False
@@ -213,9 +220,6 @@ class ConstraintState:
     def accepting(self) -> bool:
         return bool(self.matcher.is_accepting())
 
-    def _check(self) -> None:
-        if self.matcher.is_error():
-            raise Gpt2EdgeError(f"{self.compiled.constraint.describe()}: {self.matcher.get_error()}")
 
 
 class _Compiler:

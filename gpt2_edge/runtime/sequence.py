@@ -77,7 +77,8 @@ class SequenceState:
         self.prompt = list(prompt)
         self.seen = list(prompt)
         self.generated: list[int] = []
-        # "eos", "stop" (a stop string, or the constraint complete) or "length" once finished
+        # "eos", "stop" (a stop string, or the constraint complete), "length" or "error" (the
+        # constraint's matcher failed: ``constraint.error``) once finished
         self.finish_reason: str | None = None
         self.text = ""  # the final text, once finished
         self.piece = ""  # what the last ``append`` (or ``extend``) made showable
@@ -125,7 +126,9 @@ class SequenceState:
         self.generated.append(token)
         self.seen.append(token)
         if token == self.eos_token_id:
-            self._finish("eos", len(self._win) + len(self._tail))  # the text before the eos
+            # "error": the constraint's matcher failed (its ``error`` says why) and ended the text
+            failed = self.constraint is not None and self.constraint.error is not None
+            self._finish("error" if failed else "eos", len(self._win) + len(self._tail))
             return self._take_rest()
         done_before = self._done
         window = self.detokenize(self.generated[self._prefix :])

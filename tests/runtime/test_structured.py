@@ -351,3 +351,16 @@ def test_masks_computed_while_the_model_runs_change_nothing(shipped):
         for ahead in (True, False)
     ]
     assert [r.token_ids for r in runs[0]] == [r.token_ids for r in runs[1]]
+
+
+def test_a_failed_matcher_ends_its_sequence_alone(shipped):
+    """A matcher in error (llguidance's parser limits, say) ends its own sequence with eos and
+    finish reason "error", saying why; nothing raises into a batch's loop."""
+    tok = shipped.tokenizer
+    cfg = GenerationConfig(max_new_tokens=8, constraint=Constraint.regex("[0-9]+"))
+    state = SequenceState(tok.encode("a"), cfg, tok.eos_token_id, tok.decode, shipped.compile(cfg))
+    assert not state.constraint.matcher.consume_token(tok.encode("x")[0])  # not a digit: it fails
+    token = state.choose(np.zeros(shipped.model.vocab_size, np.float32))
+    assert token == tok.eos_token_id
+    state.append(token)
+    assert state.finish_reason == "error" and "regex" in state.constraint.error
