@@ -265,3 +265,46 @@ def test_the_openai_client_sends_response_format(client, gen):
         response_format={"type": "json_object"},
     )
     assert jo.choices[0].message.content.startswith("{")
+
+
+def test_a_failed_matcher_fails_its_request_alone(gen):
+    """A constrained sequence whose matcher fails gets an error event; the free row beside it
+    decodes as it does alone."""
+    import threading
+
+    from gpt2_edge.serve.engine import Engine
+    from gpt2_edge.serve.sequences import SequenceHandle
+
+    tok = gen.tokenizer
+    engine = Engine(gen.backend, n_ctx=gen.backend.n_ctx, max_batch=2)
+    events: dict[str, list] = {"broken": [], "free": []}
+    done = threading.Semaphore(0)
+
+    def sink(name):
+        def put(event):
+            events[name].append(event)
+            if event.error is not None or event.finish_reason is not None:
+                done.release()
+
+        return put
+
+    broken_cfg = GenerationConfig(max_new_tokens=8, constraint=Constraint.regex("[0-9]+"))
+    free_cfg = openai_generation_config(max_tokens=12, temperature=0, ignore_eos=True)
+    handles = {
+        name: SequenceHandle(
+            tok.encode(p),
+            c,
+            sink(name),
+            eos_token_id=gen.eos_token_id,
+            detokenize=tok.decode,
+            constraint=gen.compile(c),
+        )
+        for name, p, c in (("broken", "a", broken_cfg), ("free", "the king", free_cfg))
+    }
+    assert not handles["broken"].state.constraint.matcher.consume_token(tok.encode("x")[0])
+    engine.start()
+    engine.submit(list(handles.values()))
+    assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    engine.close()
+    assert "structured output failed" in events["broken"][-1].error
+    assert [e.token for e in events["free"]] == gen.generate("the king", free_cfg)[0].token_ids
