@@ -20,6 +20,7 @@ constraint is complete), ``ConstraintState.complete`` is true and the sequence e
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import threading
@@ -190,25 +191,48 @@ class ConstraintState:
         self._allowed[:n] = bits[:n]  # model rows past the tokenizer's vocabulary stay False
         return self._allowed
 
-    def advance(self, token: int) -> None:
-        """Take ``token`` (one the mask allowed)."""
+    def advance(self, token: int) -> bool:
+        """Take ``token`` (one the mask allowed); False for eos, which ends the text and is not
+        fed to the matcher (llguidance keeps no rollback record of an eos it takes)."""
+        if token == self.compiled.eos_token_id:
+            return False
         if not self.matcher.consume_token(int(token)):
             what = self.compiled.constraint.describe()
             raise Gpt2EdgeError(f"token {token} does not fit {what}: {self.matcher.get_error()}")
+        return True
 
     def valid_prefix(self, tokens: Sequence[int]) -> int:
-        """How many of ``tokens`` the constraint takes in order from here (nothing is consumed)."""
-        return int(self.matcher.validate_tokens([int(t) for t in tokens])) if tokens else 0
+        """How many of ``tokens`` the constraint takes in order from here (nothing is consumed);
+        an eos it allows there counts, and ends the run."""
+        eos = self.compiled.eos_token_id
+        body = list(itertools.takewhile(lambda t: t != eos, (int(t) for t in tokens)))
+        n = int(self.matcher.validate_tokens(body)) if body else 0
+        if n == len(body) < len(tokens) and self._eos_after(body):
+            n += 1
+        return n
+
+    def _eos_after(self, tokens: list[int]) -> bool:
+        """Whether eos is allowed after ``tokens`` (which must fit); the state is left as it was."""
+        for t in tokens:
+            self.advance(t)
+        ok = bool(self.allowed()[self.compiled.eos_token_id])
+        if tokens:
+            self.matcher.rollback(len(tokens))
+        return ok
 
     def masks_along(self, tokens: Sequence[int]) -> list[np.ndarray]:
         """The masks at the next position and after each of ``tokens`` (which must all fit):
         ``len(tokens) + 1`` masks, for a speculative verification; the state is left as it was."""
         out = [self.allowed().copy()]
+        taken = 0
         for t in tokens:
-            self.advance(t)
+            if not self.advance(t):  # eos: the text ends there; what follows is never used
+                out += [out[-1]] * (len(tokens) + 1 - len(out))
+                break
+            taken += 1
             out.append(self.allowed().copy())
-        if tokens:
-            self.matcher.rollback(len(tokens))
+        if taken:
+            self.matcher.rollback(taken)
         return out
 
     @property

@@ -439,20 +439,37 @@ class Speculator:
                 out = run([slots[i] for i in chunks], list(chunks.values()))
                 logits.update(zip(chunks, out, strict=True))
         drafts: dict[int, list[int]] = {i: [] for i in ask}
-        while True:
-            for i, row_logits in logits.items():
-                # the request's processors, so the draft is the target's greedy pick if it agrees
-                penalised = states[i].config.repetition_penalty != 1.0
-                seen = [*states[i].seen, *drafts[i]] if penalised else states[i].seen
-                x = choosers[i].process(row_logits[None], [seen], len(states[i].generated) + len(drafts[i]))
-                drafts[i].append(int(np.argmax(x[0])))
-            for i in ask:
-                states[i].speculation.draft_len = cache.length(slots[i])
-            going = [i for i in ask if len(drafts[i]) < ask[i]]
-            if not going:
-                return drafts
-            out = cache.decode([slots[i] for i in going], [drafts[i][-1] for i in going])
-            logits = dict(zip(going, out, strict=True))
+        # a constrained sequence drafts under its constraint: its matcher follows the drafted
+        # tokens (consumed here, rolled back at the end; a token it would refuse stops that)
+        following = {i: 0 for i in ask if states[i].constraint is not None}
+        try:
+            while True:
+                for i, row_logits in logits.items():
+                    # the request's processors, so the draft is the target's greedy pick if it agrees
+                    penalised = states[i].config.repetition_penalty != 1.0
+                    seen = [*states[i].seen, *drafts[i]] if penalised else states[i].seen
+                    constraint = states[i].constraint if i in following else None
+                    allowed = None if constraint is None else [constraint.allowed()]
+                    n = len(states[i].generated) + len(drafts[i])
+                    token = int(np.argmax(choosers[i].process(row_logits[None], [seen], n, allowed)[0]))
+                    drafts[i].append(token)
+                    if constraint is not None:
+                        fits = allowed[0][token] and constraint.valid_prefix([token]) == 1  # type: ignore[index]
+                        if fits and constraint.advance(token):  # eos: nothing follows to draft for
+                            following[i] += 1
+                        else:
+                            constraint.matcher.rollback(following.pop(i))
+                for i in ask:
+                    states[i].speculation.draft_len = cache.length(slots[i])
+                going = [i for i in ask if len(drafts[i]) < ask[i]]
+                if not going:
+                    return drafts
+                out = cache.decode([slots[i] for i in going], [drafts[i][-1] for i in going])
+                logits = dict(zip(going, out, strict=True))
+        finally:
+            for i, consumed in following.items():
+                if consumed:
+                    states[i].constraint.matcher.rollback(consumed)  # type: ignore[union-attr]
 
     def _sync_draft(self, slot: int, row: _Row, accepted_len: int) -> None:
         """The draft model's cache keeps what it shares with the accepted tokens: its own drafts

@@ -364,3 +364,22 @@ def test_a_failed_matcher_ends_its_sequence_alone(shipped):
     assert token == tok.eos_token_id
     state.append(token)
     assert state.finish_reason == "error" and "regex" in state.constraint.error
+
+
+@pytest.mark.parametrize("options", [["no"], ["yes", "yesterday"]])
+def test_drafts_ending_in_eos_are_checked_and_leave_the_matcher_as_it_was(shipped, options):
+    """A drafted eos where the constraint accepts (complete, or could go on) counts as valid, and
+    looking along a draft leaves the matcher where it was (llguidance keeps no rollback record of
+    an eos it takes: the runtime never feeds it one)."""
+    tok = shipped.tokenizer
+    state = compile_constraint(tok, Constraint.choice(options)).start()
+    ids = tok.encode(options[0])
+    before = state.allowed().copy()
+    draft = [*ids, tok.eos_token_id, ids[0]]
+    assert state.valid_prefix(draft) == len(ids) + 1
+    masks = state.masks_along(draft[: len(ids) + 1])
+    assert len(masks) == len(ids) + 2 and masks[-2][tok.eos_token_id]
+    assert (state.allowed() == before).all()
+    for t in ids:
+        assert state.advance(t)
+    assert not state.advance(tok.eos_token_id) and state.accepting
