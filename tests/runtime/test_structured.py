@@ -383,3 +383,20 @@ def test_drafts_ending_in_eos_are_checked_and_leave_the_matcher_as_it_was(shippe
     for t in ids:
         assert state.advance(t)
     assert not state.advance(tok.eos_token_id) and state.accepting
+
+
+def test_llguidance_is_imported_only_when_a_constraint_is_used(tiny):
+    import os
+    import subprocess
+
+    code = (
+        "import sys; from gpt2_edge import Generator, GenerationConfig, Constraint; "
+        f"g = Generator.from_bundle({str(tiny.model.bundle.path)!r}); "
+        "g.generate('a', GenerationConfig(max_new_tokens=2, logit_bias={1: 5})); "
+        "Constraint.regex('a'); print('llguidance' in sys.modules, end=' '); "
+        "g.generate('a', GenerationConfig(max_new_tokens=2, constraint=Constraint.regex('a'))); "
+        "print('llguidance' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout == "False True\n"
