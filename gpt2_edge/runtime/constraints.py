@@ -253,6 +253,7 @@ class _Compiler:
         llg = _llguidance()
         self.llg = llg
         self.eos_token_id = tokenizer.eos_token_id
+        self.vocab_size = tokenizer.vocab_size  # asked once: tokenizers counts the vocabulary
         self.lltokenizer = llg.LLTokenizer(tokenizer.to_json(), eos_token=tokenizer.eos_token_id)
         self.cache: OrderedDict[tuple[Constraint, int], CompiledConstraint] = OrderedDict()
         self.compiles = 0
@@ -306,7 +307,8 @@ def compile_constraint(
         raise ConstraintError(
             f"a constraint is a Constraint (Constraint.regex(...), ...), got {constraint!r}"
         )
-    return _compiler(tokenizer).compile(constraint, vocab_size or tokenizer.vocab_size)
+    compiler = _compiler(tokenizer)
+    return compiler.compile(constraint, vocab_size or compiler.vocab_size)
 
 
 _worker: ThreadPoolExecutor | None = None
