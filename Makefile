@@ -17,11 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt -e '.[export,cpu,dev,serve,ray,plot]'
 	touch $(STAMP)
 
-# A device's install, `pip install gpt2-edge[cpu,serve]` (no torch, no onnx), and the test tools; onnx
+# A device's install, `pip install gpt2-edge[cpu,serve,structured]` (no torch, no onnx), and the test tools; onnx
 # only for tests/engine/engine_fakes.py, which runs a bundle's ONNX graph as a fake TensorRT engine.
 $(LITE_STAMP): pyproject.toml
 	python3 -m venv $(LITE)
-	$(LITE)/bin/python -m pip --disable-pip-version-check -q install -e '.[cpu,serve]' pytest httpx openai onnx
+	$(LITE)/bin/python -m pip --disable-pip-version-check -q install -e '.[cpu,serve,structured]' pytest httpx openai onnx
 	touch $(LITE_STAMP)
 
 demo: $(STAMP)

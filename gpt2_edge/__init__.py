@@ -1,7 +1,8 @@
 """gpt2-edge: GPT-2 from a PyTorch checkpoint to ONNX, quantized variants and a torch-free runtime.
 
 ``from gpt2_edge import Generator, GenerationConfig`` is the runtime's front door (``load_model``
-gives the ``Model`` it, the server and every command build on). The names are
+gives the ``Model`` it, the server and every command build on; ``Constraint`` says what the output
+must match). The names are
 loaded on first use, so importing the package costs nothing and never pulls in torch.
 """
 
@@ -19,6 +20,7 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 _LAZY = {
     "Generator": "gpt2_edge.runtime.generator",
     "GenerationConfig": "gpt2_edge.runtime.sampling",
+    "Constraint": "gpt2_edge.runtime.constraints",
     "Bundle": "gpt2_edge.runtime.bundle",
     "Tokenizer": "gpt2_edge.runtime.tokenizer",
     "Model": "gpt2_edge.runtime.loader",
@@ -27,6 +29,7 @@ _LAZY = {
 __all__ = [
     "DEFAULT_MODEL_DIR",
     "Bundle",
+    "Constraint",
     "GenerationConfig",
     "Generator",
     "Model",
@@ -37,6 +40,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .runtime.bundle import Bundle
+    from .runtime.constraints import Constraint
     from .runtime.generator import Generator
     from .runtime.loader import Model, load_model
     from .runtime.sampling import GenerationConfig

@@ -54,9 +54,12 @@ class ModelSpec:
     vocab_size: int = 300
     n_positions: int = 64
     seed: int = 0
+    shipped: bool = False  # the package's default model (gpt2_edge/default_model) instead
 
     @property
     def name(self) -> str:
+        if self.shipped:
+            return "default-model"
         return (
             f"gpt-l{self.n_layer}-e{self.n_embd}-h{self.n_head}-v{self.vocab_size}"
             f"-p{self.n_positions}-s{self.seed}"
@@ -111,6 +114,7 @@ def spec(
 INPLACE = spec()
 CONCAT = spec(kv_cache="concat")
 TRT_TARGET = spec(target="tensorrt")
+SHIPPED = spec(model=ModelSpec(shipped=True))  # the default model's fp32 bundle (its own 8192-token BPE)
 BATCH_INVARIANCE_PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-weight", "int8-qdq", "int4")
 SPECS: dict[str, BundleSpec] = {
     s.name: s
@@ -118,6 +122,7 @@ SPECS: dict[str, BundleSpec] = {
         INPLACE,
         CONCAT,
         TRT_TARGET,
+        SHIPPED,  # structured output on a trained model (tests/runtime/test_structured.py)
         # another random model for beam search (tests/runtime/test_beam.py on the ORT backend)
         spec(model=ModelSpec(seed=5)),
         # the GPU tests (tests/engine/test_engine_gpu.py)
@@ -224,6 +229,10 @@ class BundleFactory:
 
     def checkpoint(self, model: ModelSpec = TINY) -> Path:
         """The checkpoint of ``model`` (torch needed)."""
+        if model.shipped:
+            from gpt2_edge import DEFAULT_MODEL_DIR
+
+            return DEFAULT_MODEL_DIR
         if model not in self._checkpoints:
             from gpt2_edge.model.checkpoint import save_checkpoint
             from gpt2_edge.runtime.tokenizer import Tokenizer

@@ -8,9 +8,11 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..errors import Gpt2EdgeError
 from ..runtime.backends import PROVIDERS
+from ..runtime.constraints import Constraint, ConstraintError, validate_constraint
 from ..runtime.generator import Generator
 from ..runtime.sampling import GenerationConfig
 from ..runtime.types import GenerationResult
@@ -91,6 +93,37 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         "that matches the last tokens, verified in one pass (the same greedy text; fastest when the "
         "continuation quotes the prompt; in-place bundles; 0 = off)",
     )
+    g.add_argument(
+        "--logit-bias",
+        action="append",
+        default=[],
+        metavar="ID:BIAS",
+        help="add BIAS (-100..100) to token ID's logit before anything else, as OpenAI's logit_bias: "
+        "-100 bans the token, +100 forces it (the +100 tokens are then the only candidates); "
+        "repeatable, or one JSON object '{\"50256\": -100}'",
+    )
+    s = p.add_argument_group(
+        "structured output (one of these; needs the structured extra: pip install 'gpt2-edge[structured]')"
+    )
+    s.add_argument(
+        "--json-schema",
+        metavar="FILE_OR_JSON",
+        help="the output is JSON matching this JSON schema (a file, or the schema itself)",
+    )
+    s.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    s.add_argument("--regex", help="the output matches this regular expression (Rust regex syntax)")
+    s.add_argument(
+        "--choice",
+        action="append",
+        metavar="TEXT",
+        help="the output is one of these strings (repeat, or a comma-separated list)",
+    )
+    s.add_argument(
+        "--grammar",
+        metavar="FILE",
+        help="the output follows this grammar file (Lark, or llama.cpp's GBNF); the text ends with "
+        "finish reason 'stop' once the constraint is complete",
+    )
     g.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     g.add_argument("--json", action="store_true", help="print results as JSON")
 
@@ -114,7 +147,73 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
         length_penalty=args.length_penalty,
         early_stopping={"true": True, "false": False, "never": "never"}[args.early_stopping],
         prompt_lookup=args.prompt_lookup,
+        logit_bias=_logit_bias(args.logit_bias),
+        constraint=constraint_of(args),
     )
+
+
+def _logit_bias(values: Sequence[str]) -> tuple[tuple[object, object], ...]:
+    """``--logit-bias ID:BIAS`` flags (or one JSON object) as pairs; GenerationConfig checks them."""
+    pairs: list[tuple[object, object]] = []
+    for v in values:
+        if v.lstrip().startswith("{"):
+            try:
+                obj = json.loads(v)
+            except json.JSONDecodeError as e:
+                raise Gpt2EdgeError(f"--logit-bias {v!r} is not a JSON object ({e})") from None
+            if not isinstance(obj, dict):
+                raise Gpt2EdgeError(f"--logit-bias {v!r} is not a JSON object")
+            pairs += list(obj.items())
+            continue
+        token, sep, bias = v.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            pairs.append((int(token), float(bias)))
+        except ValueError:
+            raise Gpt2EdgeError(f"--logit-bias takes ID:BIAS (e.g. 50256:-100), got {v!r}") from None
+    return tuple(pairs)
+
+
+def constraint_of(args: argparse.Namespace) -> Constraint | None:
+    """The structured-output flag given (at most one), as a ``Constraint``, checked to compile
+    (without loading a model: llguidance alone)."""
+    given = [
+        name
+        for name, value in (
+            ("--json-schema", args.json_schema),
+            ("--json-object", args.json_object),
+            ("--regex", args.regex),
+            ("--choice", args.choice),
+            ("--grammar", args.grammar),
+        )
+        if value
+    ]
+    if len(given) > 1:
+        raise Gpt2EdgeError(f"{given[0]} and {given[1]} both constrain the output: give one")
+    if not given:
+        return None
+    if args.json_schema:
+        text = args.json_schema
+        if not text.lstrip().startswith("{"):
+            text = Path(text).read_text(encoding="utf-8")  # OSError: one line, exit 2
+        try:
+            c = Constraint.json_schema(text)
+        except ConstraintError as e:
+            raise ConstraintError(f"--json-schema: {e}") from None
+    elif args.json_object:
+        c = Constraint.json_object()
+    elif args.regex:
+        c = Constraint.regex(args.regex)
+    elif args.choice:
+        c = Constraint.choice([o.strip() for v in args.choice for o in v.split(",") if o.strip()])
+    else:
+        c = Constraint.grammar(Path(args.grammar).read_text(encoding="utf-8"))
+    try:
+        validate_constraint(c)
+    except ConstraintError as e:
+        raise ConstraintError(f"{given[0]}: {e}") from None
+    return c
 
 
 def run(args: argparse.Namespace) -> int:

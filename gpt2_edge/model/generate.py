@@ -7,9 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..runtime.constraints import compile_constraint
 from ..runtime.generator import GenerationResult, decode
 from ..runtime.kv_cache import ConcatCache
-from ..runtime.sampling import GenerationConfig
+from ..runtime.sampling import GenerationConfig, check_logit_bias_vocab
 from ..runtime.tokenizer import Tokenizer
 from ..runtime.types import Capabilities
 from .gpt import GPT
@@ -58,6 +59,11 @@ def generate(
 ) -> list[GenerationResult]:
     """Continue one prompt or a batch with the reference model."""
     batch = [prompts] if isinstance(prompts, str) else list(prompts)
+    vocab = model.config.vocab_size
+    check_logit_bias_vocab(config, vocab)
+    constraint = None
+    if config.constraint is not None:
+        constraint = compile_constraint(tokenizer, config.constraint, vocab)
     return decode(
         TorchBackend(model),
         tokenizer.encode_batch(batch) if batch else [],
@@ -65,4 +71,5 @@ def generate(
         eos_token_id=model.config.eos_token_id,
         n_ctx=model.config.n_positions,
         detokenize=tokenizer.decode,
+        constraint=constraint,
     )

@@ -16,13 +16,14 @@ transformers keeps the string in its output.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from ..errors import Gpt2EdgeError
-from .sampling import GenerationConfig, TokenChooser, log_softmax
+from .sampling import GenerationConfig, TokenChooser, apply_logit_bias, log_softmax
 from .types import Backend, GenerationResult, fit_context, step_timings
 
 DROPPED = -1.0e9  # the score HF gives a candidate that must not be chosen
@@ -46,7 +47,8 @@ def beam_search(
     max_len = P + config.max_new_tokens
     length_penalty = config.length_penalty
     early = config.early_stopping
-    processors = TokenChooser(config, eos_token_id)
+    # logit_bias applies to the logits, before the log-softmax (as vLLM's logprobs see it)
+    processors = TokenChooser(dataclasses.replace(config, logit_bias=()), eos_token_id)
 
     running = np.array([list(prompt)] * nb, dtype=np.int64)  # (nb, cur_len)
     running_scores = np.full(nb, DROPPED)
@@ -66,7 +68,8 @@ def beam_search(
     while True:
         V = logits.shape[-1]
         # HF applies the processors to log-probabilities in beam search.
-        logp = processors.process(log_softmax(np.asarray(logits, np.float64)), running.tolist(), cur_len - P)
+        biased = apply_logit_bias(np.asarray(logits, np.float64), config.logit_bias)
+        logp = processors.process(log_softmax(biased), running.tolist(), cur_len - P)
         acc = (logp + running_scores[:, None]).reshape(-1)
         k = 2 * nb
         top = np.argpartition(-acc, k - 1)[:k]

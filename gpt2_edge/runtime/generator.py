@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Generator as Generator_
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,10 @@ import numpy as np
 
 from ..errors import Gpt2EdgeError, Gpt2EdgeTypeError
 from .beam import beam_search
+from .constraints import CompiledConstraint, compile_constraint, mask_worker, masks_of
 from .loader import Model, load_model
 from .prefix_cache import KVStore
-from .sampling import GenerationConfig, TokenChooser
+from .sampling import GenerationConfig, TokenChooser, check_logit_bias_vocab
 from .sequence import SequenceState
 from .speculative import DraftModel, Speculator
 from .types import (
@@ -61,6 +63,8 @@ def iter_decode(
     detokenize: Callable[[Sequence[int]], str],
     draft: DraftModel | None = None,
     prefix_cache: KVStore | None = None,
+    constraint: CompiledConstraint | None = None,
+    mask_ahead: bool = True,
 ) -> Generator_[list[SequenceState], None, list[GenerationResult]]:
     """The decode loop as a generator: yields every row's ``SequenceState`` after each step (its
     ``piece`` is the text that step made showable) and returns the results. Each row stops on its
@@ -68,14 +72,18 @@ def iter_decode(
     ``draft`` model, a step may add several tokens to a row (speculative decoding), on caches
     that can roll back; the results' timings then count its passes and drafted/accepted tokens.
     With a ``prefix_cache`` (in-place caches), prompts start from stored rows of earlier calls
-    that share their beginning, and each finished row is stored."""
+    that share their beginning, and each finished row is stored. With ``config.constraint``,
+    ``constraint`` is it compiled for this tokenizer (``runtime.constraints.compile_constraint``):
+    every row keeps to it, and ends ("stop") once it is complete; ``mask_ahead``: its masks for the
+    next step are computed in a worker thread while the model runs (llguidance and ONNX Runtime
+    both release the GIL), else after it."""
     if config.num_beams != 1:
         raise Gpt2EdgeError("iter_decode is the num_beams=1 loop; beam search lives in runtime.beam")
     prompts = fit_context(prompts, config, n_ctx)
     if config.ignore_eos:
         eos_token_id = None
     B = len(prompts)
-    rows = [SequenceState(p, config, eos_token_id, detokenize) for p in prompts]
+    rows = [SequenceState(p, config, eos_token_id, detokenize, constraint) for p in prompts]
     # One chooser for the batch (HF semantics: the rows of a seeded batch draw from one generator).
     chooser = TokenChooser(config, eos_token_id)
 
@@ -94,8 +102,14 @@ def iter_decode(
     if (config.prompt_lookup or draft is not None) and can_verify(cache):
         spec = Speculator(cache, draft)
     steps = 0
+    ahead: Future[list[np.ndarray | None]] | None = None
     for step in range(config.max_new_tokens):
-        nxt = chooser(logits, [rows[b].seen for b in slots], step)
+        allowed = None
+        if ahead is not None:
+            allowed = ahead.result()
+        elif constraint is not None:
+            allowed = [rows[b].allowed() for b in slots]
+        nxt = chooser(logits, [rows[b].seen for b in slots], step, allowed)
         for i, b in enumerate(slots):
             rows[b].append(int(nxt[i]))
         steps += 1
@@ -103,6 +117,8 @@ def iter_decode(
         slots = [b for b in slots if not rows[b].finished]  # finished rows leave the batch
         if not slots or spec is not None:
             break
+        if constraint is not None and mask_ahead:  # the next masks while the model runs
+            ahead = mask_worker().submit(masks_of, [rows[b] for b in slots])
         logits = cache.decode(slots, [rows[b].generated[-1] for b in slots])
     while spec is not None and slots:  # the first token came from the prefill, as above
         states = [rows[b] for b in slots]
@@ -159,6 +175,8 @@ def decode(
     detokenize: Callable[[Sequence[int]], str],
     draft: DraftModel | None = None,
     prefix_cache: KVStore | None = None,
+    constraint: CompiledConstraint | None = None,
+    mask_ahead: bool = True,
 ) -> list[GenerationResult]:
     """Continue every prompt: greedy / sampled (``num_beams=1``, speculative with
     ``config.prompt_lookup`` or a ``draft`` model) or beam search (never speculative)."""
@@ -180,6 +198,8 @@ def decode(
         detokenize=detokenize,
         draft=draft,
         prefix_cache=prefix_cache,
+        constraint=constraint,
+        mask_ahead=mask_ahead,
     )
     while True:
         try:
@@ -252,6 +272,15 @@ class Generator:
     def provider(self) -> str:
         return self.model.capabilities.provider
 
+    def compile(self, config: GenerationConfig) -> CompiledConstraint | None:
+        """Check ``config`` against this model's vocabulary (``logit_bias`` ids) and compile its
+        constraint for this tokenizer (cached), or None without one. ``generate`` and ``stream``
+        call it; a caller may call it first to refuse a bad schema before any work."""
+        check_logit_bias_vocab(config, self.model.vocab_size)
+        if config.constraint is None:
+            return None
+        return compile_constraint(self.tokenizer, config.constraint, self.model.vocab_size)
+
     def encode(self, prompt: Prompt) -> list[int]:
         """A prompt's token ids: text is tokenized, a sequence of ints is taken as ids (checked)."""
         if isinstance(prompt, str):
@@ -282,15 +311,18 @@ class Generator:
     ) -> list[GenerationResult]:
         """Continue one prompt or a batch; one result per prompt. A prompt is text or a list of
         token ids (``[[464, 3290], [40]]`` is a batch of two)."""
+        config = config or GenerationConfig()
+        constraint = self.compile(config)
         return decode(
             self.backend,
             self._batch(prompts),
-            config or GenerationConfig(),
+            config,
             eos_token_id=self.eos_token_id,
             n_ctx=self.n_ctx,
             detokenize=self.tokenizer.decode,
             draft=self.draft,
             prefix_cache=self.prefix_cache,
+            constraint=constraint,
         )
 
     def stream(self, prompt: Prompt, config: GenerationConfig | None = None) -> Iterator[str]:
@@ -310,6 +342,7 @@ class Generator:
         ids = self.encode(prompt)
         if not ids:
             raise Gpt2EdgeError("stream takes one non-empty prompt")
+        constraint = self.compile(config)
         it = iter_decode(
             self.backend,
             [ids],
@@ -319,6 +352,7 @@ class Generator:
             detokenize=self.tokenizer.decode,
             draft=self.draft,
             prefix_cache=self.prefix_cache,
+            constraint=constraint,
         )
 
         while True:

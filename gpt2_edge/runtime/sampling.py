@@ -1,6 +1,8 @@
 """Token selection in pure numpy, with Hugging Face ``generate`` semantics.
 
-Order as in transformers: logits processors (repetition penalty, min-new-tokens) apply in greedy
+First, as OpenAI and vLLM do, ``logit_bias`` and then a structured-output constraint's mask of
+allowed tokens (``runtime.constraints``; the mask comes from the sequence, one per row). Then, in
+order as in transformers: logits processors (repetition penalty, min-new-tokens) apply in greedy
 and sampling alike; then the sampling warpers temperature -> top-k -> top-p; then a draw from a
 seeded ``numpy.random.Generator``.
 """
@@ -14,8 +16,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import Gpt2EdgeError
+from .constraints import Constraint
 
 NEG_INF = -np.inf
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: [-100, 100]; -100 bans a token, +100 forces it
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit on entries
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,13 @@ class GenerationConfig:
     # n-gram match in the prompt and text so far, verified in one pass (0 = off; in-place KV only).
     # Greedy output is unchanged, sampling keeps the target's distribution (runtime.speculative).
     prompt_lookup: int = 0
+    # OpenAI's logit_bias: token id -> bias in [-100, 100] added to its logit before anything else
+    # (a dict is taken; kept as sorted (id, bias) pairs, so the config stays hashable). -100 bans the
+    # token outright (-inf); +100 forces it: the tokens at +100 are then the only candidates.
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    # Structured output (runtime.constraints): the text must match it; greedy, sampling and
+    # speculative decoding; not beam search.
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -73,6 +85,13 @@ class GenerationConfig:
                 f"prompt_lookup (speculative decoding) needs num_beams=1, got num_beams={self.num_beams}; "
                 "drop one of them"
             )
+        if self.constraint is not None and self.num_beams != 1:
+            raise Gpt2EdgeError(
+                f"constraint (structured output) needs num_beams=1, got num_beams={self.num_beams}; "
+                "beam search cannot keep beams to a constraint here"
+            )
+        if self.constraint is not None and self.ignore_eos:
+            raise Gpt2EdgeError("constraint (structured output) ends the text itself: drop ignore_eos")
 
     def _check_types(self) -> None:
         """Refuse values of the wrong type before they fail deep inside ``generate``: a float where a
@@ -120,6 +139,83 @@ class GenerationConfig:
             if not isinstance(s, str):
                 raise Gpt2EdgeError(f"stop[{i}] must be a string, got {s!r}")
         put("stop", tuple(stop))
+        put("logit_bias", logit_bias_pairs(self.logit_bias))
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise Gpt2EdgeError(
+                f"constraint must be a Constraint (Constraint.json_schema(...), ...), got {self.constraint!r}"
+            )
+
+
+def logit_bias_pairs(value: object) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` as sorted ``(token id, bias)`` pairs, checked: ids are non-negative integers
+    (a dict's keys may be strings of them, as JSON has), biases numbers in [-100, 100], at most 300."""
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise Gpt2EdgeError(f"logit_bias must be a dict of token id -> bias, got {value!r}")
+    if len(items) > MAX_LOGIT_BIAS_ENTRIES:
+        raise Gpt2EdgeError(f"logit_bias has {len(items)} entries; at most {MAX_LOGIT_BIAS_ENTRIES}")
+    out: dict[int, float] = {}
+    for item in items:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2):
+            raise Gpt2EdgeError(f"logit_bias entries are (token id, bias) pairs, got {item!r}")
+        key, bias = item
+        token: object = key
+        if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+            token = int(key)
+        if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)) or token < 0:
+            raise Gpt2EdgeError(f"logit_bias: {key!r} is not a token id (a non-negative integer)")
+        if isinstance(bias, (bool, np.bool_)) or not isinstance(bias, (int, float, np.integer, np.floating)):
+            raise Gpt2EdgeError(f"logit_bias[{key}] must be a number, got {bias!r}")
+        if not -MAX_LOGIT_BIAS <= float(bias) <= MAX_LOGIT_BIAS:  # also refuses nan
+            raise Gpt2EdgeError(f"logit_bias[{key}] = {bias} is outside [-100, 100]")
+        out[int(token)] = float(bias)
+    return tuple(sorted(out.items()))
+
+
+def check_logit_bias_vocab(config: GenerationConfig, vocab_size: int) -> None:
+    """Refuse a ``logit_bias`` token outside a vocabulary of ``vocab_size`` tokens, by name."""
+    bad = [t for t, _ in config.logit_bias if t >= vocab_size]
+    if bad:
+        raise Gpt2EdgeError(
+            f"logit_bias: token id {bad[0]} is not in this vocabulary (0..{vocab_size - 1})"
+        )
+
+
+def apply_logit_bias(logits: np.ndarray, bias: tuple[tuple[int, float], ...]) -> np.ndarray:
+    """OpenAI's ``logit_bias`` on ``(B, V)`` logits (a new array): each bias added to its token's
+    logit; a token at -100 banned (-inf), and where any token is at +100 only those remain."""
+    if not bias:
+        return logits
+    ids = np.fromiter((t for t, _ in bias), np.int64, len(bias))
+    values = np.fromiter((b for _, b in bias), np.float64, len(bias))
+    if ids.max() >= logits.shape[-1]:
+        raise Gpt2EdgeError(f"logit_bias: token id {int(ids.max())} is not in this vocabulary")
+    out = logits.astype(np.float64, copy=True)
+    out[:, ids] += values
+    out[:, ids[values <= -MAX_LOGIT_BIAS]] = NEG_INF
+    forced = ids[values >= MAX_LOGIT_BIAS]
+    if len(forced):
+        keep = out[:, forced]
+        out[:] = NEG_INF
+        out[:, forced] = keep
+    return out
+
+
+def apply_allowed(logits: np.ndarray, allowed: Sequence[np.ndarray | None] | None) -> np.ndarray:
+    """A constraint's masks on ``(B, V)`` logits: row ``b``'s disallowed tokens -inf where
+    ``allowed[b]`` is a ``(V,)`` bool mask (None: the row is free). Where a row would have no
+    token left (``logit_bias`` forced one the constraint forbids), the constraint wins: the row's
+    allowed tokens keep their logits before the bias."""
+    if allowed is None or all(a is None for a in allowed):
+        return logits
+    out = np.array(logits, dtype=np.float64, copy=True)
+    for b, a in enumerate(allowed):
+        if a is not None:
+            out[b, ~a] = NEG_INF
+    return out
 
 
 # processors (logits -> logits), each on a (B, V) float array --------------------------------
@@ -189,14 +285,34 @@ class TokenChooser:
         self.eos_token_id = eos_token_id
         self.rng = np.random.default_rng(config.seed)
 
-    def process(self, logits: np.ndarray, seen: Sequence[Sequence[int]], n_generated: int) -> np.ndarray:
-        """Logits after processors and (when sampling) warpers, as float64."""
+    def process(
+        self,
+        logits: np.ndarray,
+        seen: Sequence[Sequence[int]],
+        n_generated: int,
+        allowed: Sequence[np.ndarray | None] | None = None,
+    ) -> np.ndarray:
+        """Logits after logit_bias, the constraint's ``allowed`` masks (one per row, or None),
+        processors and (when sampling) warpers, as float64."""
         c = self.config
         x = np.asarray(logits, dtype=np.float64)
+        if c.logit_bias:
+            biased = apply_logit_bias(x, c.logit_bias)
+            if allowed is not None:
+                masked = apply_allowed(biased, allowed)
+                empty = ~np.isfinite(masked).any(axis=-1)
+                x = np.where(empty[:, None], apply_allowed(x, allowed), masked) if empty.any() else masked
+            else:
+                x = biased
+        else:
+            x = apply_allowed(x, allowed)
         x = apply_repetition_penalty(x, seen, c.repetition_penalty)
         if n_generated < c.min_new_tokens and self.eos_token_id is not None:
             x = x.copy()
+            eos = x[:, self.eos_token_id].copy()
             x[:, self.eos_token_id] = NEG_INF
+            only_eos = ~np.isfinite(x).any(axis=-1)  # a constraint that allows nothing but eos wins
+            x[only_eos, self.eos_token_id] = eos[only_eos]
         if c.do_sample:
             x = apply_top_p(apply_top_k(apply_temperature(x, c.temperature), c.top_k), c.top_p)
         return x
@@ -207,13 +323,24 @@ class TokenChooser:
         return (
             not c.do_sample
             and c.repetition_penalty == 1.0
+            and not c.logit_bias
             and not (n_generated < c.min_new_tokens and self.eos_token_id is not None)
         )
 
-    def __call__(self, logits: np.ndarray, seen: Sequence[Sequence[int]], n_generated: int) -> np.ndarray:
+    def __call__(
+        self,
+        logits: np.ndarray,
+        seen: Sequence[Sequence[int]],
+        n_generated: int,
+        allowed: Sequence[np.ndarray | None] | None = None,
+    ) -> np.ndarray:
+        """The next token of every row; ``allowed``: each row's constraint mask ``(V,)`` bool, or
+        None for a free row (no mask work at all when the whole argument is None)."""
+        if allowed is not None and all(a is None for a in allowed):
+            allowed = None
         if self._plain_greedy(n_generated):
-            return np.argmax(logits, axis=-1)
-        x = self.process(logits, seen, n_generated)
+            return np.argmax(logits if allowed is None else apply_allowed(logits, allowed), axis=-1)
+        x = self.process(logits, seen, n_generated, allowed)
         if not self.config.do_sample:
             return np.argmax(x, axis=-1)
         probs = softmax(x)
@@ -228,6 +355,7 @@ class TokenChooser:
         n_generated: int,
         draft: Sequence[int],
         draft_probs: np.ndarray | None = None,
+        allowed: Sequence[np.ndarray] | None = None,
     ) -> list[int]:
         """The tokens one speculative step emits for one sequence: the accepted prefix of ``draft``
         and one more (the target's own token where a drafted one is rejected, or the token after
@@ -241,15 +369,18 @@ class TokenChooser:
         distribution ``p`` of plain sampling (after processors and warpers): accept a drafted ``x``
         with probability ``min(1, p(x) / q(x))``, else draw from ``norm(max(0, p - q))``. ``q`` is
         ``draft_probs[i]``, or a point mass at the drafted token (prompt lookup, greedy drafts).
+        ``allowed``: with a constraint, its mask at each of the ``len(draft) + 1`` positions (the
+        matcher advanced over the drafted tokens before it; each drafted token must fit it).
         """
         out: list[int] = []
         penalised = self.config.repetition_penalty != 1.0
         for i in range(len(draft) + 1):
+            mask = None if allowed is None else [allowed[i]]
             if self._plain_greedy(n_generated + i):
-                x = logits[i : i + 1]
+                x = logits[i : i + 1] if mask is None else apply_allowed(logits[i : i + 1], mask)
             else:
                 context = [list(seen) + out] if penalised else [seen]
-                x = self.process(logits[i : i + 1], context, n_generated + i)
+                x = self.process(logits[i : i + 1], context, n_generated + i, mask)
             if not self.config.do_sample:
                 out.append(int(np.argmax(x[0])))
                 if i == len(draft) or out[-1] != draft[i]:
@@ -290,6 +421,8 @@ def openai_generation_config(
     seed: int | None = None,
     stop: Sequence[str] = (),
     ignore_eos: bool = False,
+    logit_bias: dict[int, float] | None = None,
+    constraint: Constraint | None = None,
 ) -> GenerationConfig:
     """OpenAI-style sampling parameters (``/v1/completions``'s, with vLLM's ``top_k``) as a
     ``GenerationConfig``: temperature 0 is greedy and top_p / top_k then do nothing; any other
@@ -306,4 +439,6 @@ def openai_generation_config(
         seed=seed,
         stop=tuple(stop),
         ignore_eos=ignore_eos,
+        logit_bias=tuple((logit_bias or {}).items()),
+        constraint=constraint,
     )

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import Gpt2EdgeError
+from .constraints import CompiledConstraint, ConstraintState
 from .sampling import GenerationConfig, TokenChooser
 
 REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 byte sequence decodes to
@@ -56,9 +57,17 @@ class SequenceState:
         config: GenerationConfig,
         eos_token_id: int | None,
         detokenize: Callable[[Sequence[int]], str],
+        constraint: CompiledConstraint | None = None,
     ) -> None:
         if config.num_beams != 1:
             raise Gpt2EdgeError("a SequenceState is one greedy or sampled sequence (num_beams=1)")
+        if (config.constraint is None) != (constraint is None) or (
+            constraint is not None and constraint.constraint != config.constraint
+        ):
+            raise Gpt2EdgeError(
+                "a SequenceState with config.constraint needs it compiled (runtime.constraints."
+                "compile_constraint), and only then"
+            )
         self.config = config
         self.eos_token_id = None if config.ignore_eos else eos_token_id
         self.detokenize = detokenize
@@ -68,13 +77,17 @@ class SequenceState:
         self.prompt = list(prompt)
         self.seen = list(prompt)
         self.generated: list[int] = []
-        self.finish_reason: str | None = None  # "eos", "stop" or "length" once finished
+        # "eos", "stop" (a stop string, or the constraint complete), "length" or "error" (the
+        # constraint's matcher failed: ``constraint.error``) once finished
+        self.finish_reason: str | None = None
         self.text = ""  # the final text, once finished
         self.piece = ""  # what the last ``append`` (or ``extend``) made showable
         self._emitted = 0  # characters of the text shown so far
         # Speculative decoding's record of this sequence (its prompt-lookup index, how its drafts
         # fared, its tokens in the draft model's cache): ``runtime.speculative`` sets and reads it.
         self.speculation: Any = None
+        # Structured output: this sequence's matcher (its mask for the next position), or None.
+        self.constraint: ConstraintState | None = constraint.start() if constraint is not None else None
         # The text so far is ``"".join(_parts)`` (``_done`` characters, ending on a complete
         # character) + ``_tail`` (the ids from ``_read`` on, decoded in the context of the window
         # ``_prefix:_read``, whose text is ``_prefix_text``). ``_win`` holds the last characters of
@@ -92,9 +105,18 @@ class SequenceState:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def choose(self, logits: np.ndarray) -> int:
-        """The next token from this sequence's last-position logits ``(V,)``."""
-        return int(self.chooser(logits[None, :], [self.seen], len(self.generated))[0])
+    def allowed(self) -> np.ndarray | None:
+        """The constraint's mask for the next token ``(V,)`` bool (a buffer reused by the next
+        call), or None without a constraint."""
+        return None if self.constraint is None else self.constraint.allowed()
+
+    def choose(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> int:
+        """The next token from this sequence's last-position logits ``(V,)``; ``allowed``: the
+        constraint's mask for it if computed already (``allowed()``), else it is computed here."""
+        if self.constraint is not None and allowed is None:
+            allowed = self.constraint.allowed()
+        masks = None if allowed is None else [allowed]
+        return int(self.chooser(logits[None, :], [self.seen], len(self.generated), masks)[0])
 
     def append(self, token: int) -> str:
         """Take the chosen token; the text that can be shown now (often ``""``). Once the sequence
@@ -104,7 +126,9 @@ class SequenceState:
         self.generated.append(token)
         self.seen.append(token)
         if token == self.eos_token_id:
-            self._finish("eos", len(self._win) + len(self._tail))  # the text before the eos
+            # "error": the constraint's matcher failed (its ``error`` says why) and ended the text
+            failed = self.constraint is not None and self.constraint.error is not None
+            self._finish("error" if failed else "eos", len(self._win) + len(self._tail))
             return self._take_rest()
         done_before = self._done
         window = self.detokenize(self.generated[self._prefix :])
@@ -116,6 +140,11 @@ class SequenceState:
         if hits:
             self._finish("stop", min(hits))
             return self._take_rest()
+        if self.constraint is not None:
+            self.constraint.advance(token)
+            if self.constraint.complete:  # nothing but eos may follow: the output is done
+                self._finish("stop", len(text))
+                return self._take_rest()
         if len(self.generated) >= self.config.max_new_tokens:
             self._finish("length", len(text))
             return self._take_rest()

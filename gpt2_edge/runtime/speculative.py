@@ -226,6 +226,13 @@ class Speculator:
         lone = len(slots) == 1 and self._draft_cache is not None and not choosers[0].config.do_sample
         t_step = self.clock()
         drafts = self._drafts(slots, states, choosers, guard=lone)
+        # a constrained sequence's drafted tokens past what its constraint takes are cut here (they
+        # could only be rejected); the rest are verified under the masks along them
+        proposed = drafts
+        drafts = [
+            d if s.constraint is None or not d else d[: s.constraint.valid_prefix(d)]
+            for s, d in zip(states, drafts, strict=True)
+        ]
         pending = [s.seen[-1] for s in states]
         self.stats.passes += 1
         t0 = time.perf_counter()
@@ -243,14 +250,22 @@ class Speculator:
             and all(len(s.generated) == n for s in states)
         ):
             # plain decoding's own choice for the whole batch, in one call (and one draw)
-            plain = choosers[0](logits[:, 0], [s.seen for s in states], n)
+            allowed = None
+            if any(s.constraint is not None for s in states):
+                allowed = [s.allowed() for s in states]
+            plain = choosers[0](logits[:, 0], [s.seen for s in states], n, allowed)
         out = []
         for i, (slot, state, d) in enumerate(zip(slots, states, drafts, strict=True)):
+            if proposed[i] and not d:  # all of it cut by the constraint: the draft rows hold it
+                self._sync_draft(slot, state.speculation, len(state.seen))
             if plain is not None:
                 out.append(StepResult([int(plain[i])], logits[i, :1]))
                 self.stats.tokens += 1
                 continue
-            tokens = choosers[i].verify(logits[i, : len(d) + 1], state.seen, len(state.generated), d)
+            masks = None if state.constraint is None else state.constraint.masks_along(d)
+            tokens = choosers[i].verify(
+                logits[i, : len(d) + 1], state.seen, len(state.generated), d, allowed=masks
+            )
             accepted = len(tokens) - 1
             if accepted < len(d):  # roll the rejected drafted tokens back
                 self.cache.truncate(slot, len(state.seen) + accepted)
@@ -424,20 +439,37 @@ class Speculator:
                 out = run([slots[i] for i in chunks], list(chunks.values()))
                 logits.update(zip(chunks, out, strict=True))
         drafts: dict[int, list[int]] = {i: [] for i in ask}
-        while True:
-            for i, row_logits in logits.items():
-                # the request's processors, so the draft is the target's greedy pick if it agrees
-                penalised = states[i].config.repetition_penalty != 1.0
-                seen = [*states[i].seen, *drafts[i]] if penalised else states[i].seen
-                x = choosers[i].process(row_logits[None], [seen], len(states[i].generated) + len(drafts[i]))
-                drafts[i].append(int(np.argmax(x[0])))
-            for i in ask:
-                states[i].speculation.draft_len = cache.length(slots[i])
-            going = [i for i in ask if len(drafts[i]) < ask[i]]
-            if not going:
-                return drafts
-            out = cache.decode([slots[i] for i in going], [drafts[i][-1] for i in going])
-            logits = dict(zip(going, out, strict=True))
+        # a constrained sequence drafts under its constraint: its matcher follows the drafted
+        # tokens (consumed here, rolled back at the end; a token it would refuse stops that)
+        following = {i: 0 for i in ask if states[i].constraint is not None}
+        try:
+            while True:
+                for i, row_logits in logits.items():
+                    # the request's processors, so the draft is the target's greedy pick if it agrees
+                    penalised = states[i].config.repetition_penalty != 1.0
+                    seen = [*states[i].seen, *drafts[i]] if penalised else states[i].seen
+                    constraint = states[i].constraint if i in following else None
+                    allowed = None if constraint is None else [constraint.allowed()]
+                    n = len(states[i].generated) + len(drafts[i])
+                    token = int(np.argmax(choosers[i].process(row_logits[None], [seen], n, allowed)[0]))
+                    drafts[i].append(token)
+                    if constraint is not None:
+                        fits = allowed[0][token] and constraint.valid_prefix([token]) == 1  # type: ignore[index]
+                        if fits and constraint.advance(token):  # eos: nothing follows to draft for
+                            following[i] += 1
+                        else:
+                            constraint.matcher.rollback(following.pop(i))
+                for i in ask:
+                    states[i].speculation.draft_len = cache.length(slots[i])
+                going = [i for i in ask if len(drafts[i]) < ask[i]]
+                if not going:
+                    return drafts
+                out = cache.decode([slots[i] for i in going], [drafts[i][-1] for i in going])
+                logits = dict(zip(going, out, strict=True))
+        finally:
+            for i, consumed in following.items():
+                if consumed:
+                    states[i].constraint.matcher.rollback(consumed)  # type: ignore[union-attr]
 
     def _sync_draft(self, slot: int, row: _Row, accepted_len: int) -> None:
         """The draft model's cache keeps what it shares with the accepted tokens: its own drafts

@@ -22,7 +22,9 @@ from typing import Any
 
 from starlette.requests import Request
 
-from ..runtime.sampling import GenerationConfig
+from ..errors import Gpt2EdgeError
+from ..runtime.constraints import CompiledConstraint, ConstraintError, compile_constraint
+from ..runtime.sampling import GenerationConfig, check_logit_bias_vocab
 from .engine import Engine
 from .metrics import Metrics
 from .model import Model
@@ -73,6 +75,24 @@ class Choice:
     sent: int = 0  # tokens whose logprobs went out in a stream chunk
 
 
+def admit_constraint(model: Model, req: CompletionRequest) -> CompiledConstraint | None:
+    """Check the request's ``logit_bias`` against this vocabulary and compile its structured-output
+    constraint for this tokenizer (cached: the same schema again is no compile), or answer 400
+    naming the field: before any decoding. Off the event loop (a compile takes milliseconds)."""
+    try:
+        check_logit_bias_vocab(GenerationConfig(logit_bias=req.logit_bias or {}), model.vocab_size)
+    except Gpt2EdgeError as e:
+        raise ApiError(400, str(e), param="logit_bias") from None
+    found = req.constraint()
+    if found is None:
+        return None
+    name, constraint = found
+    try:
+        return compile_constraint(model.tokenizer, constraint, model.vocab_size)
+    except ConstraintError as e:
+        raise ApiError(400, f"{name}: {e}", param=name) from None
+
+
 class Completion:
     """One ``/v1/completions`` (or chat) request: prompts -> sequences in the engine -> the answer.
 
@@ -106,6 +126,7 @@ class Completion:
         self.loop = loop
         self.deadline = loop.time() + timeout_s
         self.timeout_s = timeout_s
+        self.constraint = admit_constraint(model, req)
         self.prompts = Prompts(model, req, engine.capacity)
         self.prompt_scores: list[Any] | None = None  # rendered logprobs of each prompt (echo)
         self.choices = [Choice(i // req.n) for i in range(len(self.prompts) * req.n)]
@@ -159,6 +180,7 @@ class Completion:
                     eos_token_id=self.model.eos_token_id,
                     detokenize=self.model.tokenizer.decode,
                     logprobs=self.req.logprobs,
+                    constraint=self.constraint,
                 )
             )
         try:

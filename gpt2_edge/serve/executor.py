@@ -36,6 +36,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import Gpt2EdgeError
+from ..runtime.constraints import mask_worker, masks_of
 from ..runtime.speculative import DraftModel, Speculator
 from ..runtime.types import Backend, can_verify
 from .admission import KVMemory
@@ -132,8 +133,15 @@ class Executor:
             self.draft is not None or any(state.config.prompt_lookup for state in states)
         ):
             return [(r.tokens, r.logits, r.drafted) for r in self.spec.step(decode, states)]
+        constrained = [s for s in states if s.constraint is not None]
+        # the constrained rows' masks in a worker thread while the model runs (none for free rows)
+        ahead = mask_worker().submit(masks_of, constrained) if constrained else None
         logits = cache.decode(decode, [state.generated[-1] for state in states])
-        return [([state.choose(logits[i])], logits[i : i + 1], 0) for i, state in enumerate(states)]
+        masks = dict(zip(map(id, constrained), ahead.result(), strict=True)) if ahead is not None else {}
+        return [
+            ([state.choose(logits[i], masks.get(id(state)))], logits[i : i + 1], 0)
+            for i, state in enumerate(states)
+        ]
 
     def release(self, slot: Slot, keep: bool) -> None:
         """The sequence in ``slot`` leaves: its rows are free (``keep``: they stay in the prefix

@@ -86,6 +86,10 @@ class OutputProcessor:
                 logprob = float(lp[token])
                 top = top_logprobs(lp, s.logprobs)
             piece = state.append(token)
+            if state.finish_reason == "error":  # the constraint's matcher failed: this one ends
+                error = state.constraint.error if state.constraint is not None else None
+                self.fail(s, f"structured output failed: {error}")
+                return "error"
             if m is not None:
                 m.generation_tokens.inc()
             self.send(s, TokenEvent(token, piece, logprob, top, state.finish_reason))

@@ -6,7 +6,9 @@ Fields follow OpenAI's legacy ``/v1/completions`` and its chat completions; ``to
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos`` and ``stream_options.continuous_usage_stats``
 are extensions (as in vLLM, whose names the clients that benchmark and evaluate servers send:
 guidellm, lm-evaluation-harness), and so is ``prompt_lookup`` (speculative decoding, this
-server's own). The tokenizer routes take vLLM's and llama-server's names.
+server's own). Structured output takes OpenAI's ``response_format``, vLLM's ``guided_*`` and
+``structured_outputs``, and llama-server's ``json_schema`` and ``grammar``. The tokenizer routes
+take vLLM's and llama-server's names.
 OpenAI fields this server does not implement are
 accepted only at their neutral value, so a client that sends the defaults still works and one
 that asks for more hears so instead of getting something else.
@@ -21,16 +23,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..runtime.sampling import GenerationConfig, openai_generation_config
+from ..errors import Gpt2EdgeError
+from ..runtime.constraints import Constraint, ConstraintError
+from ..runtime.sampling import GenerationConfig, logit_bias_pairs, openai_generation_config
 from .scheduler import MAX_PROMPT_LOOKUP
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_LOGPROBS = 5  # as OpenAI's legacy completions
 MAX_N = 128  # as OpenAI
+# the structured-output fields of vLLM's legacy API and llama-server's (response_format and
+# structured_outputs have a shape of their own)
+CONSTRAINT_FIELDS = (
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "json_schema", "grammar",
+)  # fmt: skip
 
 
 class ApiError(Exception):
@@ -70,6 +79,40 @@ class StreamOptions(_Strict):
 TokenIds = list[Annotated[int, Field(ge=0)]]
 
 
+class JsonSchemaFormat(_Strict):
+    """OpenAI's ``response_format.json_schema``: a name, the schema, strict (always kept here)."""
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's ``response_format``: ``{"type": "text"}``, ``{"type": "json_object"}`` or
+    ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's ``structured_outputs``: one of json (a schema), json_object, regex, choice, grammar."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def given(self) -> list[tuple[str, Any]]:
+        out = [("json", self.json_)] if self.json_ is not None else []
+        if self.json_object:
+            out.append(("json_object", True))
+        rest = [(k, getattr(self, k)) for k in ("regex", "choice", "grammar")]
+        return out + [(k, v) for k, v in rest if v is not None]
+
+
 class SamplingFields(_Strict):
     """The fields a completion and a chat request share, defined once: which model, how to sample,
     when to stop, how to stream. The extensions (``top_k``, ``repetition_penalty``, ``min_tokens``,
@@ -92,11 +135,66 @@ class SamplingFields(_Strict):
     # far (prompt lookup), verified in one pass; the same tokens. None: the server's default
     # (--prompt-lookup); 0: off.
     prompt_lookup: Annotated[int, Field(ge=0, le=MAX_PROMPT_LOOKUP)] | None = None
+    # OpenAI's: token id (a string, as JSON keys are) -> bias in [-100, 100], at most 300
+    logit_bias: dict[str, float] | None = None
+    # Structured output, at most one of: OpenAI's response_format; vLLM's guided_* (legacy) and
+    # structured_outputs; llama-server's json_schema and grammar (GBNF). runtime/constraints.py.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
+    json_schema: dict[str, Any] | None = None
+    grammar: str | None = None
     # OpenAI fields accepted at their neutral value only
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
     user: str | None = None  # an end-user id for the caller's own logs; unused here
+
+    def constraint(self) -> tuple[str, Constraint] | None:
+        """The structured-output field given, as (its name, the ``Constraint``); None for none.
+        Two given: 400 naming both. A value that is no constraint: 400 naming its field (whether
+        it compiles is the admission's check, with the tokenizer)."""
+        given: list[tuple[str, Any]] = []
+        rf = self.response_format
+        if rf is not None and rf.type != "text":
+            given.append(("response_format", rf))
+        for name in CONSTRAINT_FIELDS:
+            if getattr(self, name) is not None:
+                given.append((name, getattr(self, name)))
+        if self.structured_outputs is not None:
+            given += [(f"structured_outputs.{k}", v) for k, v in self.structured_outputs.given()]
+        if len(given) > 1:
+            raise ApiError(
+                400,
+                f"{given[0][0]} and {given[1][0]} both constrain the output: send one",
+                param=given[1][0],
+            )
+        if not given:
+            return None
+        name, value = given[0]
+        kind = name.removeprefix("structured_outputs.").removeprefix("guided_")
+        try:
+            if name == "response_format":
+                if value.type == "json_object":
+                    return name, Constraint.json_object()
+                if value.json_schema is None:
+                    raise ApiError(
+                        400, "response_format of type json_schema needs its json_schema", param=name
+                    )
+                return name, Constraint.json_schema(value.json_schema.schema_ or {})
+            if kind == "json_object":
+                return name, Constraint.json_object()
+            if kind in ("json", "json_schema"):
+                return name, Constraint.json_schema(value)
+            if kind == "regex":
+                return name, Constraint.regex(value)
+            if kind == "choice":
+                return name, Constraint.choice(value)
+            return name, Constraint.grammar(value)
+        except ConstraintError as e:
+            raise ApiError(400, f"{name}: {e}", param=name) from None
 
 
 class CompletionRequest(SamplingFields):
@@ -125,7 +223,11 @@ class CompletionRequest(SamplingFields):
         if self.best_of is not None and self.best_of != self.n:
             raise ApiError(400, "best_of other than n is not supported", param="best_of")
         if self.logit_bias:
-            raise ApiError(400, "logit_bias is not supported", param="logit_bias")
+            try:
+                logit_bias_pairs(self.logit_bias)
+            except Gpt2EdgeError as e:
+                raise ApiError(400, str(e), param="logit_bias") from None
+        self.constraint()
         if self.suffix:
             raise ApiError(400, "suffix is not supported (no insertion)", param="suffix")
         if self.min_tokens > self.max_tokens:
@@ -158,6 +260,8 @@ class CompletionRequest(SamplingFields):
             seed=None if self.seed is None else (self.seed + choice) % 2**63,
             stop=self.stop_strings,
             ignore_eos=self.ignore_eos,
+            logit_bias=dict(logit_bias_pairs(self.logit_bias or {})),
+            constraint=(found := self.constraint()) and found[1],
         )
         lookup = prompt_lookup if self.prompt_lookup is None else self.prompt_lookup
         return dataclasses.replace(config, prompt_lookup=lookup) if lookup else config
@@ -228,7 +332,7 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(SamplingFields):
     """The body of ``POST /v1/chat/completions`` (OpenAI's chat shape: the shared fields and its
-    own). No tools, no response formats, no echo."""
+    own). No tools, no echo."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     # None: the rest of the context (OpenAI's default); max_completion_tokens is the newer name

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..runtime.constraints import CompiledConstraint
 from ..runtime.sampling import GenerationConfig
 from ..runtime.sequence import SequenceState
 
@@ -74,10 +75,12 @@ class SequenceHandle:
         eos_token_id: int | None,
         detokenize: Callable[[Sequence[int]], str],
         logprobs: int | None = None,
+        constraint: CompiledConstraint | None = None,
     ) -> None:
         """``logprobs``: None for none, k >= 0 for the chosen token's log-probability and the k
-        most likely alternatives at each step."""
-        self.state = SequenceState(prompt, config, eos_token_id, detokenize)
+        most likely alternatives at each step. ``constraint``: ``config.constraint`` compiled (the
+        sequence's matcher then lives on its state)."""
+        self.state = SequenceState(prompt, config, eos_token_id, detokenize, constraint)
         self.sink = sink
         self.logprobs = logprobs
         self.submitted_at = time.perf_counter()

@@ -78,6 +78,7 @@ class Run:
             eos_token_id=self.gen.eos_token_id,
             detokenize=self.gen.tokenizer.decode,
             logprobs=logprobs,
+            constraint=self.gen.compile(config),
         )
 
     def wait(self, timeout: float = 60, close: bool = False) -> None:
