@@ -54,6 +54,13 @@ def run(args: argparse.Namespace) -> int:
             f"{v['max_abs_present']:.2e}, top-1 {100 * v['top1_agreement']:.2f}%, greedy identical "
             f"{v['greedy_identical']}, {v['positions_compared']} positions, passed {v['passed']}"
         )
+    if m.lora:
+        lo = m.lora
+        print(
+            f"lora   {lo.name}: rank {lo.rank}, alpha {lo.alpha:g}{', rslora' if lo.use_rslora else ''}, "
+            f"{', '.join(lo.target_modules)}; "
+            + ", ".join(f"{f} sha256 {h[:16]}" for f, h in lo.files.items())
+        )
     if m.accuracy:
         print(f"accuracy {m.accuracy}")
     made = m.made_by

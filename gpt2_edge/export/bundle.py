@@ -16,9 +16,12 @@ import onnxscript.optimizer
 from .. import contract
 from ..errors import Gpt2EdgeError
 from ..fsutil import check_output, staging_dir
-from ..model.checkpoint import load_checkpoint, load_tokenizer, resolve_model_dir
+from ..model.checkpoint import CheckpointError, load_checkpoint, load_tokenizer, resolve_model_dir
+from ..model.config import GPTConfig
+from ..model.lora import merge_adapter
 from ..progress import Progress
 from ..runtime.bundle import MANIFEST, sha256_file
+from ..runtime.lora import Adapter, load_adapter, parse_spec
 from ..runtime.manifest import TARGETS
 from .fusions import optimize_for_ort
 from .graph import KV_FORMS, checked_census, save_model
@@ -40,13 +43,16 @@ def export_bundle(
     validate: bool = True,
     fuse_attention: bool = True,
     kv_cache: str | None = None,
+    lora: str | Path | None = None,
     log: Callable[[str], object] = print,
     progress: bool = False,
 ) -> Path:
     """Checkpoint -> ONNX -> target graph -> parity check -> bundle directory (atomic).
 
     The output may not be the checkpoint, contain it or lie inside it; ``overwrite`` replaces
-    an earlier bundle only. ``progress`` shows a bar of the stages on a terminal.
+    an earlier bundle only. ``progress`` shows a bar of the stages on a terminal. ``lora``: a PEFT
+    LoRA adapter directory (``NAME=DIR`` names it) merged into the weights before the export; it is
+    checked against the checkpoint's dims before anything is written, and recorded in the manifest.
     """
     if target not in TARGETS:
         raise Gpt2EdgeError(f"target must be one of {TARGETS}, got {target!r}")
@@ -56,6 +62,7 @@ def export_bundle(
     if target == "tensorrt" and kv_cache != "concat":
         raise Gpt2EdgeError("the tensorrt target has the concatenating KV cache only (--kv-cache concat)")
     src = resolve_model_dir(model_spec)
+    adapter = _load_adapter(src, lora) if lora is not None else None
     target_dir = check_output(out_dir, [src], overwrite, marker=MANIFEST, what="bundle")
     with Progress(enabled=progress, desc="export", total=len(STAGES), unit="stage") as bar:
         return _export(
@@ -69,6 +76,7 @@ def export_bundle(
             validate=validate,
             fuse_attention=fuse_attention,
             kv_cache=kv_cache,
+            adapter=adapter,
             log=lambda m: bar.log(log, m),
         )
 
@@ -88,10 +96,18 @@ def _export(
     validate: bool,
     fuse_attention: bool,
     kv_cache: str,
+    adapter: Adapter | None,
     log: Callable[[str], object],
 ) -> Path:
     bar.stage(STAGES[0])
     model, tok = load_checkpoint(src), load_tokenizer(src)
+    if adapter is not None:
+        # Merged before anything is traced: the parity check then compares against the merged model.
+        merge_adapter(model, adapter)
+        log(
+            f"merged LoRA adapter {adapter.name!r} (rank {adapter.rank}, alpha {adapter.alpha:g}, "
+            f"{len(adapter.modules)} projections)"
+        )
     c = model.config
     external = weight_bytes(model) > external_data_threshold
     timings: dict[str, float] = {}
@@ -200,9 +216,21 @@ def _export(
                 "context_length": c.n_positions,
             },
         }
+        if adapter is not None:
+            manifest["lora"] = adapter.manifest_entry()
         out = finalize(tmp, target_dir, manifest, overwrite=overwrite)
         bar.update()
         return out
+
+
+def _load_adapter(src: Path, spec: str | Path) -> Adapter:
+    """The adapter ``spec`` names (``DIR`` or ``NAME=DIR``), checked against the checkpoint's config."""
+    try:
+        config = GPTConfig.load(src)
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+    name, directory = parse_spec(str(spec))
+    return load_adapter(directory, config.n_layer, config.n_embd, name=name)
 
 
 def copy_chat_template(checkpoint: Path, bundle_dir: Path) -> bool:

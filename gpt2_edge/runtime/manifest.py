@@ -101,6 +101,17 @@ SCHEMA = obj(
     quantization=Spec(
         "object", keys={"from": OPTIONAL_STR, "from_sha256": OPTIONAL_STR}, required=False, nullable=True
     ),
+    # A LoRA adapter merged into the weights at export (absent: none).
+    lora=obj(
+        required=False,
+        nullable=True,
+        name=STR,
+        files=Spec("map", item=SHA256),
+        rank=POSITIVE,
+        alpha=Spec("number"),
+        use_rslora=Spec("any", required=False),
+        target_modules=Spec("list", item=STR),
+    ),
 )
 
 _KIND_NAMES = {
@@ -342,6 +353,19 @@ class Quantization:
 
 
 @dataclass(frozen=True)
+class LoraInfo:
+    """The LoRA adapter merged into the weights at export (``lora``): its name, the sha256 of its
+    files, its rank (the largest of its modules), alpha and the block projections it changes."""
+
+    name: str
+    files: dict[str, str]
+    rank: int
+    alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A parsed and validated ``bundle.json``. The reports (``graph``, ``validation``, ``accuracy``)
     are informational dicts for people and tools; everything the runtime decides on is a field."""
@@ -360,6 +384,7 @@ class Manifest:
     made_by: MadeBy = field(default_factory=MadeBy)
     producers: dict[str, str] = field(default_factory=dict)
     quantization: Quantization | None = None
+    lora: LoraInfo | None = None
     graph: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] | None = None
     accuracy: dict[str, Any] | None = None
@@ -383,6 +408,17 @@ class Manifest:
                 batch_invariant=bool(q.get("batch_invariant", False)),
                 details={k: v for k, v in q.items() if k not in ("from", "from_sha256", "batch_invariant")},
             )
+        lo = m.get("lora")
+        lora = None
+        if lo is not None:
+            lora = LoraInfo(
+                name=lo["name"],
+                files=dict(lo["files"]),
+                rank=lo["rank"],
+                alpha=float(lo["alpha"]),
+                use_rslora=bool(lo.get("use_rslora", False)),
+                target_modules=tuple(lo["target_modules"]),
+            )
         g = m["generation"]
         return cls(
             schema_version=m["schema_version"],
@@ -405,6 +441,7 @@ class Manifest:
             ),
             producers=dict(m.get("producers") or {}),
             quantization=quantization,
+            lora=lora,
             graph=dict(m.get("graph") or {}),
             validation=m.get("validation"),
             accuracy=m.get("accuracy"),
