@@ -111,6 +111,9 @@ def spec(
 INPLACE = spec()
 CONCAT = spec(kv_cache="concat")
 TRT_TARGET = spec(target="tensorrt")
+# run-time LoRA adapters (tests/runtime/test_lora_runtime.py, tests/serve/test_serve_lora.py)
+LORA_SLOTS = spec(lora_slots=4, lora_rank=8)
+LORA_SLOTS_CONCAT = spec(kv_cache="concat", lora_slots=4, lora_rank=8)
 BATCH_INVARIANCE_PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-weight", "int8-qdq", "int4")
 SPECS: dict[str, BundleSpec] = {
     s.name: s
@@ -118,6 +121,8 @@ SPECS: dict[str, BundleSpec] = {
         INPLACE,
         CONCAT,
         TRT_TARGET,
+        LORA_SLOTS,
+        LORA_SLOTS_CONCAT,
         # another random model for beam search (tests/runtime/test_beam.py on the ORT backend)
         spec(model=ModelSpec(seed=5)),
         # the GPU tests (tests/engine/test_engine_gpu.py)

@@ -43,6 +43,47 @@ def peft_merged(checkpoint: Path, adapter: Path):
     return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval()
 
 
+def write_adapter(
+    out: Path,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    r: int = 4,
+    alpha: float = 8.0,
+    seed: int = 1,
+    targets: tuple[str, ...] = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+) -> Path:
+    """A PEFT-layout LoRA adapter written with numpy alone (the torch-free tests' adapters): the
+    files and keys PEFT's ``save_pretrained`` writes for GPT-2, random A and B."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from gpt2_edge.contract import LORA_TARGETS
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for i in range(n_layer):
+        for t in targets:
+            fan_in, fan_out = (k * n_embd for k in LORA_TARGETS[t])
+            key = f"base_model.model.transformer.h.{i}.{t}"
+            tensors[f"{key}.lora_A.weight"] = (0.2 * rng.standard_normal((r, fan_in))).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = (0.2 * rng.standard_normal((fan_out, r))).astype(np.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": alpha,
+        "fan_in_fan_out": True,
+        "target_modules": sorted({t.split(".")[1] for t in targets}),
+        "bias": "none",
+        "modules_to_save": None,
+        "use_rslora": False,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
 def edit_config(adapter: Path, **changes: Any) -> None:
     """Change keys of an adapter's adapter_config.json in place."""
     path = adapter / "adapter_config.json"

@@ -25,6 +25,7 @@ from ..runtime.lora import Adapter, load_adapter, parse_spec
 from ..runtime.manifest import TARGETS
 from .fusions import optimize_for_ort
 from .graph import KV_FORMS, checked_census, save_model
+from .lora_slots import add_lora_slots
 from .memory import release_memory
 from .onnx import DEFAULT_OPSET, export_onnx, weight_bytes
 from .validate import record_reference, validate_onnx
@@ -44,6 +45,8 @@ def export_bundle(
     fuse_attention: bool = True,
     kv_cache: str | None = None,
     lora: str | Path | None = None,
+    lora_slots: int = 0,
+    lora_rank: int = 8,
     log: Callable[[str], object] = print,
     progress: bool = False,
 ) -> Path:
@@ -53,6 +56,8 @@ def export_bundle(
     an earlier bundle only. ``progress`` shows a bar of the stages on a terminal. ``lora``: a PEFT
     LoRA adapter directory (``NAME=DIR`` names it) merged into the weights before the export; it is
     checked against the checkpoint's dims before anything is written, and recorded in the manifest.
+    ``lora_slots``: the graph takes up to this many adapters of rank up to ``lora_rank`` at run time
+    (``export.lora_slots``; the ``ort`` target); 0 = today's graph, unchanged.
     """
     if target not in TARGETS:
         raise Gpt2EdgeError(f"target must be one of {TARGETS}, got {target!r}")
@@ -61,6 +66,12 @@ def export_bundle(
         raise Gpt2EdgeError(f"kv_cache must be one of {', '.join(KV_FORMS)}, got {kv_cache!r}")
     if target == "tensorrt" and kv_cache != "concat":
         raise Gpt2EdgeError("the tensorrt target has the concatenating KV cache only (--kv-cache concat)")
+    if lora_slots < 0 or (lora_slots and lora_rank < 1):
+        raise Gpt2EdgeError(
+            f"--lora-slots must be >= 0 and --lora-rank >= 1, got {lora_slots} and {lora_rank}"
+        )
+    if lora_slots and target != "ort":
+        raise Gpt2EdgeError("run-time LoRA slots (--lora-slots) are for the ort target only")
     src = resolve_model_dir(model_spec)
     adapter = _load_adapter(src, lora) if lora is not None else None
     target_dir = check_output(out_dir, [src], overwrite, marker=MANIFEST, what="bundle")
@@ -77,6 +88,8 @@ def export_bundle(
             fuse_attention=fuse_attention,
             kv_cache=kv_cache,
             adapter=adapter,
+            lora_rank=lora_rank if lora_slots else 0,
+            lora_slots=lora_slots,
             log=lambda m: bar.log(log, m),
         )
 
@@ -97,6 +110,8 @@ def _export(
     fuse_attention: bool,
     kv_cache: str,
     adapter: Adapter | None,
+    lora_rank: int,
+    lora_slots: int,
     log: Callable[[str], object],
 ) -> Path:
     bar.stage(STAGES[0])
@@ -139,6 +154,17 @@ def _export(
             logits_to_keep=keep,
             step_invariant=keep and kv_cache == "inplace",
         )
+        plain_in = specs_in
+        if lora_rank:
+            specs_in = contract.inputs(
+                c.n_layer,
+                c.n_head,
+                c.head_size,
+                kv_cache=kv_cache,
+                logits_to_keep=keep,
+                step_invariant=keep and kv_cache == "inplace",
+                lora_rank=lora_rank,
+            )
         specs_out = contract.outputs(
             c.n_layer, c.n_head, c.head_size, c.vocab_size, kv_cache=kv_cache, logits_to_keep=keep
         )
@@ -157,9 +183,12 @@ def _export(
                 external,
                 kv_cache=kv_cache,
                 fuse_mha=fuse_attention,
-                specs=specs_in + specs_out,
+                specs=plain_in + specs_out,
             )
             log(f"ONNX Runtime optimizer (opt_level=2): fused {fused or 'nothing'}")
+            if lora_rank:
+                add_lora_slots(final, c.n_layer, specs_in)
+                log(f"LoRA slots: up to {lora_slots} adapters of rank <= {lora_rank} at run time")
         else:
             _prepare_tensorrt(raw, final, external)
         timings["graph_s"] = time.perf_counter() - t1
@@ -218,6 +247,12 @@ def _export(
         }
         if adapter is not None:
             manifest["lora"] = adapter.manifest_entry()
+        if lora_rank:
+            manifest["lora_slots"] = {
+                "slots": lora_slots,
+                "rank": lora_rank,
+                "targets": list(contract.LORA_TARGETS),
+            }
         out = finalize(tmp, target_dir, manifest, overwrite=overwrite)
         bar.update()
         return out
