@@ -104,7 +104,7 @@ class Completion:
                 param="echo",
                 code="unsupported_with_adapter",
             )
-        self.adapter_id = model.adapter_id(adapter)
+        self.adapter_id = model.adapter_id(adapter) if adapter is not None else 0
         self.model = model
         self.engine = engine
         self.metrics = metrics
