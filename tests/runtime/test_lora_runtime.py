@@ -155,3 +155,16 @@ def test_runtime_adapter_equals_the_merged_bundle(served, merged):
         got = Generator(served).generate(PROMPTS, cfg, adapter=name)
         want = Generator(model).generate(PROMPTS, cfg)
         assert [r.token_ids for r in got] == [r.token_ids for r in want]
+
+
+def test_speculative_decoding_with_an_adapter_is_exact(served, form):
+    if form != "inplace":
+        pytest.skip("speculative decoding verifies on the in-place cache only")
+    gen = Generator(served)
+    prompt = [5, 17, 42, 5, 17, 42, 5, 17]  # repeats: prompt lookup drafts
+    for adapter in ("a1", "a2", None):
+        plain = gen.generate([prompt], GenerationConfig(max_new_tokens=12, ignore_eos=True), adapter=adapter)
+        spec = gen.generate(
+            [prompt], GenerationConfig(max_new_tokens=12, ignore_eos=True, prompt_lookup=4), adapter=adapter
+        )
+        assert spec[0].token_ids == plain[0].token_ids
