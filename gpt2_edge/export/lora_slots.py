@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -35,7 +36,7 @@ def add_lora_slots(path: Path, n_layer: int, specs_in: list[contract.TensorSpec]
     by_name = {n.name: n for n in g.node}
     new_inputs = [s for s in specs_in if s.name == "adapter_ids" or s.name.startswith("lora_")]
     for s in new_inputs:
-        dtype = helper.np_dtype_to_tensor_dtype(__import__("numpy").dtype(s.dtype))
+        dtype = helper.np_dtype_to_tensor_dtype(np.dtype(s.dtype))
         g.input.append(helper.make_tensor_value_info(s.name, dtype, list(s.shape)))
     nodes = list(g.node)
     for a, b, t in contract.lora_names(n_layer):
