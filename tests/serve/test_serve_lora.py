@@ -101,3 +101,35 @@ def test_echo_logprobs_with_an_adapter_refused(server):
 def test_lora_setting_refused(lora):
     with pytest.raises(SettingsError, match="lora"):
         ServeSettings(lora=lora)
+
+
+def test_prefix_cache_never_shares_rows_between_adapters(model):
+    """Prompts sharing a 24-token prefix, one after the other, the base model and adapters: each
+    equals the Generator alone with its adapter (rows of another adapter, or of the base model,
+    would change its tokens), and the base model's second prompt reuses the first's rows."""
+    from tests.serve.helpers import Run
+
+    gen = Generator(model)
+    system = gen.tokenizer.encode(PROMPTS[2] * 8)[:24]
+    cfg = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+    jobs = [
+        ("base", None),
+        ("base-again", None),
+        ("a1", "a1"),
+        ("a1-again", "a1"),
+        ("a2", "a2"),
+        ("base-3", None),
+    ]
+    run = Run(gen, max_batch=2, max_queue=8, prefix_cache=True, prefix_block=8)
+    run.engine.start()
+    try:
+        for i, (name, adapter) in enumerate(jobs):
+            prompt = system + gen.tokenizer.encode(f" {i}")
+            handle = run.sequence(name, prompt, cfg)
+            handle.adapter_id = model.adapter_id(adapter)
+            run.engine.submit([handle])
+            run.wait()
+            assert run.tokens[name] == gen.generate([prompt], cfg, adapter=adapter)[0].token_ids, name
+    finally:
+        run.engine.close()
+    assert run.hits() >= 1  # base-again from base's rows (the adapters' tokens above: none reused across)
