@@ -9,7 +9,7 @@ LITE_STAMP := $(LITE)/.installed
 TEST_BUNDLES ?= $(CURDIR)/.test-bundles
 LITE_TESTS := tests/runtime tests/serve tests/engine
 
-.PHONY: demo test test-lite lint clean
+.PHONY: demo test test-lite lint docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -37,9 +37,15 @@ test-lite: $(STAMP) $(LITE_STAMP)
 	$(LITE)/bin/python -c 'import importlib.util as u, sys; sys.exit("torch is importable in $(LITE)" if u.find_spec("torch") else 0)'
 	GPT2_EDGE_TEST_BUNDLES=$(TEST_BUNDLES) GPT2_EDGE_TEST_BUNDLES_STRICT=1 $(LITE)/bin/python -m pytest $(LITE_TESTS) -rs $(PYTEST_ARGS)
 
+# The docs build strictly (a broken link, anchor or API reference fails); their examples run in `make test`.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gpt2_edge tests benchmarks
+	$(VENV)/bin/ruff check gpt2_edge tests benchmarks conftest.py
 	$(VENV)/bin/lint-imports --no-cache
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+# The documentation site (MkDocs, mkdocs-material, mkdocstrings) into build/site/.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) $(LITE) $(TEST_BUNDLES) build *.egg-info .pytest_cache .ruff_cache

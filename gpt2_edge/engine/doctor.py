@@ -144,8 +144,8 @@ def recommend(f: Facts) -> Recommendation:
             "int4",
             "ort",
             f"ONNX Runtime's CPU provider; this CPU has {', '.join(fast)} for the quantized kernels: int4 "
-            "ran 3.3x fp32 at 124M (+0.4% perplexity), int8-dynamic 2.7x (-0.1%) when accuracy matters most "
-            "(README, measured speed)",
+            "decodes fastest within its gate, int8-dynamic where accuracy matters most "
+            "(docs/measured.md: speed and perplexity per precision)",
             [
                 "gpt2-edge export MODEL -o out/fp32",
                 "gpt2-edge quantize out/fp32 --precision int4 --eval HELD_OUT.txt -o out/int4",

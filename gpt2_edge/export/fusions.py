@@ -404,7 +404,7 @@ def add_step_invariance(model: onnx.ModelProto) -> int:
     when a row has one query and with its GEMM for two or more, and the two sum in another
     order. With the extra row a position's logits are bitwise the same whether it is decoded
     alone, verified in a speculative chunk or beside other rows' chunks; it costs a few percent
-    at short contexts and more at long ones (README). Returns the number of layers changed.
+    at short contexts and more at long ones (docs/measured.md). Returns the number of layers changed.
     """
     mk = onnx.helper.make_node
     i32, i64 = onnx.TensorProto.INT32, onnx.TensorProto.INT64

@@ -15,7 +15,7 @@ from ..runtime.bundle import MANIFEST, SCHEMA_VERSION, sha256_file
 # Bytes of weights past which a bundle's are ONNX external data (model.onnx.data, 4 KiB-aligned,
 # memory-mapped): below protobuf's 2 GiB limit, and low enough that gpt2-medium (1.42 GB) goes out
 # too: writing and re-reading one 1.4 GB protobuf made its export peak 3.5x its weights, 1.8x as
-# external data (README, "The paper's sizes").
+# external data (docs/export.md, "The paper's sizes").
 EXTERNAL_DATA_THRESHOLD = 1_000_000_000
 
 

@@ -62,7 +62,7 @@ def quantize_bundle(
     bundle of the shipped default model uses the samples shipped with it when none is given.
     The variant's weights are ONNX external data when ``src``'s are and the variant's are
     expected past ``external_data_threshold`` bytes (else inline: int8 GEMMs read inline weights
-    faster, README "Measured speed and accuracy").
+    faster, docs/measured.md).
     ``out`` may not be ``src``, contain it or lie inside it; ``overwrite`` replaces an earlier
     bundle only. ``progress`` shows the gate's progress on a terminal.
     """

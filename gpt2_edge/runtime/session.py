@@ -5,7 +5,7 @@ The backend holds no per-sequence state: each caller gets its own KV cache from
 serves concurrent ``generate`` calls (``InferenceSession.run`` is thread-safe). KV tensors are
 bound with IO binding and never travel through Python lists; only logits come back to the host.
 
-Memory (README, "Memory"; ``python -m benchmarks.bench_memory`` measures each choice): on the
+Memory (docs/runtime.md, "Memory"; ``python -m benchmarks.bench_memory`` measures each choice): on the
 CPU the weights are memory-mapped from the bundle's file instead of parsed and copied
 (``runtime.mapped``: a tied LM head gets a mapping of its own, packed first), and the heap's
 free pages go back to the system after loading (``release_free_memory``). ONNX Runtime's
@@ -168,7 +168,7 @@ def batch_variance(bundle: Bundle) -> str | None:
     return None
 
 
-# ONNX Runtime session config entries per bundle precision (measured: README, "Memory"). None
+# ONNX Runtime session config entries per bundle precision (measured: docs/measured.md, memory). None
 # is set: ``session.disable_prepacking=1`` saves 147 MiB at fp32 (the tied head's packed copy)
 # and nothing in the int8/int4 precisions, and costs decode speed in all of them (MatMulNBits
 # without its packed weights runs ~20x slower); pass it as ``session_config`` where memory
@@ -202,7 +202,7 @@ class OrtBackend:
         the session lives: bundles are replaced whole, by rename). ``step_invariant``: every pass
         computes attention as a chunk does, so a position's logits are bitwise the same decoded
         alone, verified in a speculative chunk or beside other rows' chunks (in-place bundles with
-        the ``step_invariant`` input; slower at long contexts: README); None: so where the bundle
+        the ``step_invariant`` input; slower at long contexts: docs/measured.md); None: so where the bundle
         has the input. ``lora``: name -> PEFT LoRA adapter directory, served at run time (a bundle
         exported with ``--lora-slots``; ``runtime.lora`` checks each first).
         TensorRT engines are cached under

@@ -31,7 +31,7 @@ With a draft model, a lone greedy sequence also watches the clock: where its dra
 the last few), it stops drafting but for a probe every ``GUARD_PROBE`` steps (its tokens do not
 depend on drafting; a sampled one keeps the token-only policy). That catches what the cost model,
 which weighs a draft pass by its share of weight bytes, cannot see: passes that are mostly fixed
-cost (a small target: README). Prompt lookup costs no pass and is not guarded (timing noise on a
+cost (a small target: docs/measured.md). Prompt lookup costs no pass and is not guarded (timing noise on a
 small model cost it more than it saved).
 
 Numerics: on ONNX Runtime's CPU provider a one-token step multiplies attention probabilities by V

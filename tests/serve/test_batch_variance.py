@@ -1,5 +1,5 @@
 """The server never lets one request's output depend on another's: a bundle whose rows can change
-each other's logits (README, "Batch invariance and causality") is decoded one sequence at a time."""
+each other's logits (docs/runtime.md, "Batch invariance and causality"; runtime.session.batch_variance) is decoded one sequence at a time."""
 
 from __future__ import annotations
 
