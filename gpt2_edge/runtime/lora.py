@@ -56,10 +56,6 @@ class LoraModule:
     def rank(self) -> int:
         return int(self.a.shape[0])
 
-    def delta(self) -> np.ndarray:
-        """The change to the projection's weight, ``[out, in]`` float32."""
-        return (self.b @ self.a) * np.float32(self.scale)
-
 
 @dataclass(frozen=True)
 class Adapter:
