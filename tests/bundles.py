@@ -115,6 +115,9 @@ INPLACE = spec()
 CONCAT = spec(kv_cache="concat")
 TRT_TARGET = spec(target="tensorrt")
 SHIPPED = spec(model=ModelSpec(shipped=True))  # the default model's fp32 bundle (its own 8192-token BPE)
+# run-time LoRA adapters (tests/runtime/test_lora_runtime.py, tests/serve/test_serve_lora.py)
+LORA_SLOTS = spec(lora_slots=4, lora_rank=8)
+LORA_SLOTS_CONCAT = spec(kv_cache="concat", lora_slots=4, lora_rank=8)
 BATCH_INVARIANCE_PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-weight", "int8-qdq", "int4")
 SPECS: dict[str, BundleSpec] = {
     s.name: s
@@ -123,6 +126,8 @@ SPECS: dict[str, BundleSpec] = {
         CONCAT,
         TRT_TARGET,
         SHIPPED,  # structured output on a trained model (tests/runtime/test_structured.py)
+        LORA_SLOTS,
+        LORA_SLOTS_CONCAT,
         # another random model for beam search (tests/runtime/test_beam.py on the ORT backend)
         spec(model=ModelSpec(seed=5)),
         # the GPU tests (tests/engine/test_engine_gpu.py)

@@ -31,6 +31,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="ort target: keep attention as plain ops (no MultiHeadAttention)",
     )
+    p.add_argument(
+        "--lora",
+        metavar="[NAME=]DIR",
+        help="merge a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into the model",
+    )
+    p.add_argument(
+        "--lora-slots",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the graph takes up to N LoRA adapters at run time (load_model(lora=...), serve --lora)",
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=8,
+        metavar="R",
+        help="with --lora-slots: the largest adapter rank the slots take (default 8)",
+    )
     p.add_argument("--no-validate", action="store_true", help="skip the parity check (not recommended)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -49,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         validate=not args.no_validate,
         fuse_attention=not args.no_fuse_attention,
+        lora=args.lora,
+        lora_slots=args.lora_slots,
+        lora_rank=args.lora_rank,
         progress=not args.quiet,
     )
     print(f"bundle written: {out}")

@@ -14,6 +14,7 @@ from ..errors import Gpt2EdgeError
 from ..runtime.backends import PROVIDERS
 from ..runtime.constraints import Constraint, ConstraintError, validate_constraint
 from ..runtime.generator import Generator
+from ..runtime.lora import parse_spec
 from ..runtime.sampling import GenerationConfig
 from ..runtime.types import GenerationResult
 from ._common import is_bundle, read_prompts, utf8
@@ -57,6 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="compute attention as for a chunk in every step, so speculative decoding gives bitwise "
         "plain decoding's tokens for every precision (in-place bundles, cpu; slower at long contexts)",
+    )
+    p.add_argument(
+        "--lora",
+        metavar="[NAME=]DIR",
+        help="run every prompt with this PEFT LoRA adapter (a bundle exported with --lora-slots)",
     )
     _add_generation_args(p)
     p.set_defaults(func=run)
@@ -228,6 +234,11 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.model or 'the default model'} is not a bundle; make one with "
                 "`gpt2-edge export MODEL -o DIR`, or use --backend torch"
             )
+        adapter, lora = None, None
+        if args.lora:
+            name, directory = parse_spec(args.lora)
+            adapter = name or Path(directory).resolve().name
+            lora = {adapter: directory}
         gen = Generator.from_bundle(
             args.model,
             provider=args.provider,
@@ -235,23 +246,24 @@ def run(args: argparse.Namespace) -> int:
             draft=args.draft,
             draft_tokens=args.draft_tokens,
             step_invariant=args.step_invariant,
+            lora=lora,
         )
         if args.provider == "auto":
             print(f"provider: {gen.provider}", file=sys.stderr)
         if args.stream:
             if len(prompts) != 1 or args.json:
                 raise Gpt2EdgeError("--stream takes exactly one prompt and no --json")
-            for piece in gen.stream(prompts[0], cfg):
+            for piece in gen.stream(prompts[0], cfg, adapter=adapter):
                 print(piece, end="", flush=True)
             print()
             _print_timings([gen.last_result], gen.load_s, _speculative(cfg, gen))
             return 0
-        results = gen.generate(prompts, cfg)
+        results = gen.generate(prompts, cfg, adapter=adapter)
         load_s = gen.load_s
         speculative = _speculative(cfg, gen)
     else:
-        if args.draft:
-            raise Gpt2EdgeError("--draft needs the onnx backend (a bundle)")
+        if args.draft or args.lora:
+            raise Gpt2EdgeError(f"{'--draft' if args.draft else '--lora'} needs the onnx backend (a bundle)")
         results, load_s = _generate_with_torch(args.model, prompts, cfg, args.threads)
         speculative = bool(cfg.prompt_lookup)
     _print_results(prompts, results, args.json, load_s, speculative)

@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     for s in b.inputs[:5]:
         print(f"  {s.name:<28} {s.dtype:<8} {list(s.shape)}")
     if len(b.inputs) > 5:
-        print(f"  ... {len(b.inputs) - 5} more past_key_values.*")
+        more = sorted({s.name.split(".")[0] + ".*" for s in b.inputs[5:] if "." in s.name})
+        print(f"  ... {len(b.inputs) - 5} more {', '.join(more)}")
     print("outputs")
     for s in b.outputs[:3]:
         print(f"  {s.name:<28} {s.dtype:<8} {list(s.shape)}")
@@ -54,6 +55,16 @@ def run(args: argparse.Namespace) -> int:
             f"{v['max_abs_present']:.2e}, top-1 {100 * v['top1_agreement']:.2f}%, greedy identical "
             f"{v['greedy_identical']}, {v['positions_compared']} positions, passed {v['passed']}"
         )
+    if m.lora:
+        lo = m.lora
+        print(
+            f"lora   {lo.name}: rank {lo.rank}, alpha {lo.alpha:g}{', rslora' if lo.use_rslora else ''}, "
+            f"{', '.join(lo.target_modules)}; "
+            + ", ".join(f"{f} sha256 {h[:16]}" for f, h in lo.files.items())
+        )
+    if m.lora_slots:
+        ls = m.lora_slots
+        print(f"lora   run time: {ls.slots} slots of rank <= {ls.rank} ({', '.join(ls.targets)})")
     if m.accuracy:
         print(f"accuracy {m.accuracy}")
     made = m.made_by

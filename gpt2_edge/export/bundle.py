@@ -16,12 +16,16 @@ import onnxscript.optimizer
 from .. import contract
 from ..errors import Gpt2EdgeError
 from ..fsutil import check_output, staging_dir
-from ..model.checkpoint import load_checkpoint, load_tokenizer, resolve_model_dir
+from ..model.checkpoint import CheckpointError, load_checkpoint, load_tokenizer, resolve_model_dir
+from ..model.config import GPTConfig
+from ..model.lora import merge_adapter
 from ..progress import Progress
 from ..runtime.bundle import MANIFEST, sha256_file
+from ..runtime.lora import Adapter, load_adapter, parse_spec
 from ..runtime.manifest import TARGETS
 from .fusions import optimize_for_ort
 from .graph import KV_FORMS, checked_census, save_model
+from .lora_slots import add_lora_slots
 from .memory import release_memory
 from .onnx import DEFAULT_OPSET, export_onnx, weight_bytes
 from .validate import record_reference, validate_onnx
@@ -40,13 +44,20 @@ def export_bundle(
     validate: bool = True,
     fuse_attention: bool = True,
     kv_cache: str | None = None,
+    lora: str | Path | None = None,
+    lora_slots: int = 0,
+    lora_rank: int = 8,
     log: Callable[[str], object] = print,
     progress: bool = False,
 ) -> Path:
     """Checkpoint -> ONNX -> target graph -> parity check -> bundle directory (atomic).
 
     The output may not be the checkpoint, contain it or lie inside it; ``overwrite`` replaces
-    an earlier bundle only. ``progress`` shows a bar of the stages on a terminal.
+    an earlier bundle only. ``progress`` shows a bar of the stages on a terminal. ``lora``: a PEFT
+    LoRA adapter directory (``NAME=DIR`` names it) merged into the weights before the export; it is
+    checked against the checkpoint's dims before anything is written, and recorded in the manifest.
+    ``lora_slots``: the graph takes up to this many adapters of rank up to ``lora_rank`` at run time
+    (``export.lora_slots``; the ``ort`` target); 0 = today's graph, unchanged.
     """
     if target not in TARGETS:
         raise Gpt2EdgeError(f"target must be one of {TARGETS}, got {target!r}")
@@ -55,7 +66,14 @@ def export_bundle(
         raise Gpt2EdgeError(f"kv_cache must be one of {', '.join(KV_FORMS)}, got {kv_cache!r}")
     if target == "tensorrt" and kv_cache != "concat":
         raise Gpt2EdgeError("the tensorrt target has the concatenating KV cache only (--kv-cache concat)")
+    if lora_slots < 0 or (lora_slots and lora_rank < 1):
+        raise Gpt2EdgeError(
+            f"--lora-slots must be >= 0 and --lora-rank >= 1, got {lora_slots} and {lora_rank}"
+        )
+    if lora_slots and target != "ort":
+        raise Gpt2EdgeError("run-time LoRA slots (--lora-slots) are for the ort target only")
     src = resolve_model_dir(model_spec)
+    adapter = _load_adapter(src, lora) if lora is not None else None
     target_dir = check_output(out_dir, [src], overwrite, marker=MANIFEST, what="bundle")
     with Progress(enabled=progress, desc="export", total=len(STAGES), unit="stage") as bar:
         return _export(
@@ -69,6 +87,9 @@ def export_bundle(
             validate=validate,
             fuse_attention=fuse_attention,
             kv_cache=kv_cache,
+            adapter=adapter,
+            lora_rank=lora_rank if lora_slots else 0,
+            lora_slots=lora_slots,
             log=lambda m: bar.log(log, m),
         )
 
@@ -88,10 +109,20 @@ def _export(
     validate: bool,
     fuse_attention: bool,
     kv_cache: str,
+    adapter: Adapter | None,
+    lora_rank: int,
+    lora_slots: int,
     log: Callable[[str], object],
 ) -> Path:
     bar.stage(STAGES[0])
     model, tok = load_checkpoint(src), load_tokenizer(src)
+    if adapter is not None:
+        # Merged before anything is traced: the parity check then compares against the merged model.
+        merge_adapter(model, adapter)
+        log(
+            f"merged LoRA adapter {adapter.name!r} (rank {adapter.rank}, alpha {adapter.alpha:g}, "
+            f"{len(adapter.modules)} projections)"
+        )
     c = model.config
     external = weight_bytes(model) > external_data_threshold
     timings: dict[str, float] = {}
@@ -123,6 +154,17 @@ def _export(
             logits_to_keep=keep,
             step_invariant=keep and kv_cache == "inplace",
         )
+        plain_in = specs_in
+        if lora_rank:
+            specs_in = contract.inputs(
+                c.n_layer,
+                c.n_head,
+                c.head_size,
+                kv_cache=kv_cache,
+                logits_to_keep=keep,
+                step_invariant=keep and kv_cache == "inplace",
+                lora_rank=lora_rank,
+            )
         specs_out = contract.outputs(
             c.n_layer, c.n_head, c.head_size, c.vocab_size, kv_cache=kv_cache, logits_to_keep=keep
         )
@@ -141,9 +183,12 @@ def _export(
                 external,
                 kv_cache=kv_cache,
                 fuse_mha=fuse_attention,
-                specs=specs_in + specs_out,
+                specs=plain_in + specs_out,
             )
             log(f"ONNX Runtime optimizer (opt_level=2): fused {fused or 'nothing'}")
+            if lora_rank:
+                add_lora_slots(final, c.n_layer, specs_in)
+                log(f"LoRA slots: up to {lora_slots} adapters of rank <= {lora_rank} at run time")
         else:
             _prepare_tensorrt(raw, final, external)
         timings["graph_s"] = time.perf_counter() - t1
@@ -200,9 +245,27 @@ def _export(
                 "context_length": c.n_positions,
             },
         }
+        if adapter is not None:
+            manifest["lora"] = adapter.manifest_entry()
+        if lora_rank:
+            manifest["lora_slots"] = {
+                "slots": lora_slots,
+                "rank": lora_rank,
+                "targets": list(contract.LORA_TARGETS),
+            }
         out = finalize(tmp, target_dir, manifest, overwrite=overwrite)
         bar.update()
         return out
+
+
+def _load_adapter(src: Path, spec: str | Path) -> Adapter:
+    """The adapter ``spec`` names (``DIR`` or ``NAME=DIR``), checked against the checkpoint's config."""
+    try:
+        config = GPTConfig.load(src)
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+    name, directory = parse_spec(str(spec))
+    return load_adapter(directory, config.n_layer, config.n_embd, name=name)
 
 
 def copy_chat_template(checkpoint: Path, bundle_dir: Path) -> bool:

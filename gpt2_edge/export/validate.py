@@ -25,7 +25,7 @@ from ..model.checkpoint import resolve_model_dir
 from ..model.config import GPTConfig
 from ..model.gpt import GPT
 from ..runtime.bundle import Bundle
-from ..runtime.manifest import SCHEMA_VERSION, GenerationInfo, Manifest, ModelDims
+from ..runtime.manifest import SCHEMA_VERSION, GenerationInfo, LoraSlots, Manifest, ModelDims
 from ..runtime.session import OrtBackend
 from ..runtime.types import left_pad
 from ..tolerances import TOLERANCES
@@ -67,9 +67,13 @@ class _Tally:
 
 def _ort_run(sess, n_layer: int, ids, mask, pos, past) -> tuple[np.ndarray, list[np.ndarray]]:
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-    for name in ("logits_to_keep", "step_invariant"):
-        if any(i.name == name for i in sess.get_inputs()):
-            feeds[name] = np.array(0, np.int64)
+    for i in sess.get_inputs():
+        if i.name in ("logits_to_keep", "step_invariant"):
+            feeds[i.name] = np.array(0, np.int64)
+        elif i.name == "adapter_ids":  # LoRA slots: every row without an adapter (the base path)
+            feeds[i.name] = np.zeros(len(ids), np.int64)
+        elif i.name.startswith("lora_"):
+            feeds[i.name] = np.zeros((1, *i.shape[1:]), np.float32)
     for i in range(n_layer):
         feeds[f"past_key_values.{i}.key"] = past[2 * i]
         feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
@@ -263,14 +267,19 @@ def _backend(path: Path, c: GPTConfig, kv_dtype: str, kv_cache: str) -> OrtBacke
     """The runtime's own backend over a bare graph: a manifest in memory with the contract."""
     import onnx
 
-    names = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+    graph_inputs = {i.name: i for i in onnx.load(str(path), load_external_data=False).graph.input}
+    names = set(graph_inputs)
     keep, invariant = "logits_to_keep" in names, "step_invariant" in names
+    slots = None  # LoRA slots: checked with no adapter loaded (the base path)
+    if "adapter_ids" in names:
+        rank = graph_inputs["lora_a.0.attn.c_attn"].type.tensor_type.shape.dim[2].dim_value
+        slots = LoraSlots(1, rank, tuple(contract.LORA_TARGETS))
     dims = (c.n_layer, c.n_head, c.head_size)
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         model_file=path.name,
         model=ModelDims(**c.bundle_dims()),
-        inputs=tuple(contract.inputs(*dims, kv_dtype, kv_cache, keep, invariant)),
+        inputs=tuple(contract.inputs(*dims, kv_dtype, kv_cache, keep, invariant, slots.rank if slots else 0)),
         outputs=tuple(contract.outputs(*dims, c.vocab_size, kv_dtype, kv_cache, keep)),
         files={},  # not a bundle on disk: nothing to verify
         generation=GenerationInfo(c.eos_token_id, c.n_positions),
@@ -278,6 +287,7 @@ def _backend(path: Path, c: GPTConfig, kv_dtype: str, kv_cache: str) -> OrtBacke
         target="ort",
         kv_cache=kv_cache,
         kv_dtype=kv_dtype,
+        lora_slots=slots,
     )
     import warnings
 

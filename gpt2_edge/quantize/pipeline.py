@@ -124,9 +124,11 @@ def quantize_bundle(
             "logits_to_keep": any(s.name == "logits_to_keep" for s in base.inputs),
         }
         invariant = any(s.name == "step_invariant" for s in base.inputs)
+        slots = base.manifest.lora_slots  # run-time LoRA inputs stay float32 (the adapters' dtype)
         specs_in = contract.inputs(
-            d.n_layer, d.n_head, d.head_size, kv, **form, step_invariant=invariant
-        )
+            d.n_layer, d.n_head, d.head_size, kv, **form, step_invariant=invariant,
+            lora_rank=slots.rank if slots else 0,
+        )  # fmt: skip
         specs_out = contract.outputs(d.n_layer, d.n_head, d.head_size, d.vocab_size, kv, **form)
         census = checked_census(dst, specs_in, specs_out)
         target = base.target

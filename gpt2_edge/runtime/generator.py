@@ -65,6 +65,7 @@ def iter_decode(
     prefix_cache: KVStore | None = None,
     constraint: CompiledConstraint | None = None,
     mask_ahead: bool = True,
+    adapters: Sequence[int] | None = None,
 ) -> Generator_[list[SequenceState], None, list[GenerationResult]]:
     """The decode loop as a generator: yields every row's ``SequenceState`` after each step (its
     ``piece`` is the text that step made showable) and returns the results. Each row stops on its
@@ -76,7 +77,8 @@ def iter_decode(
     ``constraint`` is it compiled for this tokenizer (``runtime.constraints.compile_constraint``):
     every row keeps to it, and ends ("stop") once it is complete; ``mask_ahead``: its masks for the
     next step are computed in a worker thread while the model runs (llguidance and ONNX Runtime
-    both release the GIL), else after it."""
+    both release the GIL), else after it. ``adapters``: each row's LoRA adapter id
+    (``Model.adapter_ids``; 0 = none), on backends with LoRA slots."""
     if config.num_beams != 1:
         raise Gpt2EdgeError("iter_decode is the num_beams=1 loop; beam search lives in runtime.beam")
     prompts = fit_context(prompts, config, n_ctx)
@@ -91,7 +93,10 @@ def iter_decode(
     # One cache per call, sized once for the longest continuation: never reallocated.
     cache = backend.new_cache(B, min(n_ctx, max(len(p) for p in prompts) + config.max_new_tokens))
     slots = list(range(B))
-    reusing = prefix_cache is not None and hasattr(cache, "read_prefix")
+    for b, adapter_id in enumerate(adapters or ()):
+        cache.set_adapter(b, adapter_id)
+    # Stored prefixes hold keys and values of the base model: rows with an adapter compute their own.
+    reusing = prefix_cache is not None and hasattr(cache, "read_prefix") and not any(adapters or ())
     reused = 0
     if reusing:
         logits, reused = _prefill_reusing(cache, prompts, prefix_cache)
@@ -177,10 +182,14 @@ def decode(
     prefix_cache: KVStore | None = None,
     constraint: CompiledConstraint | None = None,
     mask_ahead: bool = True,
+    adapters: Sequence[int] | None = None,
 ) -> list[GenerationResult]:
     """Continue every prompt: greedy / sampled (``num_beams=1``, speculative with
-    ``config.prompt_lookup`` or a ``draft`` model) or beam search (never speculative)."""
+    ``config.prompt_lookup`` or a ``draft`` model) or beam search (never speculative).
+    ``adapters``: each prompt's LoRA adapter id (0 = none; not with beam search)."""
     if config.num_beams > 1:
+        if any(adapters or ()):
+            raise Gpt2EdgeError("beam search runs without LoRA adapters; use num_beams=1 with an adapter")
         if config.ignore_eos:
             eos_token_id = None
 
@@ -200,6 +209,7 @@ def decode(
         prefix_cache=prefix_cache,
         constraint=constraint,
         mask_ahead=mask_ahead,
+        adapters=adapters,
     )
     while True:
         try:
@@ -307,15 +317,21 @@ class Generator:
         return [self.encode(p) for p in items]
 
     def generate(
-        self, prompts: Prompt | Sequence[Prompt], config: GenerationConfig | None = None
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        config: GenerationConfig | None = None,
+        adapter: str | Sequence[str | None] | None = None,
     ) -> list[GenerationResult]:
         """Continue one prompt or a batch; one result per prompt. A prompt is text or a list of
-        token ids (``[[464, 3290], [40]]`` is a batch of two)."""
+        token ids (``[[464, 3290], [40]]`` is a batch of two). ``adapter``: the LoRA adapter (a name
+        given to ``load_model(lora=...)``) for every prompt, or one per prompt (None = the base
+        model); rows of different adapters decode in one batch."""
         config = config or GenerationConfig()
         constraint = self.compile(config)
+        batch = self._batch(prompts)
         return decode(
             self.backend,
-            self._batch(prompts),
+            batch,
             config,
             eos_token_id=self.eos_token_id,
             n_ctx=self.n_ctx,
@@ -323,9 +339,20 @@ class Generator:
             draft=self.draft,
             prefix_cache=self.prefix_cache,
             constraint=constraint,
+            adapters=self._adapter_ids(adapter, len(batch)),
         )
 
-    def stream(self, prompt: Prompt, config: GenerationConfig | None = None) -> Iterator[str]:
+    def _adapter_ids(self, adapter: str | Sequence[str | None] | None, n: int) -> list[int] | None:
+        if adapter is None:
+            return None
+        names = [adapter] * n if isinstance(adapter, str) else list(adapter)
+        if len(names) != n:
+            raise Gpt2EdgeError(f"{len(names)} adapters given for {n} prompts")
+        return [self.model.adapter_id(a) for a in names]
+
+    def stream(
+        self, prompt: Prompt, config: GenerationConfig | None = None, adapter: str | None = None
+    ) -> Iterator[str]:
         """Yield the continuation of one prompt as text pieces while it is decoded.
 
         The pieces join to exactly ``generate(prompt, config)[0].text``; a multi-byte character
@@ -353,6 +380,7 @@ class Generator:
             draft=self.draft,
             prefix_cache=self.prefix_cache,
             constraint=constraint,
+            adapters=self._adapter_ids(adapter, 1),
         )
 
         while True:

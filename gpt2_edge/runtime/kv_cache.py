@@ -77,7 +77,12 @@ class ConcatRunner(Protocol):
     pad_id: int
 
     def run(
-        self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[Any] | None
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        pos: np.ndarray,
+        past: list[Any] | None,
+        adapter_ids: np.ndarray | None = None,
     ) -> tuple[np.ndarray, list[Any]]:
         """Last-position logits ``(B, V)`` and the presents; ``past=None`` is an empty past."""
         ...
@@ -95,10 +100,12 @@ class ConcatCache:
 
     can_verify = False
 
-    def __init__(self, runner: ConcatRunner, n_slots: int, capacity: int) -> None:
+    def __init__(self, runner: ConcatRunner, n_slots: int, capacity: int, lora: bool = False) -> None:
         self.runner = runner
         self.n_slots = n_slots
         self.capacity = capacity
+        # LoRA slots: each slot's adapter id (0 = none), fed per row (``set_adapter``); None = no slots.
+        self._adapter: dict[int, int] | None = {} if lora else None
         self._rows: list[int] = []  # the slot held by each batch row
         self._past: list[Any] | None = None
         self._mask = np.zeros((0, 0), np.int64)
@@ -107,10 +114,28 @@ class ConcatCache:
     def length(self, slot: int) -> int:
         return int(self._next[self._rows.index(slot)]) if slot in self._rows else 0
 
+    def set_adapter(self, slot: int, adapter_id: int) -> None:
+        """Run ``slot`` with LoRA adapter ``adapter_id`` (0 = none) from its next pass on (set it
+        before the prefill: the cached keys and values are the adapter's)."""
+        if self._adapter is None:
+            if adapter_id:
+                raise CacheError("this model takes no LoRA adapters at run time")
+            return
+        self._adapter[slot] = adapter_id
+
+    def _run(
+        self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[Any] | None, slots: Sequence[int]
+    ) -> tuple[np.ndarray, list[Any]]:
+        """One pass of the runner; ``slots``: the slot of each row (their adapters, with LoRA slots)."""
+        if self._adapter is None:
+            return self.runner.run(ids, mask, pos, past)
+        adapter_ids = np.array([self._adapter.get(s, 0) for s in slots], np.int64)
+        return self.runner.run(ids, mask, pos, past, adapter_ids=adapter_ids)
+
     def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
         _check_prefill(self, slots, prompts)
         ids, mask, pos = left_pad(prompts, self.runner.pad_id)
-        logits, presents = self.runner.run(ids, mask, pos, None)
+        logits, presents = self._run(ids, mask, pos, None, slots)
         lengths = np.array([len(p) for p in prompts], np.int64)
         if not self._rows:
             self._rows, self._past, self._mask, self._next = list(slots), presents, mask, lengths
@@ -173,7 +198,7 @@ class ConcatCache:
             new[r, S - k :] = 1
             pos[r, S - k :] = self._next[r] + np.arange(k)
         mask = np.concatenate([self._mask, new], axis=1)
-        logits, self._past = self.runner.run(ids, mask, pos, self._past)
+        logits, self._past = self._run(ids, mask, pos, self._past, self._rows)
         self._mask = mask
         self._next = self._next + new.sum(axis=1)
         return logits
@@ -222,7 +247,7 @@ class ConcatCache:
         # Idle rows take a pad token with mask 0: it is never attended to.
         mask = np.concatenate([self._mask, active[:, None]], axis=1)
         pos = np.minimum(self._next, self.capacity - 1)[:, None]
-        logits, self._past = self.runner.run(feed[:, None], mask, pos, self._past)
+        logits, self._past = self._run(feed[:, None], mask, pos, self._past, self._rows)
         self._mask = mask
         self._next = self._next + active
         return logits[[row_of[s] for s in slots]]
@@ -238,10 +263,14 @@ class ConcatCache:
             return
         keep = [r for r, s in enumerate(self._rows) if s != slot]
         self._take(keep, [self._rows[r] for r in keep])
+        if self._adapter is not None:
+            self._adapter.pop(slot, None)
 
     def reorder(self, sources: Sequence[int]) -> None:
         row_of = {s: r for r, s in enumerate(self._rows)}
         self._take([row_of[s] for s in sources], list(range(len(sources))))
+        if self._adapter is not None:
+            self._adapter = {i: self._adapter.get(s, 0) for i, s in enumerate(sources)}
 
     def _take(self, rows: list[int], slots: list[int]) -> None:
         if not rows:
@@ -289,7 +318,7 @@ class InPlaceCache:
 
     can_verify = True
 
-    def __init__(self, runner: InPlaceRunner, n_slots: int, capacity: int) -> None:
+    def __init__(self, runner: InPlaceRunner, n_slots: int, capacity: int, lora: bool = False) -> None:
         if not 0 < capacity <= runner.n_positions:
             raise CacheError(f"capacity must be in 1..{runner.n_positions} (the context), got {capacity}")
         self.runner = runner
@@ -298,9 +327,25 @@ class InPlaceCache:
         self.buffers = runner.cache_arrays(n_slots, capacity)
         self._len = np.zeros(n_slots, np.int64)
         self._bindings: dict[tuple[int, int], InPlaceBinding] = {}  # per row range, made once
+        # LoRA slots: each slot's adapter id (0 = none), fed per row (``set_adapter``); None = no slots.
+        self._adapter = np.zeros(n_slots, np.int64) if lora else None
 
     def length(self, slot: int) -> int:
         return int(self._len[slot])
+
+    def set_adapter(self, slot: int, adapter_id: int) -> None:
+        """Run ``slot`` with LoRA adapter ``adapter_id`` (0 = none) from its next pass on (set it
+        before the prefill: the cached keys and values are the adapter's)."""
+        if self._adapter is None:
+            if adapter_id:
+                raise CacheError("this model takes no LoRA adapters at run time")
+            return
+        self._adapter[slot] = adapter_id
+
+    def _with_adapters(self, feeds: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
+        if self._adapter is not None:
+            feeds["adapter_ids"] = self._adapter[lo:hi].copy()
+        return feeds
 
     def _binding(self, lo: int, hi: int) -> InPlaceBinding:
         binding = self._bindings.get((lo, hi))
@@ -333,7 +378,7 @@ class InPlaceCache:
         )
         pos[:, 0] = start  # the graph reads the row's new-token count as T - position_ids[:, 0]
         mask = (np.arange(int(total.max()))[None] < total[:, None]).astype(np.int64)
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        feeds = self._with_adapters({"input_ids": ids, "attention_mask": mask, "position_ids": pos}, lo, hi)
         binding = self._binding(lo, hi)
         logits = binding.run_all(feeds) if keep_all else binding.run(feeds).copy()
         self._len[lo:hi] += q
@@ -380,7 +425,9 @@ class InPlaceCache:
         ids = np.zeros((hi - lo, 1), np.int64)
         ids[idx - lo, 0] = tokens
         mask = (np.arange(int(total.max()))[None] < total[:, None]).astype(np.int64)
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": start[:, None]}
+        feeds = self._with_adapters(
+            {"input_ids": ids, "attention_mask": mask, "position_ids": start[:, None]}, lo, hi
+        )
         logits = self._binding(lo, hi).run(feeds)[
             idx - lo
         ]  # fancy indexing copies out of the binding's buffer
@@ -400,6 +447,7 @@ class InPlaceCache:
                     "attention_mask": np.ones((1, held + S), np.int64),
                     "position_ids": np.arange(held, held + S, dtype=np.int64)[None],
                 }
+                self._with_adapters(feeds, slot, slot + 1)
                 logits = self._binding(slot, slot + 1).run_all(feeds)
                 self._len[slot] = held + S
                 return logits
@@ -421,6 +469,8 @@ class InPlaceCache:
 
     def release(self, slot: int) -> None:
         self._len[slot] = 0  # rows past a slot's length are never read: nothing to clear
+        if self._adapter is not None:
+            self._adapter[slot] = 0
 
     def reorder(self, sources: Sequence[int]) -> None:
         n = len(sources)
@@ -428,6 +478,8 @@ class InPlaceCache:
         for b in self.buffers:
             b[:n, :, :width] = b[list(sources), :, :width]
         self._len[:n] = self._len[list(sources)]
+        if self._adapter is not None:
+            self._adapter[:n] = self._adapter[list(sources)]
 
     def full_logits(self, ids: np.ndarray) -> np.ndarray:
         """All logits ``(B, T, V)`` of unpadded sequences ``ids`` (perplexity, parity)."""
@@ -470,6 +522,10 @@ class InPlaceCache:
         length = np.zeros(n_slots, np.int64)
         length[:rows] = self._len[:rows]
         self._len, self.n_slots, self.capacity = length, n_slots, capacity
+        if self._adapter is not None:
+            adapter = np.zeros(n_slots, np.int64)
+            adapter[:rows] = self._adapter[:rows]
+            self._adapter = adapter
 
     def read_prefix(self, slot: int, length: int) -> list[np.ndarray]:
         """Copies of ``slot``'s first ``length`` positions, one array per buffer

@@ -82,6 +82,20 @@ class Model:
             reason = self.draft.backend.capabilities.batch_variance
         return reason
 
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The LoRA adapters served at run time (``load_model(lora=...)``), by name."""
+        return self.capabilities.adapters
+
+    def adapter_id(self, name: str | None) -> int:
+        """The id a cache row runs adapter ``name`` with (0: None, the base model)."""
+        if name is None:
+            return 0
+        if name not in self.adapters:
+            have = ", ".join(self.adapters) or "none (load_model(lora={name: DIR}) on a --lora-slots bundle)"
+            raise Gpt2EdgeError(f"unknown LoRA adapter {name!r}; this model serves: {have}")
+        return self.adapters.index(name) + 1
+
     @cached_property
     def vocab_size(self) -> int:
         """The tokenizer's vocabulary (asked once: tokenizers counts it, ~30 ms at GPT-2's)."""
@@ -105,6 +119,7 @@ def load_model(
     prefix_cache: int = 0,
     step_invariant: bool | None = False,
     name: str | None = None,
+    lora: dict[str, str | Path] | None = None,
     **options: Any,
 ) -> Model:
     """Load and verify the bundle at ``path`` and everything that runs it.
@@ -120,7 +135,10 @@ def load_model(
     token, 72 KiB at 124M fp32). ``step_invariant``: True = every pass computes attention as a chunk
     does, so a position's logits are bitwise the same decoded, verified or prefilled (in-place
     bundles on the CPU provider; slower at long contexts); None = so where the bundle can; False =
-    off. ``name``: the id clients call it by (default: the bundle directory's name). ``options`` go
+    off. ``lora``: adapter name -> PEFT LoRA adapter directory, served at run time by a bundle
+    exported with ``--lora-slots`` (each checked: rank, shapes, targets); a call picks one by name
+    (``Generator.generate(adapter=...)``, the server's ``model`` field). ``name``: the id clients
+    call it by (default: the bundle directory's name). ``options`` go
     to the backend (``runtime.backends.load_backend``: ``session_config``, ``trt_*``,
     ``lane_timeout_s``). Every refusal is one ``Gpt2EdgeError`` that says what to change.
     """
@@ -137,6 +155,10 @@ def load_model(
             "a draft model (--draft) needs a target whose KV cache rolls back: the TensorRT engine's "
             "concatenates (use an in-place bundle on ONNX Runtime's cpu provider)"
         )
+    if lora:
+        if provider == ENGINE_PROVIDER:
+            raise Gpt2EdgeError("run-time LoRA adapters are served by ONNX Runtime providers, not trt-engine")
+        options["lora"] = dict(lora)
     if provider == "cpu" and step_invariant is not False:
         options["step_invariant"] = step_invariant  # None: OrtBackend's "where the bundle has it"
     t0 = time.perf_counter()

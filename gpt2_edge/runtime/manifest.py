@@ -101,6 +101,25 @@ SCHEMA = obj(
     quantization=Spec(
         "object", keys={"from": OPTIONAL_STR, "from_sha256": OPTIONAL_STR}, required=False, nullable=True
     ),
+    # A LoRA adapter merged into the weights at export (absent: none).
+    lora=obj(
+        required=False,
+        nullable=True,
+        name=STR,
+        files=Spec("map", item=SHA256),
+        rank=POSITIVE,
+        alpha=Spec("number"),
+        use_rslora=Spec("any", required=False),
+        target_modules=Spec("list", item=STR),
+    ),
+    # Run-time LoRA slots (``export --lora-slots``): the graph takes stacked adapters as inputs.
+    lora_slots=obj(
+        required=False,
+        nullable=True,
+        slots=POSITIVE,
+        rank=POSITIVE,
+        targets=Spec("list", item=STR),
+    ),
 )
 
 _KIND_NAMES = {
@@ -246,6 +265,7 @@ def _check_meaning(m: dict[str, Any], problems: list[str]) -> None:
     form = m.get("kv_cache", "concat")
     keep = any(s["name"] == "logits_to_keep" for s in m["io"]["inputs"])
     invariant = any(s["name"] == "step_invariant" for s in m["io"]["inputs"])
+    lora_rank = (m.get("lora_slots") or {}).get("rank", 0)
     want = {
         "inputs": contract.inputs(
             d["n_layer"],
@@ -254,6 +274,7 @@ def _check_meaning(m: dict[str, Any], problems: list[str]) -> None:
             kv_cache=form,
             logits_to_keep=keep,
             step_invariant=invariant,
+            lora_rank=lora_rank,
         ),
         "outputs": contract.outputs(
             d["n_layer"], d["n_head"], d["head_size"], d["vocab_size"], kv_cache=form, logits_to_keep=keep
@@ -342,6 +363,30 @@ class Quantization:
 
 
 @dataclass(frozen=True)
+class LoraInfo:
+    """The LoRA adapter merged into the weights at export (``lora``): its name, the sha256 of its
+    files, its rank (the largest of its modules), alpha and the block projections it changes."""
+
+    name: str
+    files: dict[str, str]
+    rank: int
+    alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LoraSlots:
+    """Run-time LoRA slots (``lora_slots``): the graph adds ``(x A[id]) B[id]`` to each of
+    ``targets`` per batch row (``contract.inputs(lora_rank=...)``); up to ``slots`` adapters of rank
+    up to ``rank`` are loaded at once."""
+
+    slots: int
+    rank: int
+    targets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A parsed and validated ``bundle.json``. The reports (``graph``, ``validation``, ``accuracy``)
     are informational dicts for people and tools; everything the runtime decides on is a field."""
@@ -360,6 +405,8 @@ class Manifest:
     made_by: MadeBy = field(default_factory=MadeBy)
     producers: dict[str, str] = field(default_factory=dict)
     quantization: Quantization | None = None
+    lora: LoraInfo | None = None
+    lora_slots: LoraSlots | None = None
     graph: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] | None = None
     accuracy: dict[str, Any] | None = None
@@ -383,6 +430,19 @@ class Manifest:
                 batch_invariant=bool(q.get("batch_invariant", False)),
                 details={k: v for k, v in q.items() if k not in ("from", "from_sha256", "batch_invariant")},
             )
+        lo = m.get("lora")
+        lora = None
+        if lo is not None:
+            lora = LoraInfo(
+                name=lo["name"],
+                files=dict(lo["files"]),
+                rank=lo["rank"],
+                alpha=float(lo["alpha"]),
+                use_rslora=bool(lo.get("use_rslora", False)),
+                target_modules=tuple(lo["target_modules"]),
+            )
+        ls = m.get("lora_slots")
+        lora_slots = LoraSlots(ls["slots"], ls["rank"], tuple(ls["targets"])) if ls is not None else None
         g = m["generation"]
         return cls(
             schema_version=m["schema_version"],
@@ -405,6 +465,8 @@ class Manifest:
             ),
             producers=dict(m.get("producers") or {}),
             quantization=quantization,
+            lora=lora,
+            lora_slots=lora_slots,
             graph=dict(m.get("graph") or {}),
             validation=m.get("validation"),
             accuracy=m.get("accuracy"),

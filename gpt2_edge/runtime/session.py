@@ -21,9 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from ..contract import lora_names
 from ..errors import Gpt2EdgeError
 from .bundle import Bundle
 from .kv_cache import ConcatCache, InPlaceCache
+from .lora import load_adapter
 from .mapped import MappedModel, mapped_model, release_free_memory
 from .trt import system as trt_system
 from .trt.api import major
@@ -190,6 +192,7 @@ class OrtBackend:
         session_config: dict[str, str] | None = None,
         map_weights: bool | None = None,
         step_invariant: bool | None = False,
+        lora: dict[str, str | Path] | None = None,
     ) -> None:
         """``provider``: cpu | cuda | tensorrt | auto. ``session_config``: ONNX Runtime session
         config entries over this precision's defaults (``SESSION_DEFAULTS``), e.g.
@@ -200,7 +203,8 @@ class OrtBackend:
         computes attention as a chunk does, so a position's logits are bitwise the same decoded
         alone, verified in a speculative chunk or beside other rows' chunks (in-place bundles with
         the ``step_invariant`` input; slower at long contexts: docs/measured.md); None: so where the bundle
-        has the input.
+        has the input. ``lora``: name -> PEFT LoRA adapter directory, served at run time (a bundle
+        exported with ``--lora-slots``; ``runtime.lora`` checks each first).
         TensorRT engines are cached under
         ``trt_cache_dir`` (default ``BUNDLE/engines/ort-trt-cache``), keyed by GPU, TensorRT and
         ONNX Runtime versions and shape ranges, because they are built for the GPU they run on;
@@ -302,13 +306,54 @@ class OrtBackend:
         self.n_positions = bundle.context_length
         self.n_ctx = bundle.context_length
         self.pad_id = bundle.eos_token_id if bundle.eos_token_id is not None else 0
+        self.lora_feeds, adapters = self._load_adapters(bundle, lora or {})
         self.capabilities = Capabilities(
             provider=self.provider,
             device=self.device,
             can_roll_back=self.kv_form == "inplace",
             step_invariant=self.step_invariant,
             batch_variance=batch_variance(bundle) if self.device == "cpu" else None,
+            adapters=adapters,
         )
+
+    def _load_adapters(
+        self, bundle: Bundle, lora: dict[str, str | Path]
+    ) -> tuple[dict[str, Any], tuple[str, ...]]:
+        """The stacked adapter inputs of a graph with LoRA slots, as OrtValues bound once into every
+        binding (row 0 zeros: no adapter; row k: the k-th adapter, zero-padded to the slots' rank,
+        its scale folded into B), and the adapters' names."""
+        import onnxruntime as ort
+
+        slots = bundle.manifest.lora_slots
+        if slots is None:
+            if lora:
+                raise Gpt2EdgeError(
+                    f"{bundle.path} takes no LoRA adapters at run time: export it with --lora-slots N, "
+                    "or merge an adapter with `export --lora`"
+                )
+            return {}, ()
+        if len(lora) > slots.slots:
+            raise Gpt2EdgeError(f"{len(lora)} LoRA adapters given; {bundle.path} has {slots.slots} slots")
+        d = bundle.dims
+        adapters = [
+            load_adapter(path, d.n_layer, d.n_embd, name=name, max_rank=slots.rank)
+            for name, path in lora.items()
+        ]
+        feeds: dict[str, Any] = {}
+        for a_name, b_name, target in lora_names(d.n_layer):
+            spec_a = next(s for s in bundle.inputs if s.name == a_name)
+            spec_b = next(s for s in bundle.inputs if s.name == b_name)
+            a = np.zeros((len(adapters) + 1, *spec_a.shape[1:]), np.float32)  # [slots, in, rank]
+            b = np.zeros((len(adapters) + 1, *spec_b.shape[1:]), np.float32)  # [slots, rank, out]
+            module = f"h.{a_name.split('.')[1]}.{target}"
+            for k, adapter in enumerate(adapters, start=1):
+                m = adapter.modules.get(module)
+                if m is not None:
+                    a[k, :, : m.rank] = m.a.T
+                    b[k, : m.rank, :] = m.b.T * np.float32(m.scale)
+            feeds[a_name] = ort.OrtValue.ortvalue_from_numpy(a)
+            feeds[b_name] = ort.OrtValue.ortvalue_from_numpy(b)
+        return feeds, tuple(a.name for a in adapters)
 
     # caches -----------------------------------------------------------------------------------
     def new_cache(self, n_slots: int, capacity: int) -> ConcatCache | InPlaceCache:
@@ -316,9 +361,10 @@ class OrtBackend:
         if not self._trimmed:  # the first cache: the tokenizer is loaded by now
             self._trimmed = True
             release_free_memory()
+        lora = bool(self.lora_feeds)
         if self.kv_form == "inplace":
-            return InPlaceCache(self, n_slots, capacity)
-        return ConcatCache(self, n_slots, capacity)
+            return InPlaceCache(self, n_slots, capacity, lora=lora)
+        return ConcatCache(self, n_slots, capacity, lora=lora)
 
     def _bind_and_run(
         self, feeds: dict[str, np.ndarray], past: list[Any], present: list[Any] | None, keep_all: bool
@@ -330,6 +376,8 @@ class OrtBackend:
             io.bind_cpu_input("logits_to_keep", np.array(0 if keep_all else 1, np.int64))
         if self.has_step_invariant:
             io.bind_cpu_input("step_invariant", self._invariant_feed)
+        for name, value in self.lora_feeds.items():
+            io.bind_ortvalue_input(name, value)
         for name, value in zip(self.past_names, past, strict=True):
             io.bind_ortvalue_input(name, value)
         io.bind_output("logits", "cpu")
@@ -344,14 +392,21 @@ class OrtBackend:
 
     # the concatenating form (kv_cache.ConcatRunner) ----------------------------------------------
     def run(
-        self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[Any] | None
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        pos: np.ndarray,
+        past: list[Any] | None,
+        adapter_ids: np.ndarray | None = None,
     ) -> tuple[np.ndarray, list[Any]]:
-        """Last-position logits ``(B, V)`` and the presents (OrtValues) of one pass."""
+        """Last-position logits ``(B, V)`` and the presents (OrtValues) of one pass. ``adapter_ids``:
+        each row's LoRA adapter (graphs with LoRA slots; None = none)."""
         if past is None:
             past = [self.from_numpy(self._empty_past(ids.shape[0])) for _ in self.past_names]
-        logits, presents = self._bind_and_run(
-            {"input_ids": ids, "attention_mask": mask, "position_ids": pos}, past, None, keep_all=False
-        )
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        if self.lora_feeds:
+            feeds["adapter_ids"] = adapter_ids if adapter_ids is not None else np.zeros(len(ids), np.int64)
+        logits, presents = self._bind_and_run(feeds, past, None, keep_all=False)
         return logits[:, -1], presents
 
     def _empty_past(self, batch: int) -> np.ndarray:
@@ -380,10 +435,12 @@ class OrtBackend:
         input_ids = np.asarray(input_ids, dtype=np.int64)
         B, T = input_ids.shape
         if self.kv_form == "inplace":
-            return InPlaceCache(self, B, T).full_logits(input_ids)
+            return InPlaceCache(self, B, T, lora=bool(self.lora_feeds)).full_logits(input_ids)
         past = [self.from_numpy(self._empty_past(B)) for _ in self.past_names]
         pos = np.broadcast_to(np.arange(T, dtype=np.int64), input_ids.shape)
         feeds = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids), "position_ids": pos}
+        if self.lora_feeds:
+            feeds["adapter_ids"] = np.zeros(B, np.int64)
         return self._bind_and_run(feeds, past, None, keep_all=True)[0]
 
 
@@ -411,6 +468,8 @@ class _InPlaceBinding:
             self.io.bind_cpu_input("logits_to_keep", np.array(1, np.int64))
         if backend.has_step_invariant:
             self.io.bind_cpu_input("step_invariant", backend._invariant_feed)
+        for name, value in backend.lora_feeds.items():
+            self.io.bind_ortvalue_input(name, value)
         self._io_all: Any = None  # run_all's binding, made at its first call
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -430,6 +489,8 @@ class _InPlaceBinding:
                 io.bind_cpu_input("logits_to_keep", np.array(0, np.int64))
             if self.backend.has_step_invariant:
                 io.bind_cpu_input("step_invariant", self.backend._invariant_feed)
+            for name, value in self.backend.lora_feeds.items():
+                io.bind_ortvalue_input(name, value)
             io.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
             for past, present, value in zip(
                 self.backend.past_names, self.backend.present_names, self.values, strict=True

@@ -100,6 +100,8 @@ class Capabilities:
     # Why rows decoded together could change each other's tokens (then the server decodes one
     # sequence at a time); None: they cannot, or nobody measured it on this device.
     batch_variance: str | None = None
+    # The LoRA adapters it serves at run time, by name; adapter id = position + 1 (0 = none).
+    adapters: tuple[str, ...] = ()
 
 
 class Backend(Protocol):

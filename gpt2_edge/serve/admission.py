@@ -170,10 +170,13 @@ class KVMemory:
         assert cache is not None
         match = None
         prefix = self.prefix
-        if prefix is not None:
+        if prefix is not None and not s.adapter_id:
             # Rows written by running sequences are final; slots planned this round are not sources.
+            # Rows of a LoRA adapter's sequence hold its keys and values, not the base model's.
             running = [
-                (slot, self.written(slot, h.state)) for slot, h in active.items() if cache.length(slot)
+                (slot, self.written(slot, h.state))
+                for slot, h in active.items()
+                if cache.length(slot) and not h.adapter_id
             ]
             match = prefix.match(s.state.prompt, running, skip=taken)
         rows_now = cache.n_slots
@@ -229,13 +232,16 @@ class KVMemory:
             for _, slot, _ in plans:
                 if self.prefix is not None:
                     self.prefix.drop(slot)  # its rows are this sequence's now
+        for seq, slot, _ in plans:
+            if seq.adapter_id:  # released slots run without one (the caches reset it)
+                cache.set_adapter(slot, seq.adapter_id)  # type: ignore[attr-defined]
         self.count(active)
 
-    def leave(self, slot: int, state: SequenceState, keep: bool) -> None:
+    def leave(self, slot: int, state: SequenceState, keep: bool, adapter_id: int = 0) -> None:
         """The sequence in ``slot`` left: free its slot in the cache (``keep``: its rows stay in the
-        prefix cache until overwritten)."""
+        prefix cache until overwritten; never a LoRA adapter's rows, ``adapter_id`` not 0)."""
         if self.cache is not None:
-            if self.prefix is not None and keep:
+            if self.prefix is not None and keep and not adapter_id:
                 self.prefix.put(slot, self.written(slot, state))
             self.cache.release(slot)
 

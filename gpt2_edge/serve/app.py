@@ -99,15 +99,19 @@ class Served:
     def add_in_flight(self, n: int) -> None:
         self.in_flight += n
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model.name:
-            raise ApiError(
-                404,
-                f"the model {name!r} does not exist here; this server serves {self.model.name!r} "
-                "(GET /v1/models)",
-                param="model",
-                code="model_not_found",
-            )
+    def check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's ``model`` names (None: the base model), or 404."""
+        if name is None or name == self.model.name:
+            return None
+        if name in self.model.adapters:
+            return name
+        served = ", ".join(repr(n) for n in (self.model.name, *self.model.adapters))
+        raise ApiError(
+            404,
+            f"the model {name!r} does not exist here; this server serves {served} (GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def _kv_budget(budget: int | None, n_ctx: int) -> int | None:
@@ -214,8 +218,8 @@ async def completions(request: Request) -> Response:
     def prepare() -> Completion:
         req = parse_body(raw, CompletionRequest)
         req.check_supported()
-        s.check_model(req.model)
-        return Completion(s.model, s.engine, s.metrics, req, loop, s.settings.timeout_s)
+        adapter = s.check_model(req.model)
+        return Completion(s.model, s.engine, s.metrics, req, loop, s.settings.timeout_s, adapter=adapter)
 
     # JSON, validation and tokenizing off the event loop, which serves every stream at once.
     return await run_job(request, await asyncio.to_thread(prepare))
@@ -230,8 +234,10 @@ async def chat_completions(request: Request) -> Response:
 
     def prepare() -> Completion:
         req = parse_body(raw, ChatCompletionRequest)
-        s.check_model(req.model)
-        return prepare_chat(s.model, s.engine, s.metrics, s.chat, req, loop, s.settings.timeout_s)
+        adapter = s.check_model(req.model)
+        return prepare_chat(
+            s.model, s.engine, s.metrics, s.chat, req, loop, s.settings.timeout_s, adapter=adapter
+        )
 
     return await run_job(request, await asyncio.to_thread(prepare))
 
@@ -268,7 +274,9 @@ async def models(request: Request) -> dict[str, Any]:
         "owned_by": "gpt2-edge",
         "max_model_len": model.n_ctx,
     }
-    return {"object": "list", "data": [card]}
+    # LoRA adapters as vLLM lists them: their own ids, the base model as root and parent
+    adapters = [{**card, "id": name, "root": name, "parent": model.name} for name in model.adapters]
+    return {"object": "list", "data": [card, *adapters]}
 
 
 @router.get("/health")

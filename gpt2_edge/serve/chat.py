@@ -184,9 +184,10 @@ def prepare_chat(
     req: ChatCompletionRequest,
     loop: asyncio.AbstractEventLoop,
     timeout_s: float,
+    adapter: str | None = None,
 ) -> Completion:
     """The chat request as a ``Completion`` answering in chat's shape (``ChatRender``): messages
-    rendered, bounded, tokenized, checked.
+    rendered, bounded, tokenized, checked; ``adapter``: the LoRA adapter it runs with.
     Call it off the event loop (rendering and tokenizing take time on long messages)."""
     messages = req.message_texts()
     check_length(model, "".join(m["content"] for m in messages), "messages")  # before rendering
@@ -200,4 +201,5 @@ def prepare_chat(
         timeout_s,
         render=ChatRender,
         extra_stop=template.stop,
+        adapter=adapter,
     )

@@ -247,7 +247,8 @@ def serve_uvicorn(bundle: Path, settings: ServeSettings, log_level: str = "info"
         f"prompt lookup {settings.prompt_lookup or 'off'}, "
         f"draft {f'{settings.draft} (up to {settings.draft_tokens} tokens)' if settings.draft else 'off'}, "
         f"step invariance {'on' if model.step_invariant else 'off'}, "
-        f"auth {'on' if settings.api_key else 'off'}",
+        f"auth {'on' if settings.api_key else 'off'}"
+        + (f", LoRA adapters {', '.join(model.adapters)}" if model.adapters else ""),
         flush=True,
     )
     return run_app(app, settings, log_level, sockets=[sock])

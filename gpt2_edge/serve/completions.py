@@ -110,18 +110,29 @@ class Completion:
         *,
         render: type[CompletionRender] = CompletionRender,
         extra_stop: tuple[str, ...] = (),
+        adapter: str | None = None,
     ) -> None:
         """Checks and tokenizes the prompts (call it off the event loop: a prompt may be long).
         ``render``: the answer's shape; ``extra_stop``: stop strings added to the request's own
-        (unless it asks for ``ignore_eos``: exactly ``max_tokens``)."""
+        (unless it asks for ``ignore_eos``: exactly ``max_tokens``); ``adapter``: the LoRA adapter
+        its sequences run with (the answer names it as the model), None = the base model."""
+        if adapter is not None and req.echo and req.logprobs is not None:
+            raise ApiError(
+                400,
+                "echo with logprobs scores the prompt with the base model only; leave it out for a "
+                f"LoRA adapter ({adapter!r})",
+                param="echo",
+                code="unsupported_with_adapter",
+            )
+        self.adapter_id = model.adapter_id(adapter) if adapter is not None else 0
         self.model = model
         self.engine = engine
         self.metrics = metrics
         self.req = req
         self.extra_stop = extra_stop
         self.render = render(
-            model.tokenizer.decode, f"{render.ID_PREFIX}{uuid.uuid4().hex}", int(time.time()), model.name,
-            req.stream_options,
+            model.tokenizer.decode, f"{render.ID_PREFIX}{uuid.uuid4().hex}", int(time.time()),
+            adapter or model.name, req.stream_options,
         )  # fmt: skip
         self.loop = loop
         self.deadline = loop.time() + timeout_s
@@ -181,6 +192,7 @@ class Completion:
                     detokenize=self.model.tokenizer.decode,
                     logprobs=self.req.logprobs,
                     constraint=self.constraint,
+                    adapter_id=self.adapter_id,
                 )
             )
         try:

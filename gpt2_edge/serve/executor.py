@@ -147,7 +147,7 @@ class Executor:
         """The sequence in ``slot`` leaves: its rows are free (``keep``: they stay in the prefix
         cache until overwritten), and its draft rows."""
         assert slot.seq is not None
-        self.kv.leave(slot.index, slot.seq.state, keep=keep)
+        self.kv.leave(slot.index, slot.seq.state, keep=keep, adapter_id=slot.seq.adapter_id)
         if self.spec is not None:
             self.spec.release(slot.index)
 

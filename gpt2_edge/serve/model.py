@@ -13,7 +13,8 @@ __all__ = ["Model", "load_served_model"]
 
 
 def load_served_model(bundle: str | Path, settings: ServeSettings) -> Model:
-    """Load ``bundle`` as ``settings`` say (provider, threads, name, draft model, step invariance)."""
+    """Load ``bundle`` as ``settings`` say (provider, threads, name, draft model, step invariance,
+    LoRA adapters)."""
     return load_model(
         bundle,
         settings.provider,
@@ -22,4 +23,5 @@ def load_served_model(bundle: str | Path, settings: ServeSettings) -> Model:
         draft=settings.draft,
         draft_tokens=settings.draft_tokens,
         step_invariant=settings.step_invariance(),
+        lora=settings.lora_adapters() or None,
     )

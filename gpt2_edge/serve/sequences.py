@@ -76,11 +76,14 @@ class SequenceHandle:
         detokenize: Callable[[Sequence[int]], str],
         logprobs: int | None = None,
         constraint: CompiledConstraint | None = None,
+        adapter_id: int = 0,
     ) -> None:
         """``logprobs``: None for none, k >= 0 for the chosen token's log-probability and the k
         most likely alternatives at each step. ``constraint``: ``config.constraint`` compiled (the
-        sequence's matcher then lives on its state)."""
+        sequence's matcher then lives on its state). ``adapter_id``: the LoRA adapter its slot runs
+        with (``Model.adapter_id``; 0 = none)."""
         self.state = SequenceState(prompt, config, eos_token_id, detokenize, constraint)
+        self.adapter_id = adapter_id
         self.sink = sink
         self.logprobs = logprobs
         self.submitted_at = time.perf_counter()

@@ -75,6 +75,14 @@ class ServeSettings:
     model_name: str | None = setting(
         None, "model id in /v1/models and responses (default: the bundle dir's name)"
     )
+    # LoRA adapters served beside the base model (a bundle exported with --lora-slots): NAME=DIR;
+    # a request picks one by its `model` (vLLM's convention), the base model's name serves none.
+    lora: tuple[str, ...] = setting(
+        (),
+        "serve the PEFT LoRA adapter in DIR as model NAME beside the base model (repeatable; a bundle "
+        "exported with --lora-slots)",
+        metavar="NAME=DIR",
+    )
     # batching
     max_batch: int = setting(8, "sequences decoded together (KV slots); 1 = no batching")
     max_queue: int = setting(32, "sequences waiting for a slot; beyond it requests get 429")
@@ -246,11 +254,29 @@ class ServeSettings:
             )
         if self.provider not in PROVIDERS:
             raise SettingsError("provider", f"must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
-        for name, what in (("cors_origins", "origins"), ("allowed_hosts", "host names")):
+        for name, what in (
+            ("cors_origins", "origins"),
+            ("allowed_hosts", "host names"),
+            ("lora", "NAME=DIR"),
+        ):
             values = getattr(self, name)
             if isinstance(values, str) or not all(isinstance(v, str) and v.strip() for v in values):
                 raise SettingsError(name, f"must be a list of {what} (non-empty strings), got {values!r}")
             object.__setattr__(self, name, tuple(values))  # frozen: normalise once, here
+        self.lora_adapters()
+
+    def lora_adapters(self) -> dict[str, str]:
+        """``lora`` as adapter name -> directory (refused: no ``=``, an empty part, a name twice, or
+        the base model's name)."""
+        out: dict[str, str] = {}
+        for item in self.lora:
+            name, sep, directory = item.partition("=")
+            if not sep or not name.strip() or not directory.strip():
+                raise SettingsError("lora", f"must be NAME=DIR, got {item!r}")
+            if name in out or name == self.model_name:
+                raise SettingsError("lora", f"names adapter {name!r} twice (or as the base model)")
+            out[name] = directory
+        return out
 
     def _count(self, name: str, low: int, high: int | None) -> None:
         value = getattr(self, name)
@@ -285,6 +311,7 @@ class ServeSettings:
         d = dataclasses.asdict(self)
         d["cors_origins"] = list(self.cors_origins)
         d["allowed_hosts"] = list(self.allowed_hosts)
+        d["lora"] = list(self.lora)
         return d
 
 

@@ -67,6 +67,7 @@ GIVEN = {
     "provider": "cuda",
     "threads": 2,
     "model_name": "m",
+    "lora": ("a1=/adapters/a1", "a2=/adapters/a2"),
     "max_batch": 3,
     "max_queue": 5,
     "prefill_chunk": 7,
