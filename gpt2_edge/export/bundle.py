@@ -146,25 +146,11 @@ def _export(
             + (" (external data)" if external else "")
         )
         keep = target == "ort"  # the interchange (tensorrt) graph keeps the plain contract
-        specs_in = contract.inputs(
-            c.n_layer,
-            c.n_head,
-            c.head_size,
-            kv_cache=kv_cache,
-            logits_to_keep=keep,
-            step_invariant=keep and kv_cache == "inplace",
-        )
-        plain_in = specs_in
-        if lora_rank:
-            specs_in = contract.inputs(
-                c.n_layer,
-                c.n_head,
-                c.head_size,
-                kv_cache=kv_cache,
-                logits_to_keep=keep,
-                step_invariant=keep and kv_cache == "inplace",
-                lora_rank=lora_rank,
-            )
+        invariant = keep and kv_cache == "inplace"
+        form = {"kv_cache": kv_cache, "logits_to_keep": keep, "step_invariant": invariant}
+        plain_in = contract.inputs(c.n_layer, c.n_head, c.head_size, **form)  # what the exporter emits
+        # LoRA slots: the adapter inputs follow the contract's (export.lora_slots adds them after the passes)
+        specs_in = contract.inputs(c.n_layer, c.n_head, c.head_size, **form, lora_rank=lora_rank)
         specs_out = contract.outputs(
             c.n_layer, c.n_head, c.head_size, c.vocab_size, kv_cache=kv_cache, logits_to_keep=keep
         )
