@@ -206,16 +206,25 @@ def apply_logit_bias(logits: np.ndarray, bias: tuple[tuple[int, float], ...]) ->
 
 def apply_allowed(logits: np.ndarray, allowed: Sequence[np.ndarray | None] | None) -> np.ndarray:
     """A constraint's masks on ``(B, V)`` logits: row ``b``'s disallowed tokens -inf where
-    ``allowed[b]`` is a ``(V,)`` bool mask (None: the row is free). Where a row would have no
-    token left (``logit_bias`` forced one the constraint forbids), the constraint wins: the row's
-    allowed tokens keep their logits before the bias."""
+    ``allowed[b]`` is a ``(V,)`` bool mask (None: the row is free), in the logits' own dtype (one
+    ``np.where`` over the batch: float64 copies and per-row scatters cost a batch of 8 more than a
+    step of the int4 model). Where a row would have no token left (``logit_bias`` forced one the
+    constraint forbids), the caller (``TokenChooser.process``) lets the constraint win."""
     if allowed is None or all(a is None for a in allowed):
         return logits
-    out = np.array(logits, dtype=np.float64, copy=True)
-    for b, a in enumerate(allowed):
-        if a is not None:
-            out[b, ~a] = NEG_INF
-    return out
+    if len(allowed) == 1:
+        keep = allowed[0][None, :]
+    else:
+        free = None
+        rows = []
+        for a in allowed:
+            if a is None:
+                if free is None:
+                    free = np.ones(logits.shape[-1], dtype=np.bool_)
+                a = free
+            rows.append(a)
+        keep = np.stack(rows)
+    return np.where(keep, logits, logits.dtype.type(NEG_INF))
 
 
 # processors (logits -> logits), each on a (B, V) float array --------------------------------
