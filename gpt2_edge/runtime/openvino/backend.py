@@ -24,7 +24,8 @@ import numpy as np
 from ..bundle import Bundle
 from ..kv_cache import CacheError, ConcatCache
 from ..types import Capabilities
-from .system import OpenVinoError, cpu_has_bf16, import_openvino
+from . import system
+from .system import OpenVinoError, import_openvino
 
 # The provider's name (``load_model(provider=...)``, ``--provider``).
 PROVIDER = "openvino"
@@ -67,7 +68,7 @@ class OvBackend:
         check_bundle(bundle)
         ov = import_openvino()
         self.core = core if core is not None else ov.Core()
-        if not cpu_has_bf16(self.core):
+        if not system.cpu_has_bf16(self.core):
             raise OpenVinoError(
                 "this CPU has no bf16 arithmetic (OpenVINO lists no BF16 capability: it needs AVX512-BF16 "
                 f"or AMX); run {bundle.path} with --provider cpu (ONNX Runtime, fp32 compute from the bf16 "
