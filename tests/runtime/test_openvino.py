@@ -136,23 +136,20 @@ def test_full_sequence_logits_are_causal(ov):
 
 
 @needs_bf16
-def test_rows_move_each_other_by_a_bf16_step_as_declared(ov, tiny_tokenizer):
-    """Measured: OpenVINO's bf16 kernels block rows together, so a row's logits move with the rows
-    beside it (by about a bf16 rounding step, never a token on this model); the backend declares
-    it (``batch_variance``), so the server decodes one sequence at a time."""
-    assert ov.capabilities.batch_variance is not None
-    ps = prompts(tiny_tokenizer.vocab_size)
+def test_a_row_is_the_same_alone_and_beside_padded_rows(ov, tiny_tokenizer):
+    """Measured bitwise (tiny and 124M shapes, AVX512-BF16): OpenVINO's bf16 kernels compute each
+    row on its own, so the backend declares no batch variance and the server batches its rows."""
+    assert ov.capabilities.batch_variance is None
+    ps = prompts(tiny_tokenizer.vocab_size)  # lengths 7, 15, 3, 11, 1: left-padded together
     cfg = GenerationConfig(max_new_tokens=6)
     rec = Recording(ov)
     batched = Generator(Model(rec, tiny_tokenizer, None)).generate(ps, cfg)
-    worst = 0.0
     for row in range(len(ps)):
         alone_rec = Recording(ov)
         alone = Generator(Model(alone_rec, tiny_tokenizer, None)).generate([ps[row]], cfg)
         assert batched[row].token_ids == alone[0].token_ids
         for a, b in zip(alone_rec.logits[0], rec.logits[row], strict=True):
-            worst = max(worst, float(np.abs(a - b).max() / np.abs(a).max()))
-    assert worst < 0.03
+            np.testing.assert_array_equal(b, a)
 
 
 @needs_bf16
@@ -172,8 +169,7 @@ def test_a_slot_joining_and_leaving_a_running_batch_keeps_its_sequence(ov):
             cache.release(0)  # a row leaves
         got.append(cache.decode([1], [t])[0] if i % 2 else cache.decode([1, 2], [t, 7])[0])
     for a, b in zip(alone, got, strict=True):
-        assert a.argmax() == b.argmax()
-        np.testing.assert_allclose(b, a, atol=0.03 * np.abs(a).max())
+        np.testing.assert_array_equal(b, a)
 
 
 @needs_bf16

@@ -30,13 +30,10 @@ from .system import OpenVinoError, import_openvino
 # The provider's name (``load_model(provider=...)``, ``--provider``).
 PROVIDER = "openvino"
 
-# Measured on a 2-core Zen 4 with AVX512-BF16 (tests/runtime/test_openvino.py checks it): OpenVINO's
-# bf16 GEMMs block a batch's rows together, so a row's logits move (by a bf16 rounding step) with the
-# other rows decoded beside it and with the left padding they bring.
-BATCH_VARIANCE = (
-    "OpenVINO's bf16 kernels compute a row differently beside other rows (their count and padding "
-    "move its logits by a bf16 rounding step)"
-)
+# Batch invariance (``Capabilities.batch_variance`` None): measured bitwise on a 2-core Zen 4 with
+# AVX512-BF16 (OpenVINO 2026.4), tiny and 124M shapes: a row's logits decoded alone equal those
+# beside left-padded rows of other lengths, and a position's logits do not see later tokens
+# (tests/runtime/test_openvino.py). Measure again on another CPU family (AMX) before relying on it.
 
 
 def check_bundle(bundle: Bundle) -> None:
@@ -110,7 +107,7 @@ class OvBackend:
         self.n_head, self.head_size = d.n_head, d.head_size
         self.n_ctx = bundle.context_length
         self.pad_id = bundle.eos_token_id if bundle.eos_token_id is not None else 0
-        self.capabilities = Capabilities(provider=PROVIDER, device="cpu", batch_variance=BATCH_VARIANCE)
+        self.capabilities = Capabilities(provider=PROVIDER, device="cpu")
 
     def new_cache(self, n_slots: int, capacity: int) -> ConcatCache:
         """A KV cache of ``n_slots`` sequences of up to ``capacity`` tokens, on its own infer request."""
