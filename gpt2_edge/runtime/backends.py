@@ -40,11 +40,12 @@ def load_backend(
 
     ``provider``: ``cpu`` | ``cuda`` | ``tensorrt`` | ``auto`` (ONNX Runtime; ``auto`` takes the
     best installed, and OpenVINO for a bf16 bundle where it is installed and the CPU has bf16),
-    ``openvino`` (a bf16 bundle in bf16 on this CPU), or ``trt-engine`` (the bundle's TensorRT engine for this GPU; ``path`` may
-    also be an engine directory). ``threads``: ONNX Runtime's intra-op threads (ignored by the
-    engine). ``options`` go to the backend: ``OrtBackend``'s ``session_config``, ``trt_fp16``,
-    ``trt_cache_dir``, ``trt_workspace_mib``, ``trt_max_batch``, ``trt_max_context``; the engine's
-    ``lane_timeout_s``. Every backend declares ``bundle``, ``n_ctx`` and ``capabilities``
+    ``openvino`` (a bf16 bundle in bf16 on this CPU), or ``trt-engine`` (the bundle's TensorRT
+    engine for this GPU; ``path`` may also be an engine directory). ``threads``: ONNX Runtime's (or
+    OpenVINO's) inference threads (ignored by the engine). ``options`` go to the backend:
+    ``OrtBackend``'s ``session_config``, ``trt_fp16``, ``trt_cache_dir``, ``trt_workspace_mib``,
+    ``trt_max_batch``, ``trt_max_context``; the engine's ``lane_timeout_s`` (the openvino provider
+    takes none). Every backend declares ``bundle``, ``n_ctx`` and ``capabilities``
     (``types.Backend``). ``path`` may be a ``Bundle`` already loaded (ONNX Runtime providers).
     """
     if provider == ENGINE_PROVIDER:

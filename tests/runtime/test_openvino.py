@@ -176,7 +176,12 @@ def test_a_slot_joining_and_leaving_a_running_batch_keeps_its_sequence(ov):
 def test_load_model_auto_picks_openvino_for_bf16(bf16_bundle):
     model = load_model(bf16_bundle, provider="auto", threads=2)
     caps = model.capabilities
-    assert (caps.provider, caps.device, caps.can_roll_back, caps.step_invariant) == ("openvino", "cpu", False, False)
+    assert (caps.provider, caps.device, caps.can_roll_back, caps.step_invariant) == (
+        "openvino",
+        "cpu",
+        False,
+        False,
+    )
 
 
 # fallbacks and refusals, by name ------------------------------------------------------------------
@@ -197,7 +202,9 @@ def test_auto_falls_back_by_name_without_bf16_or_openvino(bf16_bundle, monkeypat
         with pytest.raises(Gpt2EdgeError, match="no bf16 arithmetic.*--provider cpu"):
             load_model(bf16_bundle, provider="openvino")
     monkeypatch.setattr(system, "openvino_installed", lambda: False)
-    with pytest.warns(UserWarning, match=r"OpenVINO is not installed \(pip install 'gpt2-edge\[openvino\]'\)"):
+    with pytest.warns(
+        UserWarning, match=r"OpenVINO is not installed \(pip install 'gpt2-edge\[openvino\]'\)"
+    ):
         assert load_model(bf16_bundle, provider="auto", threads=2).provider == "cpu"
 
 

@@ -49,7 +49,9 @@ def check_bundle(bundle: Bundle) -> None:
             "OpenVINO cannot read; make the bf16 bundle from a `--target tensorrt` export"
         )
     if bundle.manifest.lora_slots is not None:
-        raise OpenVinoError(f"{bundle.path} has run-time LoRA slots, which the openvino provider does not serve")
+        raise OpenVinoError(
+            f"{bundle.path} has run-time LoRA slots, which the openvino provider does not serve"
+        )
 
 
 class OvBackend:
@@ -116,7 +118,7 @@ class OvBackend:
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Full-sequence logits ``(B, T, V)`` from an empty cache (perplexity, parity)."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         pos = np.broadcast_to(np.arange(T, dtype=np.int64), input_ids.shape)
         return OvRunner(self).infer(input_ids, np.ones_like(input_ids), pos, None, keep_all=True)
 
@@ -144,7 +146,9 @@ class OvRunner:
         by_id = {s.name: s for s in self.request.query_state()}
         missing = [i for i in backend.state_ids if i not in by_id]
         if missing:
-            raise OpenVinoError(f"OpenVINO made no variable {missing[0]!r} of the KV cache; quantize the bundle again")
+            raise OpenVinoError(
+                f"OpenVINO made no variable {missing[0]!r} of the KV cache; quantize the bundle again"
+            )
         self.states = [by_id[i] for i in backend.state_ids]
         self.generation = 0
         self._live: list[_State] = []
