@@ -115,6 +115,10 @@ INPLACE = spec()
 CONCAT = spec(kv_cache="concat")
 TRT_TARGET = spec(target="tensorrt")
 SHIPPED = spec(model=ModelSpec(shipped=True))  # the default model's fp32 bundle (its own 8192-token BPE)
+# the half-width class (tests/runtime/test_openvino.py): made from the standard-op tensorrt target;
+# the shipped model's is gated on its held-out sample
+BF16 = spec(target="tensorrt", precision="bf16")
+SHIPPED_BF16 = spec(target="tensorrt", precision="bf16", model=ModelSpec(shipped=True))
 # run-time LoRA adapters (tests/runtime/test_lora_runtime.py, tests/serve/test_serve_lora.py)
 LORA_SLOTS = spec(lora_slots=4, lora_rank=8)
 LORA_SLOTS_CONCAT = spec(kv_cache="concat", lora_slots=4, lora_rank=8)
@@ -126,6 +130,9 @@ SPECS: dict[str, BundleSpec] = {
         CONCAT,
         TRT_TARGET,
         SHIPPED,  # structured output on a trained model (tests/runtime/test_structured.py)
+        BF16,
+        SHIPPED_BF16,
+        SHIPPED_BF16.fp32,
         LORA_SLOTS,
         LORA_SLOTS_CONCAT,
         # another random model for beam search (tests/runtime/test_beam.py on the ORT backend)

@@ -15,9 +15,11 @@ from ..export.graph import checked_census, unsupported_by_tensorrt
 from ..export.writer import EXTERNAL_DATA_THRESHOLD, finalize, producer_versions, write_manifest
 from ..fsutil import check_output, staging_dir
 from ..runtime import manifest as schema
+from ..runtime.backends import load_backend
 from ..runtime.bundle import MANIFEST, Bundle, sha256_file
 from ..runtime.session import OrtBackend
 from .accuracy import AccuracyReport, compare, eval_prompts
+from .bf16 import to_bf16
 from .calibrate import read_tokens, windows
 from .fp16 import to_fp16
 from .int4 import to_nbits
@@ -38,7 +40,7 @@ class GateError(Gpt2EdgeError):
 
 # A variant's weights over its fp32 bundle's (measured at gpt2-xl, rounded up): whether they will
 # pass the external-data threshold, decided before converting.
-SIZE_RATIO = {"fp16": 0.5, "int8-dynamic": 0.3, "int8-weight": 0.3, "int8-qdq": 0.3, "int4": 0.2}
+SIZE_RATIO = {"fp16": 0.5, "bf16": 0.5, "int8-dynamic": 0.3, "int8-weight": 0.3, "int8-qdq": 0.3, "int4": 0.2}
 
 
 def quantize_bundle(
@@ -79,6 +81,8 @@ def quantize_bundle(
             "fp32; fp16 bundles are for CUDA / TensorRT: export with `--kv-cache concat` or "
             "`--target tensorrt` first"
         )
+    if precision == "bf16":
+        check_bf16_source(base)
     target_dir = check_output(out, [base.path], overwrite, marker=MANIFEST, what="bundle")
     samples = default_model_samples(base)
     if samples is not None and eval_text is None:
@@ -115,14 +119,16 @@ def quantize_bundle(
     with staging_dir(target_dir) as tmp:
         t0 = time.perf_counter()
         dst = tmp / "model.onnx"
-        info = _convert(base.model_file, dst, precision, external, calib, qdq)
+        keep = any(s.name == "logits_to_keep" for s in base.inputs)
+        if precision == "bf16":
+            info = to_bf16(base.model_file, dst, external, logits_to_keep=not keep)
+            keep = True
+        else:
+            info = _convert(base.model_file, dst, precision, external, calib, qdq)
         seconds = time.perf_counter() - t0
         log(f"{precision}: converted in {seconds:.1f} s")
         kv = "float16" if precision == "fp16" else "float32"
-        form = {
-            "kv_cache": base.kv_form,
-            "logits_to_keep": any(s.name == "logits_to_keep" for s in base.inputs),
-        }
+        form = {"kv_cache": base.kv_form, "logits_to_keep": keep}
         invariant = any(s.name == "step_invariant" for s in base.inputs)
         slots = base.manifest.lora_slots  # run-time LoRA inputs stay float32 (the adapters' dtype)
         specs_in = contract.inputs(
@@ -164,7 +170,11 @@ def quantize_bundle(
             variant = Bundle.load(tmp, verify=False)
             with warnings.catch_warnings():  # the fp16-on-CPU warning: said above already
                 warnings.simplefilter("ignore")
-                ref_b, var_b = OrtBackend(base, threads=threads), OrtBackend(variant, threads=threads)
+                ref_b = OrtBackend(base, threads=threads)
+                # bf16: judged on the backend that will run it (auto: OpenVINO where it computes bf16)
+                var_b = load_backend(variant, "auto" if precision == "bf16" else "cpu", threads=threads)
+            if precision == "bf16":
+                log(f"bf16 gate on the {var_b.capabilities.provider} provider")
             report = compare(
                 ref_b,
                 var_b,
@@ -190,6 +200,21 @@ def quantize_bundle(
         else:
             manifest["accuracy"] = None
         return finalize(tmp, target_dir, manifest, overwrite=overwrite), report
+
+
+def check_bf16_source(base: Bundle) -> None:
+    """Refuse, by name, an fp32 bundle whose graph OpenVINO cannot read (what runs bf16 in bf16)."""
+    contrib = sorted(op for op in base.manifest.graph.get("op_census", {}) if ":" in op)
+    if base.kv_form != "concat" or contrib:
+        why = (
+            "has the in-place KV cache (ONNX Runtime's GroupQueryAttention)"
+            if base.kv_form != "concat"
+            else f"has ONNX Runtime contrib ops ({', '.join(contrib)})"
+        )
+        raise Gpt2EdgeError(
+            f"{base.path} {why}, which OpenVINO (what computes bf16 on CPUs) cannot read: make the bf16 "
+            "bundle from a standard-op export, `gpt2-edge export CHECKPOINT --target tensorrt -o DIR`"
+        )
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Gpt2EdgeError
-from .backends import ENGINE_PROVIDER, ORT_PROVIDERS, PROVIDERS, load_backend
+from .backends import ENGINE_PROVIDER, PROVIDERS, load_backend
 from .bundle import Bundle
 from .drafters import DraftModel
 from .manifest import Manifest
@@ -124,8 +124,10 @@ def load_model(
 ) -> Model:
     """Load and verify the bundle at ``path`` and everything that runs it.
 
-    ``provider``: cpu | cuda | tensorrt | auto (ONNX Runtime; auto takes the best installed), or
-    trt-engine (the bundle's TensorRT engine for this GPU; ``path`` may be an engine directory).
+    ``provider``: cpu | cuda | tensorrt | auto (ONNX Runtime; auto takes the best installed, and
+    OpenVINO for a bf16 bundle where it can), openvino (a bf16 bundle computed in bf16 by OpenVINO on
+    a CPU with AVX512-BF16 or AMX), or trt-engine (the bundle's TensorRT engine for this GPU; ``path``
+    may be an engine directory).
     ``threads``: ONNX Runtime's intra-op threads. ``verify``: re-hash every file (sizes are always
     checked). ``draft``: a smaller in-place bundle with the same tokenizer that drafts up to
     ``draft_tokens`` tokens per step (speculative decoding; on the CPU provider); the model's own
@@ -162,7 +164,7 @@ def load_model(
     if provider == "cpu" and step_invariant is not False:
         options["step_invariant"] = step_invariant  # None: OrtBackend's "where the bundle has it"
     t0 = time.perf_counter()
-    if provider in ORT_PROVIDERS:
+    if provider != ENGINE_PROVIDER:
         # The tokenizer first: parsing tokenizer.json peaks at ~40 MiB, which then does not land on
         # top of the loaded weights (peak RSS at batch 1: docs, "Memory").
         bundle = Bundle.load(path, verify=verify)

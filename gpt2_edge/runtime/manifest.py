@@ -20,7 +20,7 @@ from .. import contract
 from ..errors import Gpt2EdgeError
 
 SCHEMA_VERSION = 1
-PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-weight", "int8-qdq", "int4")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8-dynamic", "int8-weight", "int8-qdq", "int4")
 TARGETS = ("ort", "tensorrt")
 KV_CACHE_FORMS = ("inplace", "concat")  # absent = concat (bundles written before the in-place form)
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")

@@ -48,7 +48,7 @@ def model_bytes(bundle) -> int:
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_each_precision_loads_keeps_contract_and_generates(wide_bundles, texts, tmp_path, precision):
-    src = wide_bundles["tensorrt" if precision in ("int8-qdq", "fp16") else "ort"]
+    src = wide_bundles["tensorrt" if precision in ("int8-qdq", "fp16", "bf16") else "ort"]
     out, rep = quantize_bundle(
         src, precision, tmp_path / precision, calib_text=texts[0], eval_text=texts[1], force=True, **quiet
     )
@@ -56,7 +56,9 @@ def test_each_precision_loads_keeps_contract_and_generates(wide_bundles, texts, 
     assert b.precision == precision and b.manifest.accuracy["precision"] == precision
     names = [s.name for s in b.inputs] + [s.name for s in b.outputs]
     fp32 = Bundle.load(src)
-    assert names == [s.name for s in fp32.inputs] + [s.name for s in fp32.outputs]
+    # bf16 adds logits_to_keep (the tensorrt target's graph has none; OpenVINO's prefill needs it)
+    added = ["logits_to_keep"] if precision == "bf16" else []
+    assert names == [s.name for s in fp32.inputs] + added + [s.name for s in fp32.outputs]
     kv = "float16" if precision == "fp16" else "float32"
     assert b.inputs[3].dtype == kv and b.outputs[1].dtype == kv and b.outputs[0].dtype == "float32"
     res = Generator.from_bundle(str(out)).generate(
@@ -69,13 +71,14 @@ def test_each_precision_loads_keeps_contract_and_generates(wide_bundles, texts, 
     # fp32 weights plus that copy; scales add ~3% (int8) and ~25% (int4, blocks of 32).
     expected = {
         "fp16": (0.45, 0.6),
+        "bf16": (0.45, 0.6),
         "int8-dynamic": (0.2, 0.36),
         "int8-weight": (0.2, 0.36),
         "int8-qdq": (0.2, 0.36),
         "int4": (0.1, 0.22),
     }[precision]
     assert expected[0] <= ratio <= expected[1], ratio
-    if precision in ("int8-qdq", "fp16"):
+    if precision in ("int8-qdq", "fp16", "bf16"):
         assert b.target == "tensorrt"  # standard Q/DQ and Cast ops only
     else:
         assert b.target == "ort"
