@@ -11,26 +11,46 @@ Where it comes from (environment variables; each unset one falls back as said):
                          (a llama.cpp build's ``build/bin``). Unset: the libraries inside the
                          package.
 
-Settings: see ``SETTINGS`` (each workload's context parameters, chosen by measurement against
-``llama-bench`` on the same GGUF; the module's notes at ``SETTINGS`` say what was measured).
+Settings per workload (``SETTINGS``), checked against llama.cpp's own ``llama-bench`` on the
+same GGUF and by interleaved A/B runs of this runner (busy 2-core Zen 4, 2026-12-08, 1 thread:
+under that load llama.cpp at 2 threads measured 30 tok/s in ``llama-bench -p 32 -n 64 -t 2`` against
+126 at ``-t 1`` in the same minute, so no 2-thread A/B could rank anything):
+  - This loop against llama-cpp-python's own ``Llama`` API (``Llama.generate``, greedy, same GGUF,
+    same threads): 0.98 (median of 6 interleaved rounds, q4_0 b1): the C API loop costs nothing
+    over it (one ``llama_batch`` reused, logits of the last position only, read in place), so the
+    README's q4_0 figure (120 tok/s) against an outside 185 is the load of that run, not the loop;
+    llama.cpp is the peer that loses most on a busy machine (its threads spin at every barrier).
+  - b1: flash attention off (the ``Llama`` API's default; on measured 1.01x decode, 1.01x TTFT:
+    no difference), n_ubatch 512 (the 32-token prompt is one micro-batch either way).
+  - long: n_batch = n_ubatch = 1024, so the 896-token prompt is one micro-batch
+    (``llama-bench -p 896 -ub 512,1024``: 233 vs 388 tok/s with flash attention off); flash
+    attention off, as measured before for decoding at 896 (q8_0: 63.5 vs 46.5 tok/s against
+    llama.cpp's default "auto"; the q4_0 A/B here at n_ubatch 1024: on 1.02x decode, 1.01x TTFT: noise).
+  - b8: one unified KV cache for the 8 sequences, flash attention off (against per-sequence
+    streams and flash attention on, 4 ways: the others 0.96-0.97x decode, 1.00-1.15x TTFT).
+  - Everywhere: f16 KV (llama.cpp's default; the GGUF's weights keep their type), mmap, n_threads
+    = n_threads_batch = the bench's threads.
+A quiet machine should check again: ``llama-bench -m MODEL.gguf -p 32,896 -n 64 -t 2 -fa 0,1
+-ub 512,1024`` and ``-p 0 -n 64 -d 896 -t 2 -fa 0,1``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.common import CACHE, random_checkpoint
-
-KINDS = {"f32": "f32", "bf16": "bf16", "q8_0": "q8_0", "q4_0": "q4_0"}
 
 
 @dataclass(frozen=True)
@@ -39,10 +59,10 @@ class Settings:
 
     n_ctx: int = 1024
     n_batch: int = 1024  # the whole 896-token prompt in one llama_decode call
-    n_ubatch: int = 512
+    n_ubatch: int = 512  # llama.cpp's default micro-batch
     flash_attn: bool = False
     kv_type: str = "f16"  # llama.cpp's default KV cache type
-    kv_unified: bool = True
+    kv_unified: bool = True  # batches: one cache, each sequence masked to its own cells
 
     def describe(self) -> str:
         return (
@@ -54,9 +74,9 @@ class Settings:
 
 # workload -> settings; "b1" also times the 32-token prefill (TTFT 32), "long" the 896-token one.
 SETTINGS: dict[str, Settings] = {
-    "b1": Settings(),
-    "long": Settings(),
-    "b8": Settings(),
+    "b1": Settings(n_ubatch=512),
+    "long": Settings(n_ubatch=1024),
+    "b8": Settings(n_ubatch=512),
 }
 
 
@@ -99,13 +119,27 @@ def source() -> Path:
 
 
 def import_llama_cpp():
-    """``llama_cpp`` from ``LLAMA_CPP_PYTHON_PATH`` when set, else the installed package."""
+    """llama-cpp-python's ctypes bindings (``llama_cpp.llama_cpp``), from ``LLAMA_CPP_PYTHON_PATH``
+    when set, else the installed package. Where the package's ``__init__`` cannot import (its
+    high-level ``Llama`` API needs ``diskcache`` and more, which an unpacked sdist does not bring),
+    the bindings are loaded alone: they need only ctypes and numpy, and they are all this uses."""
     given = os.environ.get("LLAMA_CPP_PYTHON_PATH")
     if given and given not in sys.path:
         sys.path.insert(0, given)
-    import llama_cpp
-
-    return llama_cpp
+    try:
+        import llama_cpp.llama_cpp as bindings
+    except ModuleNotFoundError as e:
+        if e.name == "llama_cpp":
+            raise
+        sys.modules.pop("llama_cpp", None)
+        spec = importlib.util.find_spec("llama_cpp")
+        if spec is None or not spec.submodule_search_locations:
+            raise
+        package = types.ModuleType("llama_cpp")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["llama_cpp"] = package
+        bindings = importlib.import_module("llama_cpp.llama_cpp")
+    return bindings
 
 
 def gguf(kind: str) -> Path:
@@ -207,9 +241,15 @@ def llama(engine: str, threads: int):
 
 
 def versions() -> dict[str, str]:
-    """llama-cpp-python's version and the llama.cpp library's system info line."""
-    L = import_llama_cpp()
-    out = {"llama-cpp-python": getattr(L, "__version__", "?")}
+    """llama-cpp-python's version and where its llama.cpp library came from."""
+    import_llama_cpp()
+    init = Path(sys.modules["llama_cpp"].__path__[0]) / "__init__.py"
+    found = [
+        line.split("=")[1].strip().strip('"')
+        for line in init.read_text().splitlines()
+        if "__version__" in line
+    ]
+    out = {"llama-cpp-python": found[0] if found else "?"}
     lib = os.environ.get("LLAMA_CPP_LIB_PATH")
     if lib:
         out["libllama"] = lib
