@@ -66,7 +66,7 @@ MODES: dict[str, dict[str, str]] = {
 }
 
 
-def settings(mode: str, precision: str) -> str:
+def settings(mode: str, precision: str, threads: int) -> str:
     """What an engine ``openvino MODE PRECISION`` runs with, for the table's settings note."""
     export = " ".join(EXPORT_ARGS[precision])
     run = (
@@ -76,7 +76,7 @@ def settings(mode: str, precision: str) -> str:
     )
     return (
         f"optimum-cli export openvino {export}; LLMPipeline, paged continuous batching, prefix caching "
-        f"off, max_num_batched_tokens unbounded (as benchmark_genai); {run}; INFERENCE_NUM_THREADS = threads"
+        f"off, max_num_batched_tokens unbounded (as benchmark_genai); {run}; INFERENCE_NUM_THREADS {threads}"
     )
 
 

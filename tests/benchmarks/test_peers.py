@@ -38,7 +38,7 @@ def test_every_class_has_the_kit_and_every_engine_states_its_settings() -> None:
         "--sym --group-size 32" in fair and "--all-layers" in fair
     )  # the kit's int4: symmetric, blocks of 32
     assert "f32 compute" in fair and "f32 compute" not in default
-    assert "prefix caching off" in fair
+    assert "prefix caching off" in fair and "INFERENCE_NUM_THREADS 2" in fair
     assert "2 threads" in bp.settings("llama.cpp q4_0", 2)
 
 
@@ -100,7 +100,9 @@ def test_the_worker_warms_each_shape_and_keeps_the_wall_clock_check(monkeypatch)
     assert res["b1_wall"] == pytest.approx(63 / 0.65)
     assert res["rss_b1_mib"] > 0 and res["versions"] == {"x": "1"}
     notes = bp.wall_check({"openvino fair fp32": [res]}, ["openvino fair fp32"])
-    assert notes[0].startswith("openvino fair fp32 b1: own metrics / wall clock 1.032")
+    assert notes == [
+        "openvino: decode rate by its own metrics / by the wall clock around the call 1.032-1.032 (2 figures)"
+    ]
 
 
 def fig(b1: float, ttft: float) -> dict:
@@ -143,3 +145,11 @@ def test_the_settings_table_names_each_engine_that_ran() -> None:
     rows = bp.settings_rows(["gpt2-edge fp32", "optimum fp32"], results, 2)
     assert [r["engine"] for r in rows] == ["gpt2-edge fp32"]
     assert rows[0]["versions"] == "onnxruntime 1" and "2 intra-op threads" in rows[0]["settings"]
+
+
+def test_llama_picks_each_workloads_settings_by_shape() -> None:
+    from benchmarks import peer_llama
+
+    assert [peer_llama.workload_of(n, p) for n, p in [(1, 32), (1, 896), (8, 32)]] == ["b1", "long", "b8"]
+    assert peer_llama.SETTINGS["long"].n_ubatch >= bp.LONG  # the long prompt in one micro-batch
+    assert "n_ubatch 1024" in bp.settings("llama.cpp q8_0", 2)
