@@ -1,24 +1,41 @@
 """gpt2-edge against its peers on the same machine, same token ids, interleaved rounds.
 
 Peers (optional, ``pip install -r benchmarks/requirements-peers.txt``; each one missing is
-skipped with the reason): llama.cpp through llama-cpp-python (built from its sdist; the model is
-converted with llama.cpp's own ``convert_hf_to_gguf.py`` and quantized with its own quantizer),
-CTranslate2 (its Transformers converter), ONNX Runtime's GPT-2 tool
-(``onnxruntime.transformers.models.gpt2.convert_to_onnx``, the stacked-past graph, its own
-optimizer and quantizer) and Hugging Face Optimum (``ORTModelForCausalLM``).
+skipped with the reason):
+  openvino   OpenVINO GenAI (``LLMPipeline``; the model exported with optimum-intel) in two modes:
+             "fair" (f32 compute and KV cache, as the kit) and "default" (its CPU defaults: bf16
+             compute and u8 KV where the CPU has bf16). Runs in its own Python, named by
+             ``OPENVINO_GENAI_PYTHON`` (optimum-intel needs newer transformers and torch than the
+             kit); skipped with the reason where that is unset. benchmarks/peer_openvino.py.
+  llama      llama.cpp through llama-cpp-python's ctypes bindings (GGUF by llama.cpp's own converter
+             and quantizer); ``LLAMA_CPP_PYTHON_PATH`` (an unpacked llama-cpp-python sdist) and
+             ``LLAMA_CPP_LIB_PATH`` (a llama.cpp build's bin folder) pick a local build, else the
+             installed package. benchmarks/peer_llama.py.
+  ct2        CTranslate2 (its Transformers converter).
+  ortgpt2    ONNX Runtime's GPT-2 tool (``onnxruntime.transformers.models.gpt2.convert_to_onnx``, the
+             stacked-past graph, its own optimizer and quantizer), built once by the Python named by
+             ``ORT_GPT2_TOOL_PYTHON``.
+  optimum    Hugging Face Optimum (``ORTModelForCausalLM``).
+Each engine's settings are stated in the report's settings table.
+
+One file past 400 lines: the engine table, the worker protocol and the report shaping read together;
+the two peers with their own set-up (another Python, a local build) live in peer_openvino.py and
+peer_llama.py.
 
 The model: random GPT-2 124M-shaped weights (speed does not depend on the values) with the real
-GPT-2 tokenizer. Workloads, greedy, eos never ends a run:
-  b1    batch 1, 32-token prompt, 64 new tokens: decode tokens/s, time to first token
+GPT-2 tokenizer; every engine gets the same token ids. Workloads (``--workloads``), greedy, eos
+never ends a run, each warmed up once on its own shape before it is timed:
+  b1    batch 1, 32-token prompt, 64 new tokens: decode tokens/s and time to first token (TTFT 32);
+        the process's peak RSS right after it
+  long  batch 1, 896-token prompt, 64 new tokens: decode tokens/s after 896, TTFT 896
   b8    batch 8 x 32-token prompts, 64 new tokens: decode tokens/s summed over the batch
-  long  batch 1, 896-token prompt, 64 new tokens: decode tokens/s, time to first token
-  rss   peak RSS of the process after the b1 run
 Each engine runs in its own subprocess per turn; the engines take strict turns round by round
-(benchmarks/harness.py); the table shows medians of each engine's runs and the median over rounds
-of the per-round ratio ours / peer. An engine whose worker fails is skipped from then on, with the
-reason.
+(benchmarks/harness.py). Per class (fp32, bf16, int8, int4) one table: every engine's median and
+spread (min-max over rounds), and under each peer the ratio kit / peer, the median (and range) of
+the per-round ratios. An engine whose worker fails is skipped from then on, with the reason.
 
-    python -m benchmarks.bench_peers [--rounds 3] [--threads 2] [--only llama,ct2] [--json PATH]
+    python -m benchmarks.bench_peers [--rounds 3] [--threads 2] [--only openvino,llama]
+        [--workloads b1,long,b8] [--json PATH]
 """
 
 from __future__ import annotations
@@ -26,12 +43,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,28 +60,44 @@ HERE = Path(__file__).resolve().parent
 
 NEW = 64
 SHORT, LONG, BATCH = 32, 896, 8
+WORKLOADS = ("b1", "long", "b8")  # the order a worker runs them: peak RSS is read right after b1
+PROMPTS = {"b1": "short", "long": "long", "b8": "batch"}
+CLASSES = ("fp32", "bf16", "int8", "int4")
 
-# engine -> (family, class). Classes compare like with like: fp32, int8, int4.
-ENGINES: dict[str, tuple[str, str]] = {
-    "gpt2-edge fp32": ("ours", "fp32"),
-    "gpt2-edge int8": ("ours", "int8"),
-    "gpt2-edge int4": ("ours", "int4"),
-    "llama.cpp f32": ("llama", "fp32"),
-    "llama.cpp q8_0": ("llama", "int8"),
-    "llama.cpp q4_0": ("llama", "int4"),
-    "ctranslate2 float32": ("ct2", "fp32"),
-    "ctranslate2 int8": ("ct2", "int8"),
-    "ort-gpt2-tool fp32": ("ortgpt2", "fp32"),
-    "ort-gpt2-tool int8": ("ortgpt2", "int8"),
-    "optimum fp32": ("optimum", "fp32"),
+# engine -> (family, classes it is compared in). Classes compare like with like; OpenVINO's
+# default mode computes in bf16 on CPUs that have it, so it is also the bf16 class's peer.
+ENGINES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "gpt2-edge fp32": ("ours", ("fp32",)),
+    "gpt2-edge bf16": ("ours", ("bf16",)),  # runs once the kit has the bf16 precision (issue 23)
+    "gpt2-edge int8": ("ours", ("int8",)),
+    "gpt2-edge int4": ("ours", ("int4",)),
+    "openvino fair fp32": ("openvino", ("fp32",)),
+    "openvino default fp32": ("openvino", ("fp32", "bf16")),
+    "openvino fair int8": ("openvino", ("int8",)),
+    "openvino default int8": ("openvino", ("int8",)),
+    "openvino fair int4": ("openvino", ("int4",)),
+    "openvino default int4": ("openvino", ("int4",)),
+    "llama.cpp f32": ("llama", ("fp32",)),
+    "llama.cpp bf16": ("llama", ("bf16",)),
+    "llama.cpp q8_0": ("llama", ("int8",)),
+    "llama.cpp q4_0": ("llama", ("int4",)),
+    "ctranslate2 float32": ("ct2", ("fp32",)),
+    "ctranslate2 int8": ("ct2", ("int8",)),
+    "ort-gpt2-tool fp32": ("ortgpt2", ("fp32",)),
+    "ort-gpt2-tool int8": ("ortgpt2", ("int8",)),
+    "optimum fp32": ("optimum", ("fp32",)),
 }
+FAMILY_NAMES = ("ours", "openvino", "llama", "ct2", "ortgpt2", "optimum")
+# the kit's bundle variant per class (benchmarks.common.variant_of); None: the fp32 bundle itself
+OUR_VARIANTS = {"fp32": None, "bf16": "bf16", "int8": "int8-dynamic", "int4": "int4"}
 
 
 # -------------------------------------------------------------------------------------------
-# A runner: prefill + greedy decode of a batch of equal-length prompts, timed.
-# Returns (time to first token s, decode seconds for the remaining NEW-1 tokens).
+# A runner: prefill + greedy decode of a batch of equal-length prompts, timed. Returns (time to
+# first token s, decode seconds for the remaining NEW-1 tokens[, wall-clock seconds of the whole
+# call, where the first two are the engine's own metrics]).
 # -------------------------------------------------------------------------------------------
-Runner = Callable[[list[list[int]], int], tuple[float, float]]
+Runner = Callable[[list[list[int]], int], tuple[float, ...]]
 
 
 def ours(engine: str, threads: int) -> Runner:
@@ -72,9 +105,8 @@ def ours(engine: str, threads: int) -> Runner:
     from gpt2_edge import GenerationConfig, Generator
 
     base = bundle_of(random_checkpoint("gpt2"))
-    path = {"fp32": base, "int8": variant_of(base, "int8-dynamic"), "int4": variant_of(base, "int4")}[
-        ENGINES[engine][1]
-    ]
+    variant = OUR_VARIANTS[ENGINES[engine][1][0]]
+    path = base if variant is None else variant_of(base, variant)
     gen = Generator.from_bundle(str(path), threads=threads, verify=False)
 
     def run(prompts: list[list[int]], new: int) -> tuple[float, float]:
@@ -84,129 +116,16 @@ def ours(engine: str, threads: int) -> Runner:
     return run
 
 
-def _gguf(kind: str) -> Path:
-    """The checkpoint in GGUF: f32 by llama.cpp's converter, q8_0 / q4_0 by its quantizer."""
-    import llama_cpp
-
-    ckpt = random_checkpoint("gpt2")
-    f32 = CACHE / "llama" / "model-f32.gguf"
-    if not f32.is_file():
-        script = _llama_source() / "convert_hf_to_gguf.py"
-        f32.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": str(_llama_source() / "gguf-py")}
-        subprocess.run(
-            [sys.executable, str(script), str(ckpt), "--outtype", "f32", "--outfile", str(f32)],
-            check=True,
-            env=env,
-            capture_output=True,
-        )
-    if kind == "f32":
-        return f32
-    out = f32.with_name(f"model-{kind}.gguf")
-    if not out.is_file():
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[
-            kind
-        ]
-        params.nthread = 2
-        rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params)
-        if rc != 0:
-            raise RuntimeError(f"llama_model_quantize returned {rc}")
-    return out
-
-
-def _llama_source() -> Path:
-    """llama.cpp's sources (converter, gguf-py) from the llama-cpp-python sdist, unpacked in the cache."""
-    src = CACHE / "llama-src"
-    found = list(src.glob("llama_cpp_python-*/vendor/llama.cpp"))
-    if found:
-        return found[0]
-    src.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "-d",
-            str(src),
-            "llama-cpp-python",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    (tarball,) = src.glob("llama_cpp_python-*.tar.gz")
-    shutil.unpack_archive(tarball, src)
-    return next(src.glob("llama_cpp_python-*/vendor/llama.cpp"))
-
-
 def llama(engine: str, threads: int) -> Runner:
-    """llama.cpp through its C API (llama-cpp-python's ctypes bindings): a one-sequence context,
-    and for batches a context with a slot per sequence in one KV cache; f16 KV (llama.cpp's
-    default); logits read in place."""
-    import ctypes
+    from benchmarks.peer_llama import llama as runner
 
-    import llama_cpp as L
+    return runner(engine, threads)
 
-    L.llama_backend_init()
-    mparams = L.llama_model_default_params()
-    model = L.llama_model_load_from_file(str(_gguf(engine.split()[-1])).encode(), mparams)
-    contexts: dict[int, object] = {}
 
-    def context(n_seq: int) -> object:
-        """One sequence: llama.cpp's usual single-user set-up; several: one unified KV cache."""
-        if n_seq not in contexts:
-            cparams = L.llama_context_default_params()
-            cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = 1024, 1024, 512
-            cparams.n_seq_max, cparams.kv_unified = n_seq, n_seq > 1
-            cparams.n_threads = cparams.n_threads_batch = threads
-            # flash attention off: on this CPU it decodes at 896 tokens 1.3x faster off (63.5 vs
-            # 46.5 tok/s, q8_0) than llama.cpp's default "auto"; each peer gets its best settings
-            cparams.flash_attn_type = 0
-            contexts[n_seq] = L.llama_init_from_model(model, cparams)
-        return contexts[n_seq]
+def openvino(engine: str, threads: int) -> Runner:
+    from benchmarks.peer_openvino import openvino as runner
 
-    ctx = None
-    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
-    batch = L.llama_batch_init(1024, 0, BATCH)
-
-    def submit(items: list[tuple[int, int, int, bool]]) -> None:
-        batch.n_tokens = len(items)
-        for i, (tok, pos, seq, want) in enumerate(items):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
-            batch.seq_id[i][0], batch.logits[i] = seq, want
-        if L.llama_decode(ctx, batch) != 0:
-            raise RuntimeError("llama_decode failed")
-
-    def argmax(i: int) -> int:
-        ptr = L.llama_get_logits_ith(ctx, i)
-        return int(
-            np.argmax(
-                np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))
-            )
-        )
-
-    def run(prompts: list[list[int]], new: int) -> tuple[float, float]:
-        nonlocal ctx
-        ctx = context(len(prompts))
-        L.llama_memory_clear(L.llama_get_memory(ctx), True)
-        t0 = time.perf_counter()
-        items = [(t, j, s, j == len(p) - 1) for s, p in enumerate(prompts) for j, t in enumerate(p)]
-        outs = [k for k, it in enumerate(items) if it[3]]
-        submit(items)
-        toks = [argmax(k) for k in outs]
-        first = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        n = len(prompts[0])
-        for step in range(new - 1):
-            submit([(t, n + step, s, True) for s, t in enumerate(toks)])
-            toks = [argmax(k) for k in range(len(prompts))]
-        return first, time.perf_counter() - t1
-
-    return run
+    return runner(engine, threads)
 
 
 def ct2(engine: str, threads: int) -> Runner:
@@ -356,41 +275,275 @@ def optimum(engine: str, threads: int) -> Runner:
     return run
 
 
-FAMILIES = {"ours": ours, "llama": llama, "ct2": ct2, "ortgpt2": ortgpt2, "optimum": optimum}
+FAMILIES: dict[str, Callable[[str, int], Runner]] = {
+    "ours": ours,
+    "openvino": openvino,
+    "llama": llama,
+    "ct2": ct2,
+    "ortgpt2": ortgpt2,
+    "optimum": optimum,
+}
 
 
-def worker(engine: str, threads: int, prompts: dict[str, list[list[int]]]) -> dict[str, float | None]:
+# -- what each engine runs with, and why one cannot run --------------------------------------
+def settings(engine: str, threads: int) -> str:
+    """The settings ``engine`` runs with, in a sentence (the report's settings table)."""
+    family, classes = ENGINES[engine]
+    if family == "ours":
+        variant = OUR_VARIANTS[classes[0]]
+        which = "fp32" if variant is None else f"its {variant} variant"
+        return (
+            f"Generator.generate, the ort-target bundle ({which}, in-place KV); "
+            f"ONNX Runtime CPU, {threads} intra-op threads"
+        )
+    if family == "openvino":
+        from benchmarks.peer_openvino import settings as ov_settings
+
+        _, mode, precision = engine.split()
+        return ov_settings(mode, precision, threads)
+    if family == "llama":
+        from benchmarks.peer_llama import settings as llama_settings
+
+        return llama_settings(engine, threads)
+    if family == "ct2":
+        compute = engine.split()[-1]
+        return f"ctranslate2.Generator.generate_batch, compute_type {compute}, intra_threads {threads}"
+    if family == "ortgpt2":
+        return (
+            f"convert_to_onnx -o -p {engine.split()[-1]} (its fusions; int8: its dynamic quantizer), "
+            f"stacked past fed back as numpy, {threads} intra-op threads"
+        )
+    return f"ORTModelForCausalLM.generate (optimum's export, KV cache), {threads} intra-op threads"
+
+
+def python_for(engine: str, environ: Mapping[str, str]) -> str:
+    """The Python an engine's worker runs in: the kit's, or OpenVINO's own (``OPENVINO_GENAI_PYTHON``)."""
+    if ENGINES[engine][0] == "openvino":
+        return environ["OPENVINO_GENAI_PYTHON"]
+    return sys.executable
+
+
+def unavailable(engine: str, environ: Mapping[str, str], cache: Path = CACHE) -> str | None:
+    """Why ``engine`` cannot run here (checked before any worker starts), or None where it may: a
+    worker can still fail later, and is then skipped with its own reason."""
+    family, classes = ENGINES[engine]
+    if family == "ours":
+        variant = OUR_VARIANTS[classes[0]]
+        if variant is not None:
+            from gpt2_edge.runtime.manifest import PRECISIONS
+
+            if variant not in PRECISIONS:
+                return (
+                    f"the bundle variant {variant!r} cannot be made: the kit's precisions are "
+                    f"{', '.join(PRECISIONS)}"
+                )
+    if family == "openvino":
+        python = environ.get("OPENVINO_GENAI_PYTHON")
+        if not python:
+            return (
+                "set OPENVINO_GENAI_PYTHON to a Python with openvino-genai and optimum-intel "
+                "(see benchmarks/requirements-peers.txt)"
+            )
+        if not os.access(python, os.X_OK):
+            return f"OPENVINO_GENAI_PYTHON={python} is not an executable"
+    if family == "ortgpt2":
+        built = (cache / "ort-gpt2-tool" / engine.split()[-1] / "model.onnx").is_file()
+        if not built and not environ.get("ORT_GPT2_TOOL_PYTHON"):
+            return (
+                "set ORT_GPT2_TOOL_PYTHON to a Python with torch, onnxruntime and transformers<4.45 "
+                "(see benchmarks/requirements-peers.txt)"
+            )
+    if family == "llama":
+        lib = environ.get("LLAMA_CPP_LIB_PATH")
+        if lib and not (Path(lib) / "libllama.so").is_file() and not list(Path(lib).glob("libllama.*")):
+            return f"LLAMA_CPP_LIB_PATH={lib} holds no libllama (a llama.cpp build's bin folder)"
+        src = environ.get("LLAMA_CPP_PYTHON_PATH")
+        if src and not (Path(src) / "llama_cpp" / "__init__.py").is_file():
+            return (
+                f"LLAMA_CPP_PYTHON_PATH={src} holds no llama_cpp package (an unpacked llama-cpp-python sdist)"
+            )
+    return None
+
+
+def versions(engine: str) -> dict[str, str]:
+    """The peer's packages, as its worker sees them."""
+    import importlib.metadata as md
+
+    family = ENGINES[engine][0]
+    if family == "openvino":
+        from benchmarks.peer_openvino import versions as ov_versions
+
+        return ov_versions()
+    if family == "llama":
+        from benchmarks.peer_llama import versions as llama_versions
+
+        return llama_versions()
+    dists = {"ours": ["onnxruntime"], "ct2": ["ctranslate2"], "ortgpt2": ["onnxruntime"]}.get(
+        family, ["optimum-onnx", "onnxruntime"]
+    )
+    out = {}
+    for d in dists:
+        try:
+            out[d] = md.version(d)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+# -- one engine in its own process ------------------------------------------------------------
+def worker(
+    engine: str, threads: int, prompts: Mapping[str, list[list[int]]], workloads: Sequence[str] = WORKLOADS
+) -> dict[str, Any]:
+    """Every workload of ``engine``: each warmed up once on its own shape, then timed."""
     run = FAMILIES[ENGINES[engine][0]](engine, threads)
-    run(prompts["short"], 4)  # warm-up
-    res: dict[str, float | None] = {}
-    first, dec = run(prompts["short"], NEW)
-    res["ttft_short_ms"], res["b1"] = 1000 * first, (NEW - 1) / dec
-    res["rss_b1_mib"] = peak_rss_mib()
-    first, dec = run(prompts["long"], NEW)
-    res["ttft_long_ms"], res["long"] = 1000 * first, (NEW - 1) / dec
-    try:
-        first, dec = run(prompts["batch"], NEW)
-        res["b8"] = BATCH * (NEW - 1) / dec
-    except NotImplementedError:
-        res["b8"] = None
+    res: dict[str, Any] = {}
+    for w in WORKLOADS:
+        if w not in workloads:
+            continue
+        batch = prompts[PROMPTS[w]]
+        run(batch, 4)  # warm-up on this shape
+        first, dec, *wall = run(batch, NEW)
+        res[w] = len(batch) * (NEW - 1) / dec
+        res[{"b1": "ttft_short_ms", "long": "ttft_long_ms", "b8": "ttft_b8_ms"}[w]] = 1000 * first
+        if wall:  # the engine's own metrics above; the wall clock around the whole call here
+            res[f"{w}_wall"] = len(batch) * (NEW - 1) / (wall[0] - first)
+        if w == "b1":
+            res["rss_b1_mib"] = peak_rss_mib()
+    res["versions"] = versions(engine)
     return res
 
 
-KEYS = ("b1", "b8", "long", "ttft_short_ms", "ttft_long_ms", "rss_b1_mib")
+# -- the tables -------------------------------------------------------------------------------
+# (key, label, format, lower is better)
+FIGURES = (
+    ("b1", "b1 tok/s", ".1f", False),
+    ("b8", "b8 tok/s", ".1f", False),
+    ("long", "@896 tok/s", ".1f", False),
+    ("ttft_short_ms", "TTFT 32 ms", ".0f", True),
+    ("ttft_long_ms", "TTFT 896 ms", ".0f", True),
+    ("rss_b1_mib", "peak RSS MiB", ".0f", True),
+)
+
+
+def per_round(results: Mapping[str, Sequence[Mapping[str, Any] | None]], engine: str, key: str) -> list:
+    """``engine``'s ``key`` per round (None where the round or the figure is missing)."""
+    return [None if r is None else r.get(key) for r in results.get(engine, [])]
+
+
+def class_rows(
+    results: Mapping[str, Sequence[Mapping[str, Any] | None]], engines: Sequence[str], cls: str
+) -> list[dict[str, Any]]:
+    """One class's table: the kit's row, then each peer's row followed by a row of the per-round
+    ratios kit / peer (their median and range, as text; the numbers in the row's ``ratios``)."""
+    mine = next((e for e in engines if ENGINES[e][0] == "ours" and cls in ENGINES[e][1]), None)
+    members = [e for e in engines if cls in ENGINES[e][1] and any(results.get(e, []))]
+    if mine not in members:
+        return []
+    rows: list[dict[str, Any]] = []
+    for e in [mine] + [e for e in members if e != mine]:
+        row: dict[str, Any] = {"engine": f"**{e}**" if e == mine else e}
+        for key, *_ in FIGURES:
+            got = [v for v in per_round(results, e, key) if v is not None]
+            row[key] = list(summary(got)) if got else None
+        rows.append(row)
+        if e == mine:
+            continue
+        ratio: dict[str, Any] = {"engine": f"↳ {mine.split()[0]} / {e}", "ratios": {}}
+        for key, *_ in FIGURES:
+            a, b = per_round(results, mine, key), per_round(results, e, key)
+            pairs = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y]
+            if not pairs:
+                ratio[key] = None
+                continue
+            med, lo, hi = ratio_summary([x for x, _ in pairs], [y for _, y in pairs])
+            ratio["ratios"][key] = [med, lo, hi]
+            ratio[key] = f"{med:.2f}" if lo == hi else f"{med:.2f} ({lo:.2f}-{hi:.2f})"
+        rows.append(ratio)
+    return rows
+
+
+def class_columns() -> list[Column]:
+    return [Column("engine", "engine")] + [Column(k, label, fmt) for k, label, fmt, _ in FIGURES]
+
+
+def settings_rows(
+    engines: Sequence[str], results: Mapping[str, Sequence[Mapping[str, Any] | None]], threads: int
+) -> list[dict[str, str]]:
+    """Each engine that ran: its packages (as its worker reported them) and its settings."""
+    rows = []
+    for e in engines:
+        ran = [r for r in results.get(e, []) if r]
+        if not ran:
+            continue
+        vers = ran[0].get("versions") or {}
+        rows.append(
+            {
+                "engine": e,
+                "versions": ", ".join(f"{k} {v}" for k, v in vers.items()) or "n/a",
+                "settings": settings(e, threads),
+            }
+        )
+    return rows
+
+
+def wall_check(
+    results: Mapping[str, Sequence[Mapping[str, Any] | None]], engines: Sequence[str]
+) -> list[str]:
+    """For each family timed by its own metrics: the range of (metric decode rate / wall-clock
+    decode rate) over all its engines, workloads and rounds, in one line."""
+    by_family: dict[str, list[float]] = {}
+    for e in engines:
+        for w in WORKLOADS:
+            for r in results.get(e, []):
+                if r and f"{w}_wall" in r:
+                    by_family.setdefault(ENGINES[e][0], []).append(r[w] / r[f"{w}_wall"])
+    return [
+        f"{fam}: decode rate by its own metrics / by the wall clock around the call "
+        f"{min(rs):.3f}-{max(rs):.3f} ({len(rs)} figures)"
+        for fam, rs in by_family.items()
+    ]
+
+
+def select(only: str | None, workloads: str | None) -> tuple[list[str], list[str]]:
+    """The engines (``--only``: families, the kit always) and workloads (``--workloads``) to run;
+    an unknown name is refused with the known ones."""
+    families = set(FAMILY_NAMES)
+    if only:
+        families = {f.strip() for f in only.split(",") if f.strip()}
+        bad = families - set(FAMILY_NAMES)
+        if bad:
+            raise SystemExit(
+                f"--only: unknown {', '.join(sorted(bad))}; choose from {', '.join(FAMILY_NAMES)}"
+            )
+        families.add("ours")
+    work = list(WORKLOADS)
+    if workloads:
+        work = [w.strip() for w in workloads.split(",") if w.strip()]
+        bad = set(work) - set(WORKLOADS)
+        if bad or not work:
+            raise SystemExit(
+                f"--workloads: unknown {', '.join(sorted(bad)) or '(none)'}; "
+                f"choose from {', '.join(WORKLOADS)}"
+            )
+    return [e for e, (fam, _) in ENGINES.items() if fam in families], [w for w in WORKLOADS if w in work]
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", help="comma-separated families: ours,llama,ct2,ortgpt2,optimum")
+    ap.add_argument(
+        "--only", help=f"comma-separated families: {','.join(FAMILY_NAMES)} (the kit always runs)"
+    )
+    ap.add_argument("--workloads", help=f"comma-separated, default all: {','.join(WORKLOADS)}")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--prompts", help=argparse.SUPPRESS)
     add_json_argument(ap)
     args = ap.parse_args(argv)
+    engines, workloads = select(args.only, args.workloads)
     if args.worker:
         prompts = json.loads(Path(args.prompts).read_text())
-        print(json.dumps(worker(args.worker, args.threads, prompts)))
+        print(json.dumps(worker(args.worker, args.threads, prompts, workloads)))
         return
     report = Report("bench_peers", "gpt2-edge against its peers", argv, vars(args))
 
@@ -398,95 +551,75 @@ def main(argv: list[str] | None = None) -> None:
     ids = lambda n: rng.integers(0, 50256, n).tolist()  # noqa: E731 - never eos
     prompts = {"short": [ids(SHORT)], "long": [ids(LONG)], "batch": [ids(SHORT) for _ in range(BATCH)]}
     CACHE.mkdir(parents=True, exist_ok=True)
+    random_checkpoint("gpt2")  # here, once: the peers' own Pythons only read it
     pfile = CACHE / "peer-prompts.json"
     pfile.write_text(json.dumps(prompts))
-    families = set(args.only.split(",")) | {"ours"} if args.only else set(FAMILIES)
-    engines = [e for e, (fam, _) in ENGINES.items() if fam in families]
     skipped: dict[str, str] = {}
+    for e in engines:
+        why = unavailable(e, os.environ)
+        if why:
+            skipped[e] = why
+            print(f"{e}: skipped ({why})", file=sys.stderr)
+    engines_run = [e for e in engines if e not in skipped]
 
     def subject(e: str):
         def turn(r: int) -> dict | None:
             if e in skipped:
                 return None
-            cmd = [sys.executable, "-m", "benchmarks.bench_peers", "--worker", e]
-            cmd += ["--threads", str(args.threads), "--prompts", str(pfile)]
+            cmd = [python_for(e, os.environ), "-m", "benchmarks.bench_peers", "--worker", e]
+            cmd += [
+                "--threads",
+                str(args.threads),
+                "--prompts",
+                str(pfile),
+                "--workloads",
+                ",".join(workloads),
+            ]
+            t0 = time.perf_counter()
             p = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
             if p.returncode != 0:
-                skipped[e] = (p.stderr.strip().splitlines() or ["failed"])[-1][:160]
+                skipped[e] = (p.stderr.strip().splitlines() or ["failed"])[-1][:200]
                 print(f"round {r + 1}: {e}: skipped ({skipped[e]})", file=sys.stderr)
                 return None
-            return json.loads(p.stdout.strip().splitlines()[-1])
+            out = json.loads(p.stdout.strip().splitlines()[-1])
+            out["worker_s"] = time.perf_counter() - t0
+            return out
 
         return turn
 
-    runs = interleave(
-        {e: subject(e) for e in engines},
-        args.rounds,
-        warmup=0,  # each worker warms up itself
-        log=lambda m: print(m, file=sys.stderr, flush=True),
+    runs = (
+        interleave(
+            {e: subject(e) for e in engines_run},
+            args.rounds,
+            warmup=0,  # each worker warms up itself
+            log=lambda m: print(m, file=sys.stderr, flush=True),
+        )
+        if engines_run
+        else None
     )
-    report.raw["runs"] = runs.results
-    report.raw["orders"] = runs.orders
+    results = runs.results if runs else {}
+    report.raw["runs"] = results
+    report.raw["orders"] = runs.orders if runs else []
+    report.raw["workloads"] = workloads
 
-    def figure(e: str, k: str) -> list:
-        return [None if x is None else x[k] for x in runs.values(e)]
-
-    rows = []
-    for e in engines:
-        if not any(runs.values(e)):
-            continue
-        row = {"engine": e, "class": ENGINES[e][1]}
-        for k in KEYS:
-            got = [v for v in figure(e, k) if v is not None]
-            row[k] = summary(got) if got else None
-        rows.append(row)
-    spread = "median (min-max over rounds)"
+    for cls in CLASSES:
+        rows = class_rows(results, engines_run, cls)
+        if rows:
+            report.table(
+                f"{cls} class",
+                class_columns(),
+                rows,
+                note=f"GPT-2 124M shape, random weights, {args.threads} threads, {args.rounds} round(s): "
+                "each engine's median (min-max over rounds); ↳ rows: kit / peer, the median (min-max) of the "
+                "per-round ratios (tok/s: >1 = the kit faster; TTFT and peak RSS: <1 = the kit lower).",
+            )
     report.table(
-        f"GPT-2 124M shape, random weights, {args.threads} threads, {args.rounds} rounds: {spread}",
-        [
-            Column("engine", "engine"),
-            Column("class", "class"),
-            Column("b1", "b1 tok/s", ".1f"),
-            Column("b8", "b8 tok/s", ".1f"),
-            Column("long", "@896 tok/s", ".1f"),
-            Column("ttft_short_ms", "TTFT 32 ms", ".0f"),
-            Column("ttft_long_ms", "TTFT 896 ms", ".0f"),
-            Column("rss_b1_mib", "RSS b1 MiB", ".0f"),
-        ],
-        rows,
+        "Settings each engine ran with",
+        [Column("engine", "engine"), Column("versions", "packages"), Column("settings", "settings")],
+        settings_rows(engines_run, results, args.threads),
     )
-    best_rows = []
-    for cls in ("fp32", "int8", "int4"):
-        mine = f"gpt2-edge {cls}"
-        if mine not in engines or not any(runs.values(mine)):
-            continue
-        peers = [
-            e for e in engines if ENGINES[e][1] == cls and ENGINES[e][0] != "ours" and any(runs.values(e))
-        ]
-        for k in KEYS:
-            best = None
-            for e in peers:
-                pairs = [(a, b) for a, b in zip(figure(mine, k), figure(e, k), strict=True) if a and b]
-                if not pairs:
-                    continue
-                r = ratio_summary([a for a, _ in pairs], [b for _, b in pairs])
-                # the fastest peer: for decode rates the smallest ours/peer, for TTFT and RSS the largest
-                lower_is_better = k.startswith(("ttft", "rss"))
-                if best is None or (r[0] > best[1][0] if lower_is_better else r[0] < best[1][0]):
-                    best = (e, r)
-            if best is not None:
-                best_rows.append({"class": cls, "figure": k, "peer": best[0], "ratio": best[1]})
-    report.table(
-        "ours / the fastest peer of the same class: median over rounds of the per-round ratio (decode: >1 = "
-        "ours faster; TTFT and RSS: <1 = ours lower)",
-        [
-            Column("class", "class"),
-            Column("figure", "figure"),
-            Column("peer", "fastest peer"),
-            Column("ratio", "ours / peer, median (range)", ".2f"),
-        ],
-        best_rows,
-    )
+    for line in wall_check(results, engines_run):
+        report.note(f"cross-check: {line}")
     for e, why in skipped.items():
         report.note(f"skipped {e}: {why}")
     report.emit(args.json)
