@@ -104,8 +104,9 @@ def ours(engine: str, threads: int) -> Runner:
     """The kit as an app calls it: ``Generator.generate`` with token ids (``ignore_eos``)."""
     from gpt2_edge import GenerationConfig, Generator
 
-    base = bundle_of(random_checkpoint("gpt2"))
     variant = OUR_VARIANTS[ENGINES[engine][1][0]]
+    # bf16 is made from the `tensorrt` target (standard ops, which OpenVINO reads); the rest from `ort`
+    base = bundle_of(random_checkpoint("gpt2"), target="tensorrt" if variant == "bf16" else "ort")
     path = base if variant is None else variant_of(base, variant)
     gen = Generator.from_bundle(str(path), threads=threads, verify=False)
 

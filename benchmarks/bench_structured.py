@@ -24,7 +24,7 @@ measurement.
 
 llama-server's ``json_schema`` on the same weights (``--llama-server PATH`` or ``$LLAMA_SERVER``; the
 checkpoint converted by llama.cpp's own converter, f32 for fp32 and q4_0 for int4:
-``bench_peers._gguf``), the same prompt token ids, greedy (``top_k`` 1), the same schema and token
+``peer_llama.gguf``), the same prompt token ids, greedy (``top_k`` 1), the same schema and token
 count, batch 1 (one slot) and 8 (8 slots, 8 concurrent requests), 2 threads, no prompt cache: its
 own ``timings.predicted_per_token_ms`` per request (median over the batch), free and with
 ``json_schema`` in strict turns, and its compile cost as the extra wall time of a one-token request
@@ -206,14 +206,14 @@ def llama_server_binary(args: argparse.Namespace) -> str | None:
 
 def bench_llama(binary: str, precision: str, batch: int, args: argparse.Namespace) -> dict:
     """llama-server's per-token time with and without ``json_schema``, as ``bench`` for the kit."""
-    from benchmarks.bench_peers import _gguf
+    from benchmarks.peer_llama import gguf
     from gpt2_edge.runtime.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(bundle_for("124m", "fp32") / "tokenizer.json")
     words = tok.encode("Extract the people mentioned in this text as JSON records: ")
     prompts = [words + tok.encode(f"item {i}") for i in range(batch)]
-    gguf = _gguf({"fp32": "f32", "int4": "q4_0"}[precision])
-    server = LlamaServer(binary, gguf, batch, args.threads, 256)
+    model = gguf({"fp32": "f32", "int4": "q4_0"}[precision])
+    server = LlamaServer(binary, model, batch, args.threads, 256)
     pool = ThreadPoolExecutor(batch)
     base = dict(n_predict=args.new_tokens, top_k=1, temperature=0, cache_prompt=False, samplers=["top_k"])
 
@@ -249,7 +249,7 @@ def bench_llama(binary: str, precision: str, batch: int, args: argparse.Namespac
         server.close()
     r = runs.ratio("json", "free")
     row = dict(
-        model="124m", precision=precision, batch=batch, engine=f"llama-server {gguf.stem.split('-')[-1]}",
+        model="124m", precision=precision, batch=batch, engine=f"llama-server {model.stem.split('-')[-1]}",
         free=summary(runs.values("free"))[0], json=summary(runs.values("json"))[0],
         **{"json-ratio": r["median"], "json-range": f"{r['lo']:.3f}-{r['hi']:.3f}"},
         compile=summary(compile_ms)[0],
