@@ -115,6 +115,18 @@ def test_openvino_greedy_matches_fp32_on_a_trained_model(make_bundle):
 
 
 @needs_bf16
+def test_attention_runs_as_the_plugins_fused_kernel_with_the_cache_in_place(ov):
+    """Every layer's attention is one fused node in the compiled model (none left as MatMul/Softmax):
+    the rewrite at load (runtime/openvino/graph.py) is what makes the plugin form it."""
+    from gpt2_edge.runtime.openvino.graph import fused_attention_count
+
+    layers = ov.bundle.dims.n_layer
+    assert fused_attention_count(ov.compiled) == layers
+    kinds = [op.get_rt_info()["layerType"].astype(str) for op in ov.compiled.get_runtime_model().get_ordered_ops()]
+    assert "Softmax" not in kinds and kinds.count("MatMul") == 0
+
+
+@needs_bf16
 def test_the_decode_loop_equals_full_sequence_logits(ov):
     """Prefill + decode through the stateful request (KV inside OpenVINO) = one full pass."""
     ids = np.random.default_rng(1).integers(0, 299, 12).tolist()

@@ -1,10 +1,11 @@
 """The ``openvino`` provider: a bf16 bundle's ONNX graph compiled by OpenVINO's CPU plugin in bf16.
 
 The bundle's graph is the concatenating form with standard ops (``gpt2-edge quantize B --precision
-bf16`` of a ``tensorrt``-target bundle). At load it is made *stateful*
-(``apply_make_stateful_transformation``, what optimum-intel does): each ``past_key_values.*`` input
-and its ``present.*`` output become one variable held inside the infer request, so a decode step
-passes three small integer inputs and reads the logits, and the cache never crosses to the host.
+bf16`` of a ``tensorrt``-target bundle). At load it is rewritten (``graph.prepare``) into the form
+the CPU plugin fuses into its attention kernel with the cache appended in place, and made
+*stateful*: each ``past_key_values.*`` input and its ``present.*`` output become one variable held
+inside the infer request, so a decode step passes four small integer inputs and reads the logits,
+and the cache never crosses to the host.
 
 Slots follow ``kv_cache.ConcatCache``'s rules unchanged: ``OvRunner`` implements its
 ``ConcatRunner`` protocol with opaque tensors. The presents a run returns are *handles* to the
@@ -24,7 +25,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..kv_cache import CacheError, ConcatCache
 from ..types import Capabilities
-from . import system
+from . import graph, system
 from .system import OpenVinoError, import_openvino
 
 # The provider's name (``load_model(provider=...)``, ``--provider``).
@@ -73,8 +74,6 @@ class OvBackend:
                 f"or AMX); run {bundle.path} with --provider cpu (ONNX Runtime, fp32 compute from the bf16 "
                 "weights) or use the fp32 bundle"
             )
-        from openvino._offline_transformations import apply_make_stateful_transformation
-
         self.bundle = bundle
         self.past_names = [s.name for s in bundle.inputs if s.name.startswith("past_key_values.")]
         self.present_names = [s.name for s in bundle.outputs if s.name.startswith("present.")]
@@ -93,9 +92,14 @@ class OvBackend:
                 f"{bundle.model_file} takes inputs {sorted(names)}, bundle.json lists {sorted(expected)}; "
                 "quantize the bundle again"
             )
-        apply_make_stateful_transformation(model, dict(zip(self.past_names, self.present_names, strict=True)))
+        d = bundle.dims
+        graph.prepare(model, self.past_names, self.present_names, d.n_layer, d.n_head, d.head_size)
         config = {
             "INFERENCE_PRECISION_HINT": "bf16",
+            # The plugin's default (u8, quantized per token) makes a 1-token prefill differ from the
+            # same token in a longer prefill (the kernel reads the quantized K/V back only for T=1):
+            # rows would change with their neighbours. bf16 keeps them bitwise (measured) and 16 bits.
+            "KV_CACHE_PRECISION": "bf16",
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": "1",
         }
@@ -105,7 +109,6 @@ class OvBackend:
         self.config = config
         # the variables' ids, made by the transformation from each pair's names
         self.state_ids = [p + q for p, q in zip(self.past_names, self.present_names, strict=True)]
-        d = bundle.dims
         self.n_head, self.head_size = d.n_head, d.head_size
         self.n_ctx = bundle.context_length
         self.pad_id = bundle.eos_token_id if bundle.eos_token_id is not None else 0
@@ -189,6 +192,7 @@ class OvRunner:
         if self.backend.has_logits_to_keep:
             feeds["logits_to_keep"] = np.array(0 if keep_all else 1, np.int64)
         feeds = {k: np.asarray(v, np.int64).copy(order="C") for k, v in feeds.items()}
+        feeds[graph.BEAM_IDX] = np.arange(ids.shape[0], dtype=np.int32)  # every row stays in place
         self.generation += 1
         self.request.infer(feeds, share_inputs=True)
         return np.array(self.request.get_tensor("logits").data, dtype=np.float32)
