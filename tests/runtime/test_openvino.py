@@ -125,7 +125,9 @@ def test_attention_runs_as_the_plugins_fused_kernel_with_the_cache_in_place(ov):
 
     layers = ov.bundle.dims.n_layer
     assert fused_attention_count(ov.compiled) == layers
-    kinds = [op.get_rt_info()["layerType"].astype(str) for op in ov.compiled.get_runtime_model().get_ordered_ops()]
+    kinds = [
+        op.get_rt_info()["layerType"].astype(str) for op in ov.compiled.get_runtime_model().get_ordered_ops()
+    ]
     assert "Softmax" not in kinds and kinds.count("MatMul") == 0
 
 

@@ -66,7 +66,8 @@ def fuse_attention(model: Any, n_layer: int) -> None:
         fused += 1
     if fused != n_layer:
         raise OpenVinoError(
-            f"found {fused} attention blocks in the bundle's graph, expected {n_layer}; quantize the bundle again"
+            f"found {fused} attention blocks in the bundle's graph, expected {n_layer}; "
+            "quantize the bundle again"
         )
 
 
@@ -86,7 +87,9 @@ def add_beam_idx(model: Any, past_names: list[str]) -> None:
     model.add_parameters([beam])
 
 
-def make_stateful(model: Any, past_names: list[str], present_names: list[str], n_head: int, head_size: int) -> None:
+def make_stateful(
+    model: Any, past_names: list[str], present_names: list[str], n_head: int, head_size: int
+) -> None:
     """Each past/present pair -> one variable (id ``past + present``), read with an empty initializer."""
     import openvino.opset13 as ops
     from openvino._offline_transformations import apply_make_stateful_transformation
