@@ -32,9 +32,11 @@ from .system import OpenVinoError, import_openvino
 PROVIDER = "openvino"
 
 # Batch invariance (``Capabilities.batch_variance`` None): measured bitwise on a 2-core Zen 4 with
-# AVX512-BF16 (OpenVINO 2026.4), tiny and 124M shapes: a row's logits decoded alone equal those
-# beside left-padded rows of other lengths, and a position's logits do not see later tokens
-# (tests/runtime/test_openvino.py). Measure again on another CPU family (AMX) before relying on it.
+# AVX512-BF16 (OpenVINO 2026.4, the fused attention kernel, KV cache in bf16), tiny and 124M shapes,
+# prompts of 1 to 250 tokens: a row's logits decoded alone equal those beside left-padded rows of
+# other lengths, and a position's logits do not see later tokens (tests/runtime/test_openvino.py).
+# With the plugin's default u8 KV cache they do not (a 1-token prefill reads its K/V back
+# quantized, a longer one does not). Measure again on another CPU family (AMX) before relying on it.
 
 
 def check_bundle(bundle: Bundle) -> None:
