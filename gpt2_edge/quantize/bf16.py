@@ -21,6 +21,7 @@ from onnx import numpy_helper
 from .. import contract
 from ..export.fusions import add_logits_to_keep
 from ..export.graph import save_model
+from ..runtime.openvino.system import import_openvino, openvino_installed
 
 
 def to_bfloat16_bits(a: np.ndarray) -> np.ndarray:
@@ -82,3 +83,14 @@ def to_bf16(src: Path, dst: Path, external_data: bool, logits_to_keep: bool = Fa
         "kv_dtype": "float32",
         "logits_to_keep_added": logits_to_keep,
     }
+
+
+def write_openvino_ir(onnx_file: Path, xml: Path) -> bool:
+    """The bundle's graph as OpenVINO IR at ``xml`` (weights beside it in ``.bin``, bfloat16 kept):
+    what the ``openvino`` provider reads, in 0.1 s instead of 2-3 s and without the protobuf's copy
+    of the weights. False (nothing written) where OpenVINO is not installed."""
+    if not openvino_installed():
+        return False
+    ov = import_openvino()
+    ov.save_model(ov.Core().read_model(str(onnx_file)), str(xml), compress_to_fp16=False)
+    return True

@@ -17,9 +17,10 @@ from ..fsutil import check_output, staging_dir
 from ..runtime import manifest as schema
 from ..runtime.backends import load_backend
 from ..runtime.bundle import MANIFEST, Bundle, sha256_file
+from ..runtime.openvino.system import IR_FILE
 from ..runtime.session import OrtBackend
 from .accuracy import AccuracyReport, compare, eval_prompts
-from .bf16 import to_bf16
+from .bf16 import to_bf16, write_openvino_ir
 from .calibrate import read_tokens, windows
 from .fp16 import to_fp16
 from .int4 import to_nbits
@@ -123,6 +124,9 @@ def quantize_bundle(
         if precision == "bf16":
             info = to_bf16(base.model_file, dst, external, logits_to_keep=not keep)
             keep = True
+            info["openvino_ir"] = IR_FILE if write_openvino_ir(dst, tmp / IR_FILE) else None
+            if info["openvino_ir"] is None:
+                log("bf16: OpenVINO is not installed: no OpenVINO IR written (the provider reads model.onnx)")
         else:
             info = _convert(base.model_file, dst, precision, external, calib, qdq)
         seconds = time.perf_counter() - t0

@@ -7,6 +7,9 @@ where this CPU has no bf16; the refusals and the ONNX Runtime fallback run every
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import onnx
 import pytest
@@ -112,6 +115,42 @@ def test_openvino_greedy_matches_fp32_on_a_trained_model(make_bundle):
     # prompts agree for 14 tokens or more
     for a, b in zip(bf16.generate(text, cfg), ref.generate(text, cfg), strict=True):
         assert a.token_ids[:12] == b.token_ids[:12]
+
+
+@needs_bf16
+def test_attention_runs_as_the_plugins_fused_kernel_with_the_cache_in_place(ov):
+    """Every layer's attention is one fused node in the compiled model (none left as MatMul/Softmax):
+    the rewrite at load (runtime/openvino/graph.py) is what makes the plugin form it."""
+    from gpt2_edge.runtime.openvino.graph import fused_attention_count
+
+    layers = ov.bundle.dims.n_layer
+    assert fused_attention_count(ov.compiled) == layers
+    kinds = [
+        op.get_rt_info()["layerType"].astype(str) for op in ov.compiled.get_runtime_model().get_ordered_ops()
+    ]
+    assert "Softmax" not in kinds and kinds.count("MatMul") == 0
+
+
+@needs_bf16
+def test_the_bundle_carries_openvino_ir_read_to_the_same_bits_as_its_onnx(bf16_bundle, ov, tmp_path):
+    """quantize writes the graph as OpenVINO IR beside model.onnx (listed, hashed); the provider
+    reads it, and the same bundle without it (an older bundle) reads model.onnx to the same logits."""
+    b = Bundle.load(bf16_bundle)
+    assert b.has_file(system.IR_FILE) and b.has_file(system.IR_WEIGHTS)
+    assert b.manifest.quantization.details["openvino_ir"] == system.IR_FILE
+    assert b.manifest.files[system.IR_WEIGHTS].bytes < 0.6 * 2 * b.manifest.files["model.onnx"].bytes
+    assert ov.source == b.path / system.IR_FILE
+    old = tmp_path / "no-ir"
+    shutil.copytree(bf16_bundle, old)
+    manifest = json.loads((old / "bundle.json").read_text())
+    for name in (system.IR_FILE, system.IR_WEIGHTS):
+        (old / name).unlink()
+        del manifest["files"][name]
+    (old / "bundle.json").write_text(json.dumps(manifest))
+    from_onnx = OvBackend(Bundle.load(old), threads=2)
+    assert from_onnx.source == old / "model.onnx"
+    ids = np.random.default_rng(4).integers(0, 299, (2, 9))
+    np.testing.assert_array_equal(from_onnx.logits(ids), ov.logits(ids))
 
 
 @needs_bf16

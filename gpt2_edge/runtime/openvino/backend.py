@@ -1,10 +1,11 @@
 """The ``openvino`` provider: a bf16 bundle's ONNX graph compiled by OpenVINO's CPU plugin in bf16.
 
 The bundle's graph is the concatenating form with standard ops (``gpt2-edge quantize B --precision
-bf16`` of a ``tensorrt``-target bundle). At load it is made *stateful*
-(``apply_make_stateful_transformation``, what optimum-intel does): each ``past_key_values.*`` input
-and its ``present.*`` output become one variable held inside the infer request, so a decode step
-passes three small integer inputs and reads the logits, and the cache never crosses to the host.
+bf16`` of a ``tensorrt``-target bundle). At load it is rewritten (``graph.prepare``) into the form
+the CPU plugin fuses into its attention kernel with the cache appended in place, and made
+*stateful*: each ``past_key_values.*`` input and its ``present.*`` output become one variable held
+inside the infer request, so a decode step passes four small integer inputs and reads the logits,
+and the cache never crosses to the host.
 
 Slots follow ``kv_cache.ConcatCache``'s rules unchanged: ``OvRunner`` implements its
 ``ConcatRunner`` protocol with opaque tensors. The presents a run returns are *handles* to the
@@ -24,16 +25,18 @@ import numpy as np
 from ..bundle import Bundle
 from ..kv_cache import CacheError, ConcatCache
 from ..types import Capabilities
-from . import system
+from . import graph, system
 from .system import OpenVinoError, import_openvino
 
 # The provider's name (``load_model(provider=...)``, ``--provider``).
 PROVIDER = "openvino"
 
 # Batch invariance (``Capabilities.batch_variance`` None): measured bitwise on a 2-core Zen 4 with
-# AVX512-BF16 (OpenVINO 2026.4), tiny and 124M shapes: a row's logits decoded alone equal those
-# beside left-padded rows of other lengths, and a position's logits do not see later tokens
-# (tests/runtime/test_openvino.py). Measure again on another CPU family (AMX) before relying on it.
+# AVX512-BF16 (OpenVINO 2026.4, the fused attention kernel, KV cache in bf16), tiny and 124M shapes,
+# prompts of 1 to 250 tokens: a row's logits decoded alone equal those beside left-padded rows of
+# other lengths, and a position's logits do not see later tokens (tests/runtime/test_openvino.py).
+# With the plugin's default u8 KV cache they do not (a 1-token prefill reads its K/V back
+# quantized, a longer one does not). Measure again on another CPU family (AMX) before relying on it.
 
 
 def check_bundle(bundle: Bundle) -> None:
@@ -73,29 +76,39 @@ class OvBackend:
                 f"or AMX); run {bundle.path} with --provider cpu (ONNX Runtime, fp32 compute from the bf16 "
                 "weights) or use the fp32 bundle"
             )
-        from openvino._offline_transformations import apply_make_stateful_transformation
-
         self.bundle = bundle
         self.past_names = [s.name for s in bundle.inputs if s.name.startswith("past_key_values.")]
         self.present_names = [s.name for s in bundle.outputs if s.name.startswith("present.")]
         self.has_logits_to_keep = any(s.name == "logits_to_keep" for s in bundle.inputs)
+        # the IR quantize wrote beside the ONNX where it could (weights mapped, read in 0.1 s)
+        has_ir = bundle.has_file(system.IR_FILE) and bundle.has_file(system.IR_WEIGHTS)
+        self.source = bundle.path / system.IR_FILE if has_ir else bundle.model_file
         try:
-            model = self.core.read_model(str(bundle.model_file))
+            model = self.core.read_model(str(self.source))
         except Exception as e:  # openvino raises RuntimeError / its own types
             raise OpenVinoError(
-                f"OpenVINO cannot read {bundle.model_file}: {str(e).strip().splitlines()[0]}; make the bf16 "
+                f"OpenVINO cannot read {self.source}: {str(e).strip().splitlines()[0]}; make the bf16 "
                 "bundle from a `--target tensorrt` export"
             ) from None
         names = {n for i in model.inputs for n in i.get_names()}
         expected = {s.name for s in bundle.inputs}
         if names != expected:
             raise OpenVinoError(
-                f"{bundle.model_file} takes inputs {sorted(names)}, bundle.json lists {sorted(expected)}; "
+                f"{self.source} takes inputs {sorted(names)}, bundle.json lists {sorted(expected)}; "
                 "quantize the bundle again"
             )
-        apply_make_stateful_transformation(model, dict(zip(self.past_names, self.present_names, strict=True)))
+        d = bundle.dims
+        graph.prepare(model, self.past_names, self.present_names, d.n_layer, d.n_head, d.head_size)
         config = {
             "INFERENCE_PRECISION_HINT": "bf16",
+            # The plugin's default (u8, quantized per token) makes a 1-token prefill differ from the
+            # same token in a longer prefill (the kernel reads the quantized K/V back only for T=1):
+            # rows would change with their neighbours. bf16 keeps them bitwise (measured) and 16 bits.
+            "KV_CACHE_PRECISION": "bf16",
+            # Threads free to move, as ONNX Runtime's: pinned (OpenVINO's default for LATENCY) they
+            # wait on a core another process holds; measured on a shared 2-core machine, 6 rounds
+            # interleaved: batch-8 decode 193 vs 158 tok/s unpinned vs pinned, batch 1 level.
+            "ENABLE_CPU_PINNING": "NO",
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": "1",
         }
@@ -105,7 +118,6 @@ class OvBackend:
         self.config = config
         # the variables' ids, made by the transformation from each pair's names
         self.state_ids = [p + q for p, q in zip(self.past_names, self.present_names, strict=True)]
-        d = bundle.dims
         self.n_head, self.head_size = d.n_head, d.head_size
         self.n_ctx = bundle.context_length
         self.pad_id = bundle.eos_token_id if bundle.eos_token_id is not None else 0
@@ -189,6 +201,7 @@ class OvRunner:
         if self.backend.has_logits_to_keep:
             feeds["logits_to_keep"] = np.array(0 if keep_all else 1, np.int64)
         feeds = {k: np.asarray(v, np.int64).copy(order="C") for k, v in feeds.items()}
+        feeds[graph.BEAM_IDX] = np.arange(ids.shape[0], dtype=np.int32)  # every row stays in place
         self.generation += 1
         self.request.infer(feeds, share_inputs=True)
         return np.array(self.request.get_tensor("logits").data, dtype=np.float32)

@@ -8,6 +8,12 @@ from ...errors import Gpt2EdgeError
 
 INSTALL_HINT = "pip install 'gpt2-edge[openvino]'"
 
+# The bf16 bundle's graph as OpenVINO IR, written beside model.onnx by `quantize --precision bf16`
+# where OpenVINO is installed (its weights in model.ov.bin, which OpenVINO maps instead of parsing
+# the ONNX protobuf into memory); model.onnx stays for ONNX Runtime.
+IR_FILE = "model.ov.xml"
+IR_WEIGHTS = "model.ov.bin"
+
 
 class OpenVinoError(Gpt2EdgeError):
     """The openvino provider cannot run here (not installed, no bf16 on this CPU, a graph it refuses)."""
