@@ -130,7 +130,9 @@ def prompt_model(nbits: onnx.ModelProto, fp32: onnx.ModelProto, bits: int) -> on
             nodes.append(n)
             continue
         model.graph.initializer.append(weights[name])
-        nodes.append(helper.make_node("MatMul", [n.input[0], name], list(n.output), name=n.name[: -len(suffix)]))
+        nodes.append(
+            helper.make_node("MatMul", [n.input[0], name], list(n.output), name=n.name[: -len(suffix)])
+        )
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     return model

@@ -354,7 +354,9 @@ class InPlaceCache:
             binding = self._bindings[(lo, hi)] = self.runner.inplace_binding([b[lo:hi] for b in self.buffers])
         return binding
 
-    def _step(self, chunks: dict[int, Sequence[int]], keep_all: bool = False, prompt: bool = False) -> np.ndarray:
+    def _step(
+        self, chunks: dict[int, Sequence[int]], keep_all: bool = False, prompt: bool = False
+    ) -> np.ndarray:
         """One forward pass over rows ``min(chunks)..max(chunks)``; rows without a chunk idle.
         ``prompt``: the chunks are prompt tokens (``prefill``/``extend``: the runner's prompt graph,
         where it has one; a generated token never goes there, so a sequence's tokens run the same

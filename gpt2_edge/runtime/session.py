@@ -339,7 +339,8 @@ class OrtBackend:
             )
         if wanted and self.step_invariant:
             raise Gpt2EdgeError(
-                "step invariance needs every pass through one graph: leave prompt_graph off with step_invariant"
+                "step invariance needs every pass through one graph: leave prompt_graph off with "
+                "step_invariant"
             )
         if not usable or wanted is False or self.step_invariant:
             return None
