@@ -345,6 +345,11 @@ class OrtBackend:
         if not usable or wanted is False or self.step_invariant:
             return None
         assert path is not None
+        if "session.intra_op.allow_spinning" not in self.session_config:
+            # Its own thread pool: spinning after a prompt pass would take the cores from the decode
+            # steps that follow (measured: decode 10-20% slower under it); a pass of many tokens does
+            # not need the spin to start fast.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         mapped = mapped_model(path, untie=False) if self.mapped is not None else None
         try:
             session = ort.InferenceSession(mapped.proto if mapped else str(path), so, providers=providers)
