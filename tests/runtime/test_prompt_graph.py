@@ -124,3 +124,21 @@ def test_served_perplexity_scores_decode_steps_after_a_prompt(int4):
     mixed = OrtBackend(Bundle.load(int4), threads=2)
     served = served_perplexity(mixed, ids, wins)
     assert np.isfinite(served) and served != served_perplexity(plain, ids, wins)
+
+
+def test_the_prefix_cache_reuses_only_what_a_prompt_would_have_written(int4):
+    """A follow-up prompt that goes on past an earlier prompt and its generated tokens reuses the
+    earlier prompt's positions only (the generated ones were written by the int4 graph), and gets
+    the tokens of a run without the prefix cache."""
+    from gpt2_edge.runtime.generator import Generator
+    from gpt2_edge.runtime.sampling import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+    cached = Generator.from_bundle(str(int4), threads=2, prefix_cache=256)
+    plain = Generator.from_bundle(str(int4), threads=2)
+    p = prompt(36, seed=3)  # the tiny model's context is 64 tokens; the store reuses 32+
+    first = cached.generate([p], cfg)[0]
+    follow = p + first.token_ids + prompt(5, seed=4)
+    again = cached.generate([follow], cfg)[0]
+    assert 32 <= again.timings["prefix_reused_tokens"] <= len(p)
+    assert again.token_ids == plain.generate([follow], cfg)[0].token_ids
