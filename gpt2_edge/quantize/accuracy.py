@@ -6,7 +6,7 @@ prompts; the gate on the perplexity increase comes from ``gpt2_edge.tolerances``
 
 A variant whose prompt chunks run another graph than its generated tokens (int4's int8 prompt
 graph) is also measured as it runs (``served_perplexity``): each window's context through the
-prompt path, its scored tokens decoded one at a time; the gate holds both perplexities.
+prompt graph, its scored tokens through the main graph over that cache; the gate holds both.
 """
 
 from __future__ import annotations
@@ -139,18 +139,22 @@ def served_perplexity(
     model, ids: np.ndarray, windows: list[tuple[int, int, int]], progress: bool = False, desc: str = "served"
 ) -> float:
     """Perplexity over the same targets as ``compare``'s, computed the way generation runs: each
-    window's context goes in as a prompt (``prefill``), its scored tokens are fed one at a time
-    (``decode``), so every target's logits come from a decode step over the prompt's KV cache."""
+    window's context goes in as a prompt (``prefill``: a prompt graph where the model has one), its
+    scored tokens through the main graph over that KV cache, all in one pass as speculative
+    decoding verifies drafts (``verify``; a cache that cannot verify decodes them one at a time)."""
     nll = 0.0
     count = 0
     with Progress(windows, enabled=progress, desc=desc, unit="window") as it:
         for begin, end, n_target in it:
             w = ids[begin:end]
             cache = model.new_cache(1, end - begin)
-            rows = [cache.prefill([0], [w[: len(w) - n_target].tolist()])[0]]
-            for t in w[len(w) - n_target : -1].tolist():
-                rows.append(cache.decode([0], [t])[0])
-            lq = log_softmax(np.asarray(np.stack(rows), np.float64))
+            rows = [cache.prefill([0], [w[: len(w) - n_target].tolist()])]
+            rest = w[len(w) - n_target : -1].tolist()
+            if rest and getattr(cache, "can_verify", False):
+                rows.append(cache.verify([0], [rest])[0])
+            else:
+                rows += [cache.decode([0], [t]) for t in rest]
+            lq = log_softmax(np.asarray(np.concatenate(rows), np.float64))
             nll -= float(lq[np.arange(n_target), w[-n_target:]].sum())
             count += n_target
     return math.exp(nll / count)
