@@ -3,6 +3,10 @@
 Measures perplexity (the foundation's sliding window), mean KL(fp32 || variant) of next-token
 distributions, top-1 agreement, and how many of the first 64 greedy tokens agree on a set of
 prompts; the gate on the perplexity increase comes from ``gpt2_edge.tolerances``.
+
+A variant whose prompt chunks run another graph than its generated tokens (int4's int8 prompt
+graph) is also measured as it runs (``served_perplexity``): each window's context through the
+prompt graph, its scored tokens through the main graph over that cache; the gate holds both.
 """
 
 from __future__ import annotations
@@ -33,17 +37,23 @@ class AccuracyReport:
     tokens: int
     gate: float | None = None
     passed: bool = True
+    # the variant as it runs where prompts take another graph (prefill the context, decode the rest)
+    perplexity_served: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
         gate = f" (gate +{100 * self.gate:.1f}%)" if self.gate is not None else ""
+        served = ""
+        if self.perplexity_served is not None:
+            up = self.perplexity_served / self.perplexity_fp32 - 1
+            served = f"; served (prompt graph, then decoding) {self.perplexity_served:.3f} ({100 * up:+.2f}%)"
         return (
             f"{self.precision}: perplexity {self.perplexity:.3f} vs fp32 {self.perplexity_fp32:.3f} "
             f"({100 * self.ppl_increase:+.2f}%{gate}), mean KL {self.mean_kl:.4f}, top-1 agreement "
             f"{100 * self.top1_agreement:.2f}%, greedy {100 * self.greedy_agreement:.1f}% of "
-            f"{GREEDY_TOKENS} tokens agree"
+            f"{GREEDY_TOKENS} tokens agree{served}"
         )
 
 
@@ -90,6 +100,9 @@ def compare(
             agree += int((lr.argmax(-1) == lq.argmax(-1)).sum())
             count += n_target
     ppl_r, ppl_q = math.exp(nll_r / count), math.exp(nll_q / count)
+    served = None
+    if variant.capabilities.prompt_graph:
+        served = served_perplexity(variant, arr, wins, progress=progress, desc=f"served {precision}")
 
     greedy = 1.0
     if prompts:
@@ -106,7 +119,7 @@ def compare(
             total += len(a)
         greedy = same / total
     gate = gate_for(precision)
-    increase = ppl_q / ppl_r - 1
+    increase = max(ppl_q, served or ppl_q) / ppl_r - 1
     return AccuracyReport(
         precision,
         ppl_r,
@@ -118,4 +131,30 @@ def compare(
         count,
         gate,
         passed=gate is None or increase <= gate,
+        perplexity_served=served,
     )
+
+
+def served_perplexity(
+    model, ids: np.ndarray, windows: list[tuple[int, int, int]], progress: bool = False, desc: str = "served"
+) -> float:
+    """Perplexity over the same targets as ``compare``'s, computed the way generation runs: each
+    window's context goes in as a prompt (``prefill``: a prompt graph where the model has one), its
+    scored tokens through the main graph over that KV cache, all in one pass as speculative
+    decoding verifies drafts (``verify``; a cache that cannot verify decodes them one at a time)."""
+    nll = 0.0
+    count = 0
+    with Progress(windows, enabled=progress, desc=desc, unit="window") as it:
+        for begin, end, n_target in it:
+            w = ids[begin:end]
+            cache = model.new_cache(1, end - begin)
+            rows = [cache.prefill([0], [w[: len(w) - n_target].tolist()])]
+            rest = w[len(w) - n_target : -1].tolist()
+            if rest and getattr(cache, "can_verify", False):
+                rows.append(cache.verify([0], [rest])[0])
+            else:
+                rows += [cache.decode([0], [t]) for t in rest]
+            lq = log_softmax(np.asarray(np.concatenate(rows), np.float64))
+            nll -= float(lq[np.arange(n_target), w[-n_target:]].sum())
+            count += n_target
+    return math.exp(nll / count)

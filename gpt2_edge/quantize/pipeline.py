@@ -23,7 +23,7 @@ from .accuracy import AccuracyReport, compare, eval_prompts
 from .bf16 import to_bf16, write_openvino_ir
 from .calibrate import read_tokens, windows
 from .fp16 import to_fp16
-from .int4 import to_nbits
+from .int4 import PROMPT_FILE, to_nbits
 from .int8 import QdqOptions, to_int8_dynamic, to_int8_qdq
 
 PRECISIONS = tuple(p for p in schema.PRECISIONS if p != "fp32")
@@ -58,6 +58,7 @@ def quantize_bundle(
     progress: bool = False,
     log: Callable[[str], object] = print,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    prompt_graph: bool = True,
 ) -> tuple[Path, AccuracyReport | None]:
     """Write the ``precision`` variant of fp32 bundle ``src`` to ``out`` if it passes its gate.
 
@@ -67,7 +68,9 @@ def quantize_bundle(
     expected past ``external_data_threshold`` bytes (else inline: int8 GEMMs read inline weights
     faster, docs/measured.md).
     ``out`` may not be ``src``, contain it or lie inside it; ``overwrite`` replaces an earlier
-    bundle only. ``progress`` shows the gate's progress on a terminal.
+    bundle only. ``progress`` shows the gate's progress on a terminal. ``prompt_graph`` (int4, in-place
+    KV cache): also write the int8 graph prompt chunks run through (quantize/int4.py; more memory,
+    about half the time to first token), and gate the mix as it runs.
     """
     if precision not in PRECISIONS:
         raise Gpt2EdgeError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
@@ -121,6 +124,7 @@ def quantize_bundle(
         t0 = time.perf_counter()
         dst = tmp / "model.onnx"
         keep = any(s.name == "logits_to_keep" for s in base.inputs)
+        prompt = prompt_graph and precision == "int4" and base.kv_form == "inplace"
         if precision == "bf16":
             info = to_bf16(base.model_file, dst, external, logits_to_keep=not keep)
             keep = True
@@ -128,7 +132,7 @@ def quantize_bundle(
             if info["openvino_ir"] is None:
                 log("bf16: OpenVINO is not installed: no OpenVINO IR written (the provider reads model.onnx)")
         else:
-            info = _convert(base.model_file, dst, precision, external, calib, qdq)
+            info = _convert(base.model_file, dst, precision, external, calib, qdq, prompt)
         seconds = time.perf_counter() - t0
         log(f"{precision}: converted in {seconds:.1f} s")
         kv = "float16" if precision == "fp16" else "float32"
@@ -141,6 +145,8 @@ def quantize_bundle(
         )  # fmt: skip
         specs_out = contract.outputs(d.n_layer, d.n_head, d.head_size, d.vocab_size, kv, **form)
         census = checked_census(dst, specs_in, specs_out)
+        if prompt:
+            checked_census(tmp / PROMPT_FILE, specs_in, specs_out)  # the same contract, or refused
         target = base.target
         if target == "tensorrt" and unsupported_by_tensorrt(census):
             target = "ort"  # contrib ops (MatMulNBits, DynamicQuantizeLinear...): ONNX Runtime only
@@ -168,6 +174,8 @@ def quantize_bundle(
                 },
             }
         )
+        if prompt:
+            manifest["prompt_model_file"] = PROMPT_FILE
         report = None
         if eval_ids is not None:
             write_manifest(tmp, manifest)
@@ -246,7 +254,9 @@ def default_model_samples(base: Bundle) -> Samples | None:
     return samples if same else None
 
 
-def _convert(src: Path, dst: Path, precision: str, external: bool, calib, qdq: QdqOptions) -> dict:
+def _convert(
+    src: Path, dst: Path, precision: str, external: bool, calib, qdq: QdqOptions, prompt: bool = False
+) -> dict:
     if precision == "fp16":
         return to_fp16(src, dst, external)
     if precision == "int8-dynamic":
@@ -255,4 +265,4 @@ def _convert(src: Path, dst: Path, precision: str, external: bool, calib, qdq: Q
         return to_nbits(src, dst, bits=8, external_data=external)
     if precision == "int8-qdq":
         return to_int8_qdq(src, dst, external, calib, qdq)
-    return to_nbits(src, dst, bits=4, external_data=external)
+    return to_nbits(src, dst, bits=4, external_data=external, prompt_graph=prompt)

@@ -48,6 +48,12 @@ class Bundle:
         return self.path / self.manifest.model_file
 
     @property
+    def prompt_model_file(self) -> Path | None:
+        """The graph prompt chunks run through (int4 bundles; quantize/int4.py), or None."""
+        name = self.manifest.prompt_model_file
+        return self.path / name if name is not None else None
+
+    @property
     def dims(self) -> ModelDims:
         return self.manifest.model
 
@@ -123,9 +129,10 @@ class Bundle:
             )
         return t or None
 
-    def check_session(self, session: Any) -> None:
+    def check_session(self, session: Any, file: Path | None = None) -> None:
         """Refuse a graph whose inputs/outputs (names, element types, ranks) differ from ``io``:
-        a ``model.onnx`` from another model or export would otherwise fail on its first step."""
+        a ``model.onnx`` from another model or export would otherwise fail on its first step.
+        ``file``: the graph's file, where it is not ``model_file`` (the prompt graph)."""
         onnx_types = {
             "tensor(int64)": "int64",
             "tensor(float)": "float32",
@@ -133,6 +140,7 @@ class Bundle:
             "tensor(int32)": "int32",
             "tensor(bfloat16)": "bfloat16",
         }
+        graph = file or self.model_file
         for kind, got, want in (
             ("inputs", session.get_inputs(), self.inputs),
             ("outputs", session.get_outputs(), self.outputs),
@@ -142,7 +150,7 @@ class Bundle:
                 missing = [n for n in want_names if n not in got_names]
                 extra = [n for n in got_names if n not in want_names]
                 raise BundleError(
-                    f"{self.model_file} does not match {MANIFEST}: the graph's {kind} differ (missing "
+                    f"{graph} does not match {MANIFEST}: the graph's {kind} differ (missing "
                     f"{missing[:4] or 'none'}, unexpected {extra[:4] or 'none'}); the file is from another "
                     "export: re-export the bundle"
                 )
@@ -150,14 +158,14 @@ class Bundle:
                 gtype = onnx_types.get(g.type, g.type)
                 if gtype != w.dtype or len(g.shape) != len(w.shape):
                     raise BundleError(
-                        f"{self.model_file} does not match {MANIFEST}: {g.name} is {gtype} of rank "
+                        f"{graph} does not match {MANIFEST}: {g.name} is {gtype} of rank "
                         f"{len(g.shape)}, the manifest says {w.dtype} of rank {len(w.shape)}; "
                         "re-export the bundle"
                     )
                 for gd, wd in zip(g.shape, w.shape, strict=True):
                     if isinstance(wd, int) and isinstance(gd, int) and gd != wd:
                         raise BundleError(
-                            f"{self.model_file} does not match {MANIFEST}: {g.name} has shape "
+                            f"{graph} does not match {MANIFEST}: {g.name} has shape "
                             f"{list(g.shape)}, the manifest says {list(w.shape)} (another model's dims); "
                             "re-export the bundle"
                         )

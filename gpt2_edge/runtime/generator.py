@@ -139,8 +139,12 @@ def iter_decode(
         timings.update(spec.stats.as_timings())
     if reusing:
         timings["prefix_reused_tokens"] = float(reused)
+        # A prompt graph (int4) wrote the prompt's positions, the main graph the generated ones: a
+        # later prompt that goes on past this one must run those tokens as a prompt, so only the
+        # prompt is stored (then reuse gives the logits of a fresh prefill, bitwise).
+        prompt_only = backend.capabilities.prompt_graph
         for b, (r, p) in enumerate(zip(rows, prompts, strict=True)):
-            held = (list(p) + r.generated)[: cache.length(b)]
+            held = (list(p) + ([] if prompt_only else r.generated))[: cache.length(b)]
             prefix_cache.store(held, lambda b=b, n=len(held): cache.read_prefix(b, n))
     return [
         GenerationResult(r.text, r.generated, r.finish_reason or "length", len(p), dict(timings))

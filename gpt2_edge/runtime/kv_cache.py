@@ -289,8 +289,9 @@ class ConcatCache:
 class InPlaceBinding(Protocol):
     """A model's inputs/outputs bound to a fixed range of cache rows (past = present = the rows)."""
 
-    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """Each row's last-position logits ``(rows, V)``; valid until the next run."""
+    def run(self, feeds: dict[str, np.ndarray], prompt: bool = False) -> np.ndarray:
+        """Each row's last-position logits ``(rows, V)``; valid until the next run. ``prompt``: the
+        rows bring prompt chunks (a model with a prompt graph runs them through it)."""
         ...
 
     def run_all(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -353,8 +354,13 @@ class InPlaceCache:
             binding = self._bindings[(lo, hi)] = self.runner.inplace_binding([b[lo:hi] for b in self.buffers])
         return binding
 
-    def _step(self, chunks: dict[int, Sequence[int]], keep_all: bool = False) -> np.ndarray:
-        """One forward pass over rows ``min(chunks)..max(chunks)``; rows without a chunk idle."""
+    def _step(
+        self, chunks: dict[int, Sequence[int]], keep_all: bool = False, prompt: bool = False
+    ) -> np.ndarray:
+        """One forward pass over rows ``min(chunks)..max(chunks)``; rows without a chunk idle.
+        ``prompt``: the chunks are prompt tokens (``prefill``/``extend``: the runner's prompt graph,
+        where it has one; a generated token never goes there, so a sequence's tokens run the same
+        graph however its prompt was chunked or batched)."""
         lo, hi = min(chunks), max(chunks) + 1
         S = max(len(c) for c in chunks.values())
         rows = np.arange(lo, hi)
@@ -380,7 +386,7 @@ class InPlaceCache:
         mask = (np.arange(int(total.max()))[None] < total[:, None]).astype(np.int64)
         feeds = self._with_adapters({"input_ids": ids, "attention_mask": mask, "position_ids": pos}, lo, hi)
         binding = self._binding(lo, hi)
-        logits = binding.run_all(feeds) if keep_all else binding.run(feeds).copy()
+        logits = binding.run_all(feeds) if keep_all else binding.run(feeds, prompt=prompt).copy()
         self._len[lo:hi] += q
         return logits
 
@@ -403,9 +409,9 @@ class InPlaceCache:
         """Each chunk after its slot's cached tokens: one pass where ``_one_pass`` allows, else one
         pass per slot."""
         if self._one_pass(slots, max(len(c) for c in chunks)):
-            out = self._step({slots[i]: chunks[i] for i in range(len(slots))})
+            out = self._step({slots[i]: chunks[i] for i in range(len(slots))}, prompt=True)
             return out[[s - min(slots) for s in slots]]
-        return np.concatenate([self._step({s: c}) for s, c in zip(slots, chunks, strict=True)])
+        return np.concatenate([self._step({s: c}, prompt=True) for s, c in zip(slots, chunks, strict=True)])
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
         # The per-token path: the same feeds as ``_step`` for one-token chunks, built with numpy.

@@ -142,7 +142,9 @@ def load_model(
     (``Generator.generate(adapter=...)``, the server's ``model`` field). ``name``: the id clients
     call it by (default: the bundle directory's name). ``options`` go
     to the backend (``runtime.backends.load_backend``: ``session_config``, ``trt_*``,
-    ``lane_timeout_s``). Every refusal is one ``Gpt2EdgeError`` that says what to change.
+    ``lane_timeout_s``; ``prompt_graph=False`` runs an int4 bundle's prompts on its int4 graph
+    instead of its int8 prompt graph: less memory, slower prefill). Every refusal is one
+    ``Gpt2EdgeError`` that says what to change.
     """
     if provider not in PROVIDERS:
         raise Gpt2EdgeError(f"provider must be one of {', '.join(PROVIDERS)}; got {provider!r}")

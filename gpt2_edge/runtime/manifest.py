@@ -74,6 +74,8 @@ FREE_FORM = obj(required=False, nullable=True)  # reports: informational, read b
 SCHEMA = obj(
     schema_version=INT,
     model_file=STR,
+    # int4 bundles: a second graph with the same IO for prompt chunks (quantize/int4.py)
+    prompt_model_file=OPTIONAL_STR,
     model=obj(
         n_layer=POSITIVE,
         n_head=POSITIVE,
@@ -243,6 +245,9 @@ def _check_meaning(m: dict[str, Any], problems: list[str]) -> None:
             )
     if m["model_file"] not in m["files"]:
         problems.append(f"model_file {m['model_file']!r} is not listed in files")
+    prompt = m.get("prompt_model_file")
+    if prompt is not None and prompt not in m["files"]:
+        problems.append(f"prompt_model_file {prompt!r} is not listed in files")
     if "tokenizer.json" not in m["files"]:
         problems.append("files does not list tokenizer.json")
     d = m["model"]
@@ -410,6 +415,8 @@ class Manifest:
     graph: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] | None = None
     accuracy: dict[str, Any] | None = None
+    # The graph prompt chunks run through (same IO as ``model_file``; quantize/int4.py), or None.
+    prompt_model_file: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -447,6 +454,7 @@ class Manifest:
         return cls(
             schema_version=m["schema_version"],
             model_file=m["model_file"],
+            prompt_model_file=m.get("prompt_model_file"),
             model=ModelDims(**{k: m["model"][k] for k in ModelDims.__dataclass_fields__}),
             inputs=tuple(contract.TensorSpec.from_dict(d) for d in m["io"]["inputs"]),
             outputs=tuple(contract.TensorSpec.from_dict(d) for d in m["io"]["outputs"]),

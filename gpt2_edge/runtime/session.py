@@ -193,6 +193,7 @@ class OrtBackend:
         map_weights: bool | None = None,
         step_invariant: bool | None = False,
         lora: dict[str, str | Path] | None = None,
+        prompt_graph: bool | None = None,
     ) -> None:
         """``provider``: cpu | cuda | tensorrt | auto. ``session_config``: ONNX Runtime session
         config entries over this precision's defaults (``SESSION_DEFAULTS``), e.g.
@@ -204,7 +205,12 @@ class OrtBackend:
         alone, verified in a speculative chunk or beside other rows' chunks (in-place bundles with
         the ``step_invariant`` input; slower at long contexts: docs/measured.md); None: so where the bundle
         has the input. ``lora``: name -> PEFT LoRA adapter directory, served at run time (a bundle
-        exported with ``--lora-slots``; ``runtime.lora`` checks each first).
+        exported with ``--lora-slots``; ``runtime.lora`` checks each first). ``prompt_graph``: run
+        prompt chunks (``prefill``/``extend``) through the bundle's prompt graph (int4 bundles: int8
+        MatMuls, about half the prefill time; quantize/int4.py) and generated tokens through its
+        main graph; None: so where the bundle has one and step invariance is off (a prompt position
+        then computes otherwise than a generated one); False: the main graph for everything, and
+        the prompt graph's weights never load.
         TensorRT engines are cached under
         ``trt_cache_dir`` (default ``BUNDLE/engines/ort-trt-cache``), keyed by GPU, TensorRT and
         ONNX Runtime versions and shape ranges, because they are built for the GPU they run on;
@@ -254,6 +260,7 @@ class OrtBackend:
         providers.append(PROVIDERS["cpu"])
         model: str | bytes = str(bundle.model_file)
         self.mapped: MappedModel | None = None
+        self.prompt_mapped: MappedModel | None = None
         if map_weights is None:
             map_weights = os.environ.get("GPT2_EDGE_MAP_WEIGHTS", "1") != "0"
         if self.provider == "cpu" and map_weights:
@@ -280,6 +287,7 @@ class OrtBackend:
         release_free_memory()  # what parsing the graph (and copying weights, if not mapped) freed
         self._trimmed = False  # until the first cache: callers load a tokenizer after the backend
         bundle.check_session(self.session)
+        self.prompt_session = self._prompt_session(bundle, prompt_graph, so, providers)
         active = self.session.get_providers()
         if PROVIDERS[self.provider] not in active:
             # onnxruntime's Python API retries without a provider that fails to load (TensorRT
@@ -314,7 +322,45 @@ class OrtBackend:
             step_invariant=self.step_invariant,
             batch_variance=batch_variance(bundle) if self.device == "cpu" else None,
             adapters=adapters,
+            prompt_graph=self.prompt_session is not None,
         )
+
+    def _prompt_session(self, bundle: Bundle, wanted: bool | None, so: Any, providers: list) -> Any:
+        """The prompt graph's session where ``wanted`` (None: where the bundle has one and step
+        invariance is off), or None."""
+        import onnxruntime as ort
+
+        path = bundle.prompt_model_file
+        usable = path is not None and self.kv_form == "inplace" and self.provider == "cpu"
+        if wanted and not usable:
+            raise Gpt2EdgeError(
+                f"{bundle.path} has no prompt graph for the CPU provider (int4 bundles with the in-place KV "
+                "cache quantized since this release carry one): quantize it again, or leave prompt_graph off"
+            )
+        if wanted and self.step_invariant:
+            raise Gpt2EdgeError(
+                "step invariance needs every pass through one graph: leave prompt_graph off with "
+                "step_invariant"
+            )
+        if not usable or wanted is False or self.step_invariant:
+            return None
+        assert path is not None
+        if "session.intra_op.allow_spinning" not in self.session_config:
+            # Its own thread pool: spinning after a prompt pass would take the cores from the decode
+            # steps that follow (measured: decode 10-20% slower under it); a pass of many tokens does
+            # not need the spin to start fast.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        mapped = mapped_model(path, untie=False) if self.mapped is not None else None
+        try:
+            session = ort.InferenceSession(mapped.proto if mapped else str(path), so, providers=providers)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise Gpt2EdgeError(
+                f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}; quantize the bundle again"
+            ) from None
+        self.prompt_mapped = mapped
+        release_free_memory()
+        bundle.check_session(session, path)
+        return session
 
     def _load_adapters(
         self, bundle: Bundle, lora: dict[str, str | Path]
@@ -471,12 +517,32 @@ class _InPlaceBinding:
         for name, value in backend.lora_feeds.items():
             self.io.bind_ortvalue_input(name, value)
         self._io_all: Any = None  # run_all's binding, made at its first call
+        # the same buffers bound to the prompt graph (OrtBackend(prompt_graph=...)), or None
+        self.io_prompt = None
+        if backend.prompt_session is not None:
+            self.io_prompt = backend.prompt_session.io_binding()
+            for past, present, value in zip(
+                backend.past_names, backend.present_names, self.values, strict=True
+            ):
+                self.io_prompt.bind_ortvalue_input(past, value)
+                self.io_prompt.bind_ortvalue_output(present, value)
+            self.io_prompt.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+            if backend.has_logits_to_keep:
+                self.io_prompt.bind_cpu_input("logits_to_keep", np.array(1, np.int64))
+            if backend.has_step_invariant:
+                self.io_prompt.bind_cpu_input("step_invariant", backend._invariant_feed)
+            for name, value in backend.lora_feeds.items():
+                self.io_prompt.bind_ortvalue_input(name, value)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """Last-position logits ``(rows, V)`` (a view of the binding's own buffer: copy to keep)."""
+    def run(self, feeds: dict[str, np.ndarray], prompt: bool = False) -> np.ndarray:
+        """Last-position logits ``(rows, V)`` (a view of the binding's own buffer: copy to keep).
+        ``prompt``: the rows bring prompt chunks (the prompt graph's pass, where the backend has one)."""
+        io, session = self.io, self.backend.session
+        if prompt and self.io_prompt is not None:
+            io, session = self.io_prompt, self.backend.prompt_session
         for name, value in feeds.items():
-            self.io.bind_cpu_input(name, value)
-        self.backend.session.run_with_iobinding(self.io)
+            io.bind_cpu_input(name, value)
+        session.run_with_iobinding(io)
         return self.logits[:, 0]
 
     def run_all(self, feeds: dict[str, np.ndarray]) -> np.ndarray:

@@ -102,6 +102,9 @@ class Capabilities:
     batch_variance: str | None = None
     # The LoRA adapters it serves at run time, by name; adapter id = position + 1 (0 = none).
     adapters: tuple[str, ...] = ()
+    # Prompt chunks run through a second graph (int4 bundles' int8 prompt graph, quantize/int4.py),
+    # generated tokens through the main one: a prompt position's logits are not a generated one's.
+    prompt_graph: bool = False
 
 
 class Backend(Protocol):

@@ -106,9 +106,13 @@ class KVMemory:
             self.tokens_allocated = len(lengths) * max(lengths, default=0)
 
     def written(self, slot: int, state: SequenceState) -> list[int]:
-        """The tokens whose positions ``slot``'s rows hold (``state``: the sequence in it)."""
+        """The tokens whose positions ``slot``'s rows hold (``state``: the sequence in it) as a
+        prompt would write them: with a prompt graph (int4) the generated tokens' positions were
+        written by the main graph, so only the prompt's count."""
         assert self.cache is not None
         n = self.cache.length(slot)
+        if self.backend.capabilities.prompt_graph:
+            n = min(n, len(state.prompt))
         return (state.prompt + state.generated)[:n] if n > len(state.prompt) else state.prompt[:n]
 
     def need_of(self, s: SequenceHandle) -> int:
