@@ -27,17 +27,18 @@ prefill. A sequence whose prompt is still going in holds its slot but is not dec
 scheduler advances a slot's ``prefilled`` when it plans the chunk (as vLLM's scheduler counts
 computed tokens): a failed step fails every running sequence anyway.
 
-**Why a step budget beside the chunk** (issue 23, measured with guidellm's closed-loop clients,
-16 streams of 128 + 64 tokens, and simulated with this scheduler: benchmarks/bench_serve_peers.py
-and its docstring). A client's inter-token latency is its decode time plus every prefill that runs
-while it decodes; the prefill work is the same however it is chunked, so what decides the latency
-is *when* prompts go in. With one 256-token chunk per step, a burst of 16 prompts goes in two per
+**Why a step budget beside the chunk** (issue 23: guidellm's closed-loop clients, 16 streams of
+128 + 64 tokens; benchmarks/sim_scheduler.py drives this scheduler under such clients with modelled
+step costs, benchmarks/bench_serve_peers.py measures the server). A client's inter-token latency
+(guidellm's: a request's mean gap) is its decode time plus every prefill that runs while it
+decodes; the prefill work is the same however it is chunked, so what decides the latency is
+*when* prompts go in. With one 256-token chunk per step, a burst of 16 prompts goes in two per
 step: the sequences start (and so finish, and come back) a step or more apart, and from then on
-every prompt goes in while the others decode (inter-token latency p50 65.8 ms simulated, 73.5 ms
-measured). When a burst goes in within one step, its sequences start together, decode together
-and come back together: the next burst goes in while nobody decodes (39 ms simulated). The price
-is the burst's time to first token (every sequence of the burst waits for all of its prompts).
-A long prompt still goes in ``prefill_chunk`` tokens per step beside running streams.
+every prompt goes in while the others decode (inter-token p50 at 16 clients 66-70 ms simulated,
+73.5 ms measured before). When a burst goes in within one step, its sequences start together,
+decode together and come back together: the next burst goes in while nobody decodes (39 ms
+simulated). The price is the burst's time to first token (each of its sequences waits for all of
+its prompts). A long prompt still goes in ``prefill_chunk`` tokens per step beside running streams.
 
 Prompt scoring (``echo`` with ``logprobs``: one full-sequence pass per prompt) is planned here too:
 at most one request's scoring per step (``StepPlan.score``), beside the step's tokens.
