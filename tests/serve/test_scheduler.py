@@ -158,8 +158,8 @@ def test_one_prompt_scoring_job_per_step():
 def test_a_burst_of_prompts_goes_in_within_one_step_and_decodes_together():
     """The step budget (not one chunk per step) decides how many prompts go in: a burst of 4
     prompts of 6 starts together (their first tokens in one step), where a budget of 8 tokens per
-    step (the decoding rows' included) starts them one step apart."""
-    for step_tokens, starts in ((32, [1, 1, 1, 1]), (8, [1, 2, 3, 4])):
+    step (the decoding rows' included) starts them one step apart; 0 is no budget."""
+    for step_tokens, starts in ((32, [1, 1, 1, 1]), (0, [1, 1, 1, 1]), (8, [1, 2, 3, 4])):
         sched = Scheduler(FakeBudget(1000), n_ctx=64, max_batch=4, prefill_chunk=8, step_tokens=step_tokens)
         waiting = deque(seq(6) for _ in range(4))
         first: dict[int, int] = {}
