@@ -8,9 +8,9 @@ The servers (each started once, loopback, on ports from ``--port-base``):
 - ``kit``: ``python -m gpt2_edge.serve`` on the fp32 in-place bundle, ``--max-batch 16 --threads
   T`` and ``--kit-args`` (e.g. ``--step-tokens 0``); ``--compare-tree DIR`` adds the same server
   run from another checkout (``kit @DIR``: before/after a change, interleaved);
-- ``llama-server fa=X`` for each ``--flash-attn`` value: the checkpoint converted to GGUF f32 by
-  llama.cpp's own ``convert_hf_to_gguf.py`` (cached), ``-t T -tb T -np 16 -c 16 x (prompt + output
-  + 64) --cont-batching -fa X --no-webui``.
+- ``llama-server fa=X`` for each ``--flash-attn`` value (``none``: no llama-server): the checkpoint
+  converted to GGUF f32 by llama.cpp's own ``convert_hf_to_gguf.py`` (cached), ``-t T -tb T -np 16
+  -c 16 x (prompt + output + 64) --cont-batching -fa X --no-webui``.
 
 Level by level the servers take strict turns (benchmarks/harness.py: ``--rounds`` rounds, both
 orders), each turn one ``guidellm run --profile kind=concurrent,streams=C --constraint
@@ -169,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="each server's threads")
-    p.add_argument("--flash-attn", default="off", help="llama-server -fa values, one server each (off,auto)")
+    p.add_argument(
+        "--flash-attn",
+        default="off",
+        help="llama-server -fa values, one server each (off,auto); none: no llama-server (the kit alone, "
+        "or against --compare-tree)",
+    )
     p.add_argument("--kit-args", default="", help="extra arguments of the kit's server (one string)")
     p.add_argument("--compare-tree", metavar="DIR", help="also run the kit's server from this checkout")
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"), help="llama-server binary")
@@ -178,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--turn-timeout", type=float, default=600.0, help="seconds one guidellm run may take")
     add_json_argument(p)
     args = p.parse_args(argv)
-    if not args.llama_server or not Path(args.llama_server).is_file():
+    fa_values = [] if args.flash_attn == "none" else args.flash_attn.split(",")
+    if fa_values and (not args.llama_server or not Path(args.llama_server).is_file()):
         p.error("give --llama-server PATH (or set $LLAMA_SERVER): a llama-server binary in a llama.cpp tree")
     if not args.guidellm or not Path(args.guidellm).is_file():
         p.error("give --guidellm PATH (or set $GUIDELLM): guidellm installed in its own environment")
@@ -187,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
 
     checkpoint = random_checkpoint("gpt2")
     bundle = bundle_of(checkpoint)
-    binary = Path(args.llama_server).resolve()
-    gguf = gguf_f32(checkpoint, binary.parents[2])
+    if fa_values:
+        binary = Path(args.llama_server).resolve()
+        gguf = gguf_f32(checkpoint, binary.parents[2])
     ctx = 16 * (args.prompt_tokens + args.output_tokens + 64)
     servers: dict[str, Server | LlamaServer] = {
         "kit": Server(bundle, 16, args.threads, extra=tuple(shlex.split(args.kit_args)))
@@ -198,11 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         servers[f"kit @{tree.name}"] = Server(
             bundle, 16, args.threads, extra=tuple(shlex.split(args.kit_args)), repo=tree
         )
-    for i, fa in enumerate(args.flash_attn.split(",")):
+    for i, fa in enumerate(fa_values):
         servers[f"llama-server fa={fa}"] = LlamaServer(
             binary, gguf, args.port_base + i, args.threads, ctx, fa
         )
-    print(f"bench_serve_peers: {bundle.name} vs {gguf.name}; servers {', '.join(servers)}", file=sys.stderr)
+    print(f"bench_serve_peers: {bundle.name}; servers {', '.join(servers)}", file=sys.stderr)
     rows: list[dict] = []
     raw: dict[str, dict] = {}
     try:
