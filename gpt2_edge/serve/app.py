@@ -135,6 +135,7 @@ def create_app(model: Model, settings: ServeSettings | None = None) -> FastAPI:
         max_batch=max_batch,
         max_queue=settings.max_queue,
         prefill_chunk=settings.prefill_chunk,
+        step_tokens=settings.step_tokens,
         kv_budget=_kv_budget(settings.kv_budget, model.n_ctx),
         prefix_cache=settings.prefix_cache,
         prefix_cache_blocks=settings.prefix_cache_blocks,

@@ -241,7 +241,7 @@ def serve_uvicorn(bundle: Path, settings: ServeSettings, log_level: str = "info"
     print(
         f"gpt2-edge serve: {model.name} ({bundle}, {settings.provider}) on http://{settings.host}:{settings.port}"
         f" — max batch {settings.max_batch}, queue {settings.max_queue}, prefill chunk "
-        f"{settings.prefill_chunk or 'whole'}, KV budget "
+        f"{settings.prefill_chunk or 'whole'}, step tokens {settings.step_tokens or 'unlimited'}, KV budget "
         f"{f'{settings.kv_budget} tokens' if settings.kv_budget else 'max batch x context'}, "
         f"prefix cache {'on' if settings.prefix_cache else 'off'}, "
         f"prompt lookup {settings.prompt_lookup or 'off'}, "

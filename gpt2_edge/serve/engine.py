@@ -40,7 +40,7 @@ from ..runtime.types import Backend
 from .admission import DEFAULT_PREFIX_BLOCK, DEFAULT_PREFIX_CACHE_BLOCKS, INITIAL_CAPACITY, KVMemory
 from .executor import Executor
 from .output import OutputProcessor, TopLogprobs, prompt_logprobs
-from .scheduler import DEFAULT_PREFILL_CHUNK, MAX_PROMPT_LOOKUP, Scheduler, StepPlan
+from .scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_STEP_TOKENS, MAX_PROMPT_LOOKUP, Scheduler, StepPlan
 from .sequences import QueueFullError, Reservation, SchedulerClosedError, SequenceHandle
 
 if TYPE_CHECKING:
@@ -84,6 +84,7 @@ class Engine:
         max_batch: int = 8,
         max_queue: int = 32,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        step_tokens: int = DEFAULT_STEP_TOKENS,
         metrics: Metrics | None = None,
         kv_budget: int | None = None,
         prefix_cache: bool = True,
@@ -94,10 +95,12 @@ class Engine:
         prompt_lookup: int = 0,
         draft: DraftModel | None = None,
     ) -> None:
-        """``kv_budget``: KV tokens (slots x tokens per slot) at most, None = ``max_batch`` x
-        ``n_ctx``; at least ``n_ctx``. ``idle_shrink_s``: how long the engine is idle before its
-        cache shrinks. ``prompt_lookup``: the drafted tokens per step at most of a request that does
-        not say (the app reads it; each sequence's own ``config.prompt_lookup`` decides).
+        """``prefill_chunk``, ``step_tokens``: the scheduler's (scheduler.py: tokens of one prompt
+        per step, tokens per step). ``kv_budget``: KV tokens (slots x tokens per slot) at most,
+        None = ``max_batch`` x ``n_ctx``; at least ``n_ctx``. ``idle_shrink_s``: how long the
+        engine is idle before its cache shrinks. ``prompt_lookup``: the drafted tokens per step at
+        most of a request that does not say (the app reads it; each sequence's own
+        ``config.prompt_lookup`` decides).
         ``draft``: a draft model for every sequence (its cache beside the engine's; needs a cache
         that rolls back)."""
         if max_queue < 0:
@@ -118,7 +121,9 @@ class Engine:
             prefix_block=prefix_block,
             initial_capacity=initial_capacity,
         )
-        self.scheduler = Scheduler(self.kv, n_ctx=n_ctx, max_batch=max_batch, prefill_chunk=prefill_chunk)
+        self.scheduler = Scheduler(
+            self.kv, n_ctx=n_ctx, max_batch=max_batch, prefill_chunk=prefill_chunk, step_tokens=step_tokens
+        )
         self.executor = Executor(backend, self.kv, draft)
         self.output = OutputProcessor()
         self.idle_shrink_s = idle_shrink_s
@@ -126,6 +131,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        self.step_tokens = step_tokens
         self.prompt_lookup = prompt_lookup
         self.draft = draft
         self.metrics = metrics

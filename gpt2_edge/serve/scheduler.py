@@ -9,19 +9,36 @@ A step's plan, in the order the engine carries it out:
 1. ``admit``: waiting sequences into free slots, oldest first, while their KV memory fits the
    budget (``Admission.plan``: admission.py's ``KVMemory``, which also picks a cached prefix a
    prompt starts from); the lowest free slots first, which keeps a step's rows together;
-2. ``prefill`` / ``extend``: at most ``prefill_chunk`` prompt tokens (0: every admitted prompt
-   whole), oldest admission first: the first chunk of a prompt is a ``prefill`` of its slot (from
-   the prefix it reuses), the next ones ``extend`` it; a prompt's last chunk (``Chunk.last``)
-   gives the sequence its first token;
+2. ``prefill`` / ``extend``: prompt chunks, oldest admission first, each at most
+   ``prefill_chunk`` tokens of one prompt (0: the prompt's whole rest), within the step's token
+   budget ``step_tokens`` (0: none): the decoding rows count one token each and come first
+   (decode-first, as vLLM's ``max_num_batched_tokens`` and llama-server's batch), the chunks fill
+   what is left; the oldest prompt's chunk always goes in, so prompts progress whatever the
+   budget. The first chunk of a prompt is a ``prefill`` of its slot (from the prefix it reuses),
+   the next ones ``extend`` it; a prompt's last chunk (``Chunk.last``) gives the sequence its first
+   token;
 3. ``decode``: every slot whose prompt is in after this step's chunks (a prompt completed by this
    step's chunk included, unless its first token finished it: the engine decodes the plan's slots
    that still hold their sequence).
 
 So a request joins the running batch at the next step and leaves it the step it finishes, and a
-long prompt costs the running streams at most one chunk's prefill per token instead of its whole
+long prompt costs the running streams at most one chunk's prefill per step instead of its whole
 prefill. A sequence whose prompt is still going in holds its slot but is not decoded. The
 scheduler advances a slot's ``prefilled`` when it plans the chunk (as vLLM's scheduler counts
 computed tokens): a failed step fails every running sequence anyway.
+
+**Why a step budget beside the chunk** (issue 23: guidellm's closed-loop clients, 16 streams of
+128 + 64 tokens; benchmarks/sim_scheduler.py drives this scheduler under such clients with modelled
+step costs, benchmarks/bench_serve_peers.py measures the server). A client's inter-token latency
+(guidellm's: a request's mean gap) is its decode time plus every prefill that runs while it
+decodes; the prefill work is the same however it is chunked, so what decides the latency is
+*when* prompts go in. With one 256-token chunk per step, a burst of 16 prompts goes in two per
+step: the sequences start (and so finish, and come back) a step or more apart, and from then on
+every prompt goes in while the others decode (inter-token p50 at 16 clients 66-70 ms simulated,
+73.5 ms measured before). When a burst goes in within one step, its sequences start together,
+decode together and come back together: the next burst goes in while nobody decodes (39 ms
+simulated). The price is the burst's time to first token (each of its sequences waits for all of
+its prompts). A long prompt still goes in ``prefill_chunk`` tokens per step beside running streams.
 
 Prompt scoring (``echo`` with ``logprobs``: one full-sequence pass per prompt) is planned here too:
 at most one request's scoring per step (``StepPlan.score``), beside the step's tokens.
@@ -41,6 +58,7 @@ from .sequences import SequenceHandle, Slot
 
 __all__ = [
     "DEFAULT_PREFILL_CHUNK",
+    "DEFAULT_STEP_TOKENS",
     "MAX_DRAFT_TOKENS",
     "MAX_PROMPT_LOOKUP",
     "Admission",
@@ -50,7 +68,10 @@ __all__ = [
     "StepPlan",
 ]
 
-DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per step; ServeSettings.prefill_chunk
+DEFAULT_PREFILL_CHUNK = 256  # tokens of one prompt per step; ServeSettings.prefill_chunk
+# Tokens per step (decoding rows + prompt chunks); ServeSettings.step_tokens. llama-server's batch
+# (n_batch) and vLLM's max_num_batched_tokens have this default too; 16 prompts of 128 tokens fit.
+DEFAULT_STEP_TOKENS = 2048
 MAX_PROMPT_LOOKUP = 32  # drafted tokens per step at most (ServeSettings.prompt_lookup, the request field)
 MAX_DRAFT_TOKENS = 32  # a draft model's tokens per step at most (ServeSettings.draft_tokens)
 
@@ -109,15 +130,19 @@ class Scheduler:
         n_ctx: int,
         max_batch: int = 8,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        step_tokens: int = DEFAULT_STEP_TOKENS,
     ) -> None:
         if max_batch < 1:
             raise Gpt2EdgeError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_chunk < 0:
             raise Gpt2EdgeError(f"prefill_chunk must be >= 0 (0 = whole prompts), got {prefill_chunk}")
+        if step_tokens < 0:
+            raise Gpt2EdgeError(f"step_tokens must be >= 0 (0 = no step budget), got {step_tokens}")
         self.memory = memory
         self.n_ctx = n_ctx
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
+        self.step_tokens = step_tokens
         self.slots = [Slot(i) for i in range(max_batch)]
         self._free = list(range(max_batch))  # a heap: the lowest slots first
         self._admitted = 0  # admissions so far: each slot's ``order``
@@ -161,18 +186,22 @@ class Scheduler:
         if prefilling:
             if len(prefilling) > 1:
                 prefilling.sort(key=_admission)
-            budget = self.prefill_chunk or self.n_ctx * self.max_batch
+            # decode-first: the decoding rows take their tokens of the budget, the chunks the rest
+            room = self.step_tokens - len(decode) if self.step_tokens else self.n_ctx * self.max_batch
             completed = False
-            for slot in prefilling:
-                if budget <= 0:
-                    break
+            for n, slot in enumerate(prefilling):
                 prompt = slot.seq.state.prompt  # type: ignore[union-attr]
                 done = slot.prefilled
-                tokens = prompt[done : done + budget]
-                slot.prefilled += len(tokens)
+                size = min(len(prompt) - done, self.prefill_chunk or self.n_ctx)
+                if n:  # the oldest prompt's chunk always goes in: prompts progress whatever the budget
+                    size = min(size, room)
+                if size <= 0:
+                    break
+                tokens = prompt[done : done + size]
+                slot.prefilled += size
                 chunk = Chunk(slot.index, tokens, slot.prefilled == len(prompt))
                 (plan.extend if done else plan.prefill).append(chunk)
-                budget -= len(tokens)
+                room -= size
                 if chunk.last:  # its prompt is in: decoded with the others this step
                     decode.append(slot.index)
                     completed = True

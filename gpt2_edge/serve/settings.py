@@ -21,7 +21,7 @@ from typing import Any, get_type_hints
 from ..errors import Gpt2EdgeError
 from ..runtime.backends import PROVIDERS
 from .admission import DEFAULT_PREFIX_CACHE_BLOCKS
-from .scheduler import DEFAULT_PREFILL_CHUNK, MAX_DRAFT_TOKENS, MAX_PROMPT_LOOKUP
+from .scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_STEP_TOKENS, MAX_DRAFT_TOKENS, MAX_PROMPT_LOOKUP
 
 STEP_INVARIANT = ("auto", "on", "off")
 API_KEY_ENV = "GPT2_EDGE_API_KEY"  # the key where `ps` does not show it (CLI, `serve run`)
@@ -86,11 +86,22 @@ class ServeSettings:
     # batching
     max_batch: int = setting(8, "sequences decoded together (KV slots); 1 = no batching")
     max_queue: int = setting(32, "sequences waiting for a slot; beyond it requests get 429")
-    # Prompt tokens prefilled per engine step: a long prompt is prefilled in chunks between the
-    # running streams' decode steps instead of stalling them for its whole prefill. 0 = whole.
+    # Tokens of one prompt prefilled per engine step: a long prompt is prefilled in chunks between
+    # the running streams' decode steps instead of stalling them for its whole prefill. 0 = whole.
     prefill_chunk: int = setting(
         DEFAULT_PREFILL_CHUNK,
-        "prompt tokens prefilled per step, between the running streams' tokens (0 = whole prompts)",
+        "tokens of one prompt prefilled per step, between the running streams' tokens (0 = whole prompts)",
+    )
+    # Tokens per engine step: decoding rows first (one each), then prompt chunks, oldest first, up to
+    # this (llama-server's batch, vLLM's max_num_batched_tokens). A burst of prompts goes in within
+    # one step, so its sequences decode together and the next burst does not stall them (issue 23:
+    # inter-token latency under closed-loop load; scheduler.py). 0 = no limit.
+    step_tokens: int = setting(
+        DEFAULT_STEP_TOKENS,
+        "tokens per step: the decoding streams' first, then prompt chunks (at most --prefill-chunk of "
+        "each), oldest first, up to this; a burst of prompts goes in together, so their streams decode "
+        "together and the next burst does not stall them (0 = no limit)",
+        metavar="TOKENS",
     )
     # KV memory: positions (slots x tokens per slot) at most; the cache grows to what the running
     # sequences need within it and shrinks when idle. None: max_batch x the context (raised to one
@@ -214,6 +225,7 @@ class ServeSettings:
             ("max_batch", 1, None),
             ("max_queue", 0, None),
             ("prefill_chunk", 0, None),
+            ("step_tokens", 0, None),
             ("max_body_bytes", 1, None),
             ("port", 1, 65535),
             ("replicas", 1, None),

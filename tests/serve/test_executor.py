@@ -12,7 +12,7 @@ from gpt2_edge.errors import Gpt2EdgeError
 from gpt2_edge.runtime.generator import Generator
 from gpt2_edge.runtime.sampling import GenerationConfig
 from gpt2_edge.serve.admission import KVMemory
-from gpt2_edge.serve.executor import Executor
+from gpt2_edge.serve.executor import Executor, passes
 from gpt2_edge.serve.scheduler import Chunk
 from gpt2_edge.serve.sequences import SequenceHandle, Slot
 
@@ -100,3 +100,28 @@ def test_a_concatenating_cache_decodes_plainly_and_refuses_a_draft(concat_bundle
         Executor(
             concat.backend, KVMemory(concat.backend, n_ctx=concat.backend.n_ctx, max_batch=1), draft=object()
         ).new_cache()  # type: ignore[arg-type]
+
+
+def test_a_bursts_chunks_run_in_passes_of_neighbouring_slots_within_the_pass_size():
+    def chunk(slot: int, n: int) -> Chunk:
+        return Chunk(slot, [1] * n, True)
+
+    groups = passes([chunk(3, 100), chunk(0, 128), chunk(1, 128), chunk(2, 100), chunk(5, 10), chunk(6, 300)])
+    assert [[c.slot for c in g] for g in groups] == [[0, 1], [2, 3], [5], [6]]
+    # padded to the longest: 3 rows of 90 are 270 tokens, over 256
+    assert [[c.slot for c in g] for g in passes([chunk(i, 90) for i in range(4)])] == [[0, 1], [2, 3]]
+    assert len(passes([chunk(i, 16) for i in range(16)])) == 1
+
+
+def test_chunks_in_several_passes_give_the_tokens_of_one(gen):
+    config = GenerationConfig(max_new_tokens=1)
+    prompts = [[5 + i, 9, 3, 17, 4, 8, 2, 11][: 5 + i] for i in range(4)]
+    firsts = []
+    for limit in (1, 10_000):
+        ex, slots = executor(gen, max_batch=4)
+        ex.pass_tokens = limit
+        for i, p in enumerate(prompts):
+            admit(ex, slots, i, p, config)
+        out = ex.prefill(slots, [Chunk(i, p, True) for i, p in enumerate(prompts)], [])
+        firsts.append({i: out[i][0] for i in out})
+    assert firsts[0] == firsts[1] and len(firsts[0]) == 4

@@ -1,6 +1,7 @@
 """serve/scheduler.py without a model: the plans it makes from a queue, fake slots and a fake KV
 budget (admissions oldest first within the budget, chunked prefill oldest admission first, the
-decode batch, prompt scoring one job a step, slots freed and taken again)."""
+step's token budget with the decoding rows first, the decode batch, prompt scoring one job a step,
+slots freed and taken again)."""
 
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def test_admits_oldest_first_into_the_lowest_slots_and_the_rest_wait_in_order():
 
 
 def test_chunked_prefill_goes_oldest_admission_first_and_decodes_what_is_in():
-    sched = Scheduler(FakeBudget(1000), n_ctx=64, max_batch=4, prefill_chunk=8)
+    sched = Scheduler(FakeBudget(1000), n_ctx=64, max_batch=4, prefill_chunk=8, step_tokens=8)
     long, short = seq(20), seq(3)
     waiting = deque([long, short])
     plans = []
@@ -108,7 +109,7 @@ def test_a_prompt_that_reuses_a_cached_prefix_prefills_only_the_rest():
 
 
 def test_the_decode_batch_leaves_out_prompts_still_going_in_and_sequences_that_left():
-    sched = Scheduler(FakeBudget(1000), n_ctx=64, max_batch=3, prefill_chunk=4)
+    sched = Scheduler(FakeBudget(1000), n_ctx=64, max_batch=3, prefill_chunk=4, step_tokens=4)
     waiting = deque([seq(2), seq(10), seq(2)])
     plan = sched.schedule(waiting)  # slot 0's 2 tokens + 2 of slot 1's prompt
     assert [(c.slot, len(c.tokens)) for c in plan.prefill] == [(0, 2), (1, 2)]
@@ -154,7 +155,57 @@ def test_one_prompt_scoring_job_per_step():
     assert sched.schedule(deque(), scoring).empty
 
 
-@pytest.mark.parametrize("kwargs", [{"max_batch": 0}, {"prefill_chunk": -1}])
+def test_a_burst_of_prompts_goes_in_within_one_step_and_decodes_together():
+    """The step budget (not one chunk per step) decides how many prompts go in: a burst of 4
+    prompts of 6 starts together (their first tokens in one step), where a budget of 8 tokens per
+    step (the decoding rows' included) starts them one step apart; 0 is no budget."""
+    for step_tokens, starts in ((32, [1, 1, 1, 1]), (0, [1, 1, 1, 1]), (8, [1, 2, 3, 4])):
+        sched = Scheduler(FakeBudget(1000), n_ctx=64, max_batch=4, prefill_chunk=8, step_tokens=step_tokens)
+        waiting = deque(seq(6) for _ in range(4))
+        first: dict[int, int] = {}
+        for step in range(1, 5):
+            plan = sched.schedule(waiting)
+            for c in (*plan.prefill, *plan.extend):
+                if c.last:
+                    first[c.slot] = step
+        assert [first[i] for i in range(4)] == starts, step_tokens
+
+
+def test_the_decoding_rows_take_their_share_of_the_step_budget_first():
+    sched = Scheduler(FakeBudget(1000), n_ctx=64, max_batch=8, prefill_chunk=16, step_tokens=20)
+    waiting = deque(seq(2) for _ in range(5))
+    plan = sched.schedule(waiting)
+    assert [len(c.tokens) for c in plan.prefill] == [2] * 5 and plan.decode == [0, 1, 2, 3, 4]
+    # 5 decoding rows leave 15 of the 20 tokens: the first prompt's 10, then 5 of the second's 10
+    waiting.extend([seq(10), seq(10), seq(10)])
+    plan = sched.schedule(waiting)
+    assert [(c.slot, len(c.tokens), c.last) for c in plan.prefill] == [(5, 10, True), (6, 5, False)]
+    assert plan.decode == [0, 1, 2, 3, 4, 5]
+    # the rest of the second (5; 6 rows decode: 14 left), then the third's 9 of 10
+    plan = sched.schedule(waiting)
+    assert [(c.slot, len(c.tokens)) for c in plan.extend] == [(6, 5)]
+    assert [(c.slot, len(c.tokens), c.last) for c in plan.prefill] == [(7, 9, False)]
+
+
+def test_a_long_prompt_goes_in_one_chunk_per_step_whatever_the_budget():
+    sched = Scheduler(FakeBudget(1000), n_ctx=64, max_batch=2, prefill_chunk=8, step_tokens=1000)
+    waiting = deque([seq(20)])
+    sizes = [
+        [len(c.tokens) for c in (*p.prefill, *p.extend)] for p in (sched.schedule(waiting) for _ in range(3))
+    ]
+    assert sizes == [[8], [8], [4]]
+
+
+def test_the_oldest_prompt_progresses_when_the_decoding_rows_fill_the_budget():
+    sched = Scheduler(FakeBudget(1000), n_ctx=64, max_batch=4, prefill_chunk=8, step_tokens=2)
+    waiting = deque([seq(1), seq(1), seq(1)])
+    sched.schedule(waiting)  # the first prompt's token; the second's (1 left after 1 decoding row)
+    plan = sched.schedule(waiting)  # 2 rows decode: the budget is spent, the oldest prompt still goes in
+    assert [(c.slot, len(c.tokens)) for c in plan.prefill] == [(2, 1)]
+    assert plan.decode == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kwargs", [{"max_batch": 0}, {"prefill_chunk": -1}, {"step_tokens": -1}])
 def test_refuses_a_shape_it_cannot_plan(kwargs):
     with pytest.raises(Gpt2EdgeError):
         Scheduler(FakeBudget(10), n_ctx=64, **kwargs)
