@@ -309,7 +309,7 @@ def setter(path: str, value):
         ("io/inputs", {}, "io.inputs must be a list, got an object"),
         ("io/inputs/0/dtype", "int3", "io.inputs[0].dtype must be one of"),
         ("io/inputs/0/shape", "batch", "io.inputs[0].shape must be a list"),
-        ("precision", "int3", "precision must be one of fp32, fp16, int8-dynamic"),
+        ("precision", "int3", "precision must be one of fp32, fp16, bf16, int8-dynamic"),
         ("target", "gpu", "target must be one of ort, tensorrt"),
         ("kv_cache", "ring", "kv_cache must be one of inplace, concat"),
         ("model_file", "nope.onnx", "model_file 'nope.onnx' is not listed in files"),
