@@ -96,7 +96,13 @@ class LlamaServer:
             "-np", "16", "-c", str(ctx), "--cont-batching", "-fa", flash_attn, "--no-webui",
         ]  # fmt: skip
         self.command = shlex.join(cmd)
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # its log goes to a file: a pipe nobody reads fills (64 KiB) and llama-server blocks on it
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
+
+    def log_tail(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-2000:]
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         import httpx
@@ -105,7 +111,7 @@ class LlamaServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(
-                    f"llama-server exited ({self.proc.returncode}): {self.proc.stderr.read()[-2000:]}"
+                    f"llama-server exited ({self.proc.returncode}): {self.log_tail()}"
                 )
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
@@ -123,6 +129,7 @@ class LlamaServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log.close()
 
 
 def guidellm_turn(args: argparse.Namespace, url: str, clients: int, tokenizer: Path) -> dict:
