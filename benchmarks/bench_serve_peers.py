@@ -110,9 +110,7 @@ class LlamaServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"llama-server exited ({self.proc.returncode}): {self.log_tail()}"
-                )
+                raise RuntimeError(f"llama-server exited ({self.proc.returncode}): {self.log_tail()}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return

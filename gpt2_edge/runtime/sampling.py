@@ -179,9 +179,7 @@ def check_logit_bias_vocab(config: GenerationConfig, vocab_size: int) -> None:
     """Refuse a ``logit_bias`` token outside a vocabulary of ``vocab_size`` tokens, by name."""
     bad = [t for t, _ in config.logit_bias if t >= vocab_size]
     if bad:
-        raise Gpt2EdgeError(
-            f"logit_bias: token id {bad[0]} is not in this vocabulary (0..{vocab_size - 1})"
-        )
+        raise Gpt2EdgeError(f"logit_bias: token id {bad[0]} is not in this vocabulary (0..{vocab_size - 1})")
 
 
 def apply_logit_bias(logits: np.ndarray, bias: tuple[tuple[int, float], ...]) -> np.ndarray:
@@ -348,7 +346,17 @@ class TokenChooser:
         if allowed is not None and all(a is None for a in allowed):
             allowed = None
         if self._plain_greedy(n_generated):
-            return np.argmax(logits if allowed is None else apply_allowed(logits, allowed), axis=-1)
+            top = np.argmax(logits, axis=-1)
+            if allowed is None:
+                return top
+            # A row's top token that its constraint allows is its masked argmax too (the first
+            # maximum stays first): only rows whose top token is barred pay for the mask.
+            barred = [
+                b for b, (a, t) in enumerate(zip(allowed, top, strict=True)) if a is not None and not a[t]
+            ]
+            if barred:
+                top[barred] = np.argmax(apply_allowed(logits[barred], [allowed[b] for b in barred]), axis=-1)
+            return top
         x = self.process(logits, seen, n_generated, allowed)
         if not self.config.do_sample:
             return np.argmax(x, axis=-1)

@@ -400,3 +400,21 @@ def test_llguidance_is_imported_only_when_a_constraint_is_used(tiny):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout == "False True\n"
+
+
+def test_greedy_with_masks_is_the_masked_argmax_row_by_row():
+    # The greedy shortcut (a row whose top token is allowed keeps it; only barred rows are masked)
+    # against the argmax of the masked logits, with ties, free rows, a row with nothing allowed.
+    rng = np.random.default_rng(0)
+    chooser = TokenChooser(GenerationConfig(), None)
+    for _ in range(200):
+        logits = rng.integers(0, 4, size=(5, 40)).astype(np.float32)  # many ties
+        allowed = [rng.random(40) < 0.3 for _ in range(5)]
+        allowed[1] = None
+        allowed[2][:] = False
+        allowed[3][int(np.argmax(logits[3]))] = True  # its top token allowed
+        want = [
+            int(np.argmax(np.where(a, x, -np.inf) if a is not None else x))
+            for a, x in zip(allowed, logits, strict=True)
+        ]
+        assert chooser(logits, [[]] * 5, 0, allowed).tolist() == want
