@@ -63,14 +63,17 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from benchmarks.harness import Column, Report, add_json_argument, interleave
 from gpt2_edge.measure import peak_rss_mib, quantile, ratio_summary, summary
@@ -144,7 +147,51 @@ def resolve_bundle(args: argparse.Namespace) -> Path:
     return serve_default(None)
 
 
-class Server:
+class ChildServer:
+    """A server in a child process on a loopback port: its log in a temporary file (a pipe nobody
+    reads fills at 64 KiB and blocks the server writing to it), ready once ``/health`` answers,
+    stopped with SIGTERM."""
+
+    what = "the server"
+
+    def _start(self, cmd: list[str], port: int, **popen: Any) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.command = shlex.join(cmd)
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True, **popen)
+
+    def log_tail(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-2000:]
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.what} exited ({self.proc.returncode}): {self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.what} did not answer /health within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+class Server(ChildServer):
     """``python -m gpt2_edge.serve`` in a child process on a free loopback port."""
 
     def __init__(
@@ -156,10 +203,9 @@ class Server:
         extra: tuple[str, ...] = (),
         repo: Path = REPO,
     ) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        port = free_port()
         cmd = [
-            sys.executable, "-m", "gpt2_edge.serve", str(bundle), "--port", str(self.port),
+            sys.executable, "-m", "gpt2_edge.serve", str(bundle), "--port", str(port),
             "--max-batch", str(max_batch), "--max-queue", "64", "--threads", str(threads),
             "--log-level", "warning",
         ]  # fmt: skip
@@ -167,35 +213,7 @@ class Server:
             cmd += ["--prefill-chunk", str(prefill_chunk)]
         cmd += list(extra)
         env = os.environ if repo == REPO else {**os.environ, "PYTHONPATH": str(repo)}
-        self.proc = subprocess.Popen(
-            cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"the server exited ({self.proc.returncode}): {self.proc.stderr.read()[-2000:]}"
-                )
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self._start(cmd, port, cwd=repo, env=env)
 
 
 async def one_request(

@@ -43,14 +43,13 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.bench_serve import Server
+from benchmarks.bench_serve import ChildServer, Server
 from benchmarks.common import CACHE, bundle_of, random_checkpoint
 from benchmarks.harness import Column, Report, add_json_argument, interleave
 from gpt2_edge.measure import peak_rss_mib, summary
@@ -84,50 +83,18 @@ def gguf_f32(checkpoint: Path, llama_src: Path) -> Path:
     return out
 
 
-class LlamaServer:
-    """llama-server in a child process on a loopback port (the interface of bench_serve's Server)."""
+class LlamaServer(ChildServer):
+    """llama-server in a child process on a loopback port."""
+
+    what = "llama-server"
 
     def __init__(self, binary: Path, gguf: Path, port: int, threads: int, ctx: int, flash_attn: str) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
         t = str(threads)
         cmd = [
             str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", t, "-tb", t,
             "-np", "16", "-c", str(ctx), "--cont-batching", "-fa", flash_attn, "--no-webui",
         ]  # fmt: skip
-        self.command = shlex.join(cmd)
-        # its log goes to a file: a pipe nobody reads fills (64 KiB) and llama-server blocks on it
-        self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
-
-    def log_tail(self) -> str:
-        self.log.seek(0)
-        return self.log.read()[-2000:]
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited ({self.proc.returncode}): {self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"llama-server did not answer /health within {timeout:.0f} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        self._start(cmd, port)
 
 
 def guidellm_turn(args: argparse.Namespace, url: str, clients: int, tokenizer: Path) -> dict:

@@ -502,37 +502,31 @@ class _InPlaceBinding:
         import onnxruntime as ort
 
         self.backend = backend
-        self.io = backend.session.io_binding()
         self.values = [ort.OrtValue.ortvalue_from_numpy(c) for c in cache]  # keeps the views alive
-        for past, present, value in zip(backend.past_names, backend.present_names, self.values, strict=True):
-            self.io.bind_ortvalue_input(past, value)
-            self.io.bind_ortvalue_output(present, value)
         rows = cache[0].shape[0]
         self.logits = np.zeros((rows, 1, backend.bundle.dims.vocab_size), np.float32)
-        self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
-        if backend.has_logits_to_keep:
-            self.io.bind_cpu_input("logits_to_keep", np.array(1, np.int64))
-        if backend.has_step_invariant:
-            self.io.bind_cpu_input("step_invariant", backend._invariant_feed)
-        for name, value in backend.lora_feeds.items():
-            self.io.bind_ortvalue_input(name, value)
+        self._logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)
+        self.io = self._binding(backend.session)
         self._io_all: Any = None  # run_all's binding, made at its first call
         # the same buffers bound to the prompt graph (OrtBackend(prompt_graph=...)), or None
-        self.io_prompt = None
-        if backend.prompt_session is not None:
-            self.io_prompt = backend.prompt_session.io_binding()
-            for past, present, value in zip(
-                backend.past_names, backend.present_names, self.values, strict=True
-            ):
-                self.io_prompt.bind_ortvalue_input(past, value)
-                self.io_prompt.bind_ortvalue_output(present, value)
-            self.io_prompt.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
-            if backend.has_logits_to_keep:
-                self.io_prompt.bind_cpu_input("logits_to_keep", np.array(1, np.int64))
-            if backend.has_step_invariant:
-                self.io_prompt.bind_cpu_input("step_invariant", backend._invariant_feed)
-            for name, value in backend.lora_feeds.items():
-                self.io_prompt.bind_ortvalue_input(name, value)
+        self.io_prompt = None if backend.prompt_session is None else self._binding(backend.prompt_session)
+
+    def _binding(self, session: Any) -> Any:
+        """``session``'s IO binding of this range's cache (past = present, in place), the logits
+        buffer and the inputs fixed for the backend's life."""
+        backend = self.backend
+        io = session.io_binding()
+        for past, present, value in zip(backend.past_names, backend.present_names, self.values, strict=True):
+            io.bind_ortvalue_input(past, value)
+            io.bind_ortvalue_output(present, value)
+        io.bind_ortvalue_output("logits", self._logits_value)
+        if backend.has_logits_to_keep:
+            io.bind_cpu_input("logits_to_keep", np.array(1, np.int64))
+        if backend.has_step_invariant:
+            io.bind_cpu_input("step_invariant", backend._invariant_feed)
+        for name, value in backend.lora_feeds.items():
+            io.bind_ortvalue_input(name, value)
+        return io
 
     def run(self, feeds: dict[str, np.ndarray], prompt: bool = False) -> np.ndarray:
         """Last-position logits ``(rows, V)`` (a view of the binding's own buffer: copy to keep).
