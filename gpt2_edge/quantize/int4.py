@@ -38,6 +38,22 @@ from .int8 import per_row_int8
 PROMPT_FILE = "prompt.onnx"
 
 
+def _nbits_quantizer() -> type:
+    """ONNX Runtime's ``MatMulNBitsQuantizer``, imported without what its module does at import:
+    ``logging.basicConfig(level=INFO)``, a root handler on the ``sys.stderr`` of that moment and
+    every library's INFO messages printed from then on (in an app, and in a test whose captured
+    stream is closed later: "Logging error ... I/O operation on closed file")."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    for h in root.handlers[:]:
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+    return MatMulNBitsQuantizer
+
+
 def to_nbits(
     src: Path,
     dst: Path,
@@ -51,7 +67,7 @@ def to_nbits(
     data one at a time (the graph is loaded without them), so the peak is about the quantized
     model plus one fp32 weight. ``prompt_graph``: also write ``PROMPT_FILE`` beside ``dst``
     (module docstring)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    MatMulNBitsQuantizer = _nbits_quantizer()
 
     src, dst = Path(src).resolve(), Path(dst).resolve()
     model = onnx.load(str(src), load_external_data=False)

@@ -247,3 +247,20 @@ def test_int8_dynamic_scales_activations_per_row(wide_bundles, tmp_path):
     assert census["com.microsoft:MatMulIntegerToFloat"] == 2 * 4 + 1
     q = b.manifest.quantization
     assert q.batch_invariant and "per row" in q.details["activations"] and q.details["head_untied"]
+
+
+def test_int4_leaves_the_apps_logging_as_it_was(monkeypatch):
+    # ONNX Runtime's MatMulNBits quantizer calls logging.basicConfig(level=INFO) when its module is
+    # imported: a root handler on the stderr of that moment (a test's captured stream, closed later)
+    # and every library's INFO messages printed. The kit imports it without either.
+    import logging
+    import sys
+
+    from gpt2_edge.quantize.int4 import _nbits_quantizer
+
+    monkeypatch.delitem(sys.modules, "onnxruntime.quantization.matmul_nbits_quantizer", raising=False)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    assert _nbits_quantizer().__name__ == "MatMulNBitsQuantizer"
+    assert "onnxruntime.quantization.matmul_nbits_quantizer" in sys.modules  # imported anew here
+    assert root.handlers == handlers and root.level == level
