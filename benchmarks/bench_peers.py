@@ -206,7 +206,8 @@ def ortgpt2(engine: str, threads: int) -> Runner:
             "-r",
             "1",
         ]
-        subprocess.run(cmd, check=True, capture_output=True)
+        # in its own folder: the tool writes gpt2_parity_results.csv into the working directory
+        subprocess.run(cmd, check=True, capture_output=True, cwd=out)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1

@@ -20,6 +20,7 @@ from ..model.evaluate import sliding_windows
 from ..progress import Progress
 from ..runtime.generator import decode
 from ..runtime.sampling import GenerationConfig, log_softmax
+from ..runtime.types import can_verify
 from ..tolerances import TOLERANCES
 
 GREEDY_TOKENS = 64
@@ -150,7 +151,7 @@ def served_perplexity(
             cache = model.new_cache(1, end - begin)
             rows = [cache.prefill([0], [w[: len(w) - n_target].tolist()])]
             rest = w[len(w) - n_target : -1].tolist()
-            if rest and getattr(cache, "can_verify", False):
+            if rest and can_verify(cache):
                 rows.append(cache.verify([0], [rest])[0])
             else:
                 rows += [cache.decode([0], [t]) for t in rest]

@@ -213,15 +213,8 @@ def apply_allowed(logits: np.ndarray, allowed: Sequence[np.ndarray | None] | Non
     if len(allowed) == 1:
         keep = allowed[0][None, :]
     else:
-        free = None
-        rows = []
-        for a in allowed:
-            if a is None:
-                if free is None:
-                    free = np.ones(logits.shape[-1], dtype=np.bool_)
-                a = free
-            rows.append(a)
-        keep = np.stack(rows)
+        free = np.ones(logits.shape[-1], dtype=np.bool_)
+        keep = np.stack([free if a is None else a for a in allowed])
     return np.where(keep, logits, logits.dtype.type(NEG_INF))
 
 
